@@ -1,0 +1,206 @@
+"""The ``medsegunet`` command line (also ``python -m MedSegUNetLib``; Slicer runs it with PythonSlicer).
+
+Expected failures print one line, ``medsegunet: error: FILE: problem``, and exit 1; a usage error
+exits 2; SIGINT/SIGTERM end the run cleanly with exit 130 and no output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from .errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, Cancelled, MedSegError
+
+PROGRAM = "medsegunet"
+
+
+def _raise_cancelled(signum, frame) -> None:
+    raise Cancelled(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM (the panel's Cancel) and SIGINT (Ctrl-C) unwind the stack, so temporaries are removed."""
+    signal.signal(signal.SIGTERM, _raise_cancelled)
+    signal.signal(signal.SIGINT, _raise_cancelled)
+
+
+# --- segment ---------------------------------------------------------------------------------------
+
+
+def add_segment_parser(commands) -> None:
+    parser = commands.add_parser(
+        "segment",
+        help="segment a volume with a model bundle",
+        description="Segment a CT/MRI volume (.nrrd, .nii, .nii.gz, .mha, .mhd or a DICOM folder) with a model "
+        "bundle and write a .seg.nrrd (Slicer segmentation) or a labelmap on the input's exact grid.",
+    )
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="one image per model input channel")
+    parser.add_argument("-m", "--model", required=True, type=Path, help="model bundle (.safetensors)")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="OUTPUT.seg.nrrd, .nrrd, .nii.gz or .nii")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 0.95] (0.5)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False, help="mirroring TTA (8x time)")
+    parser.add_argument(
+        "--largest-component",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="keep only the largest connected component of each label",
+    )
+    parser.add_argument("--batch-size", type=int, default=2, help="windows predicted at once (2)")
+    parser.add_argument("--series", help="DICOM series instance UID, when the folder holds several")
+    _add_progress_argument(parser)
+    parser.set_defaults(handler=run_segment_command)
+
+
+def _add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--progress",
+        default="auto",
+        choices=["auto", "json", "bar", "none"],
+        help="json: one JSON object per line on stdout (for the Slicer panel); bar: a terminal bar",
+    )
+
+
+def run_segment_command(args: argparse.Namespace, progress) -> dict:
+    from .inference import PredictOptions
+    from .segment import SegmentOptions, run_segment
+
+    if not 0.0 <= args.overlap <= 0.95:
+        raise MedSegError(f"--overlap must be between 0 and 0.95, not {args.overlap}")
+    if args.batch_size < 1:
+        raise MedSegError("--batch-size must be at least 1")
+    options = SegmentOptions(
+        predict=PredictOptions(args.overlap, args.tta, args.batch_size, args.device),
+        largest_component=args.largest_component,
+        series=args.series,
+    )
+    output = run_segment(args.inputs, args.model, args.output, options, progress)
+    return {"message": f"wrote {output}", "output": str(output)}
+
+
+# --- info and create-bundle ------------------------------------------------------------------------
+
+
+def add_info_parser(commands) -> None:
+    parser = commands.add_parser("info", help="describe a model bundle (labels, spacing, provenance)")
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--json", action="store_true", help="print the bundle's metadata as JSON")
+    parser.set_defaults(handler=run_info_command, progress="none")
+
+
+def run_info_command(args: argparse.Namespace, progress) -> dict:
+    from .bundle import describe, read_bundle_metadata
+
+    meta = read_bundle_metadata(args.bundle)
+    print(json.dumps(json.loads(meta.to_json()), indent=2) if args.json else describe(meta))
+    return {}
+
+
+def add_create_bundle_parser(commands) -> None:
+    parser = commands.add_parser(
+        "create-bundle",
+        help="write a bundle around a freshly initialised network",
+        description="A starting point for training, and a model for testing the pipeline (its output is noise).",
+    )
+    parser.add_argument("-o", "--output", required=True, type=Path)
+    parser.add_argument("--labels", required=True, help="comma-separated segment names, e.g. liver,spleen")
+    parser.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 1.5], metavar=("X", "Y", "Z"))
+    parser.add_argument("--patch-size", type=int, nargs=3, default=[96, 96, 96], metavar=("X", "Y", "Z"))
+    parser.add_argument("--modality", choices=["ct", "mri"], default="ct")
+    parser.add_argument("--filters", type=int, default=16, help="filters of the first level (16)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=run_create_bundle_command, progress="none")
+
+
+def run_create_bundle_command(args: argparse.Namespace, progress) -> dict:
+    from .bundle import Normalization, Preprocessing, create_bundle, save_bundle
+    from .labels import default_labels
+
+    names = [name.strip() for name in args.labels.split(",") if name.strip()]
+    if not names:
+        raise MedSegError("--labels needs at least one name")
+    normalization = Normalization("ct", (-1000.0, 1000.0)) if args.modality == "ct" else Normalization("zscore", None)
+    preprocessing = Preprocessing(tuple(args.spacing), tuple(args.patch_size), "RAS", normalization)
+    try:
+        bundle = create_bundle(
+            default_labels(names),
+            preprocessing,
+            channels=["CT" if args.modality == "ct" else "MR"],
+            name=args.output.name.split(".")[0],
+            seed=args.seed,
+            base_filters=args.filters,
+        )
+    except ValueError as error:
+        raise MedSegError(str(error)) from None
+    from .atomic import check_writable
+
+    check_writable(args.output)
+    save_bundle(args.output, bundle.meta, bundle.network)
+    print(f"wrote {args.output}")
+    return {"output": str(args.output)}
+
+
+# --- commands of the training package, reached through the same program ----------------------------
+
+
+def add_training_parsers(commands) -> None:
+    try:
+        from training.cli import add_parsers
+    except ImportError:
+        return  # the engine alone (e.g. an install without the training package)
+    add_parsers(commands)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROGRAM, description="MedSegUNet: U-Net segmentation for 3D Slicer and the command line")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_segment_parser(commands)
+    add_info_parser(commands)
+    add_create_bundle_parser(commands)
+    add_training_parsers(commands)
+    return parser
+
+
+def report_error(message: str, progress_kind: str) -> None:
+    if progress_kind == "json":
+        print(json.dumps({"stage": "error", "done": 0, "total": 0, "message": message}), flush=True)
+    print(f"{PROGRAM}: error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    install_signal_handlers()
+    from .progress import make_progress
+
+    progress_kind = getattr(args, "progress", "none")
+    progress = make_progress(progress_kind)
+    try:
+        result = args.handler(args, progress) or {}
+        if progress_kind == "json":
+            progress.update("done", 1, 1, **{"message": "finished", **result})
+        return EXIT_OK
+    except MedSegError as error:
+        progress.close()
+        report_error(str(error), progress_kind)
+        return EXIT_ERROR
+    except (Cancelled, KeyboardInterrupt) as reason:
+        progress.close()
+        if progress_kind == "json":
+            print(json.dumps({"stage": "cancelled", "done": 0, "total": 0, "message": str(reason) or "cancelled"}), flush=True)
+        print(f"{PROGRAM}: cancelled", file=sys.stderr, flush=True)
+        return EXIT_CANCELLED
+    except MemoryError:
+        progress.close()
+        report_error("out of memory: try a smaller --batch-size, a GPU, or a machine with more memory", progress_kind)
+        return EXIT_ERROR
+    finally:
+        progress.close()
+

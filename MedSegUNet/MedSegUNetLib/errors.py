@@ -1,0 +1,31 @@
+"""The exceptions the command line turns into one clear line and an exit code."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Exit codes shared by every command (the Slicer panel relies on them).
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_CANCELLED = 130
+
+
+class MedSegError(Exception):
+    """An expected failure (bad input file, bad bundle, unwritable output): shown without a traceback."""
+
+    def __init__(self, message: str, path: Optional[PathLike] = None):
+        super().__init__(message)
+        self.message = message
+        self.path = os.fspath(path) if path is not None else None
+
+    def __str__(self) -> str:
+        one_line = " ".join(self.message.split())
+        return f"{self.path}: {one_line}" if self.path else one_line
+
+
+class Cancelled(Exception):
+    """The run was asked to stop (SIGINT/SIGTERM or the panel's Cancel)."""

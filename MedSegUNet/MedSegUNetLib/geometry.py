@@ -1,0 +1,178 @@
+"""Image geometry: the one place where grids, orientations and coordinate systems are converted.
+
+The convention, used everywhere in MedSegUNet:
+
+* An image travels as a ``SimpleITK.Image``: voxels and their index-to-physical transform together.
+  Physical coordinates are LPS millimetres (as in DICOM, NRRD "left-posterior-superior" and ITK).
+* ``SimpleITK.GetArrayFromImage`` gives arrays in (k, j, i) = (z, y, x) order; the network works on
+  that order. Sizes, spacings and patch sizes that are *stored* (bundle, JSON) are in (i, j, k) = (x, y, z)
+  order, like SimpleITK's ``GetSize``/``GetSpacing``; :func:`xyz_to_zyx` is the only flip between them.
+* slicerio and NRRD store voxels in (i, j, k) order with a 4x4 ``ijkToLPS`` matrix: convert with
+  :func:`ijk_to_lps` and :func:`image_from_ijk_array`.
+* RAS (Slicer's world, NIfTI's qform/sform) differs from LPS by negating x and y: :data:`LPS_TO_RAS`.
+* An orientation code such as ``"RAS"`` names where each index axis points (i towards Right, ...),
+  the convention of nibabel, MONAI and SimpleITK's ``DICOMOrient``.
+
+A segmentation that comes out flipped or shifted is the worst bug this project can have: every
+conversion above is tested in ``Testing/test_geometry.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+Triple = Tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A 3D voxel grid in physical (LPS) space: enough to compare grids and make empty images."""
+
+    size: Tuple[int, int, int]  # (i, j, k)
+    spacing: Triple
+    origin: Triple
+    direction: Tuple[float, ...]  # 9 values, row-major, columns are the axis directions
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> "Grid":
+        return cls(
+            tuple(int(s) for s in image.GetSize()),
+            tuple(float(s) for s in image.GetSpacing()),
+            tuple(float(o) for o in image.GetOrigin()),
+            tuple(float(d) for d in image.GetDirection()),
+        )
+
+    def matches(self, other: "Grid", tolerance: float = 1e-4) -> bool:
+        """Same size, and spacing/origin/direction equal within ``tolerance`` (relative to spacing)."""
+        if self.size != other.size:
+            return False
+        scale = max(max(self.spacing), 1e-6)
+        return (
+            np.allclose(self.spacing, other.spacing, atol=tolerance * scale)
+            and np.allclose(self.origin, other.origin, atol=tolerance * scale)
+            and np.allclose(self.direction, other.direction, atol=tolerance)
+        )
+
+    def describe(self) -> str:
+        spacing = "x".join(f"{s:.3g}" for s in self.spacing)
+        return f"{'x'.join(map(str, self.size))} voxels at {spacing} mm, orientation {orientation_code(self.direction)}"
+
+    def empty_image(self, pixel_type: int = sitk.sitkUInt8) -> sitk.Image:
+        image = sitk.Image(list(self.size), pixel_type)
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+
+def xyz_to_zyx(values: Sequence) -> tuple:
+    """Stored (x, y, z) order to array (z, y, x) order, and back (the flip is its own inverse)."""
+    return tuple(values)[::-1]
+
+
+def orientation_code(direction: Sequence[float]) -> str:
+    """The closest axis-aligned orientation code (e.g. "RAS", "LPS") of a direction matrix."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(list(direction))
+
+
+def reorient(image: sitk.Image, code: str) -> sitk.Image:
+    """Permute and flip the index axes (no interpolation) so that they point as ``code`` says.
+
+    An oblique direction keeps its residual rotation: the voxels are only re-indexed, like
+    nnU-Net and MONAI's ``Orientation`` do.
+    """
+    if orientation_code(image.GetDirection()) == code:
+        return image
+    return sitk.DICOMOrient(image, code)
+
+
+def ijk_to_lps(image: sitk.Image) -> np.ndarray:
+    """The 4x4 matrix from voxel index (i, j, k) to LPS millimetres."""
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    matrix = np.eye(4)
+    matrix[:3, :3] = direction @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = image.GetOrigin()
+    return matrix
+
+
+def grid_from_ijk_to_lps(matrix: np.ndarray) -> Tuple[Triple, Triple, Tuple[float, ...]]:
+    """Split an ijkToLPS matrix into (spacing, origin, direction); left-handed grids are allowed."""
+    matrix = np.asarray(matrix, dtype=float)
+    axes = matrix[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    if np.any(spacing <= 0):
+        raise ValueError("the voxel-to-physical matrix has a zero-length axis")
+    direction = axes / spacing
+    return tuple(spacing), tuple(matrix[:3, 3]), tuple(direction.flatten())
+
+
+def image_from_ijk_array(voxels_ijk: np.ndarray, matrix_ijk_to_lps: np.ndarray) -> sitk.Image:
+    """An image from an (i, j, k)-ordered array (NRRD, slicerio) and its ijkToLPS matrix."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(voxels_ijk, (2, 1, 0))))
+    spacing, origin, direction = grid_from_ijk_to_lps(matrix_ijk_to_lps)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    return image
+
+
+def ijk_array(image: sitk.Image) -> np.ndarray:
+    """The voxels of ``image`` in (i, j, k) order (a view of SimpleITK's (k, j, i) array)."""
+    return np.transpose(sitk.GetArrayViewFromImage(image), (2, 1, 0))
+
+
+def resampled_grid(image: sitk.Image, spacing: Sequence[float]) -> Grid:
+    """The grid that covers the same physical box as ``image`` with voxels of ``spacing``.
+
+    The outer voxel corners stay where they are (the box is kept, not the first voxel centre), so
+    resampling there and back does not shift anything by half a voxel.
+    """
+    old_spacing = np.array(image.GetSpacing(), dtype=float)
+    new_spacing = np.array(spacing, dtype=float)
+    extent = old_spacing * np.array(image.GetSize())
+    new_size = np.maximum(np.round(extent / new_spacing), 1).astype(int)
+    # Stretch the spacing a little so the rounded number of voxels fills the box exactly.
+    new_spacing = extent / new_size
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    first_corner = np.array(image.GetOrigin()) - direction @ (old_spacing / 2)
+    new_origin = first_corner + direction @ (new_spacing / 2)
+    return Grid(
+        tuple(int(s) for s in new_size),
+        tuple(float(s) for s in new_spacing),
+        tuple(float(o) for o in new_origin),
+        tuple(float(d) for d in image.GetDirection()),
+    )
+
+
+def resample_onto(
+    image: sitk.Image,
+    grid: Grid,
+    interpolator: int = sitk.sitkLinear,
+    default_value: float = 0.0,
+) -> sitk.Image:
+    """Resample ``image`` onto ``grid`` in physical space (identity transform)."""
+    if Grid.of(image).matches(grid, tolerance=1e-6):
+        return image
+    return sitk.Resample(
+        image,
+        list(grid.size),
+        sitk.Transform(),
+        interpolator,
+        grid.origin,
+        grid.spacing,
+        grid.direction,
+        default_value,
+        image.GetPixelID(),
+    )
+
+
+def needs_resampling(image: sitk.Image, spacing: Sequence[float], tolerance: float = 0.02) -> bool:
+    """False when the image's spacing is within ``tolerance`` (relative) of ``spacing`` on every axis."""
+    current = np.array(image.GetSpacing())
+    return not np.all(np.abs(current - np.array(spacing)) <= tolerance * np.array(spacing))

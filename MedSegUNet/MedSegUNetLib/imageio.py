@@ -1,0 +1,215 @@
+"""Reading input volumes and writing segmentations, with one clear error per bad file.
+
+Reading goes through SimpleITK (NRRD, NIfTI, MetaImage, DICOM series); ``.seg.nrrd`` output goes
+through slicerio so that Slicer sees segment names, colors, label values and terminology exactly as
+if it had saved the file itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from .atomic import atomic_path
+from .bundle import Label
+from .errors import MedSegError
+from .geometry import ijk_array, ijk_to_lps
+
+IMAGE_ENDINGS = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+LABELMAP_ENDINGS = (".nrrd", ".nii", ".nii.gz", ".mha")
+SEGMENTATION_ENDING = ".seg.nrrd"
+# Refuse headers that claim more voxels than this before allocating anything (2048^3 float32 = 32 GB).
+MAX_VOXELS = 2048**3
+
+
+@dataclass
+class LoadedImage:
+    """A 3D scalar float32 image and what was noticed while reading it."""
+
+    image: sitk.Image
+    path: Path
+    warnings: List[str] = field(default_factory=list)
+
+
+def has_ending(path: Path, endings: Sequence[str]) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(ending) for ending in endings)
+
+
+def _check_information(reader, path: Path, max_voxels: int) -> None:
+    """Look at the header only: dimension, components and size, before reading any voxel."""
+    dimension = reader.GetDimension()
+    size = reader.GetSize()
+    components = reader.GetNumberOfComponents()
+    if dimension == 2 or (dimension == 3 and size[2] == 1):
+        raise MedSegError(f"is a 2D image ({'x'.join(map(str, size[:2]))}); a 3D volume is needed", path)
+    if dimension == 4:
+        raise MedSegError(
+            f"is a 4D image ({'x'.join(map(str, size))}); give one 3D volume per model input channel", path
+        )
+    if dimension != 3:
+        raise MedSegError(f"is a {dimension}D image; a 3D volume is needed", path)
+    if components != 1:
+        raise MedSegError(f"has {components} components per voxel (color or vector); a scalar volume is needed", path)
+    voxels = int(np.prod(size, dtype=np.int64))
+    if voxels > max_voxels:
+        raise MedSegError(f"claims {'x'.join(map(str, size))} voxels, more than this tool will allocate", path)
+
+
+def _read_file(path: Path, max_voxels: int) -> sitk.Image:
+    if not has_ending(path, IMAGE_ENDINGS):
+        raise MedSegError(f"unsupported file type; use one of {', '.join(IMAGE_ENDINGS)} or a DICOM folder", path)
+    if path.stat().st_size == 0:
+        raise MedSegError("is empty", path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise MedSegError("is not a readable image (bad or unrecognised header)", path) from None
+    _check_information(reader, path, max_voxels)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        reason = "truncated or corrupt" if "read" in str(error).lower() else "unreadable"
+        raise MedSegError(f"image data is {reason}", path) from None
+
+
+def dicom_series(folder: Path) -> List[str]:
+    """The DICOM series IDs in ``folder`` (not its subfolders)."""
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
+
+
+def _read_dicom_folder(folder: Path, series: Optional[str], max_voxels: int) -> sitk.Image:
+    series_ids = dicom_series(folder)
+    if not series_ids:
+        raise MedSegError("holds no DICOM series", folder)
+    if series is None and len(series_ids) > 1:
+        listed = "; ".join(series_ids[:5])
+        raise MedSegError(f"holds {len(series_ids)} DICOM series, pick one with --series: {listed}", folder)
+    if series is not None and series not in series_ids:
+        raise MedSegError(f"has no DICOM series '{series}' (it has: {'; '.join(series_ids[:5])})", folder)
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series or series_ids[0])
+    if len(files) < 2:
+        raise MedSegError("the DICOM series has a single slice; a 3D volume is needed", folder)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError:
+        raise MedSegError("the DICOM series cannot be read (corrupt or unsupported files)", folder) from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise MedSegError("the DICOM series is not a scalar (grayscale) volume", folder)
+    if int(np.prod(image.GetSize(), dtype=np.int64)) > max_voxels:
+        raise MedSegError("the DICOM series is larger than this tool will allocate", folder)
+    return image
+
+
+def _replace_non_finite(image: sitk.Image, path: Path) -> Tuple[sitk.Image, List[str]]:
+    """NaN/Inf would poison the whole window they fall in: replace them, or refuse an all-NaN volume."""
+    array = sitk.GetArrayViewFromImage(image)
+    finite = np.isfinite(array)
+    if finite.all():
+        return image, []
+    if not finite.any():
+        raise MedSegError("holds no finite voxel values (all NaN or Inf)", path)
+    writable = sitk.GetArrayFromImage(image)
+    low = float(writable[finite].min())
+    bad = int(np.count_nonzero(~finite))
+    writable[~finite] = low
+    fixed = sitk.GetImageFromArray(writable)
+    fixed.CopyInformation(image)
+    return fixed, [f"{path.name}: {bad} NaN/Inf voxels replaced by the minimum value {low:g}"]
+
+
+def read_image(path, series: Optional[str] = None, max_voxels: int = MAX_VOXELS) -> LoadedImage:
+    """Read a 3D scalar volume (file or DICOM folder) as float32, or raise :class:`MedSegError`."""
+    path = Path(path)
+    if not path.exists():
+        raise MedSegError("input not found", path)
+    if path.is_dir():
+        image = _read_dicom_folder(path, series, max_voxels)
+    else:
+        image = _read_file(path, max_voxels)
+    if image.GetPixelID() != sitk.sitkFloat32:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    image, warnings = _replace_non_finite(image, path)
+    return LoadedImage(image, path, warnings)
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+def _labelmap_pixel_type(labels: Sequence[Label]) -> int:
+    return sitk.sitkUInt8 if max(label.value for label in labels) < 256 else sitk.sitkUInt16
+
+
+def _segment_extents(label_image: sitk.Image, labels: Sequence[Label]) -> dict:
+    """Per label value, its (i0, i1, j0, j1, k0, k1) bounding box; absent labels are left out."""
+    statistics = sitk.LabelShapeStatisticsImageFilter()
+    statistics.Execute(label_image)
+    extents = {}
+    for value in statistics.GetLabels():
+        i0, j0, k0, si, sj, sk = statistics.GetBoundingBox(value)
+        extents[int(value)] = [i0, i0 + si - 1, j0, j0 + sj - 1, k0, k0 + sk - 1]
+    return extents
+
+
+def segmentation_dict(label_image: sitk.Image, labels: Sequence[Label]) -> dict:
+    """The slicerio description of a one-layer segmentation with one segment per label (empty ones too)."""
+    image = sitk.Cast(label_image, _labelmap_pixel_type(labels))
+    extents = _segment_extents(image, labels)
+    segments = []
+    for label in labels:
+        segment = {
+            "id": f"Segment_{label.value}",
+            "name": label.name,
+            "color": [float(c) for c in label.color],
+            "labelValue": int(label.value),
+            "layer": 0,
+            # An empty segment has an empty extent, as Slicer writes it.
+            "extent": extents.get(label.value, [0, -1, 0, -1, 0, -1]),
+        }
+        if label.terminology:
+            segment["tags"] = {"TerminologyEntry": label.terminology}
+        segments.append(segment)
+    return {
+        "voxels": np.asarray(ijk_array(image)),
+        "ijkToLPS": ijk_to_lps(image),
+        "segments": segments,
+        "containedRepresentationNames": ["Binary labelmap"],
+        "masterRepresentation": "Binary labelmap",
+        "referenceImageExtentOffset": [0, 0, 0],
+    }
+
+
+def write_segmentation(path, label_image: sitk.Image, labels: Sequence[Label]) -> Path:
+    """Write ``label_image`` (label values of ``labels``) as ``.seg.nrrd`` or as a plain labelmap."""
+    import slicerio
+
+    path = Path(path)
+    if has_ending(path, (SEGMENTATION_ENDING,)):
+        segmentation = segmentation_dict(label_image, labels)
+        with atomic_path(path) as temporary:
+            slicerio.write_segmentation(str(temporary), segmentation, compression_level=1)
+        return path
+    if not has_ending(path, LABELMAP_ENDINGS):
+        raise MedSegError(
+            f"unsupported output type; use {SEGMENTATION_ENDING} or a labelmap ({', '.join(LABELMAP_ENDINGS)})", path
+        )
+    image = sitk.Cast(label_image, _labelmap_pixel_type(labels))
+    with atomic_path(path) as temporary:
+        sitk.WriteImage(image, str(temporary), useCompression=True)
+    return path
+
+
+def check_output_type(path: Path) -> None:
+    if not (has_ending(path, (SEGMENTATION_ENDING,)) or has_ending(path, LABELMAP_ENDINGS)):
+        raise MedSegError(
+            f"unsupported output type; use {SEGMENTATION_ENDING} or a labelmap ({', '.join(LABELMAP_ENDINGS)})", path
+        )
+

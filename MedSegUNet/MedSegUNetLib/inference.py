@@ -1,0 +1,168 @@
+"""The prediction loop: device choice, sliding windows with Gaussian blending, mirroring TTA, fallbacks.
+
+``segment`` and training's validation both call :func:`predict_labels`, so validation Dice measures
+exactly what users get.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Sequence, Tuple, TypeVar
+
+import numpy as np
+import torch
+
+from .errors import MedSegError
+from .progress import Progress
+
+T = TypeVar("T")
+
+
+@dataclass
+class PredictOptions:
+    overlap: float = 0.5
+    tta: bool = False
+    sw_batch_size: int = 2
+    device: str = "auto"
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU; an unavailable explicit choice is an error."""
+    cuda = torch.cuda.is_available()
+    mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if name == "cuda" and not cuda:
+        raise MedSegError(f"--device cuda was asked for, but this torch {torch.__version__} sees no CUDA GPU")
+    if name == "mps" and not mps:
+        raise MedSegError("--device mps was asked for, but Apple's MPS is not available here")
+    if name not in ("cpu", "cuda", "mps"):
+        raise MedSegError(f"unknown device '{name}' (use auto, cpu, cuda or mps)")
+    return torch.device(name)
+
+
+def count_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """How many windows MONAI's sliding window visits (its padding and scan-interval rules)."""
+    total = 1
+    for image, roi in zip(image_size, roi_size):
+        image = max(image, roi)  # MONAI pads images smaller than the window
+        if roi == image:
+            count = 1
+        else:
+            interval = max(int(roi * (1 - overlap)), 1)
+            count = math.ceil((image - roi) / interval) + 1
+        total *= count
+    return total
+
+
+def mirror_axes(spatial_dims: int = 3) -> List[Tuple[int, ...]]:
+    """Every subset of the spatial axes of a (B, C, Z, Y, X) tensor: the 8 mirrorings in 3D."""
+    axes = range(2, 2 + spatial_dims)
+    return [combo for n in range(spatial_dims + 1) for combo in itertools.combinations(axes, n)]
+
+
+class WindowPredictor:
+    """Softmax probabilities of a batch of windows, averaged over mirrorings when TTA is on."""
+
+    def __init__(self, network: torch.nn.Module, tta: bool, on_windows: Callable[[int], None]):
+        self.network = network
+        self.flips = mirror_axes() if tta else [()]
+        self.on_windows = on_windows
+
+    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
+        probabilities = None
+        for axes in self.flips:
+            batch = torch.flip(windows, axes) if axes else windows
+            output = torch.softmax(self.network(batch).float(), dim=1)
+            output = torch.flip(output, axes) if axes else output
+            probabilities = output if probabilities is None else probabilities + output
+        self.on_windows(windows.shape[0])
+        return probabilities / len(self.flips)
+
+
+def _sliding_window(
+    network: torch.nn.Module,
+    array: np.ndarray,
+    patch_size_zyx: Sequence[int],
+    options: PredictOptions,
+    device: torch.device,
+    batch_size: int,
+    progress: Progress,
+) -> np.ndarray:
+    """Class index per voxel of a (C, Z, Y, X) array, on ``device``."""
+    from monai.inferers import SlidingWindowInferer
+
+    total = count_windows(array.shape[1:], patch_size_zyx, options.overlap)
+    done = 0
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done = min(done + count, total)
+        progress.update("predict", done, total, f"window {done}/{total} on {device.type}")
+
+    inferer = SlidingWindowInferer(
+        roi_size=list(patch_size_zyx),
+        sw_batch_size=batch_size,
+        overlap=options.overlap,
+        mode="gaussian",
+        padding_mode="constant",
+        cval=float(array.min()),
+        sw_device=device,
+        device=torch.device("cpu") if device.type != "cpu" else device,
+    )
+    predictor = WindowPredictor(network.to(device), options.tta, advance)
+    progress.update("predict", 0, total, f"{total} windows on {device.type}")
+    autocast = torch.autocast(device_type="cuda", dtype=torch.float16) if device.type == "cuda" else _nothing()
+    with torch.inference_mode(), autocast:
+        probabilities = inferer(torch.from_numpy(array)[None], predictor)
+    return torch.argmax(probabilities[0], dim=0).to(torch.uint8 if probabilities.shape[1] < 256 else torch.int32).numpy()
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def with_memory_fallback(
+    run: Callable[[torch.device, int], T], device: torch.device, batch_size: int, progress: Progress
+) -> T:
+    """Run ``run(device, batch)``; on CUDA out-of-memory halve the batch, then fall back to the CPU."""
+    while True:
+        try:
+            return run(device, batch_size)
+        except torch.cuda.OutOfMemoryError:
+            if device.type != "cuda":
+                raise MedSegError("out of memory while predicting") from None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if batch_size > 1:
+                batch_size //= 2
+                progress.note(f"CUDA out of memory: retrying with {batch_size} window(s) per batch")
+            else:
+                device = torch.device("cpu")
+                progress.note("CUDA out of memory with 1 window per batch: falling back to the CPU")
+
+
+def predict_labels(
+    network: torch.nn.Module,
+    array: np.ndarray,
+    patch_size_zyx: Sequence[int],
+    options: PredictOptions,
+    progress: Progress,
+) -> np.ndarray:
+    """Class indices (0 = background) for a (C, Z, Y, X) float32 array, as a (Z, Y, X) array."""
+    device = select_device(options.device)
+    network.eval()
+
+    def run(run_device: torch.device, batch: int) -> np.ndarray:
+        return _sliding_window(network, array, patch_size_zyx, options, run_device, batch, progress)
+
+    try:
+        return with_memory_fallback(run, device, options.sw_batch_size, progress)
+    finally:
+        network.to("cpu")

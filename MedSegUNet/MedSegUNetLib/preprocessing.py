@@ -1,0 +1,85 @@
+"""Bringing images to the network's grid and intensity range, and labels back to the input's grid.
+
+Used by ``segment`` and by training, so a model always sees at inference what it saw in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .bundle import Normalization, Preprocessing
+from .geometry import Grid, reorient, resample_onto, resampled_grid
+
+
+@dataclass
+class NetworkInput:
+    """The channels on the network's grid, as one (C, Z, Y, X) float32 array, and that grid."""
+
+    array: np.ndarray
+    grid: Grid
+
+
+def to_network_grid(image: sitk.Image, preprocessing: Preprocessing) -> sitk.Image:
+    """Reorient (exact re-indexing) then resample (linear) to the bundle's spacing."""
+    oriented = reorient(image, preprocessing.orientation)
+    grid = resampled_grid(oriented, preprocessing.target_spacing)
+    return resample_onto(oriented, grid, sitk.sitkLinear, default_value=float(_minimum(oriented)))
+
+
+def _minimum(image: sitk.Image) -> float:
+    return float(np.min(sitk.GetArrayViewFromImage(image)))
+
+
+def normalize(array: np.ndarray, normalization: Normalization) -> np.ndarray:
+    """Normalize intensities in place (float32) and return the array."""
+    if normalization.kind == "ct":
+        low, high = normalization.clip
+        np.clip(array, low, high, out=array)
+        if normalization.mean is not None and normalization.std is not None:
+            array -= normalization.mean
+            array /= normalization.std
+        else:
+            array -= low
+            array /= high - low
+        return array
+    # z-score, as nnU-Net does for MRI: statistics of this image (of its non-zero voxels if asked)
+    values = array[array != 0] if normalization.nonzero else array
+    if values.size == 0:
+        return array
+    mean, std = float(values.mean()), float(values.std())
+    if normalization.nonzero:
+        mask = array != 0
+        array[mask] = (array[mask] - mean) / max(std, 1e-8)
+    else:
+        array -= mean
+        array /= max(std, 1e-8)
+    return array
+
+
+def prepare_channels(channels: Sequence[sitk.Image], preprocessing: Preprocessing) -> NetworkInput:
+    """All input channels on the first channel's network grid, normalized, stacked as (C, Z, Y, X)."""
+    first = to_network_grid(channels[0], preprocessing)
+    grid = Grid.of(first)
+    arrays = [sitk.GetArrayFromImage(first)]
+    for channel in channels[1:]:
+        on_grid = resample_onto(channel, grid, sitk.sitkLinear, default_value=_minimum(channel))
+        arrays.append(sitk.GetArrayFromImage(on_grid))
+    stacked = np.stack([normalize(a.astype(np.float32, copy=False), preprocessing.normalization) for a in arrays])
+    return NetworkInput(stacked, grid)
+
+
+def restore_labels(labels_zyx: np.ndarray, network_grid: Grid, input_grid: Grid) -> sitk.Image:
+    """Labels predicted on the network's grid, put onto the input's exact grid.
+
+    One nearest-neighbour resampling in physical space undoes both the resampling and the
+    reorientation (the network grid keeps the physical position of every voxel).
+    """
+    predicted = sitk.GetImageFromArray(labels_zyx)
+    predicted.SetSpacing(network_grid.spacing)
+    predicted.SetOrigin(network_grid.origin)
+    predicted.SetDirection(network_grid.direction)
+    return resample_onto(predicted, input_grid, sitk.sitkNearestNeighbor, default_value=0)

@@ -1,0 +1,83 @@
+"""Progress reporting: JSON lines for the Slicer panel, a tqdm bar for a terminal, or nothing.
+
+The JSON protocol (one object per line on stdout) is what the panel parses:
+``{"stage": str, "done": int, "total": int, "message": str, ...extra}``. The last line of a successful
+run has ``"stage": "done"``; a failed run prints ``"stage": "error"`` with the one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Optional, TextIO
+
+
+class Progress:
+    """Silent reporter; the base of the others."""
+
+    def update(self, stage: str, done: int, total: int, message: str = "", **extra: Any) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        """A remark that is not a step (a fallback taken, a warning about the input)."""
+
+    def close(self) -> None:
+        pass
+
+
+class JsonProgress(Progress):
+    def __init__(self, stream: Optional[TextIO] = None):
+        self.stream = stream or sys.stdout
+        self.stage = "start"
+
+    def _emit(self, record: dict) -> None:
+        self.stream.write(json.dumps(record) + "\n")
+        self.stream.flush()  # the panel reads line by line from a pipe
+
+    def update(self, stage: str, done: int, total: int, message: str = "", **extra: Any) -> None:
+        self.stage = stage
+        self._emit({"stage": stage, "done": int(done), "total": int(total), "message": message, **extra})
+
+    def note(self, message: str) -> None:
+        self._emit({"stage": self.stage, "done": -1, "total": -1, "message": message, "note": True})
+
+
+class TqdmProgress(Progress):
+    """One bar per stage on stderr; notes are printed above the bar."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.stage = None
+
+    def update(self, stage: str, done: int, total: int, message: str = "", **extra: Any) -> None:
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=max(total, 1), desc=f"{stage:>11}", unit="step", leave=stage == "done", file=sys.stderr)
+        self.bar.total = max(total, 1)
+        self.bar.n = min(done, self.bar.total)
+        postfix = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in extra.items() if k in ("loss", "dice")}
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+        self.bar.refresh()
+
+    def note(self, message: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def make_progress(kind: str) -> Progress:
+    """``json``, ``bar`` or ``none``; ``auto`` is a bar in a terminal and nothing otherwise."""
+    if kind == "json":
+        return JsonProgress()
+    if kind == "bar" or (kind == "auto" and sys.stderr.isatty()):
+        return TqdmProgress()
+    return Progress()
