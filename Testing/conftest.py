@@ -1,0 +1,81 @@
+"""Shared fixtures: real Slicer-written data from slicerio, and small bundles made on the spot."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "MedSegUNet"
+
+
+def slicerio_data(name: str) -> Path:
+    """A file shipped inside the slicerio package (no download)."""
+    import slicerio
+
+    path = Path(slicerio.__file__).parent / "data" / name
+    assert path.exists(), f"slicerio no longer ships {name}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def ct_chest() -> Path:
+    """CTChest4.nrrd: a real chest CT written by Slicer (128x128x34, 3.05x3.05x10 mm, RAS axes)."""
+    return slicerio_data("CTChest4.nrrd")
+
+
+@pytest.fixture(scope="session")
+def chest_segmentation() -> Path:
+    """Segmentation.seg.nrrd: the segmentation Slicer saved for CTChest4 (ribs, spine ...)."""
+    return slicerio_data("Segmentation.seg.nrrd")
+
+
+def make_small_bundle(path: Path, names=("ribs", "spine"), spacing=(6.0, 6.0, 6.0), patch=(32, 32, 16), seed=0) -> Path:
+    from MedSegUNetLib.bundle import Normalization, Preprocessing, create_bundle, save_bundle
+    from MedSegUNetLib.labels import default_labels
+
+    preprocessing = Preprocessing(spacing, patch, "RAS", Normalization("ct", (-1000.0, 1000.0)))
+    bundle = create_bundle(default_labels(list(names)), preprocessing, ["CT"], name=path.stem, seed=seed, base_filters=4)
+    save_bundle(path, bundle.meta, bundle.network)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_bundle(tmp_path_factory) -> Path:
+    """A freshly initialised DynUNet bundle, small enough to segment CTChest4 in a few seconds."""
+    return make_small_bundle(tmp_path_factory.mktemp("bundle") / "small.safetensors")
+
+
+def run_cli(*args: str, timeout: float = 300, env=None, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m MedSegUNetLib ARGS`` exactly as the Slicer panel starts it."""
+    environment = dict(os.environ if env is None else env)
+    environment["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR), str(REPO), environment.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "MedSegUNetLib", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+        **kwargs,
+    )
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit 1, exactly one stderr line naming the problem, no traceback."""
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert lines[0].startswith("medsegunet: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def files_in(folder: Path) -> set:
+    return {p.name for p in folder.iterdir()}

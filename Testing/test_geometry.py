@@ -1,0 +1,289 @@
+"""Geometry: the same physical image stored any way must give the same segmentation in physical space.
+
+A segmentation that comes out flipped or shifted is the worst bug this project can have. The pipeline
+tests use a voxel-wise threshold network (a real 1x1x1 convolution), so the right answer is known on
+every grid: the thresholded input itself.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import nrrd
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MedSegUNetLib.bundle import Bundle, Normalization, Preprocessing, create_bundle
+from MedSegUNetLib.geometry import (
+    Grid,
+    grid_from_ijk_to_lps,
+    ijk_array,
+    ijk_to_lps,
+    image_from_ijk_array,
+    orientation_code,
+    reorient,
+    resample_onto,
+    resampled_grid,
+)
+from MedSegUNetLib.inference import PredictOptions
+from MedSegUNetLib.labels import default_labels
+from MedSegUNetLib.progress import Progress
+from MedSegUNetLib.segment import SegmentOptions, segment_images
+
+THRESHOLD_HU = 200.0  # bone in CTChest4
+
+
+class ThresholdNet(torch.nn.Module):
+    """Class 1 where the (CT-normalized) intensity is above THRESHOLD_HU: a point-wise real network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, kernel_size=1)
+        # Normalized value v = (HU + 1000) / 2000; logit1 - logit0 = 400 * (v - v_threshold).
+        v_threshold = (THRESHOLD_HU + 1000.0) / 2000.0
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.zero_()
+            self.conv.weight[1, 0] = 400.0
+            self.conv.bias[1] = -400.0 * v_threshold
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def threshold_bundle(spacing=(2.0, 2.0, 2.0), patch=(32, 32, 32), orientation="RAS") -> Bundle:
+    preprocessing = Preprocessing(spacing, patch, orientation, Normalization("ct", (-1000.0, 1000.0)))
+    bundle = create_bundle(default_labels(["bone"]), preprocessing, ["CT"], base_filters=4)
+    return Bundle(bundle.meta, ThresholdNet())
+
+
+def segment(image: sitk.Image, bundle: Bundle, **options) -> sitk.Image:
+    return segment_images([image], bundle, SegmentOptions(PredictOptions(device="cpu", **options)), Progress())
+
+
+def thresholded(image: sitk.Image) -> np.ndarray:
+    return (sitk.GetArrayFromImage(image) > THRESHOLD_HU).astype(np.uint8)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return 2.0 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1)
+
+
+def physical_centroid(mask_zyx: np.ndarray, reference: sitk.Image) -> np.ndarray:
+    k, j, i = np.nonzero(mask_zyx)
+    index = np.stack([i, j, k, np.ones_like(i)]).astype(float)
+    return (ijk_to_lps(reference) @ index)[:3].mean(axis=1)
+
+
+@pytest.fixture(scope="module")
+def chest(ct_chest) -> sitk.Image:
+    return sitk.Cast(sitk.ReadImage(str(ct_chest)), sitk.sitkFloat32)
+
+
+# --- the conversion functions ----------------------------------------------------------------------
+
+
+def oblique_direction(angle_degrees: float = 20.0, flip: bool = False) -> np.ndarray:
+    a = np.radians(angle_degrees)
+    rotation_z = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rotation_x = np.array([[1, 0, 0], [0, np.cos(a / 2), -np.sin(a / 2)], [0, np.sin(a / 2), np.cos(a / 2)]])
+    direction = rotation_z @ rotation_x
+    if flip:
+        direction = direction @ np.diag([1, 1, -1])  # left-handed index axes
+    return direction
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_ijk_to_lps_round_trip(flip):
+    voxels = np.random.default_rng(0).integers(0, 5, size=(7, 5, 3)).astype(np.uint8)
+    matrix = np.eye(4)
+    matrix[:3, :3] = oblique_direction(30, flip) @ np.diag([0.7, 1.1, 2.5])
+    matrix[:3, 3] = [-12.5, 40.0, 7.25]
+    image = image_from_ijk_array(voxels, matrix)
+    assert image.GetSize() == (7, 5, 3)
+    np.testing.assert_allclose(ijk_to_lps(image), matrix, atol=1e-9)
+    np.testing.assert_array_equal(ijk_array(image), voxels)
+    # Voxel (i, j, k) of the array is the voxel ITK places at matrix @ (i, j, k, 1).
+    point = matrix @ np.array([6, 1, 2, 1.0])
+    assert image.TransformPhysicalPointToIndex(point[:3].tolist()) == (6, 1, 2)
+    assert image[6, 1, 2] == voxels[6, 1, 2]
+    spacing, origin, _ = grid_from_ijk_to_lps(matrix)
+    np.testing.assert_allclose(spacing, [0.7, 1.1, 2.5])
+    np.testing.assert_allclose(origin, [-12.5, 40.0, 7.25])
+
+
+def test_slicer_segmentation_maps_onto_its_volume(ct_chest, chest_segmentation):
+    """Slicer's own pair: slicerio's voxels and matrix give the grid SimpleITK reads from the .seg.nrrd."""
+    import slicerio
+
+    segmentation = slicerio.read_segmentation(str(chest_segmentation))
+    via_slicerio = image_from_ijk_array(segmentation["voxels"], segmentation["ijkToLPS"])
+    via_itk = sitk.ReadImage(str(chest_segmentation))
+    assert Grid.of(via_slicerio).matches(Grid.of(via_itk))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(via_slicerio), sitk.GetArrayFromImage(via_itk))
+    assert Grid.of(via_itk).matches(Grid.of(sitk.ReadImage(str(ct_chest))))
+
+
+def test_resampled_grid_keeps_the_physical_box(chest):
+    grid = resampled_grid(chest, (2.0, 2.0, 2.0))
+    old = Grid.of(chest)
+
+    def corners(g: Grid) -> np.ndarray:
+        direction = np.array(g.direction).reshape(3, 3)
+        first = np.array(g.origin) - direction @ (np.array(g.spacing) / 2)
+        last = first + direction @ (np.array(g.spacing) * np.array(g.size))
+        return np.stack([first, last])
+
+    np.testing.assert_allclose(corners(grid), corners(old), atol=1e-6)
+    assert grid.size == (195, 195, 170)
+    np.testing.assert_allclose(grid.spacing, [2.0, 2.0, 2.0], rtol=0.01)
+
+
+@pytest.mark.parametrize("code", ["RAS", "LPS", "LAS", "PIR", "SAL", "ILP"])
+def test_reorient_is_exact_reindexing(chest, code):
+    oriented = reorient(chest, code)
+    assert orientation_code(oriented.GetDirection()) == code
+    # Every voxel keeps its physical position and value: resampling back is the identity.
+    back = resample_onto(oriented, Grid.of(chest), sitk.sitkNearestNeighbor)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(chest))
+
+
+# --- the whole pipeline ----------------------------------------------------------------------------
+
+
+def stored_variant(image: sitk.Image, permutation, flips) -> sitk.Image:
+    """The same physical image with its index axes permuted and flipped."""
+    permuted = sitk.PermuteAxes(image, list(permutation))
+    return sitk.Flip(permuted, list(flips)) if any(flips) else permuted
+
+
+VARIANTS = [((0, 1, 2), (True, False, False)), ((1, 0, 2), (False, False, False)), ((2, 0, 1), (False, True, True))]
+
+
+@pytest.mark.parametrize("permutation,flips", VARIANTS)
+def test_flipped_and_permuted_storage_gives_the_same_segmentation(chest, permutation, flips):
+    bundle = threshold_bundle(spacing=(4.0, 4.0, 4.0))
+    reference = segment(chest, bundle)
+    variant = stored_variant(chest, permutation, flips)
+    assert orientation_code(variant.GetDirection()) != orientation_code(chest.GetDirection())
+    result = segment(variant, bundle)
+    assert Grid.of(result).matches(Grid.of(variant)), "output must sit on the input's grid"
+    # Brought back to the original indexing, the answer is identical voxel for voxel.
+    back = resample_onto(result, Grid.of(chest), sitk.sitkNearestNeighbor)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(reference))
+    assert sitk.GetArrayFromImage(reference).any()
+
+
+def test_nifti_and_nrrd_in_ras_space_give_the_same_segmentation(chest, tmp_path):
+    bundle = threshold_bundle(spacing=(4.0, 4.0, 4.0))
+    reference = sitk.GetArrayFromImage(segment(chest, bundle))
+    # NIfTI stores RAS in its sform; SimpleITK converts to LPS on both ends.
+    nifti = tmp_path / "chest.nii.gz"
+    sitk.WriteImage(chest, str(nifti))
+    from_nifti = sitk.ReadImage(str(nifti), sitk.sitkFloat32)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(segment(from_nifti, bundle)), reference)
+    # An NRRD written in "right-anterior-superior" space, as some tools do.
+    matrix_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps(chest)
+    ras_file = tmp_path / "chest_ras.nrrd"
+    header = {
+        "space": "right-anterior-superior",
+        "space directions": matrix_ras[:3, :3].T,
+        "space origin": matrix_ras[:3, 3],
+        "kinds": ["domain"] * 3,
+    }
+    nrrd.write(str(ras_file), np.asarray(ijk_array(chest)), header, index_order="F")
+    from_ras = sitk.ReadImage(str(ras_file), sitk.sitkFloat32)
+    assert Grid.of(from_ras).matches(Grid.of(chest))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(segment(from_ras, bundle)), reference)
+
+
+# Asymmetric ellipsoids (centre offset from the volume centre, radii), in LPS millimetres.
+PHANTOM = [((60.0, -30.0, 40.0), (40.0, 25.0, 50.0)), ((-50.0, 40.0, -60.0), (30.0, 30.0, 30.0)), ((10.0, 70.0, 90.0), (20.0, 35.0, 25.0))]
+
+
+def phantom_on(grid: Grid, centre: np.ndarray) -> np.ndarray:
+    """The analytic phantom sampled at the voxel centres of ``grid``: the answer on any grid, as (z, y, x)."""
+    k, j, i = np.meshgrid(*[np.arange(n) for n in grid.size[::-1]], indexing="ij")
+    index = np.stack([i, j, k]).reshape(3, -1).astype(float)
+    direction = np.array(grid.direction).reshape(3, 3)
+    points = direction @ (np.array(grid.spacing)[:, None] * index) + np.array(grid.origin)[:, None]
+    inside = np.zeros(points.shape[1], dtype=bool)
+    for offset, radii in PHANTOM:
+        relative = (points - (centre + offset)[:, None]) / np.array(radii)[:, None]
+        inside |= (relative**2).sum(axis=0) <= 1.0
+    return inside.reshape(grid.size[::-1])
+
+
+def phantom_image(grid: Grid, centre: np.ndarray) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.where(phantom_on(grid, centre), 1000.0, -1000.0).astype(np.float32))
+    image.SetSpacing(grid.spacing)
+    image.SetOrigin(grid.origin)
+    image.SetDirection(grid.direction)
+    return image
+
+
+def oblique_grid(image: sitk.Image, angle: float, spacing) -> Grid:
+    """An oblique, anisotropic grid around the same centre as ``image``."""
+    direction = oblique_direction(angle)
+    size = [int(s) for s in np.array(image.GetSize()) * np.array(image.GetSpacing()) / np.array(spacing) * 0.8]
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()]))
+    origin = centre - direction @ (np.array(spacing) * (np.array(size) - 1) / 2)
+    return Grid(tuple(size), tuple(float(s) for s in spacing), tuple(origin), tuple(direction.flatten()))
+
+
+@pytest.mark.parametrize("bundle_spacing", [(2.0, 2.0, 2.0), (1.5, 1.5, 5.0)])
+@pytest.mark.parametrize("angle,input_spacing", [(0.0, (3.05, 3.05, 10.0)), (25.0, (2.5, 1.5, 4.0))])
+def test_segmentation_sits_where_the_structure_is(chest, bundle_spacing, angle, input_spacing):
+    """Against the analytic answer on the input's own grid: no shift, no flip, only resampling blur."""
+    centre = np.array(chest.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in chest.GetSize()]))
+    grid = Grid.of(chest) if angle == 0 else oblique_grid(chest, angle, input_spacing)
+    image = phantom_image(grid, centre)
+    result = segment(image, threshold_bundle(spacing=bundle_spacing))
+    assert Grid.of(result).matches(grid), "output must sit on the input's grid"
+    predicted = sitk.GetArrayFromImage(result)
+    expected = phantom_on(grid, centre)
+    assert dice(predicted, expected) > 0.93
+    shift = np.linalg.norm(physical_centroid(predicted, image) - physical_centroid(expected, image))
+    # Partial-volume blur moves a centroid by a fraction of the coarsest voxel; a flip or an
+    # off-by-one would move it by tens of millimetres.
+    assert shift < 0.25 * max(bundle_spacing), f"segmentation shifted by {shift:.2f} mm"
+
+
+@pytest.mark.parametrize("angle", [0.0, 25.0])
+def test_same_spacing_round_trip_is_exact(chest, angle):
+    """When no resampling is needed, restore must put every voxel back exactly (any shift shows here)."""
+    centre = np.array(chest.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in chest.GetSize()]))
+    grid = oblique_grid(chest, angle, (2.0, 2.0, 3.0))
+    image = phantom_image(grid, centre)
+    predicted = sitk.GetArrayFromImage(segment(image, threshold_bundle(spacing=(2.0, 2.0, 3.0))))
+    np.testing.assert_array_equal(predicted, phantom_on(grid, centre).astype(np.uint8))
+
+
+def test_mirrored_half_is_not_confused(chest):
+    """An asymmetric structure: if the pipeline flipped left-right, it would land on the empty side."""
+    array = np.full(sitk.GetArrayFromImage(chest).shape, -1000.0, dtype=np.float32)
+    array[10:20, 30:60, 90:120] = 1000.0  # a block on one side only
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(chest)
+    predicted = sitk.GetArrayFromImage(segment(image, threshold_bundle(spacing=(4.0, 4.0, 4.0))))
+    assert dice(predicted, array > THRESHOLD_HU) > 0.8
+    assert not predicted[:, :, :64].any()
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "PIR"])
+def test_bundle_orientation_does_not_change_the_answer(chest, orientation):
+    """A bundle trained in another canonical orientation still segments in the right place."""
+    reference = sitk.GetArrayFromImage(segment(chest, threshold_bundle(spacing=(4.0, 4.0, 4.0))))
+    predicted = sitk.GetArrayFromImage(segment(chest, threshold_bundle(spacing=(4.0, 4.0, 4.0), orientation=orientation)))
+    # Same spacing, other axis order on the network grid: the same answer up to interpolation ties.
+    assert dice(predicted, reference) > 0.98
+    assert np.linalg.norm(physical_centroid(predicted, chest) - physical_centroid(reference, chest)) < 0.3
+
+
+def test_all_orientation_codes_are_valid_targets(chest):
+    codes = ["".join(p) for p in itertools.product("LR", "AP", "IS")]
+    for code in codes:
+        assert orientation_code(reorient(chest, code).GetDirection()) == code
