@@ -194,14 +194,14 @@ def _read_header(path: Path) -> Tuple[dict, int]:
     size = path.stat().st_size
     with open(path, "rb") as stream:
         head = stream.read(8)
-        if len(head) < 8:
-            raise MedSegError("is empty or truncated, not a MedSegUNet bundle", path)
         if head[:2] == b"PK" or head[:1] == b"\x80":
             raise MedSegError(
                 "is a PyTorch pickle/zip checkpoint; MedSegUNet bundles are safetensors files and pickles are "
                 "never loaded (they can run code)",
                 path,
             )
+        if len(head) < 8:
+            raise MedSegError("is empty or truncated, not a MedSegUNet bundle", path)
         (header_length,) = struct.unpack("<Q", head)
         if header_length > min(_MAX_HEADER_BYTES, size - 8):
             raise MedSegError("is not a safetensors bundle (bad header length)", path)

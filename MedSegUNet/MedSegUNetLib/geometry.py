@@ -123,8 +123,11 @@ def image_from_ijk_array(voxels_ijk: np.ndarray, matrix_ijk_to_lps: np.ndarray) 
 
 
 def ijk_array(image: sitk.Image) -> np.ndarray:
-    """The voxels of ``image`` in (i, j, k) order (a view of SimpleITK's (k, j, i) array)."""
-    return np.transpose(sitk.GetArrayViewFromImage(image), (2, 1, 0))
+    """The voxels of ``image`` in (i, j, k) order: a transposed copy that outlives ``image``.
+
+    (SimpleITK's array *view* dies with its image: never hand one out of a function.)
+    """
+    return np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
 
 
 def resampled_grid(image: sitk.Image, spacing: Sequence[float]) -> Grid:

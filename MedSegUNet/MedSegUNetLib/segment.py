@@ -71,8 +71,8 @@ def run_segment(
 ) -> Path:
     """The whole ``segment`` command: every check that can fail early runs before the long work."""
     output = Path(output)
-    check_output_type(output)
     check_writable(output)
+    check_output_type(output)
     progress.update("read", 0, len(inputs) + 1, f"model {Path(bundle_path).name}")
     bundle = load_bundle(bundle_path)
     channels: List[sitk.Image] = []

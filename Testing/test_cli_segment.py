@@ -1,0 +1,328 @@
+"""`medsegunet segment` end to end on real files, as the Slicer panel runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from MedSegUNetLib.bundle import read_bundle_metadata
+from MedSegUNetLib.cli import main
+from MedSegUNetLib.geometry import Grid
+
+from conftest import MODULE_DIR, REPO, assert_clean_failure, files_in, make_small_bundle, run_cli
+
+
+def test_segment_ctchest_writes_a_slicer_segmentation(tmp_path, ct_chest, small_bundle):
+    """The issue's 'done when': every segment named, on the input's grid, readable by slicerio."""
+    output = tmp_path / "out.seg.nrrd"
+    result = run_cli("segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--progress", "none")
+    assert result.returncode == 0, result.stderr
+    segmentation = slicerio.read_segmentation(str(output))
+    meta = read_bundle_metadata(small_bundle)
+    segments = segmentation["segments"]
+    assert [s["name"] for s in segments] == [label.name for label in meta.labels]
+    assert [s["labelValue"] for s in segments] == [label.value for label in meta.labels]
+    for segment, label in zip(segments, meta.labels):
+        np.testing.assert_allclose(segment["color"], label.color, atol=1e-6)
+    reference = sitk.ReadImage(str(ct_chest))
+    assert segmentation["voxels"].shape == reference.GetSize()
+    written = sitk.ReadImage(str(output))
+    assert Grid.of(written).matches(Grid.of(reference))
+    values = set(np.unique(segmentation["voxels"]).tolist())
+    assert values <= {0} | {label.value for label in meta.labels}
+    assert files_in(tmp_path) == {"out.seg.nrrd"}
+
+
+def test_terminology_and_empty_segments_reach_the_file(tmp_path, ct_chest):
+    """Labels the model never predicts are still segments (empty), with their terminology."""
+    from MedSegUNetLib.bundle import Label, Normalization, Preprocessing, create_bundle, save_bundle
+    from MedSegUNetLib.imageio import write_segmentation
+
+    terminology = (
+        "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure~"
+        "SCT^113197003^Rib~^^~Anatomic codes - DICOM master list~^^~^^"
+    )
+    labels = [Label(1, "rib", (1.0, 0.9, 0.8), terminology), Label(7, "tumour", (0.2, 0.3, 0.4))]
+    image = sitk.ReadImage(str(ct_chest))
+    mask = sitk.Cast(sitk.BinaryThreshold(image, 200, 5000, 1, 0), sitk.sitkUInt8)
+    write_segmentation(tmp_path / "t.seg.nrrd", mask, labels)
+    segmentation = slicerio.read_segmentation(str(tmp_path / "t.seg.nrrd"))
+    rib, tumour = segmentation["segments"]
+    assert rib["terminology"]["type"][1] == "113197003"
+    assert tumour["name"] == "tumour" and tumour["labelValue"] == 7
+    assert list(tumour["extent"]) == [0, -1, 0, -1, 0, -1]
+    k, j, i = np.nonzero(sitk.GetArrayFromImage(mask))
+    assert list(rib["extent"]) == [i.min(), i.max(), j.min(), j.max(), k.min(), k.max()]
+
+
+def test_json_progress_protocol(tmp_path, ct_chest, small_bundle):
+    output = tmp_path / "out.nii.gz"
+    result = run_cli("segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--progress", "json")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert all({"stage", "done", "total", "message"} <= set(r) for r in records)
+    stages = [r["stage"] for r in records if not r.get("note")]
+    order = ["read", "preprocess", "predict", "restore", "write", "done"]
+    assert [s for s in dict.fromkeys(stages)] == order
+    predict = [r for r in records if r["stage"] == "predict"]
+    assert predict[-1]["done"] == predict[-1]["total"] > 1
+    assert [r["done"] for r in predict] == sorted(r["done"] for r in predict)
+    assert records[-1] == {**records[-1], "stage": "done", "output": str(output)}
+    # A labelmap on the input grid.
+    assert Grid.of(sitk.ReadImage(str(output))).matches(Grid.of(sitk.ReadImage(str(ct_chest))))
+
+
+def test_console_script_runs(tmp_path, ct_chest, small_bundle):
+    script = Path(sys.executable).parent / "medsegunet"
+    assert script.exists(), "pip install -e . should have made the medsegunet script"
+    result = subprocess.run([str(script), "info", str(small_bundle)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "ribs" in result.stdout and "DynUNet" in result.stdout
+
+
+def test_dicom_folder_input(tmp_path, ct_chest, small_bundle):
+    image = sitk.Cast(sitk.ReadImage(str(ct_chest)), sitk.sitkInt16)
+    folder = tmp_path / "dicom"
+    write_dicom_series(image, folder, "1.2.826.0.1.3680043.2.1125.1")
+    output = tmp_path / "out.seg.nrrd"
+    assert main(["segment", str(folder), "-m", str(small_bundle), "-o", str(output), "--progress", "none"]) == 0
+    read_back = sitk.ReadImage(str(output))
+    series = sitk.ImageSeriesReader()
+    series.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+    assert Grid.of(read_back).matches(Grid.of(series.Execute()), tolerance=1e-3)
+
+
+def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str) -> None:
+    """A real CT series (one file per slice) with the tags GDCM needs to sort and place slices."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = image.GetDirection()
+    for k in range(image.GetDepth()):
+        slice_image = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        tags = {
+            "0008|0060": "CT",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.9",
+            "0020|000e": series_uid,
+            "0020|0032": "\\".join(f"{p:.6f}" for p in position),
+            "0020|0037": "\\".join(f"{d:.6f}" for d in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])),
+            "0020|0013": str(k + 1),
+            "0008|0018": f"{series_uid}.{k + 1}",
+            "0018|0050": f"{image.GetSpacing()[2]:.6f}",
+        }
+        for tag, value in tags.items():
+            slice_image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{series_uid}_{k:03d}.dcm"))
+        writer.Execute(slice_image)
+
+
+def test_dicom_folder_with_two_series_lists_them(tmp_path, ct_chest, small_bundle, capsys):
+    image = sitk.Cast(sitk.ReadImage(str(ct_chest)), sitk.sitkInt16)[:, :, :4]
+    folder = tmp_path / "two"
+    write_dicom_series(image, folder, "1.2.3.4.1")
+    write_dicom_series(image, folder, "1.2.3.4.2")
+    output = tmp_path / "out.seg.nrrd"
+    assert main(["segment", str(folder), "-m", str(small_bundle), "-o", str(output), "--progress", "none"]) == 1
+    error = capsys.readouterr().err
+    assert "2 DICOM series" in error and "1.2.3.4.1" in error and "1.2.3.4.2" in error and "--series" in error
+    assert main(["segment", str(folder), "-m", str(small_bundle), "-o", str(output), "--series", "1.2.3.4.2", "--progress", "none"]) == 0
+    assert output.exists()
+
+
+# --- bad input: one line, exit 1, no traceback, no output ------------------------------------------
+
+
+def _image(array: np.ndarray, spacing=(2.0, 2.0, 2.0)) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing[: image.GetDimension()])
+    return image
+
+
+def make_bad_input(kind: str, folder: Path) -> Path:
+    if kind == "missing":
+        return folder / "nothing_here.nrrd"
+    if kind == "empty":
+        path = folder / "empty.nrrd"
+        path.write_bytes(b"")
+        return path
+    if kind == "text":
+        path = folder / "notes.nii.gz"
+        path.write_text("this is not an image\n" * 20)
+        return path
+    if kind == "truncated":
+        path = folder / "truncated.nrrd"
+        sitk.WriteImage(_image(np.random.rand(40, 40, 40).astype(np.float32)), str(path), useCompression=False)
+        path.write_bytes(path.read_bytes()[:-20000])
+        return path
+    if kind == "2d":
+        path = folder / "flat.nrrd"
+        sitk.WriteImage(_image(np.zeros((40, 40), np.float32)), str(path))
+        return path
+    if kind == "4d":
+        path = folder / "dynamic.nii.gz"
+        sitk.WriteImage(sitk.JoinSeries([_image(np.zeros((8, 8, 8), np.float32))] * 3), str(path))
+        return path
+    if kind == "vector":
+        path = folder / "rgb.nrrd"
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8, 8, 3), np.uint8), isVector=True), str(path))
+        return path
+    if kind == "nan":
+        path = folder / "nan.mha"
+        sitk.WriteImage(_image(np.full((16, 16, 16), np.nan, np.float32)), str(path))
+        return path
+    if kind == "wrong-type":
+        path = folder / "scan.png"
+        path.write_bytes(b"\x89PNG\r\n")
+        return path
+    if kind == "empty-dicom-folder":
+        path = folder / "dicom"
+        path.mkdir()
+        (path / "readme.txt").write_text("no dicom here")
+        return path
+    raise ValueError(kind)
+
+
+BAD_INPUTS = {
+    "missing": "input not found",
+    "empty": "is empty",
+    "text": "not a readable image",
+    "truncated": "truncated or corrupt",
+    "2d": "2D image",
+    "4d": "4D image",
+    "vector": "3 components",
+    "nan": "no finite voxel",
+    "wrong-type": "unsupported file type",
+    "empty-dicom-folder": "no DICOM series",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
+def test_bad_input_gives_one_clear_line(tmp_path, small_bundle, kind, capsys):
+    bad = make_bad_input(kind, tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    code = main(["segment", str(bad), "-m", str(small_bundle), "-o", str(out_dir / "x.seg.nrrd"), "--progress", "none"])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 1
+    assert len(lines) == 1 and lines[0].startswith("medsegunet: error: ")
+    assert BAD_INPUTS[kind] in lines[0] and bad.name in lines[0]
+    assert list(out_dir.iterdir()) == []
+
+
+def test_bad_input_in_a_real_process_has_no_traceback_and_keeps_old_output(tmp_path, small_bundle):
+    bad = make_bad_input("truncated", tmp_path)
+    output = tmp_path / "previous.seg.nrrd"
+    output.write_bytes(b"the user's earlier result")
+    result = run_cli("segment", str(bad), "-m", str(small_bundle), "-o", str(output), "--progress", "json")
+    line = assert_clean_failure(result, "truncated.nrrd", "truncated or corrupt")
+    error_record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert error_record["stage"] == "error" and error_record["message"] in line
+    assert output.read_bytes() == b"the user's earlier result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous.seg.nrrd", "truncated.nrrd"]
+
+
+@pytest.mark.parametrize(
+    "make_bundle,message",
+    [
+        (lambda d: d / "absent.safetensors", "bundle file not found"),
+        (lambda d: _write(d / "model.pt", b"\x80\x04\x95junk"), "pickle"),
+        (lambda d: _write(d / "model.safetensors", b"\x00" * 3), "truncated"),
+    ],
+)
+def test_bad_bundle_is_refused(tmp_path, ct_chest, make_bundle, message):
+    bundle = make_bundle(tmp_path)
+    result = run_cli("segment", str(ct_chest), "-m", str(bundle), "-o", str(tmp_path / "o.seg.nrrd"), "--progress", "none")
+    assert_clean_failure(result, bundle.name, message)
+    assert not (tmp_path / "o.seg.nrrd").exists()
+
+
+def _write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize(
+    "output,message",
+    [("missing_folder/out.seg.nrrd", "output folder does not exist"), ("out.png", "unsupported output type"), (".", "existing folder")],
+)
+def test_bad_output_is_refused_before_work(tmp_path, ct_chest, small_bundle, output, message, capsys):
+    code = main(["segment", str(ct_chest), "-m", str(small_bundle), "-o", str(tmp_path / output), "--progress", "none"])
+    assert code == 1
+    assert message in capsys.readouterr().err
+
+
+def test_wrong_channel_count_is_refused(tmp_path, ct_chest, small_bundle, capsys):
+    code = main(["segment", str(ct_chest), str(ct_chest), "-m", str(small_bundle), "-o", str(tmp_path / "o.nrrd"), "--progress", "none"])
+    assert code == 1
+    assert "1 input channel" in capsys.readouterr().err
+    assert not (tmp_path / "o.nrrd").exists()
+
+
+def test_usage_errors_exit_2(tmp_path, ct_chest, small_bundle):
+    result = run_cli("segment", str(ct_chest), "-m", str(small_bundle))
+    assert result.returncode == 2 and "-o/--output" in result.stderr
+    code = main(["segment", str(ct_chest), "-m", str(small_bundle), "-o", str(tmp_path / "o.nrrd"), "--overlap", "1.5"])
+    assert code == 1
+
+
+def test_partial_nan_is_replaced_and_reported(tmp_path, small_bundle):
+    array = np.random.default_rng(0).normal(0, 100, (24, 24, 24)).astype(np.float32)
+    array[3:5, 3:5, 3:5] = np.nan
+    path = tmp_path / "some_nan.mha"
+    sitk.WriteImage(_image(array), str(path))
+    result = run_cli("segment", str(path), "-m", str(small_bundle), "-o", str(tmp_path / "o.seg.nrrd"), "--progress", "json")
+    assert result.returncode == 0, result.stderr
+    notes = [json.loads(line)["message"] for line in result.stdout.splitlines() if json.loads(line).get("note")]
+    assert any("8 NaN/Inf voxels replaced" in note for note in notes)
+
+
+# --- cancellation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_signal_cancels_cleanly_and_keeps_old_output(tmp_path, ct_chest, signal_number):
+    slow_bundle = make_small_bundle(tmp_path / "fine.safetensors", spacing=(1.5, 1.5, 1.5), patch=(32, 32, 32))
+    output = tmp_path / "result.seg.nrrd"
+    output.write_bytes(b"keep me")
+    environment = dict(os.environ, PYTHONPATH=f"{MODULE_DIR}{os.pathsep}{REPO}")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "MedSegUNetLib", "segment", str(ct_chest), "-m", str(slow_bundle), "-o", str(output), "--progress", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+    )
+    for line in process.stdout:
+        if json.loads(line)["stage"] == "predict":
+            break
+    started = time.monotonic()
+    process.send_signal(signal_number)
+    remaining_stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert time.monotonic() - started < 30
+    assert "Traceback" not in stderr
+    assert json.loads(remaining_stdout.strip().splitlines()[-1])["stage"] == "cancelled"
+    assert output.read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fine.safetensors", "result.seg.nrrd"]
+
+
+def test_stale_temporary_of_a_killed_run_is_cleaned(tmp_path, ct_chest, small_bundle):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.medseg-tmp-{dead.pid}-abcd1234.seg.nrrd"
+    stale.write_bytes(b"half a file")
+    output = tmp_path / "out.seg.nrrd"
+    assert main(["segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--progress", "none"]) == 0
+    assert files_in(tmp_path) == {"out.seg.nrrd"}
