@@ -147,6 +147,23 @@ def run_create_bundle_command(args: argparse.Namespace, progress) -> dict:
 # --- commands of the training package, reached through the same program ----------------------------
 
 
+def add_demo_parser(commands) -> None:
+    parser = commands.add_parser("demo", help="segment a real sample scan with the shipped model and evaluate it")
+    parser.add_argument("--output", type=Path, default=Path("medsegunet-demo"))
+    parser.set_defaults(handler=run_demo_command, progress="none")
+
+
+def run_demo_command(args: argparse.Namespace, progress) -> dict:
+    try:
+        from .demo import run_demo
+    except ImportError:
+        raise MedSegError(
+            "the demo (sample scans and a shipped model) is not part of this version yet; "
+            "see README 'Segment from the command line'"
+        ) from None
+    return run_demo(args, progress)
+
+
 def add_training_parsers(commands) -> None:
     try:
         from training.cli import add_parsers
@@ -164,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_segment_parser(commands)
     add_info_parser(commands)
     add_create_bundle_parser(commands)
+    add_demo_parser(commands)
     add_training_parsers(commands)
     return parser
 

@@ -1,0 +1,149 @@
+"""The prediction loop, normalization and post-processing, piece by piece."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from MedSegUNetLib.bundle import Normalization
+from MedSegUNetLib.errors import MedSegError
+from MedSegUNetLib.inference import (
+    PredictOptions,
+    WindowPredictor,
+    count_windows,
+    mirror_axes,
+    predict_labels,
+    select_device,
+    with_memory_fallback,
+)
+from MedSegUNetLib.postprocess import keep_largest_component
+from MedSegUNetLib.preprocessing import normalize
+from MedSegUNetLib.progress import Progress
+
+
+class Recorder(Progress):
+    def __init__(self):
+        self.updates, self.notes = [], []
+
+    def update(self, stage, done, total, message="", **extra):
+        self.updates.append((stage, done, total))
+
+    def note(self, message):
+        self.notes.append(message)
+
+
+class XGradientNet(torch.nn.Module):
+    """Class 1 where the input is positive; mirroring along x changes the answer unless undone."""
+
+    def forward(self, x):
+        return torch.cat([torch.zeros_like(x), 10 * x], dim=1)
+
+
+@pytest.mark.parametrize(
+    "image,roi,overlap", [((40, 50, 60), (16, 16, 16), 0.5), ((10, 70, 33), (16, 32, 32), 0.25), ((16, 16, 16), (16, 16, 16), 0.5)]
+)
+def test_window_count_matches_what_monai_visits(image, roi, overlap):
+    progress = Recorder()
+    array = np.random.default_rng(0).normal(size=(1, *image)).astype(np.float32)
+    predict_labels(XGradientNet(), array, roi, PredictOptions(overlap=overlap, sw_batch_size=3, device="cpu"), progress)
+    predict = [u for u in progress.updates if u[0] == "predict"]
+    assert predict[-1][1] == predict[-1][2] == count_windows(image, roi, overlap)
+    assert predict[0][2] == predict[-1][2]
+
+
+def test_prediction_is_pointwise_correct_with_and_without_tta():
+    array = np.random.default_rng(1).normal(size=(1, 20, 24, 28)).astype(np.float32)
+    expected = (array[0] > 0).astype(np.uint8)
+    for tta in (False, True):
+        result = predict_labels(XGradientNet(), array, (16, 16, 16), PredictOptions(tta=tta, device="cpu"), Progress())
+        np.testing.assert_array_equal(result, expected)
+
+
+def test_tta_averages_all_eight_mirrorings_and_undoes_them():
+    assert len(mirror_axes()) == 8 and () in mirror_axes() and (2, 3, 4) in mirror_axes()
+    calls = []
+
+    class Asymmetric(torch.nn.Module):
+        def forward(self, x):
+            calls.append(x.clone())
+            ramp = torch.arange(x.shape[-1], dtype=x.dtype).expand_as(x)
+            return torch.cat([torch.zeros_like(x), ramp - x.shape[-1] / 2 + 0.25], dim=1)
+
+    windows = torch.zeros(1, 1, 4, 4, 6)
+    probabilities = WindowPredictor(Asymmetric(), tta=True, on_windows=lambda n: None)(windows)
+    assert len(calls) == 8
+    # Half of the mirrorings flip x: after undoing them the ramp cancels out to ~0.5 everywhere
+    # except the bias, so the averaged probability is symmetric around the centre along x.
+    row = probabilities[0, 1, 0, 0]
+    torch.testing.assert_close(row, row.flip(0), atol=1e-5, rtol=0)
+
+
+def test_out_of_memory_falls_back_to_smaller_batches_then_cpu():
+    attempts = []
+
+    def run(device, batch):
+        attempts.append((device.type, batch))
+        if device.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return "done on cpu"
+
+    progress = Recorder()
+    assert with_memory_fallback(run, torch.device("cuda"), 4, progress) == "done on cpu"
+    assert attempts == [("cuda", 4), ("cuda", 2), ("cuda", 1), ("cpu", 1)]
+    assert any("retrying with 2" in note for note in progress.notes)
+    assert any("falling back to the CPU" in note for note in progress.notes)
+
+
+def test_out_of_memory_on_cpu_is_a_clear_error():
+    def run(device, batch):
+        raise torch.cuda.OutOfMemoryError("out of memory")
+
+    with pytest.raises(MedSegError, match="out of memory"):
+        with_memory_fallback(run, torch.device("cpu"), 2, Recorder())
+
+
+def test_device_selection():
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type in ("cuda", "mps", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MedSegError, match="no CUDA"):
+            select_device("cuda")
+    with pytest.raises(MedSegError, match="unknown device"):
+        select_device("tpu")
+
+
+def test_ct_normalization_clips_and_scales():
+    values = np.array([-3000, -1000, 0, 1000, 5000], dtype=np.float32)
+    np.testing.assert_allclose(normalize(values.copy(), Normalization("ct", (-1000, 1000))), [0, 0, 0.5, 1, 1])
+    np.testing.assert_allclose(
+        normalize(values.copy(), Normalization("ct", (-1000, 1000), mean=100.0, std=50.0)), [-22, -22, -2, 18, 18]
+    )
+
+
+def test_zscore_normalization_with_and_without_background():
+    values = np.array([0, 0, 2, 4, 6], dtype=np.float32)
+    whole = normalize(values.copy(), Normalization("zscore", None))
+    assert abs(whole.mean()) < 1e-6 and abs(whole.std() - 1) < 1e-5
+    foreground = normalize(values.copy(), Normalization("zscore", None, nonzero=True))
+    np.testing.assert_allclose(foreground, [0, 0, -1.2247449, 0, 1.2247449], atol=1e-5)
+
+
+def test_keep_largest_component_per_label():
+    array = np.zeros((20, 20, 20), dtype=np.uint8)
+    array[2:8, 2:8, 2:8] = 1  # big piece of label 1
+    array[15:17, 15:17, 15:17] = 1  # small stray piece of label 1
+    array[10:12, 2:4, 2:4] = 2  # label 2: two pieces, the larger one kept
+    array[10:11, 15:16, 15:16] = 2
+    array[2:4, 15:18, 2:4] = 3  # label 3 is left alone when not asked for
+    array[18:19, 18:19, 2:3] = 3
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.5, 1.0, 2.0))
+    image.SetOrigin((10.0, -5.0, 3.0))
+    result = keep_largest_component(image, [1, 2])
+    out = sitk.GetArrayFromImage(result)
+    assert np.count_nonzero(out == 1) == 216 and not out[15:17, 15:17, 15:17].any()
+    assert np.count_nonzero(out == 2) == 8 and out[10, 15, 15] == 0
+    assert np.count_nonzero(out == 3) == np.count_nonzero(array == 3)
+    assert result.GetSpacing() == image.GetSpacing() and result.GetOrigin() == image.GetOrigin()
