@@ -79,6 +79,9 @@ def run_segment_command(args: argparse.Namespace, progress) -> dict:
         series=args.series,
     )
     output = run_segment(args.inputs, args.model, args.output, options, progress)
+    progress.close()
+    if args.progress != "json":
+        print(f"wrote {output}")
     return {"message": f"wrote {output}", "output": str(output)}
 
 
@@ -117,6 +120,7 @@ def add_create_bundle_parser(commands) -> None:
 
 
 def run_create_bundle_command(args: argparse.Namespace, progress) -> dict:
+    from .atomic import check_writable
     from .bundle import Normalization, Preprocessing, create_bundle, save_bundle
     from .labels import default_labels
 
@@ -136,8 +140,6 @@ def run_create_bundle_command(args: argparse.Namespace, progress) -> dict:
         )
     except ValueError as error:
         raise MedSegError(str(error)) from None
-    from .atomic import check_writable
-
     check_writable(args.output)
     save_bundle(args.output, bundle.meta, bundle.network)
     print(f"wrote {args.output}")

@@ -192,15 +192,12 @@ def write_segmentation(path, label_image: sitk.Image, labels: Sequence[Label]) -
     import slicerio
 
     path = Path(path)
+    check_output_type(path)
     if has_ending(path, (SEGMENTATION_ENDING,)):
         segmentation = segmentation_dict(label_image, labels)
         with atomic_path(path) as temporary:
             slicerio.write_segmentation(str(temporary), segmentation, compression_level=1)
         return path
-    if not has_ending(path, LABELMAP_ENDINGS):
-        raise MedSegError(
-            f"unsupported output type; use {SEGMENTATION_ENDING} or a labelmap ({', '.join(LABELMAP_ENDINGS)})", path
-        )
     image = sitk.Cast(label_image, _labelmap_pixel_type(labels))
     with atomic_path(path) as temporary:
         sitk.WriteImage(image, str(temporary), useCompression=True)

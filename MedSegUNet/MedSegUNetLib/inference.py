@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, List, Sequence, Tuple, TypeVar
 
@@ -114,18 +115,10 @@ def _sliding_window(
     )
     predictor = WindowPredictor(network.to(device), options.tta, advance)
     progress.update("predict", 0, total, f"{total} windows on {device.type}")
-    autocast = torch.autocast(device_type="cuda", dtype=torch.float16) if device.type == "cuda" else _nothing()
+    autocast = torch.autocast(device_type="cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
     with torch.inference_mode(), autocast:
         probabilities = inferer(torch.from_numpy(array)[None], predictor)
     return torch.argmax(probabilities[0], dim=0).to(torch.uint8 if probabilities.shape[1] < 256 else torch.int32).numpy()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def with_memory_fallback(
