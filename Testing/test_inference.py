@@ -147,3 +147,14 @@ def test_keep_largest_component_per_label():
     assert np.count_nonzero(out == 2) == 8 and out[10, 15, 15] == 0
     assert np.count_nonzero(out == 3) == np.count_nonzero(array == 3)
     assert result.GetSpacing() == image.GetSpacing() and result.GetOrigin() == image.GetOrigin()
+
+
+def test_too_large_volume_is_refused_up_front_with_the_estimate():
+    from MedSegUNetLib.inference import check_memory, prediction_memory_bytes
+
+    shape = (1, 800, 512, 512)
+    needed = prediction_memory_bytes(shape, 5)
+    assert needed == 800 * 512 * 512 * (4 + 20 + 5)
+    check_memory(shape, 5, available=2 * needed)
+    with pytest.raises(MedSegError, match=r"needs about 5\.7 GiB .* 512x512x800 voxels, 5 classes.*2\.0 GiB are available"):
+        check_memory(shape, 5, available=2 * 2**30)

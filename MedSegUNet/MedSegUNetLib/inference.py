@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple, TypeVar
+from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -42,6 +43,39 @@ def select_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda", "mps"):
         raise MedSegError(f"unknown device '{name}' (use auto, cpu, cuda or mps)")
     return torch.device(name)
+
+
+def available_memory_bytes() -> Optional[int]:
+    """Memory the OS can give without swapping (Linux MemAvailable), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def prediction_memory_bytes(shape_czyx: Sequence[int], classes: int) -> int:
+    """What the stitched prediction holds at once: the input, MONAI's per-class output and weight maps."""
+    voxels = int(np.prod(shape_czyx[1:], dtype=np.int64))
+    return voxels * (4 * shape_czyx[0] + 4 * classes + 4 + 1)
+
+
+def check_memory(shape_czyx: Sequence[int], classes: int, available: Optional[int] = None) -> None:
+    """Refuse up front, with the estimate, a volume that would not fit (instead of swapping for an hour)."""
+    available = available_memory_bytes() if available is None else available
+    needed = prediction_memory_bytes(shape_czyx, classes)
+    if available is not None and needed > 0.9 * available:
+        raise MedSegError(
+            f"the volume needs about {needed / 2**30:.1f} GiB of memory at the model's spacing "
+            f"({'x'.join(map(str, shape_czyx[1:][::-1]))} voxels, {classes} classes), "
+            f"{available / 2**30:.1f} GiB are available"
+        )
 
 
 def count_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
@@ -150,6 +184,8 @@ def predict_labels(
 ) -> np.ndarray:
     """Class indices (0 = background) for a (C, Z, Y, X) float32 array, as a (Z, Y, X) array."""
     device = select_device(options.device)
+    classes = int(getattr(network, "out_channels", 0) or 2)
+    check_memory(array.shape, classes)
     network.eval()
 
     def run(run_device: torch.device, batch: int) -> np.ndarray:
