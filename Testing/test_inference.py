@@ -156,5 +156,5 @@ def test_too_large_volume_is_refused_up_front_with_the_estimate():
     needed = prediction_memory_bytes(shape, 5)
     assert needed == 800 * 512 * 512 * (4 + 20 + 5)
     check_memory(shape, 5, available=2 * needed)
-    with pytest.raises(MedSegError, match=r"needs about 5\.7 GiB .* 512x512x800 voxels, 5 classes.*2\.0 GiB are available"):
+    with pytest.raises(MedSegError, match=r"needs about 5\.7 GiB .*512x512x800 voxels, 5 classes.*2\.0 GiB are available"):
         check_memory(shape, 5, available=2 * 2**30)
