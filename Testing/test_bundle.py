@@ -171,6 +171,8 @@ def rewrite_metadata(source, target, change) -> None:
     [
         (lambda d: d["network"]["args"].update(filters=[8, 16, 32, 64, 128]), "shape"),
         (lambda d: d["network"].update({"class": "os.system"}), "unknown network class"),
+        (lambda d: d["network"]["args"].update(filters=[10**9, 8, 16, 32, 64]), "outside 1..4096"),
+        (lambda d: d["network"]["args"].update(kernel_size="x"), "cannot build"),
         (lambda d: d["labels"].pop(), "outputs for"),
         (lambda d: d.update(format_version=99), "newer than"),
         (lambda d: d["labels"][0].update(color=[2, 0, 0]), "bad color"),

@@ -270,7 +270,7 @@ def load_bundle(path) -> Bundle:
     header, _ = _read_header(path)
     try:
         network = build_network(meta.network)
-    except (TypeError, ValueError) as error:
+    except Exception as error:  # arguments from an untrusted file: MONAI may raise anything
         raise MedSegError(f"cannot build the bundle's network {meta.network.cls}: {error}", path) from None
     _check_tensors_against_network(path, header, network)
     try:

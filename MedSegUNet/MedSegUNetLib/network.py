@@ -62,10 +62,25 @@ def _as_monai_args(args: Dict[str, Any]) -> Dict[str, Any]:
     return converted
 
 
+# Bounds for arguments read from untrusted bundles: a forged "filters: [10**9]" must not allocate terabytes.
+_MAX_WIDTH = 4096
+_MAX_LEVELS = 10
+
+
+def check_spec_bounds(spec: NetworkSpec) -> None:
+    widths = list(spec.args.get("filters") or spec.args.get("channels") or [])
+    if len(widths) > _MAX_LEVELS or len(spec.args.get("strides") or []) > _MAX_LEVELS:
+        raise ValueError(f"the network has more than {_MAX_LEVELS} levels")
+    for value in widths + [spec.args.get("in_channels", 1), spec.args.get("out_channels", 1)]:
+        if not isinstance(value, int) or not 1 <= value <= _MAX_WIDTH:
+            raise ValueError(f"network width {value!r} is outside 1..{_MAX_WIDTH}")
+
+
 def build_network(spec: NetworkSpec):
     """A freshly initialised ``torch.nn.Module`` for ``spec`` (raises ValueError for unknown classes)."""
     if spec.cls not in NETWORK_CLASSES:
         raise ValueError(f"unknown network class '{spec.cls}' (known: {', '.join(NETWORK_CLASSES)})")
+    check_spec_bounds(spec)
     args = _as_monai_args(spec.args)
     if spec.cls == "DynUNet":
         # Inference wants one output tensor; training asks for deep supervision itself.
