@@ -1,0 +1,260 @@
+"""Annotated cases from Slicer scenes (.mrb bundles and .mrml files), read as untrusted input.
+
+A scene is XML written by Slicer: each ``Segmentation`` node points to its storage node (the
+``.seg.nrrd``) and, through the ``referenceImageGeometryRef`` reference, to the volume it was drawn
+on. Both reference styles are read: ``references="role:id;role:id id;"`` (Slicer 4.4 and newer) and the
+legacy ``storageNodeRef``/``displayNodeRef`` attributes. File names are percent-decoded and resolved
+against the scene's folder, and may not leave it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import stat
+import urllib.parse
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from MedSegUNetLib.errors import MedSegError
+from MedSegUNetLib.geometry import Grid, image_from_ijk_array, resample_onto
+
+
+class SceneError(MedSegError):
+    """A scene, zip or data file that cannot be used (one line, names the file)."""
+
+
+@dataclass
+class SegmentInfo:
+    name: str
+    label_value: int
+    layer: int
+    color: Tuple[float, float, float]
+    terminology: Optional[str] = None
+
+
+@dataclass
+class Case:
+    """One (image, segmentation) pair. ``load_case_arrays`` gives segment ``i`` the value ``i + 1``."""
+
+    name: str
+    image_path: Path
+    label_path: Path
+    segments: List[SegmentInfo] = field(default_factory=list)
+    source: str = ""
+
+
+@dataclass
+class ZipLimits:
+    max_total_bytes: int = 8 * 2**30
+    max_members: int = 10000
+
+
+# --- .mrb: a zip, extracted with every check done before the first byte is written ----------------
+
+
+def _safe_member_path(name: str, archive: Path) -> PurePosixPath:
+    normalized = name.replace("\\", "/")
+    path = PurePosixPath(normalized)
+    if normalized.startswith("/") or re.match(r"^[A-Za-z]:", normalized) or ".." in path.parts:
+        raise SceneError(f"refusing zip member '{name}': it would land outside the extraction folder", archive)
+    return path
+
+
+def _check_members(archive: Path, members: List[zipfile.ZipInfo], limits: ZipLimits) -> None:
+    if len(members) > limits.max_members:
+        raise SceneError(f"holds {len(members)} members, more than the limit of {limits.max_members}", archive)
+    total = sum(member.file_size for member in members)
+    if total > limits.max_total_bytes:
+        raise SceneError(
+            f"would unpack to {total / 2**30:.1f} GiB, more than the limit of {limits.max_total_bytes / 2**30:.1f} GiB", archive
+        )
+    for member in members:
+        _safe_member_path(member.filename, archive)
+        mode = member.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise SceneError(f"refusing zip member '{member.filename}': it is a symbolic link", archive)
+
+
+def _copy_bounded(source, target, limit: int, name: str, archive: Path) -> None:
+    """Copy at most the declared size: a member that inflates beyond what it claimed is refused."""
+    written = 0
+    while True:
+        chunk = source.read(1 << 20)
+        if not chunk:
+            return
+        written += len(chunk)
+        if written > limit:
+            raise SceneError(f"zip member '{name}' is larger than it declares", archive)
+        target.write(chunk)
+
+
+def extract_mrb(archive: Path, destination: Path, limits: ZipLimits = ZipLimits()) -> Path:
+    """Extract a Slicer .mrb into ``destination`` and return its scene (the shallowest .mrml)."""
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            members = bundle.infolist()
+            _check_members(archive, members, limits)
+            destination.mkdir(parents=True, exist_ok=True)
+            for member in members:
+                relative = _safe_member_path(member.filename, archive)
+                target = destination.joinpath(*relative.parts)
+                if member.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with bundle.open(member) as source, open(target, "wb") as output:
+                    _copy_bounded(source, output, member.file_size, member.filename, archive)
+    except zipfile.BadZipFile:
+        raise SceneError("is not a valid .mrb (zip) file", archive) from None
+    except SceneError:
+        shutil.rmtree(destination, ignore_errors=True)
+        raise
+    scenes = sorted(destination.rglob("*.mrml"), key=lambda p: (len(p.relative_to(destination).parts), str(p)))
+    if not scenes:
+        raise SceneError("holds no .mrml scene", archive)
+    return scenes[0]
+
+
+# --- .mrml: XML, parsed without entities -------------------------------------------------------
+
+
+def parse_references(element) -> Dict[str, List[str]]:
+    """Node references of an MRML element: ``references`` attribute and the legacy attributes."""
+    references: Dict[str, List[str]] = {}
+    for item in (element.get("references") or "").split(";"):
+        if ":" in item:
+            role, ids = item.split(":", 1)
+            references[role.strip()] = ids.split()
+    for legacy, role in (("storageNodeRef", "storage"), ("displayNodeRef", "display"), ("referenceImageGeometryRef", "referenceImageGeometryRef")):
+        if element.get(legacy) and role not in references:
+            references[role] = element.get(legacy).split()
+    return references
+
+
+def _parse_xml(path: Path):
+    import defusedxml.ElementTree as SafeElementTree
+    from defusedxml import DefusedXmlException
+
+    try:
+        return SafeElementTree.parse(str(path), forbid_dtd=True).getroot()
+    except DefusedXmlException as error:
+        raise SceneError(f"refusing unsafe XML ({type(error).__name__})", path) from None
+    except Exception as error:  # ParseError and friends
+        raise SceneError(f"is not a readable MRML scene ({error})", path) from None
+
+
+def resolve_file_name(scene: Path, file_name: str) -> Path:
+    """A storage node's percent-encoded ``fileName``, resolved inside the scene's folder."""
+    folder = scene.parent.resolve()
+    decoded = urllib.parse.unquote(file_name)
+    candidate = (folder / decoded).resolve()
+    if candidate != folder and folder not in candidate.parents:
+        raise SceneError(f"data file '{decoded}' lies outside the scene's folder", scene)
+    if not candidate.is_file():
+        raise SceneError(f"data file '{decoded}' is missing", scene)
+    return candidate
+
+
+def _storage_file(scene: Path, nodes: Dict[str, object], node) -> Path:
+    storage_ids = parse_references(node).get("storage", [])
+    storage = nodes.get(storage_ids[0]) if storage_ids else None
+    if storage is None or not storage.get("fileName"):
+        raise SceneError(f"node '{node.get('name')}' has no stored data file", scene)
+    return resolve_file_name(scene, storage.get("fileName"))
+
+
+def read_mrml(scene: Path, origin: Optional[Path] = None) -> List[Case]:
+    """One case per segmentation node that has a stored .seg.nrrd and a reference volume."""
+    root = _parse_xml(scene)
+    nodes = {element.get("id"): element for element in root if element.get("id")}
+    volumes = [e for e in root if e.tag == "Volume"]
+    cases = []
+    for segmentation in (e for e in root if e.tag == "Segmentation"):
+        reference_ids = parse_references(segmentation).get("referenceImageGeometryRef", [])
+        volume = nodes.get(reference_ids[0]) if reference_ids else None
+        if volume is None:
+            if len(volumes) != 1:
+                raise SceneError(
+                    f"segmentation '{segmentation.get('name')}' names no reference volume and the scene has {len(volumes)}", scene
+                )
+            volume = volumes[0]
+        if volume.tag != "Volume":
+            raise SceneError(f"segmentation '{segmentation.get('name')}' refers to a {volume.tag}, not a scalar volume", scene)
+        label_path = _storage_file(scene, nodes, segmentation)
+        cases.append(
+            Case(
+                name=f"{scene.stem}/{segmentation.get('name')}",
+                image_path=_storage_file(scene, nodes, volume),
+                label_path=label_path,
+                segments=read_segments(label_path),
+                source=f"{origin or scene}: volume '{volume.get('name')}', segmentation '{segmentation.get('name')}'",
+            )
+        )
+    if not cases:
+        raise SceneError("holds no segmentation", scene)
+    return cases
+
+
+def read_scene(path: Path, workdir: Path) -> List[Case]:
+    """Cases of a .mrb (extracted under ``workdir``) or a .mrml."""
+    path = Path(path)
+    if not path.exists():
+        raise SceneError("scene not found", path)
+    if path.suffix.lower() == ".mrb":
+        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+        return read_mrml(extract_mrb(path, Path(workdir) / f"{path.stem}-{digest}"), origin=path)
+    return read_mrml(path)
+
+
+# --- segmentation files ------------------------------------------------------------------------
+
+
+def read_segments(path: Path) -> List[SegmentInfo]:
+    import slicerio
+
+    try:
+        segmentation = slicerio.read_segmentation(str(path), skip_voxels=True)
+    except Exception as error:
+        raise SceneError(f"is not a readable segmentation ({error})", path) from None
+    segments = []
+    for segment in segmentation.get("segments", []):
+        tags = segment.get("tags") or {}
+        terminology = tags.get("TerminologyEntry")
+        if not terminology and segment.get("terminology"):
+            terminology = slicerio.segmentation.terminology_entry_to_string(segment["terminology"])
+        color = tuple(float(c) for c in segment.get("color", (0.5, 0.5, 0.5)))
+        segments.append(SegmentInfo(segment["name"], int(segment["labelValue"]), int(segment.get("layer", 0)), color, terminology))
+    return segments
+
+
+def load_case_arrays(case: Case) -> Tuple[sitk.Image, sitk.Image]:
+    """The image (float32) and a labelmap on its exact grid where segment ``i`` has value ``i + 1``.
+
+    Slicer crops a .seg.nrrd to its segments' extent; the labelmap is placed back on the image grid in
+    physical space. Overlapping segments cannot train one label per voxel and are refused.
+    """
+    import slicerio
+
+    from MedSegUNetLib.imageio import read_image
+
+    image = read_image(case.image_path).image
+    segmentation = slicerio.read_segmentation(str(case.label_path))
+    voxels = np.asarray(segmentation["voxels"])
+    layers = voxels if voxels.ndim == 4 else voxels[np.newaxis]
+    merged = np.zeros(layers.shape[1:], dtype=np.uint16)
+    for index, segment in enumerate(case.segments, start=1):
+        mask = layers[segment.layer] == segment.label_value
+        clash = merged[mask]
+        if clash.any():
+            other = case.segments[int(clash[clash > 0][0]) - 1].name
+            raise SceneError(f"segments '{other}' and '{segment.name}' overlap; training needs one label per voxel", case.label_path)
+        merged[mask] = index
+    label = image_from_ijk_array(merged, segmentation["ijkToLPS"])
+    return image, resample_onto(label, Grid.of(image), sitk.sitkNearestNeighbor, default_value=0)
