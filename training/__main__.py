@@ -1,0 +1,7 @@
+"""``python -m training train ...``: the same command as ``medsegunet train ...``."""
+
+import sys
+
+from MedSegUNetLib.cli import main
+
+sys.exit(main(sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train", *sys.argv[1:]]))

@@ -1,0 +1,98 @@
+"""Cases brought to the network's grid once (the engine's own preprocessing), and MONAI augmentation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from MedSegUNetLib.bundle import Preprocessing
+from MedSegUNetLib.geometry import Grid, reorient, resample_onto, xyz_to_zyx
+from MedSegUNetLib.preprocessing import normalize, to_network_grid
+
+from .config import Fingerprint
+from .labels import LabelTable
+from .scenes import Case, load_case_arrays
+
+
+@dataclass
+class PreparedCase:
+    name: str
+    image: np.ndarray  # (1, Z, Y, X) float32, normalized
+    label: np.ndarray  # (1, Z, Y, X) uint8 class indices
+    spacing_zyx: Tuple[float, float, float]
+
+
+def load_all(cases: Sequence[Case]) -> Dict[str, Tuple[sitk.Image, sitk.Image]]:
+    return {case.name: load_case_arrays(case) for case in cases}
+
+
+def fingerprint(loaded: Dict[str, Tuple[sitk.Image, sitk.Image]], orientation: str = "RAS") -> Fingerprint:
+    result = Fingerprint()
+    samples = []
+    for image, label in loaded.values():
+        oriented = reorient(image, orientation)
+        result.spacings.append(tuple(oriented.GetSpacing()))
+        result.sizes_mm.append(tuple(np.array(oriented.GetSize()) * np.array(oriented.GetSpacing())))
+        voxels = sitk.GetArrayViewFromImage(image)[sitk.GetArrayViewFromImage(label) > 0]
+        if voxels.size:
+            samples.append(np.random.default_rng(0).choice(voxels, size=min(voxels.size, 100000), replace=False))
+    result.foreground_values = np.concatenate(samples) if samples else None
+    return result
+
+
+def prepare(case: Case, image: sitk.Image, label: sitk.Image, table: LabelTable, preprocessing: Preprocessing) -> PreparedCase:
+    on_grid = to_network_grid(image, preprocessing)
+    labels = resample_onto(reorient(label, preprocessing.orientation), Grid.of(on_grid), sitk.sitkNearestNeighbor)
+    classes = table.lookup_table(case)[sitk.GetArrayFromImage(labels)]
+    array = normalize(sitk.GetArrayFromImage(on_grid).astype(np.float32), preprocessing.normalization)
+    return PreparedCase(case.name, array[None], classes[None].astype(np.uint8), xyz_to_zyx(on_grid.GetSpacing()))
+
+
+def train_transforms(patch_zyx: Sequence[int], classes: int, samples: int = 2):
+    """Foreground-balanced crops (every class sampled as often as background), then augmentation."""
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandAffined,
+        RandCropByLabelClassesd,
+        RandFlipd,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        SpatialPadd,
+    )
+
+    keys = ["image", "label"]
+    return Compose(
+        [
+            SpatialPadd(keys, spatial_size=list(patch_zyx)),
+            RandCropByLabelClassesd(
+                keys, label_key="label", spatial_size=list(patch_zyx), num_classes=classes, ratios=[1.0] * classes, num_samples=samples, warn=False
+            ),
+            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            RandFlipd(keys, prob=0.5, spatial_axis=2),
+            RandAffined(
+                keys, prob=0.3, rotate_range=[0.26] * 3, scale_range=[0.15] * 3, mode=("bilinear", "nearest"), padding_mode="border"
+            ),
+            RandScaleIntensityd("image", factors=0.1, prob=0.3),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.3),
+            RandAdjustContrastd("image", gamma=(0.7, 1.5), prob=0.2),
+            RandGaussianNoised("image", prob=0.15, std=0.05),
+            RandGaussianSmoothd("image", prob=0.1, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        ]
+    )
+
+
+def split(names: List[str], fraction: float, seed: int) -> Tuple[List[str], List[str], str]:
+    """(train, validation, note). With one case, validation is on the training case, and says so."""
+    if len(names) < 2:
+        return names, names, "one case only: validating on the training case (optimistic)"
+    order = list(np.random.default_rng(seed).permutation(len(names)))
+    count = max(1, int(round(fraction * len(names))))
+    validation = [names[i] for i in order[:count]]
+    return [n for n in names if n not in validation], validation, f"{len(names) - count} training, {count} validation cases"

@@ -1,0 +1,234 @@
+"""The training run: steps, validation with the engine's own prediction, checkpoints, the bundle."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+
+from MedSegUNetLib.bundle import BundleMeta, Label, create_bundle, default_provenance, load_bundle, save_bundle
+from MedSegUNetLib.errors import Cancelled, MedSegError
+from MedSegUNetLib.inference import PredictOptions, predict_labels, select_device
+from MedSegUNetLib.network import build_network
+from MedSegUNetLib.progress import Progress
+from MedSegUNetLib.geometry import xyz_to_zyx
+
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from .config import Plan, TrainConfig
+from .data import PreparedCase, train_transforms
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    best_dice: float = -1.0
+    seconds: float = 0.0
+
+
+def training_network(meta: BundleMeta):
+    """The bundle's network, with DynUNet's deep supervision off (one output, like inference)."""
+    return build_network(meta.network)
+
+
+def grow_output(network, old_bundle_network, old_classes: int) -> None:
+    """Copy every weight of the old model; in the output layer, only the rows of its old classes."""
+    new_state = network.state_dict()
+    for name, tensor in old_bundle_network.state_dict().items():
+        if name not in new_state:
+            continue
+        if new_state[name].shape == tensor.shape:
+            new_state[name].copy_(tensor)
+        elif new_state[name].shape[1:] == tensor.shape[1:] and tensor.shape[0] == old_classes:
+            new_state[name][:old_classes].copy_(tensor)
+
+
+def batches(cases: List[PreparedCase], patch_zyx, classes: int, batch_size: int, seed: int) -> Iterator[Dict[str, torch.Tensor]]:
+    """An endless stream of augmented crops, cycling through the cases in a seeded random order."""
+    transforms = train_transforms(patch_zyx, classes, samples=batch_size)
+    transforms.set_random_state(seed=seed)
+    rng = np.random.default_rng(seed)
+    while True:
+        for index in rng.permutation(len(cases)):
+            case = cases[index]
+            crops = transforms({"image": case.image, "label": case.label})
+            yield {
+                "image": torch.stack([torch.as_tensor(np.asarray(c["image"])) for c in crops]).float(),
+                "label": torch.stack([torch.as_tensor(np.asarray(c["label"])) for c in crops]).long(),
+                "case": case.name,
+            }
+
+
+def validate(network, cases: List[PreparedCase], labels: List[Label], patch_zyx, device: str) -> Dict[str, float]:
+    """Dice and HD95 (mm) per label with the same sliding-window prediction as `segment`."""
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+    from monai.networks.utils import one_hot
+
+    classes = len(labels) + 1
+    dice_sums, hd_values = np.zeros(len(labels)), [[] for _ in labels]
+    for case in cases:
+        predicted = predict_labels(network, case.image, patch_zyx, PredictOptions(overlap=0.25, device=device), Progress())
+        prediction = one_hot(torch.as_tensor(predicted[None, None]).long(), classes)
+        reference = one_hot(torch.as_tensor(case.label[None]).long(), classes)
+        dice = compute_dice(prediction, reference, include_background=False, ignore_empty=False)[0]
+        dice_sums += np.nan_to_num(dice.numpy(), nan=0.0)
+        hd = compute_hausdorff_distance(prediction, reference, percentile=95, spacing=list(case.spacing_zyx))[0]
+        for index, value in enumerate(hd.numpy()):
+            if np.isfinite(value):
+                hd_values[index].append(float(value))
+    metrics = {}
+    for index, label in enumerate(labels):
+        metrics[f"dice_{label.name}"] = round(float(dice_sums[index] / len(cases)), 4)
+        metrics[f"hd95_mm_{label.name}"] = round(float(np.mean(hd_values[index])), 2) if hd_values[index] else None
+    metrics["dice_mean"] = round(float(dice_sums.mean() / len(cases)), 4)
+    network.train()
+    return metrics
+
+
+def make_optimizer(config: TrainConfig, network, steps: int):
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(network.parameters(), lr=config.lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    else:
+        optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=1e-4)
+    if config.schedule == "cosine":
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    else:
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - min(step, steps) / max(steps, 1)) ** 0.9)
+    return optimizer, schedule
+
+
+class Run:
+    """The state that lives through one training run; each method does one part of it."""
+
+    def __init__(self, config: TrainConfig, plan: Plan, labels: List[Label], train: List[PreparedCase], val: List[PreparedCase], summary: dict, progress: Progress):
+        self.config, self.plan, self.labels, self.train_cases, self.val_cases = config, plan, labels, train, val
+        self.summary, self.progress = summary, progress
+        self.folder = Path(config.output)
+        self.device = select_device(config.device)
+        self.patch_zyx = xyz_to_zyx(plan.preprocessing.patch_size)
+        self.meta = self._initial_meta()
+        self.network = self.meta_network
+        self.optimizer, self.schedule = make_optimizer(config, self.network, plan.steps)
+        self.state = RunState()
+        self.log_rows: List[dict] = []
+
+    def _initial_meta(self) -> BundleMeta:
+        torch.manual_seed(self.config.seed)
+        if self.config.init:
+            old = load_bundle(self.config.init)
+            bundle = create_bundle(self.labels, old.meta.preprocessing, old.meta.channels, seed=self.config.seed)
+            spec = old.meta.network
+            spec.args["out_channels"] = len(self.labels) + 1
+            bundle.meta.network = spec
+            self.meta_network = build_network(spec)
+            grow_output(self.meta_network, old.network, len(old.meta.labels) + 1)
+        else:
+            bundle = create_bundle(self.labels, self.plan.preprocessing, ["CT" if self.config.modality == "ct" else "MR"], seed=self.config.seed, base_filters=self.config.filters)
+            self.meta_network = bundle.network
+        return bundle.meta
+
+    def resume(self) -> None:
+        if (self.folder / CHECKPOINT).exists():
+            saved = load_checkpoint(self.folder, self.network, self.optimizer)
+            self.state = RunState(**saved["run"])
+            self.log_rows = saved.get("log", [])
+            for _ in range(self.state.step):
+                self.schedule.step()
+            self.progress.note(f"resumed at step {self.state.step}")
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.folder, self.network, self.optimizer, {"run": asdict(self.state), "log": self.log_rows})
+
+    def write_bundle(self, name: str, metrics: Dict[str, float]) -> Path:
+        self.meta.name = self.folder.resolve().name
+        self.meta.provenance = default_provenance(training={**self.summary, "steps": self.state.step, "seconds": round(self.state.seconds, 1), "device": self.device.type}, metrics=metrics)
+        return save_bundle(self.folder / name, self.meta, self.network)
+
+    def run(self) -> Path:
+        from monai.losses import DiceCELoss
+
+        loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.network.to(self.device).train()
+        stream = batches(self.train_cases, self.patch_zyx, len(self.labels) + 1, self.plan.batch_size, self.config.seed + self.state.step)
+        started, deadline = time.monotonic() - self.state.seconds, self._deadline()
+        metrics: Dict[str, float] = {}
+        try:
+            while self.state.step < self.plan.steps and time.monotonic() < deadline:
+                batch = next(stream)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = loss_function(self.network(batch["image"].to(self.device)), batch["label"].to(self.device))
+                loss.backward()
+                self.optimizer.step()
+                self.schedule.step()
+                self.state.step += 1
+                self.state.seconds = time.monotonic() - started
+                row = {"step": self.state.step, "loss": round(loss.item(), 5), "lr": self.optimizer.param_groups[0]["lr"]}
+                if self.state.step % self.config.validate_every == 0 or self.state.step == self.plan.steps:
+                    metrics = self._validate_and_keep_best(row)
+                self.log_rows.append(row)
+                self._report(row)
+            if not metrics or self.log_rows[-1].get("dice_mean") is None:
+                metrics = self._validate_and_keep_best(self.log_rows[-1] if self.log_rows else {"step": 0})
+            self.checkpoint()
+        except (Cancelled, KeyboardInterrupt):
+            self.checkpoint()
+            raise
+        last = self.write_bundle("last.safetensors", metrics)
+        if not (self.folder / "model.safetensors").exists():
+            self.write_bundle("model.safetensors", metrics)
+        self._write_logs()
+        return self.folder / "model.safetensors" if (self.folder / "model.safetensors").exists() else last
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.config.max_minutes * 60 if self.config.max_minutes else float("inf")
+
+    def _validate_and_keep_best(self, row: dict) -> Dict[str, float]:
+        self.progress.update("validate", 0, len(self.val_cases), "validating")
+        metrics = validate(self.network, self.val_cases, self.labels, self.patch_zyx, self.device.type)
+        row["dice_mean"] = metrics["dice_mean"]
+        self.progress.update("validate", len(self.val_cases), len(self.val_cases), f"Dice {metrics['dice_mean']:.3f}", dice=metrics["dice_mean"])
+        if metrics["dice_mean"] > self.state.best_dice:
+            self.state.best_dice = metrics["dice_mean"]
+            self.write_bundle("model.safetensors", metrics)
+        self.checkpoint()
+        return metrics
+
+    def _report(self, row: dict) -> None:
+        done, total = self.state.step, self.plan.steps
+        eta = self.state.seconds / done * (total - done) if done else None
+        self.progress.update("train", done, total, f"step {done}/{total} loss {row['loss']:.4f}", loss=row["loss"], eta_s=round(eta, 1) if eta else None, step=done)
+
+    def _write_logs(self) -> None:
+        columns = ["step", "loss", "lr", "dice_mean"]
+        with open(self.folder / "log.csv", "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.log_rows)
+        plot_learning_curve(self.log_rows, self.folder / "learning_curve.png")
+
+
+def plot_learning_curve(rows: List[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, loss_axis = plt.subplots(figsize=(7, 4), dpi=100)
+    loss_axis.plot([r["step"] for r in rows], [r["loss"] for r in rows], color="tab:blue", label="training loss")
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("Dice + CE loss", color="tab:blue")
+    dice_rows = [r for r in rows if r.get("dice_mean") is not None]
+    if dice_rows:
+        dice_axis = loss_axis.twinx()
+        dice_axis.plot([r["step"] for r in dice_rows], [r["dice_mean"] for r in dice_rows], "o-", color="tab:red", label="validation Dice")
+        dice_axis.set_ylabel("mean validation Dice", color="tab:red")
+        dice_axis.set_ylim(0, 1)
+    loss_axis.set_title("MedSegUNet training")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
