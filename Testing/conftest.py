@@ -58,7 +58,7 @@ def run_cli(*args: str, timeout: float = 300, env=None, **kwargs) -> subprocess.
     return subprocess.run(
         [sys.executable, "-m", "MedSegUNetLib", *args],
         capture_output=True,
-        text=True,
+        text=True, encoding="utf-8", errors="replace",
         timeout=timeout,
         env=environment,
         **kwargs,

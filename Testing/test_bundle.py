@@ -74,7 +74,7 @@ def test_metadata_is_read_without_torch(tmp_path):
         f"meta = read_bundle_metadata({str(path)!r})\n"
         "print([l.name for l in meta.labels])"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(MODULE_DIR)})
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", env={"PYTHONPATH": str(MODULE_DIR)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['liver', 'spleen']"
 
@@ -151,6 +151,26 @@ def test_plain_safetensors_without_our_metadata_is_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, str(path), metadata={"format": "pt"})
     with pytest.raises(MedSegError, match="not a MedSegUNet bundle"):
         read_bundle_metadata(path)
+
+
+@pytest.mark.parametrize("low_byte", [0x80, 0x50])
+def test_header_length_that_looks_like_a_pickle_marker_still_loads(tmp_path, small_bundle, low_byte):
+    """A header of 128 (mod 256) bytes starts the file with 0x80, the pickle protocol byte (found by a
+    training run whose bundle was refused); 0x50 'P' with a following 'K' would look like a zip."""
+    raw = small_bundle.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header, data = raw[8 : 8 + length], raw[8 + length :]
+    padding = (low_byte - len(header)) % 256  # safetensors allows trailing spaces in the header
+    header = header + b" " * padding
+    assert len(header) % 256 == low_byte
+    padded = tmp_path / "padded.safetensors"
+    padded.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    assert padded.read_bytes()[0] == low_byte
+    original = load_bundle(small_bundle)
+    loaded = load_bundle(padded)
+    assert loaded.meta.to_json() == original.meta.to_json()
+    for name, tensor in original.network.state_dict().items():
+        assert torch.equal(tensor, loaded.network.state_dict()[name])
 
 
 def rewrite_metadata(source, target, change) -> None:

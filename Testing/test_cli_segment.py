@@ -85,7 +85,7 @@ def test_json_progress_protocol(tmp_path, ct_chest, small_bundle):
 def test_console_script_runs(tmp_path, ct_chest, small_bundle):
     script = Path(sys.executable).parent / "medsegunet"
     assert script.exists(), "pip install -e . should have made the medsegunet script"
-    result = subprocess.run([str(script), "info", str(small_bundle)], capture_output=True, text=True)
+    result = subprocess.run([str(script), "info", str(small_bundle)], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert result.returncode == 0, result.stderr
     assert "ribs" in result.stdout and "DynUNet" in result.stdout
 
@@ -301,7 +301,7 @@ def test_signal_cancels_cleanly_and_keeps_old_output(tmp_path, ct_chest, signal_
         [sys.executable, "-m", "MedSegUNetLib", "segment", str(ct_chest), "-m", str(slow_bundle), "-o", str(output), "--progress", "json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
+        text=True, encoding="utf-8", errors="replace",
         env=environment,
     )
     for line in process.stdout:

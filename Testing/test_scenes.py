@@ -53,7 +53,7 @@ def test_mrb_with_odd_names_and_a_decoy_volume(tmp_path, pair, ct_chest, chest_s
 @pytest.mark.parametrize("legacy", [False, True])
 def test_mrml_folder_with_both_reference_styles(tmp_path, pair, legacy):
     scene = write_mrml_scene(tmp_path / "folder", "scene", [pair], legacy_refs=legacy)
-    text = scene.read_text()
+    text = scene.read_text(encoding="utf-8")
     assert ("storageNodeRef=" in text) == legacy
     assert "%20" in text and "%25" in text
     (case,) = read_scene(scene, tmp_path / "work")
@@ -244,7 +244,7 @@ def test_member_that_lies_about_its_size_is_stopped(tmp_path):
 )
 def test_hostile_or_empty_xml(tmp_path, xml, message):
     scene = tmp_path / "scene.mrml"
-    scene.write_text(xml)
+    scene.write_text(xml, encoding="utf-8")
     with pytest.raises(SceneError, match=message) as caught:
         read_scene(scene, tmp_path)
     assert str(scene) in str(caught.value)
@@ -254,8 +254,8 @@ def test_file_name_escaping_the_scene_folder_is_refused(tmp_path, pair, chest_se
     scene = write_mrml_scene(tmp_path / "s", "s", [pair])
     outside = tmp_path / "outside.seg.nrrd"
     outside.write_bytes(chest_segmentation.read_bytes())
-    text = scene.read_text().replace('fileName="Data/Segmentation', 'fileName="../outside.seg.nrrd" x="')
-    scene.write_text(text)
+    text = scene.read_text(encoding="utf-8").replace('fileName="Data/Segmentation', 'fileName="../outside.seg.nrrd" x="')
+    scene.write_text(text, encoding="utf-8")
     with pytest.raises(SceneError, match="outside the scene's folder"):
         read_scene(scene, tmp_path)
 
@@ -266,6 +266,6 @@ def test_missing_data_file_and_missing_reference(tmp_path, pair):
     with pytest.raises(SceneError, match="is missing"):
         read_scene(scene, tmp_path)
     scene2 = write_mrml_scene(tmp_path / "t", "t", [pair, ScenePair("b", pair.image_file, pair.segmentation_file, "b")])
-    scene2.write_text(scene2.read_text().replace("referenceImageGeometryRef:vtkMRMLScalarVolumeNode1;", ""))
+    scene2.write_text(scene2.read_text(encoding="utf-8").replace("referenceImageGeometryRef:vtkMRMLScalarVolumeNode1;", ""), encoding="utf-8")
     with pytest.raises(SceneError, match="names no reference volume"):
         read_scene(scene2, tmp_path)

@@ -248,7 +248,7 @@ def harness(args) -> None:
     report = summarize(runs, floor, agreement, size, spacing, windows)
     print_table(report)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        Path(args.json).write_text(json.dumps(report, indent=2), encoding="utf-8")
 
 
 def summarize(runs, floor, agreement, size, spacing, windows) -> dict:

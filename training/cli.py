@@ -93,7 +93,7 @@ def run_train_command(args: argparse.Namespace, progress) -> dict:
     train_names, val_names, note = split([c.name for c in cases], config.val_fraction, config.seed)
     progress.note(note)
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "plan.json").write_text(json.dumps(the_plan.to_dict(), indent=2))
+    (args.output / "plan.json").write_text(json.dumps(the_plan.to_dict(), indent=2), encoding="utf-8")
     summary = {"cases": [c.source for c in cases], "validation": val_names, "split": note, "label_warnings": table.report()}
     run = Run(config, the_plan, table.labels, [prepared[n] for n in train_names], [prepared[n] for n in val_names], summary, progress)
     if config.resume:

@@ -205,7 +205,7 @@ class Run:
 
     def _write_logs(self) -> None:
         columns = ["step", "loss", "lr", "dice_mean"]
-        with open(self.folder / "log.csv", "w", newline="") as stream:
+        with open(self.folder / "log.csv", "w", newline="", encoding="utf-8") as stream:
             writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.log_rows)

@@ -193,8 +193,11 @@ def _read_header(path: Path) -> Tuple[dict, int]:
         raise MedSegError("is a folder, not a bundle file", path)
     size = path.stat().st_size
     with open(path, "rb") as stream:
-        head = stream.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = stream.read(9)
+        # A safetensors header is JSON right after its 8-byte length; only then can a leading 0x80
+        # (a header length of 128 mod 256) be told apart from the pickle protocol marker.
+        looks_safetensors = head[8:9] == b"{"
+        if not looks_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):
             raise MedSegError(
                 "is a PyTorch pickle/zip checkpoint; MedSegUNet bundles are safetensors files and pickles are "
                 "never loaded (they can run code)",
@@ -202,9 +205,10 @@ def _read_header(path: Path) -> Tuple[dict, int]:
             )
         if len(head) < 8:
             raise MedSegError("is empty or truncated, not a MedSegUNet bundle", path)
-        (header_length,) = struct.unpack("<Q", head)
+        (header_length,) = struct.unpack("<Q", head[:8])
         if header_length > min(_MAX_HEADER_BYTES, size - 8):
             raise MedSegError("is not a safetensors bundle (bad header length)", path)
+        stream.seek(8)
         raw = stream.read(header_length)
     try:
         header = json.loads(raw.decode("utf-8"))

@@ -194,7 +194,15 @@ def report_error(message: str, progress_kind: str) -> None:
     print(f"{PROGRAM}: error: {message}", file=sys.stderr, flush=True)
 
 
+def tolerate_ascii_console() -> None:
+    """Under a C/POSIX locale stdout is ASCII: escape a segment named "Leber (ü)" instead of crashing."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    tolerate_ascii_console()
     parser = build_parser()
     args = parser.parse_args(argv)
     install_signal_handlers()
