@@ -151,6 +151,19 @@ def test_reorient_is_exact_reindexing(chest, code):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(chest))
 
 
+@pytest.mark.parametrize("code", ["LPS", "LAS", "PIR"])
+def test_same_voxels_sees_through_storage_order_but_not_shifts(chest, code):
+    oriented = reorient(chest, code)
+    assert Grid.of(oriented).same_voxels(Grid.of(chest))
+    assert not Grid.of(oriented).matches(Grid.of(chest))  # another header, the same voxels
+    shifted = sitk.Image(chest)
+    shifted.SetOrigin(tuple(np.array(chest.GetOrigin()) + np.array(chest.GetSpacing()) * 0.5))
+    assert not Grid.of(shifted).same_voxels(Grid.of(chest))
+    coarser = sitk.Image(chest)
+    coarser.SetSpacing(tuple(np.array(chest.GetSpacing()) * 1.01))
+    assert not Grid.of(coarser).same_voxels(Grid.of(chest))
+
+
 # --- the whole pipeline ----------------------------------------------------------------------------
 
 

@@ -6,12 +6,20 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Tuple
 
 from MedSegUNetLib.errors import MedSegError
 
 
 def add_parsers(commands) -> None:
+    from . import demo, sampledata
+
+    add_train_parser(commands)
+    sampledata.add_parser(commands)
+    demo.add_parser(commands)
+
+
+def add_train_parser(commands) -> None:
     from MedSegUNetLib.cli import _add_progress_argument
 
     parser = commands.add_parser(
@@ -19,10 +27,15 @@ def add_parsers(commands) -> None:
         help="train or fine-tune a model from Slicer scenes (.mrb/.mrml)",
         description="Train a U-Net from annotated Slicer scenes and write a model bundle (OUTDIR/model.safetensors).",
     )
-    parser.add_argument("inputs", nargs="+", type=Path, metavar="SCENE", help=".mrb bundles, .mrml scenes, or folders of .mrb files")
+    parser.add_argument(
+        "inputs", nargs="+", metavar="DATA",
+        help=".mrb bundles, .mrml scenes, folders of .mrb files, MSD / nnU-Net v2 folders (dataset.json), or IMAGE:LABEL pairs",
+    )
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     parser.add_argument("--init", type=Path, help="fine-tune this bundle (keeps its labels, adds new ones)")
     parser.add_argument("--resume", action="store_true", help="continue from OUTDIR's last checkpoint")
+    parser.add_argument("--labels", type=lambda text: [n.strip() for n in text.split(",") if n.strip()], metavar="NAME,...",
+                        help="train only these segments (by name); the others count as background")
     parser.add_argument("--dry-run", action="store_true", help="print the cases, their geometry and the label table, then stop")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--max-steps", type=int)
@@ -36,70 +49,117 @@ def add_parsers(commands) -> None:
     parser.add_argument("--schedule", choices=["poly", "cosine"], default="poly")
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--validate-every", type=int, default=50)
-    parser.add_argument("--modality", choices=["ct", "mri"], default="ct")
+    parser.add_argument("--modality", choices=["ct", "mri"], help="intensity normalization (default: the dataset's, else ct)")
+    parser.add_argument("--folds", type=int, default=0, help="k-fold cross-validation: split the cases into K folds")
+    parser.add_argument("--fold", type=int, default=0, help="with --folds: the fold to validate on (0..K-1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="mixed precision (default: on for CUDA, bf16 where supported; never on CPU)")
     _add_progress_argument(parser)
     parser.set_defaults(handler=run_train_command)
 
 
-def discover(inputs: List[Path], workdir: Path):
+def discover(inputs: List[str], workdir: Path) -> Tuple[list, Optional[str]]:
+    """(cases, modality a dataset declared) from scenes, folders of scenes, MSD/nnU-Net folders, pairs."""
+    from .datasets import is_dataset_folder, looks_like_pair, read_dataset_folder, read_pair
     from .scenes import read_scene
 
-    cases = []
-    for path in inputs:
-        scenes = sorted(path.glob("*.mrb")) if path.is_dir() else [path]
-        if path.is_dir() and not scenes:
-            raise MedSegError("folder holds no .mrb scene", path)
-        for scene in scenes:
-            cases += read_scene(scene, workdir)
+    cases, modalities = [], set()
+    for text in inputs:
+        path = Path(text)
+        if looks_like_pair(text):
+            cases.append(read_pair(text))
+        elif is_dataset_folder(path):
+            dataset = read_dataset_folder(path)
+            cases += dataset.cases
+            modalities.add(dataset.modality)
+        elif path.is_dir():
+            scenes = sorted(path.glob("*.mrb"))
+            if not scenes:
+                raise MedSegError("folder holds no .mrb scene and no dataset.json", path)
+            for scene in scenes:
+                cases += read_scene(scene, workdir)
+        else:
+            cases += read_scene(path, workdir)
     names = [case.name for case in cases]
     for index, case in enumerate(cases):
         if names.count(case.name) > 1:
             case.name = f"{case.name}#{index}"
-    return cases
+    modalities.discard(None)
+    if len(modalities) > 1:
+        raise MedSegError(f"the datasets mix modalities ({', '.join(sorted(modalities))}); pass --modality")
+    return cases, next(iter(modalities), None)
+
+
+def config_from(args: argparse.Namespace):
+    from .config import TrainConfig
+
+    return TrainConfig(
+        output=str(args.output), epochs=args.epochs, max_steps=args.max_steps, max_minutes=args.max_minutes,
+        spacing=args.spacing, patch_size=args.patch_size, batch_size=args.batch_size, filters=args.filters, lr=args.lr,
+        optimizer=args.optimizer, schedule=args.schedule, seed=args.seed, device=args.device, val_fraction=args.val_fraction,
+        validate_every=args.validate_every, modality=args.modality or "ct", init=str(args.init) if args.init else None,
+        resume=args.resume, amp=args.amp,
+    )
 
 
 def run_train_command(args: argparse.Namespace, progress) -> dict:
+    from MedSegUNetLib.inference import select_device
+    from MedSegUNetLib.progress import Progress
+
+    from .distributed import init_world
+
+    world = init_world(select_device(args.device).type)
+    try:
+        return train(args, progress if world.is_main else Progress(), world)
+    finally:
+        world.close()
+
+
+def train(args: argparse.Namespace, progress, world) -> dict:
     from MedSegUNetLib.bundle import read_bundle_metadata
     from MedSegUNetLib.geometry import Grid
 
-    from .config import TrainConfig, plan
+    from .config import plan
     from .data import fingerprint, load_all, prepare, split
     from .labels import build_label_table
     from .loop import Run
 
-    config = TrainConfig(
-        output=str(args.output), epochs=args.epochs, max_steps=args.max_steps, max_minutes=args.max_minutes,
-        spacing=args.spacing, patch_size=args.patch_size, batch_size=args.batch_size, filters=args.filters, lr=args.lr,
-        optimizer=args.optimizer, schedule=args.schedule, seed=args.seed, device=args.device, val_fraction=args.val_fraction,
-        validate_every=args.validate_every, modality=args.modality, init=str(args.init) if args.init else None, resume=args.resume,
-    )
+    config = config_from(args)
     initial = read_bundle_metadata(args.init) if args.init else None
     with tempfile.TemporaryDirectory(prefix="medsegunet-scenes-") as work:
-        cases = discover(args.inputs, Path(work))
-        table = build_label_table(cases, initial=initial.labels if initial else None)
+        cases, declared = discover(args.inputs, Path(work))
+        config.modality = args.modality or declared or "ct"
+        try:
+            table = build_label_table(cases, initial=initial.labels if initial else None, only=args.labels)
+            train_names, val_names, note = split([c.name for c in cases], config.val_fraction, config.seed, args.folds, args.fold)
+        except ValueError as error:
+            raise MedSegError(str(error)) from None
         loaded = load_all(cases)
         the_plan = plan(config, fingerprint(loaded), len(cases), fixed=initial.preprocessing if initial else None)
         lines = [f"case {c.name}: {Grid.of(loaded[c.name][0]).describe()}, {len(c.segments)} segments ({c.source})" for c in cases]
         lines += [f"label {l.value}: {l.name}" for l in table.labels] + [f"warning: {w}" for w in table.report()]
-        lines += [f"plan: {reason}" for reason in the_plan.reasons]
+        lines += [f"plan: {reason}" for reason in the_plan.reasons] + [f"split: {note}"]
         if args.dry_run:
-            print("\n".join(lines))
+            if world.is_main:
+                print("\n".join(lines))
             return {"message": "dry run", "cases": len(cases), "labels": [l.name for l in table.labels]}
         for line in lines:
             progress.note(line)
         prepared = {c.name: prepare(c, *loaded[c.name], table, the_plan.preprocessing) for c in cases}
-    train_names, val_names, note = split([c.name for c in cases], config.val_fraction, config.seed)
-    progress.note(note)
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "plan.json").write_text(json.dumps(the_plan.to_dict(), indent=2), encoding="utf-8")
+    if world.is_main:
+        (args.output / "plan.json").write_text(json.dumps(the_plan.to_dict(), indent=2), encoding="utf-8")
     summary = {"cases": [c.source for c in cases], "validation": val_names, "split": note, "label_warnings": table.report()}
-    run = Run(config, the_plan, table.labels, [prepared[n] for n in train_names], [prepared[n] for n in val_names], summary, progress)
+    if world.distributed:
+        summary["world_size"] = world.size
+    run = Run(config, the_plan, table.labels, [prepared[n] for n in train_names], [prepared[n] for n in val_names], summary, progress, world)
     if config.resume:
         run.resume()
     bundle = run.run()
+    world.barrier()  # every rank ends after rank 0 has written the bundle
     progress.close()
-    if args.progress != "json":
+    if args.progress != "json" and world.is_main:
         print(f"wrote {bundle}")
     return {"message": f"wrote {bundle}", "bundle": str(bundle)}

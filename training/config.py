@@ -33,6 +33,7 @@ class TrainConfig:
     memory_budget_gb: float = 4.0
     init: Optional[str] = None
     resume: bool = False
+    amp: Optional[bool] = None  # None: mixed precision on CUDA only
 
 
 @dataclass

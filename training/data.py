@@ -88,11 +88,22 @@ def train_transforms(patch_zyx: Sequence[int], classes: int, samples: int = 2):
     )
 
 
-def split(names: List[str], fraction: float, seed: int) -> Tuple[List[str], List[str], str]:
-    """(train, validation, note). With one case, validation is on the training case, and says so."""
+def split(names: List[str], fraction: float, seed: int, folds: int = 0, fold: int = 0) -> Tuple[List[str], List[str], str]:
+    """(train, validation, note): a random fraction, or fold ``fold`` of ``folds`` (the same seeded order).
+
+    With one case, validation is on the training case, and says so."""
     if len(names) < 2:
         return names, names, "one case only: validating on the training case (optimistic)"
-    order = list(np.random.default_rng(seed).permutation(len(names)))
-    count = max(1, int(round(fraction * len(names))))
-    validation = [names[i] for i in order[:count]]
-    return [n for n in names if n not in validation], validation, f"{len(names) - count} training, {count} validation cases"
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    if folds:
+        if not 2 <= folds <= len(names):
+            raise ValueError(f"--folds {folds} needs 2..{len(names)} (the number of cases)")
+        if not 0 <= fold < folds:
+            raise ValueError(f"--fold {fold} is not in 0..{folds - 1}")
+        validation = order[fold::folds]
+        note = f"fold {fold} of {folds}: {len(names) - len(validation)} training, {len(validation)} validation cases"
+    else:
+        count = max(1, int(round(fraction * len(names))))
+        validation = order[:count]
+        note = f"{len(names) - count} training, {count} validation cases"
+    return [n for n in names if n not in validation], validation, note

@@ -65,12 +65,23 @@ def _find(labels: List[Label], segment: SegmentInfo) -> Optional[int]:
     return None
 
 
-def build_label_table(cases: Sequence[Case], initial: Optional[Sequence[Label]] = None) -> LabelTable:
+def build_label_table(
+    cases: Sequence[Case], initial: Optional[Sequence[Label]] = None, only: Optional[Sequence[str]] = None
+) -> LabelTable:
+    """``only``: train just these structures (by name); every other segment counts as background."""
     table = LabelTable(labels=list(initial or []))
+    wanted = {name_key(name) for name in only} if only else None
+    if wanted is not None:
+        found = {name_key(segment.name) for case in cases for segment in case.segments}
+        absent = sorted(name for name in only if name_key(name) not in found)
+        if absent:
+            raise ValueError(f"--labels names segments that no case has: {', '.join(absent)}")
     next_value = max((label.value for label in table.labels), default=0) + 1
     for case in cases:
         mapping: Dict[int, int] = {}
         for position, segment in enumerate(case.segments, start=1):
+            if wanted is not None and name_key(segment.name) not in wanted and _find(table.labels, segment) is None:
+                continue
             index = _find(table.labels, segment)
             if index is None:
                 table.labels.append(Label(next_value, segment.name, tuple(segment.color), segment.terminology))

@@ -22,6 +22,7 @@ from MedSegUNetLib.geometry import xyz_to_zyx
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Plan, TrainConfig
 from .data import PreparedCase, train_transforms
+from .distributed import World
 
 
 @dataclass
@@ -90,6 +91,13 @@ def validate(network, cases: List[PreparedCase], labels: List[Label], patch_zyx,
     return metrics
 
 
+def amp_dtype(device: torch.device, wanted: Optional[bool]) -> Optional[torch.dtype]:
+    """Mixed precision on CUDA (bf16 where the GPU has it, else fp16); never on CPU or MPS."""
+    if device.type != "cuda" or wanted is False:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def make_optimizer(config: TrainConfig, network, steps: int):
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(network.parameters(), lr=config.lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
@@ -105,11 +113,21 @@ def make_optimizer(config: TrainConfig, network, steps: int):
 class Run:
     """The state that lives through one training run; each method does one part of it."""
 
-    def __init__(self, config: TrainConfig, plan: Plan, labels: List[Label], train: List[PreparedCase], val: List[PreparedCase], summary: dict, progress: Progress):
-        self.config, self.plan, self.labels, self.train_cases, self.val_cases = config, plan, labels, train, val
+    def __init__(
+        self, config: TrainConfig, plan: Plan, labels: List[Label], train: List[PreparedCase], val: List[PreparedCase],
+        summary: dict, progress: Progress, world: Optional[World] = None,
+    ):
+        from monai.utils import set_determinism
+
+        self.config, self.plan, self.labels, self.val_cases = config, plan, labels, val
+        self.world = world or World()
+        self.train_cases = self.world.shard(train)
         self.summary, self.progress = summary, progress
         self.folder = Path(config.output)
-        self.device = select_device(config.device)
+        self.device = self.world.device(select_device(config.device))
+        set_determinism(seed=config.seed)  # python, numpy and torch seeds; deterministic cuDNN
+        self.amp = amp_dtype(self.device, config.amp)
+        self.board = None
         self.patch_zyx = xyz_to_zyx(plan.preprocessing.patch_size)
         self.meta = self._initial_meta()
         self.network = self.meta_network
@@ -142,6 +160,8 @@ class Run:
             self.progress.note(f"resumed at step {self.state.step}")
 
     def checkpoint(self) -> None:
+        if not self.world.is_main:
+            return
         save_checkpoint(self.folder, self.network, self.optimizer, {"run": asdict(self.state), "log": self.log_rows})
 
     def write_bundle(self, name: str, metrics: Dict[str, float]) -> Path:
@@ -154,16 +174,23 @@ class Run:
 
         loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
         self.network.to(self.device).train()
-        stream = batches(self.train_cases, self.patch_zyx, len(self.labels) + 1, self.plan.batch_size, self.config.seed + self.state.step)
+        model = self.world.wrap(self.network, self.device)
+        # fp16 needs loss scaling against underflow; bf16 and fp32 do not
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        seed = self.world.seed(self.config.seed + self.state.step)
+        stream = batches(self.train_cases, self.patch_zyx, len(self.labels) + 1, self.plan.batch_size, seed)
         started, deadline = time.monotonic() - self.state.seconds, self._deadline()
         metrics: Dict[str, float] = {}
         try:
-            while self.state.step < self.plan.steps and time.monotonic() < deadline:
+            while not self.world.agree_to_stop(self.state.step >= self.plan.steps or time.monotonic() >= deadline):
                 batch = next(stream)
+                self.world.record(batch["case"], batch["image"])
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = loss_function(self.network(batch["image"].to(self.device)), batch["label"].to(self.device))
-                loss.backward()
-                self.optimizer.step()
+                with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                    loss = loss_function(model(batch["image"].to(self.device)), batch["label"].to(self.device))
+                scaler.scale(loss).backward()
+                scaler.step(self.optimizer)
+                scaler.update()
                 self.schedule.step()
                 self.state.step += 1
                 self.state.seconds = time.monotonic() - started
@@ -178,6 +205,12 @@ class Run:
         except (Cancelled, KeyboardInterrupt):
             self.checkpoint()
             raise
+        finally:
+            self.world.write_record(self.folder)
+            if self.board is not None:
+                self.board.close()
+        if not self.world.is_main:
+            return self.folder / "model.safetensors"
         last = self.write_bundle("last.safetensors", metrics)
         if not (self.folder / "model.safetensors").exists():
             self.write_bundle("model.safetensors", metrics)
@@ -188,17 +221,32 @@ class Run:
         return time.monotonic() + self.config.max_minutes * 60 if self.config.max_minutes else float("inf")
 
     def _validate_and_keep_best(self, row: dict) -> Dict[str, float]:
+        if not self.world.is_main:
+            return {"dice_mean": None}  # rank 0 validates; the others wait for it in the next all-reduce
         self.progress.update("validate", 0, len(self.val_cases), "validating")
         metrics = validate(self.network, self.val_cases, self.labels, self.patch_zyx, self.device.type)
         row["dice_mean"] = metrics["dice_mean"]
         self.progress.update("validate", len(self.val_cases), len(self.val_cases), f"Dice {metrics['dice_mean']:.3f}", dice=metrics["dice_mean"])
+        self._board_scalars({f"validation/{k}": v for k, v in metrics.items() if v is not None}, row["step"])
         if metrics["dice_mean"] > self.state.best_dice:
             self.state.best_dice = metrics["dice_mean"]
             self.write_bundle("model.safetensors", metrics)
         self.checkpoint()
         return metrics
 
+    def _board_scalars(self, values: Dict[str, float], step: int) -> None:
+        """TensorBoard event files in OUTDIR/tensorboard (rank 0 only)."""
+        if not self.world.is_main:
+            return
+        if self.board is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(self.folder / "tensorboard"))
+        for name, value in values.items():
+            self.board.add_scalar(name, value, step)
+
     def _report(self, row: dict) -> None:
+        self._board_scalars({"train/loss": row["loss"], "train/lr": row["lr"]}, row["step"])
         done, total = self.state.step, self.plan.steps
         eta = self.state.seconds / done * (total - done) if done else None
         self.progress.update("train", done, total, f"step {done}/{total} loss {row['loss']:.4f}", loss=row["loss"], eta_s=round(eta, 1) if eta else None, step=done)

@@ -235,26 +235,57 @@ def read_segments(path: Path) -> List[SegmentInfo]:
 
 
 def load_case_arrays(case: Case) -> Tuple[sitk.Image, sitk.Image]:
-    """The image (float32) and a labelmap on its exact grid where segment ``i`` has value ``i + 1``.
+    """The image (float32) and a labelmap on its exact grid where segment ``i`` has value ``i + 1``."""
+    from MedSegUNetLib.imageio import read_image
+
+    image = read_image(case.image_path).image
+    if case.label_path.name.lower().endswith(".seg.nrrd"):
+        return image, segments_labelmap(case.label_path, case.segments, image)
+    return image, values_labelmap(case.label_path, case.segments, image)
+
+
+def values_labelmap(path: Path, segments: List[SegmentInfo], reference: sitk.Image) -> sitk.Image:
+    """A labelmap file (MSD / nnU-Net / plain pairs) renumbered so that segment ``i`` is ``i + 1``."""
+    from MedSegUNetLib.imageio import read_labelmap
+
+    label = read_labelmap(path)
+    if not Grid.of(label).same_voxels(Grid.of(reference)):
+        raise SceneError(f"is not on its image's grid ({Grid.of(label).describe()} vs {Grid.of(reference).describe()})", path)
+    values = sitk.GetArrayFromImage(label)
+    table = np.zeros(int(values.max()) + 1, dtype=np.uint16)
+    for index, segment in enumerate(segments, start=1):
+        if segment.label_value < table.size:
+            table[segment.label_value] = index
+    unknown = sorted(set(np.unique(values).tolist()) - {0} - {s.label_value for s in segments})
+    if unknown:
+        raise SceneError(f"holds label values {unknown[:5]} that the dataset does not name", path)
+    renumbered = sitk.GetImageFromArray(table[values])
+    renumbered.CopyInformation(label)
+    return resample_onto(renumbered, Grid.of(reference), sitk.sitkNearestNeighbor, default_value=0)
+
+
+def segments_labelmap(
+    path: Path, segments: List[SegmentInfo], reference: sitk.Image, values: Optional[List[int]] = None
+) -> sitk.Image:
+    """``segments`` of a .seg.nrrd as one labelmap on ``reference``'s grid: segment ``i`` gets
+    ``values[i]`` (default ``i + 1``).
 
     Slicer crops a .seg.nrrd to its segments' extent; the labelmap is placed back on the image grid in
     physical space. Overlapping segments cannot train one label per voxel and are refused.
     """
     import slicerio
 
-    from MedSegUNetLib.imageio import read_image
-
-    image = read_image(case.image_path).image
-    segmentation = slicerio.read_segmentation(str(case.label_path))
+    segmentation = slicerio.read_segmentation(str(path))
     voxels = np.asarray(segmentation["voxels"])
     layers = voxels if voxels.ndim == 4 else voxels[np.newaxis]
+    values = values or list(range(1, len(segments) + 1))
     merged = np.zeros(layers.shape[1:], dtype=np.uint16)
-    for index, segment in enumerate(case.segments, start=1):
+    for segment, index in zip(segments, values):
         mask = layers[segment.layer] == segment.label_value
         clash = merged[mask]
         if clash.any():
-            other = case.segments[int(clash[clash > 0][0]) - 1].name
-            raise SceneError(f"segments '{other}' and '{segment.name}' overlap; training needs one label per voxel", case.label_path)
+            other = segments[values.index(int(clash[clash > 0][0]))].name
+            raise SceneError(f"segments '{other}' and '{segment.name}' overlap; training needs one label per voxel", path)
         merged[mask] = index
     label = image_from_ijk_array(merged, segmentation["ijkToLPS"])
-    return image, resample_onto(label, Grid.of(image), sitk.sitkNearestNeighbor, default_value=0)
+    return resample_onto(label, Grid.of(reference), sitk.sitkNearestNeighbor, default_value=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -149,28 +150,11 @@ def run_create_bundle_command(args: argparse.Namespace, progress) -> dict:
 # --- commands of the training package, reached through the same program ----------------------------
 
 
-def add_demo_parser(commands) -> None:
-    parser = commands.add_parser("demo", help="segment a real sample scan with the shipped model and evaluate it")
-    parser.add_argument("--output", type=Path, default=Path("medsegunet-demo"))
-    parser.set_defaults(handler=run_demo_command, progress="none")
-
-
-def run_demo_command(args: argparse.Namespace, progress) -> dict:
-    try:
-        from .demo import run_demo
-    except ImportError:
-        raise MedSegError(
-            "the demo (sample scans and a shipped model) is not part of this version yet; "
-            "see README 'Segment from the command line'"
-        ) from None
-    return run_demo(args, progress)
-
-
 def add_training_parsers(commands) -> None:
     try:
         from training.cli import add_parsers
     except ImportError:
-        return  # the engine alone (e.g. an install without the training package)
+        return  # the engine alone (Slicer without the training package): no train, sample-data, demo
     add_parsers(commands)
 
 
@@ -183,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_segment_parser(commands)
     add_info_parser(commands)
     add_create_bundle_parser(commands)
-    add_demo_parser(commands)
+    from .evaluate import add_parser as add_evaluate_parser
+
+    add_evaluate_parser(commands)
     add_training_parsers(commands)
     return parser
 
@@ -212,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     progress = make_progress(progress_kind)
     try:
         result = args.handler(args, progress) or {}
-        if progress_kind == "json":
+        if progress_kind == "json" and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
             progress.update("done", 1, 1, **{"message": "finished", **result})
         return EXIT_OK
     except MedSegError as error:

@@ -59,6 +59,28 @@ class Grid:
             and np.allclose(self.direction, other.direction, atol=tolerance)
         )
 
+    def axis_vectors(self) -> np.ndarray:
+        """Rows: the physical step of one voxel along i, j and k."""
+        return np.array(self.direction, dtype=float).reshape(3, 3).T * np.array(self.spacing)[:, None]
+
+    def corners(self) -> np.ndarray:
+        """The 8 corner voxel centers in physical space."""
+        steps = self.axis_vectors() * (np.array(self.size) - 1)[:, None]
+        offsets = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], dtype=float)
+        return np.array(self.origin) + offsets @ steps
+
+    def same_voxels(self, other: "Grid", tolerance: float = 1e-3) -> bool:
+        """The same voxel centers, possibly stored in another axis order or direction (RAS vs LPS flips)."""
+        if sorted(self.size) != sorted(other.size):
+            return False
+        scale = max(min(self.spacing), 1e-6) * tolerance
+        mine, theirs = self.corners(), other.corners()
+        corners_match = all(np.min(np.linalg.norm(theirs - corner, axis=1)) <= scale for corner in mine)
+        steps_match = all(
+            np.min(np.linalg.norm(np.abs(other.axis_vectors()) - np.abs(step), axis=1)) <= scale for step in self.axis_vectors()
+        )
+        return corners_match and steps_match
+
     def describe(self) -> str:
         spacing = "x".join(f"{s:.3g}" for s in self.spacing)
         return f"{'x'.join(map(str, self.size))} voxels at {spacing} mm, orientation {orientation_code(self.direction)}"

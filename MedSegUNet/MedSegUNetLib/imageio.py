@@ -141,6 +141,20 @@ def read_image(path, series: Optional[str] = None, max_voxels: int = MAX_VOXELS)
     return LoadedImage(image, path, warnings)
 
 
+def read_labelmap(path, max_voxels: int = MAX_VOXELS) -> sitk.Image:
+    """A 3D labelmap file (integer values; a float file only if every value is a whole number)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedSegError("labelmap not found", path)
+    image = _read_file(path, max_voxels)
+    values = sitk.GetArrayViewFromImage(image)
+    if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
+        raise MedSegError("is not a labelmap (it holds fractional values)", path)
+    if values.min() < 0 or values.max() > 65535:
+        raise MedSegError(f"is not a labelmap (values {values.min():g}..{values.max():g})", path)
+    return sitk.Cast(image, sitk.sitkUInt16)
+
+
 # --- writing ---------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,82 @@
+"""A PNG of a segmentation over its scan: axial, coronal and sagittal slices, prediction beside reference.
+
+Slices are taken in the scan's canonical RAS orientation and drawn with their physical aspect ratio,
+so what the picture shows is what Slicer shows (patient's right on the left of axial/coronal views).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from MedSegUNetLib.atomic import atomic_path
+from MedSegUNetLib.bundle import Label
+from MedSegUNetLib.geometry import reorient
+
+
+def _center_of(mask: np.ndarray, fallback: Sequence[int]) -> Tuple[int, int, int]:
+    points = np.argwhere(mask)
+    return tuple(int(v) for v in np.median(points, axis=0)) if len(points) else tuple(fallback)
+
+
+def _views(volume: np.ndarray, center: Tuple[int, int, int], spacing_xyz: Sequence[float]) -> List[Tuple[str, np.ndarray, float]]:
+    """(title, 2D slice for imshow with row 0 at the top, aspect) for an array in RAS (z, y, x) order."""
+    z, y, x = center
+    sx, sy, sz = spacing_xyz
+    axial = volume[z, ::-1, :]  # anterior up
+    coronal = volume[::-1, y, :]  # superior up
+    sagittal = volume[::-1, :, x]  # superior up, posterior -> anterior left to right
+    return [("axial", axial, sy / sx), ("coronal", coronal, sz / sx), ("sagittal", sagittal, sz / sy)]
+
+
+def _color_table(labels: Sequence[Label]) -> Dict[int, Tuple[float, float, float]]:
+    return {label.value: tuple(label.color) for label in labels}
+
+
+def _rgba(labelmap: np.ndarray, colors: Dict[int, Tuple[float, float, float]], alpha: float = 0.45) -> np.ndarray:
+    rgba = np.zeros(labelmap.shape + (4,), dtype=np.float32)
+    for value, color in colors.items():
+        rgba[labelmap == value] = (*color, alpha)
+    return rgba
+
+
+def write_overlay_png(
+    path: Path,
+    image: sitk.Image,
+    columns: Sequence[Tuple[str, sitk.Image, Sequence[Label]]],
+    window: Tuple[float, float] = (-160.0, 240.0),
+    focus_label: Optional[int] = None,
+    title: str = "",
+) -> Path:
+    """``columns``: (title, labelmap on ``image``'s grid, its labels), e.g. prediction then reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scan = sitk.GetArrayFromImage(reorient(image, "RAS")).astype(np.float32)
+    maps = [sitk.GetArrayFromImage(reorient(labelmap, "RAS")) for _, labelmap, _ in columns]
+    first = maps[0] if focus_label is None else (maps[-1] == focus_label)
+    center = _center_of(first > 0, [s // 2 for s in scan.shape])
+    spacing = reorient(image, "RAS").GetSpacing()
+    figure, axes = plt.subplots(3, len(columns), figsize=(4.2 * len(columns), 11), dpi=90, squeeze=False)
+    for column, ((name, _, labels), labelmap) in enumerate(zip(columns, maps)):
+        colors = _color_table(labels)
+        for row, ((view, picture, aspect), (_, overlay, _)) in enumerate(zip(_views(scan, center, spacing), _views(labelmap, center, spacing))):
+            axis = axes[row][column]
+            axis.imshow(picture, cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect, interpolation="nearest")
+            axis.imshow(_rgba(overlay, colors), aspect=aspect, interpolation="nearest")
+            axis.set_title(f"{name}: {view}", fontsize=10)
+            axis.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=label.color) for label in columns[0][2]]
+    figure.legend(handles, [label.name for label in columns[0][2]], loc="lower center", ncol=min(6, len(handles)), fontsize=9)
+    if title:
+        figure.suptitle(title, fontsize=11)
+    figure.tight_layout(rect=(0, 0.04, 1, 0.97))
+    with atomic_path(Path(path)) as temporary:
+        figure.savefig(temporary, format="png")
+    plt.close(figure)
+    return Path(path)

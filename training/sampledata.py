@@ -1,0 +1,265 @@
+"""Real sample scans from a package registry: the `totalsegmentator` 2.18.0 source distribution on PyPI.
+
+No dataset URL is reachable from where this project runs, but PyPI is, and TotalSegmentator (Apache-2.0)
+ships real CT and MR scans with reference segmentations in its test folder. Their references were
+produced by TotalSegmentator, not drawn by hand. We download the sdist once (pip, no install), take only
+the files listed in ``SAMPLES`` and write them as Slicer scenes (.mrb) and as plain files.
+
+Label names come from the package's own class map (``totalsegmentator/map_to_binary.py``), read with
+``ast.literal_eval``: the file is data to us, never executed.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from MedSegUNetLib.bundle import Label
+from MedSegUNetLib.errors import MedSegError
+from MedSegUNetLib.labels import palette_color
+
+PACKAGE, VERSION = "totalsegmentator", "2.18.0"
+SDIST = f"{PACKAGE}-{VERSION}.tar.gz"
+SDIST_SHA256 = "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"  # of the file on PyPI, checked
+ROOT = f"{PACKAGE}-{VERSION}"
+REFERENCE = f"{ROOT}/tests/reference_files"
+CLASS_MAP_FILE = f"{ROOT}/totalsegmentator/map_to_binary.py"
+SOURCE_NOTE = (
+    "Sample scans and reference segmentations from the TotalSegmentator 2.18.0 source distribution "
+    "(PyPI, Apache-2.0, tests/reference_files). The references were produced by TotalSegmentator, not drawn by hand."
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str  # our name for the scan (scene and folder name)
+    image: str  # a file or a DICOM folder, relative to REFERENCE
+    reference: str  # labelmap relative to REFERENCE
+    class_map: str  # key of map_to_binary.class_map naming its label values
+    role: str  # what the project uses it for
+
+
+SAMPLES = (
+    Sample("abdomen-ct", "example_ct.nii.gz", "example_seg_fast_force_split.nii.gz", "total", "training"),
+    Sample("heldout-ct", "example_ct_dicom", "example_seg_dicom.nii.gz", "total", "held-out evaluation (another patient, DICOM)"),
+    Sample("abdomen-mr", "example_mr_sm.nii.gz", "example_seg_mr.nii.gz", "total_mr", "MRI example"),
+)
+
+# Slicer terminology (SNOMED CT codes) and GenericAnatomyColors-like colors for the structures the
+# shipped model segments, so that Slicer shows them as it shows its own anatomy.
+_ANATOMY = "Segmentation category and type - 3D Slicer General Anatomy list"
+_REGION = "Anatomic codes - DICOM master list"
+KNOWN_STRUCTURES: Dict[str, tuple] = {
+    "liver": ((0.867, 0.510, 0.396), "SCT^10200004^Liver", ""),
+    "spleen": ((0.616, 0.424, 0.635), "SCT^78961009^Spleen", ""),
+    "kidney_left": ((0.725, 0.400, 0.325), "SCT^64033007^Kidney", "SCT^7771000^Left"),
+    "kidney_right": ((0.725, 0.400, 0.325), "SCT^64033007^Kidney", "SCT^24028007^Right"),
+    "stomach": ((0.847, 0.518, 0.412), "SCT^69695003^Stomach", ""),
+    "aorta": ((0.878, 0.380, 0.298), "SCT^15825003^Aorta", ""),
+}
+
+
+def terminology(type_code: str, modifier: str) -> str:
+    """A terminology string as Slicer writes it into a .seg.nrrd (category~type~modifier~context~region...)."""
+    return f"{_ANATOMY}~SCT^123037004^Anatomical Structure~{type_code}~{modifier or '^^'}~{_REGION}~^^~^^"
+
+
+def label_for(value: int, name: str) -> Label:
+    if name in KNOWN_STRUCTURES:
+        color, code, modifier = KNOWN_STRUCTURES[name]
+        return Label(value, name, color, terminology(code, modifier))
+    return Label(value, name, palette_color(value - 1))
+
+
+# --- the cache ---------------------------------------------------------------------------------------
+
+
+def cache_folder() -> Path:
+    """``$MEDSEGUNET_CACHE``, else ``~/.cache/medsegunet``."""
+    configured = os.environ.get("MEDSEGUNET_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "medsegunet"
+
+
+def _wanted_members() -> List[str]:
+    return [f"{REFERENCE}/{sample.reference}" for sample in SAMPLES] + [CLASS_MAP_FILE]
+
+
+def _member_is_wanted(name: str) -> bool:
+    if name in _wanted_members():
+        return True
+    return any(name.startswith(f"{REFERENCE}/{sample.image}") for sample in SAMPLES)
+
+
+def download_sdist(folder: Path) -> Path:
+    """pip download of the sdist (no dependencies, nothing installed), checked against its known hash."""
+    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", "--dest", str(folder)]
+    sdist, last = folder / SDIST, "no output"
+    # pip prepares an sdist's metadata; without build isolation it uses our setuptools (no extra download)
+    for extra in (["--no-build-isolation"], []):
+        result = subprocess.run(base + extra + [f"{PACKAGE}=={VERSION}"], capture_output=True, text=True, encoding="utf-8", errors="replace")
+        if result.returncode == 0 and sdist.exists():
+            break
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+    else:
+        raise MedSegError(f"could not download {PACKAGE}=={VERSION} from the package index: {last}", folder)
+    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    if digest != SDIST_SHA256:
+        raise MedSegError(f"downloaded file has sha256 {digest}, expected {SDIST_SHA256}", sdist)
+    return sdist
+
+
+def extract_members(sdist: Path, target: Path) -> None:
+    """Only the files we use; every member checked to stay inside ``target`` and to be a plain file."""
+    with tarfile.open(sdist, "r:gz") as archive:
+        for member in archive.getmembers():
+            if not member.isfile() or not _member_is_wanted(member.name):
+                continue
+            relative = PurePosixPath(member.name)
+            if relative.is_absolute() or ".." in relative.parts:
+                raise MedSegError(f"archive member escapes the folder: {member.name}", sdist)
+            destination = target.joinpath(*relative.parts[1:])  # drop "totalsegmentator-2.18.0/"
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with archive.extractfile(member) as source, open(destination, "wb") as sink:
+                shutil.copyfileobj(source, sink)
+
+
+def fetch_sources(cache: Optional[Path] = None, log=print) -> Path:
+    """The extracted sample files (``.../tests/reference_files``), downloading once into the cache."""
+    cache = Path(cache or cache_folder())
+    sources = cache / f"{PACKAGE}-{VERSION}-files"
+    if (sources / ".complete").exists():
+        return sources
+    cache.mkdir(parents=True, exist_ok=True)
+    log(f"downloading {PACKAGE}=={VERSION} (source distribution, ~40 MB) from the package index, once")
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as work:
+        sdist = download_sdist(Path(work))
+        staging = Path(work) / "files"
+        extract_members(sdist, staging)
+        wanted = _wanted_members() + [f"{REFERENCE}/{sample.image}" for sample in SAMPLES]
+        missing = [m for m in wanted if not staging.joinpath(*PurePosixPath(m).parts[1:]).exists()]
+        if missing:
+            raise MedSegError(f"the downloaded package lacks {missing[0]}", sdist)
+        (staging / ".complete").write_text(SOURCE_NOTE + "\n", encoding="utf-8")
+        if sources.exists():
+            shutil.rmtree(sources)  # an earlier, interrupted extraction
+        os.replace(staging, sources)  # atomic: a cache folder is complete or absent
+    return sources
+
+
+# --- class maps and conversion -----------------------------------------------------------------------
+
+
+def read_class_maps(path: Path) -> Dict[str, Dict[int, str]]:
+    """``class_map`` of map_to_binary.py, parsed as a literal (the file is never run)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    maps: Dict[str, Dict[int, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "class_map" for t in node.targets):
+            for key, value in zip(node.value.keys, node.value.values):
+                try:
+                    maps[ast.literal_eval(key)] = {int(k): str(v) for k, v in ast.literal_eval(value).items()}
+                except ValueError:
+                    continue  # an entry built from other expressions; not one we use
+    if not maps:
+        raise MedSegError("holds no class_map literal", path)
+    return maps
+
+
+def labels_present(reference: sitk.Image, names: Dict[int, str]) -> List[Label]:
+    values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(reference)) if v != 0]
+    unknown = [v for v in values if v not in names]
+    if unknown:
+        raise MedSegError(f"label values {unknown} are not in the class map")
+    return [label_for(value, names[value]) for value in values]
+
+
+@dataclass
+class WrittenSample:
+    name: str
+    role: str
+    image: Path  # .nrrd (a DICOM series converted) or the original NIfTI
+    labelmap: Path  # .nii.gz, the package's reference
+    segmentation: Path  # .seg.nrrd with names and colors
+    scene: Path  # .mrb
+    dicom: Optional[Path] = None
+
+
+def write_sample(sample: Sample, sources: Path, output: Path, class_maps: Dict[str, Dict[int, str]]) -> WrittenSample:
+    from MedSegUNetLib.geometry import Grid, resample_onto
+    from MedSegUNetLib.imageio import read_image, write_segmentation
+
+    from .scene_writer import ScenePair, write_mrb
+
+    folder = output / sample.name
+    folder.mkdir(parents=True, exist_ok=True)
+    source_image = sources / sample.image
+    image = read_image(source_image).image
+    reference = sitk.ReadImage(str(sources / sample.reference))
+    if not Grid.of(reference).same_voxels(Grid.of(image)):
+        raise MedSegError("reference is not on its scan's grid", sources / sample.reference)
+    # the held-out reference is stored flipped (LAS) against its DICOM (LPS): put it on the scan's own grid
+    reference = resample_onto(reference, Grid.of(image), sitk.sitkNearestNeighbor)
+    labels = labels_present(reference, class_maps[sample.class_map])
+    dicom = None
+    if source_image.is_dir():
+        dicom = folder / "dicom"
+        if dicom.exists():
+            shutil.rmtree(dicom)
+        shutil.copytree(source_image, dicom)
+        image_file = folder / "image.nrrd"
+        sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16), str(image_file), useCompression=True)
+    else:
+        image_file = folder / "image.nii.gz"
+        shutil.copyfile(source_image, image_file)
+    labelmap = folder / "reference.nii.gz"
+    sitk.WriteImage(sitk.Cast(reference, sitk.sitkUInt8), str(labelmap), useCompression=True)
+    segmentation = write_segmentation(folder / "reference.seg.nrrd", reference, labels)
+    scene = write_mrb(output / f"{sample.name}.mrb", sample.name, [ScenePair(sample.name, image_file, segmentation, f"{sample.name} reference")])
+    return WrittenSample(sample.name, sample.role, image_file, labelmap, segmentation, scene, dicom)
+
+
+def write_samples(output: Path, names: Optional[Sequence[str]] = None, cache: Optional[Path] = None, log=print) -> List[WrittenSample]:
+    sources = fetch_sources(cache, log)
+    class_maps = read_class_maps(sources / "totalsegmentator" / "map_to_binary.py")
+    chosen = [s for s in SAMPLES if names is None or s.name in names]
+    output.mkdir(parents=True, exist_ok=True)
+    written = [write_sample(sample, sources / "tests" / "reference_files", output, class_maps) for sample in chosen]
+    (output / "SOURCE.txt").write_text(SOURCE_NOTE + "\n", encoding="utf-8")
+    return written
+
+
+# --- `medsegunet sample-data` ------------------------------------------------------------------------
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "sample-data",
+        help="write real sample CT/MR scans with reference segmentations as Slicer scenes and plain files",
+        description=f"{SOURCE_NOTE} Downloaded once into $MEDSEGUNET_CACHE (default ~/.cache/medsegunet).",
+    )
+    parser.add_argument("--output", type=Path, default=Path("medsegunet-samples"), help="folder to write (medsegunet-samples)")
+    parser.add_argument("--only", nargs="+", choices=[s.name for s in SAMPLES], help="just these samples")
+    parser.set_defaults(handler=run_sample_data_command, progress="none")
+
+
+def run_sample_data_command(args, progress) -> dict:
+    written = write_samples(args.output, args.only)
+    for sample in written:
+        print(f"{sample.name:<11} {sample.role}")
+        print(f"  scene   {sample.scene}")
+        print(f"  image   {sample.dicom or sample.image}")
+        print(f"  labels  {sample.segmentation} ({sample.labelmap.name} as a labelmap)")
+    print(SOURCE_NOTE)
+    return {"output": str(args.output)}
