@@ -70,11 +70,12 @@ def _existing(folder: Path, name: str, role: str):
 def segment_and_evaluate(model: Path, heldout, output: Path, tag: str, device: str, progress) -> dict:
     """Segment the held-out scan, evaluate by segment name, draw the overlay. Returns the metrics report."""
     from MedSegUNetLib.evaluate import evaluate_paths, write_reports
+    from MedSegUNetLib.inference import PredictOptions
     from MedSegUNetLib.segment import SegmentOptions, run_segment
 
     prediction = output / f"{HELDOUT_SAMPLE}-{tag}.seg.nrrd"
     started = time.perf_counter()
-    run_segment([heldout.dicom or heldout.image], model, prediction, SegmentOptions(device=device), progress)
+    run_segment([heldout.dicom or heldout.image], model, prediction, SegmentOptions(PredictOptions(device=device), largest_component=True), progress)
     seconds = time.perf_counter() - started
     progress.close()
     report = evaluate_paths(prediction, heldout.segmentation)
@@ -119,16 +120,19 @@ def _labelmap(path: Path, image, segments, like=None):
 
 
 def print_table(reports: List[dict], titles: List[str]) -> None:
-    names = [row["label"] for row in reports[0]["mean"]]
-    header = f"{'structure':<16}" + "".join(f"{t + ' Dice':>16}{t + ' HD95 mm':>18}" for t in titles)
-    print(header)
+    """Structure, Dice and HD95 per model; a structure absent from the held-out reference says so."""
+    rows = {title: {row["label"]: row for row in report["cases"][0]["labels"]} for title, report in zip(titles, reports)}
+    names = list(rows[titles[0]])
+    print(f"{'structure':<14}" + "".join(f"{title + ' Dice':>16}{'HD95 mm':>10}" for title in titles))
     for name in names:
-        line = f"{name:<16}"
-        for report in reports:
-            row = next(r for r in report["mean"] if r["label"] == name)
-            dice = "-" if row["dice"] is None else f"{row['dice']:.3f}"
-            hd = "-" if row["hd95_mm"] is None else f"{row['hd95_mm']:.1f}"
-            line += f"{dice:>16}{hd:>18}"
+        line = f"{name:<14}"
+        for title in titles:
+            row = rows[title][name]
+            if row["note"].startswith("not in the reference"):
+                line += f"{'(not in scan)':>16}{'':>10}"
+                continue
+            hd = "inf" if row["hd95_mm"] == float("inf") else f"{row['hd95_mm']:.1f}"
+            line += f"{row['dice']:>16.3f}{hd:>10}"
         print(line)
 
 

@@ -23,13 +23,20 @@ def _center_of(mask: np.ndarray, fallback: Sequence[int]) -> Tuple[int, int, int
 
 
 def _views(volume: np.ndarray, center: Tuple[int, int, int], spacing_xyz: Sequence[float]) -> List[Tuple[str, np.ndarray, float]]:
-    """(title, 2D slice for imshow with row 0 at the top, aspect) for an array in RAS (z, y, x) order."""
+    """(title, 2D slice for imshow, aspect) for an array in RAS (z, y, x) order, shown as Slicer shows it:
+    radiological convention (patient's right on the left), anterior and superior up, anterior left on
+    the sagittal view. In RAS, index x grows towards the patient's right, y towards anterior, z superior."""
     z, y, x = center
     sx, sy, sz = spacing_xyz
-    axial = volume[z, ::-1, :]  # anterior up
-    coronal = volume[::-1, y, :]  # superior up
-    sagittal = volume[::-1, :, x]  # superior up, posterior -> anterior left to right
+    axial = volume[z, ::-1, ::-1]
+    coronal = volume[::-1, y, ::-1]
+    sagittal = volume[::-1, :, x][:, ::-1]
     return [("axial", axial, sy / sx), ("coronal", coronal, sz / sx), ("sagittal", sagittal, sz / sy)]
+
+
+def _height_ratios(views: List[Tuple[str, np.ndarray, float]]) -> List[float]:
+    """Rows as tall as their physical height (a thin slab gets a short row, not a tall empty one)."""
+    return [max(0.2, picture.shape[0] * aspect / picture.shape[1]) for _, picture, aspect in views]
 
 
 def _color_table(labels: Sequence[Label]) -> Dict[int, Tuple[float, float, float]]:
@@ -59,10 +66,14 @@ def write_overlay_png(
 
     scan = sitk.GetArrayFromImage(reorient(image, "RAS")).astype(np.float32)
     maps = [sitk.GetArrayFromImage(reorient(labelmap, "RAS")) for _, labelmap, _ in columns]
-    first = maps[0] if focus_label is None else (maps[-1] == focus_label)
-    center = _center_of(first > 0, [s // 2 for s in scan.shape])
+    # centre on the reference (the last column) where it has anything, else on the first column
+    focus = next((m > 0 for m in reversed(maps) if m.any()), maps[0] > 0) if focus_label is None else maps[-1] == focus_label
+    center = _center_of(focus, [s // 2 for s in scan.shape])
     spacing = reorient(image, "RAS").GetSpacing()
-    figure, axes = plt.subplots(3, len(columns), figsize=(4.2 * len(columns), 11), dpi=90, squeeze=False)
+    ratios = _height_ratios(_views(scan, center, spacing))
+    figure, axes = plt.subplots(
+        3, len(columns), figsize=(4.2 * len(columns), 4.2 * sum(ratios) + 1.2), dpi=90, squeeze=False, gridspec_kw={"height_ratios": ratios}
+    )
     for column, ((name, _, labels), labelmap) in enumerate(zip(columns, maps)):
         colors = _color_table(labels)
         for row, ((view, picture, aspect), (_, overlay, _)) in enumerate(zip(_views(scan, center, spacing), _views(labelmap, center, spacing))):

@@ -150,6 +150,21 @@ def run_create_bundle_command(args: argparse.Namespace, progress) -> dict:
 # --- commands of the training package, reached through the same program ----------------------------
 
 
+def add_devices_parser(commands) -> None:
+    parser = commands.add_parser("devices", help="list the compute devices torch can use here (JSON)")
+    parser.set_defaults(handler=run_devices_command, progress="none")
+
+
+def run_devices_command(args: argparse.Namespace, progress) -> dict:
+    """One JSON line the Slicer panel reads to fill its device list."""
+    import torch
+
+    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    print(json.dumps({"torch": torch.__version__, "cuda": cuda, "mps": mps}), flush=True)
+    return {}
+
+
 def add_training_parsers(commands) -> None:
     try:
         from training.cli import add_parsers
@@ -167,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_segment_parser(commands)
     add_info_parser(commands)
     add_create_bundle_parser(commands)
+    add_devices_parser(commands)
     from .evaluate import add_parser as add_evaluate_parser
 
     add_evaluate_parser(commands)

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -156,9 +157,11 @@ def score_masks(predicted: np.ndarray, reference: np.ndarray, spacing_zyx: Seque
     predicted, reference = _crop_to_both(predicted, reference)
     y_pred, y = _one_hot(predicted), _one_hot(reference)
     spacing = [float(s) for s in spacing_zyx]
-    dice = float(compute_dice(y_pred, y, include_background=False)[0, 0])
-    hd95 = float(compute_hausdorff_distance(y_pred, y, include_background=False, percentile=95, spacing=spacing)[0, 0])
-    nsd = float(compute_surface_dice(y_pred, y, class_thresholds=[tolerance_mm], include_background=False, spacing=spacing)[0, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # MONAI's own deprecation notice, not the user's concern
+        dice = float(compute_dice(y_pred, y, include_background=False)[0, 0])
+        hd95 = float(compute_hausdorff_distance(y_pred, y, include_background=False, percentile=95, spacing=spacing)[0, 0])
+        nsd = float(compute_surface_dice(y_pred, y, class_thresholds=[tolerance_mm], include_background=False, spacing=spacing)[0, 0])
     return {"dice": dice, "hd95_mm": hd95, "nsd": nsd, **volumes, "note": ""}
 
 
