@@ -231,6 +231,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         progress.close()
         report_error("out of memory: try a smaller --batch-size, a GPU, or a machine with more memory", progress_kind)
         return EXIT_ERROR
+    except OSError as error:  # disk full, file too large, I/O error: the atomic writers left nothing behind
+        progress.close()
+        where = f"{error.filename}: " if error.filename else ""
+        report_error(f"{where}{error.strerror or error}", progress_kind)
+        return EXIT_ERROR
     finally:
         progress.close()
 

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 from .atomic import atomic_path
 from .bundle import Label
 from .errors import MedSegError
-from .geometry import ijk_array, ijk_to_lps
+from .geometry import Grid, ijk_array, ijk_to_lps
 
 IMAGE_ENDINGS = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 LABELMAP_ENDINGS = (".nrrd", ".nii", ".nii.gz", ".mha")
@@ -215,7 +215,29 @@ def write_segmentation(path, label_image: sitk.Image, labels: Sequence[Label]) -
     image = sitk.Cast(label_image, _labelmap_pixel_type(labels))
     with atomic_path(path) as temporary:
         sitk.WriteImage(image, str(temporary), useCompression=True)
+        _verify_written(temporary, image, path)
     return path
+
+
+def _verify_written(temporary: Path, image: sitk.Image, path: Path) -> None:
+    """ITK's writers can report success after a failed write (a full disk truncates a .nii.gz silently):
+    read the file back, through gzip first where it is compressed, before it may replace anything."""
+    import gzip
+    import zlib
+
+    try:
+        if temporary.name.endswith(".gz"):
+            with gzip.open(temporary, "rb") as stream:
+                while stream.read(1 << 20):
+                    pass
+        written = sitk.ReadImage(str(temporary))
+        same = Grid.of(written).matches(Grid.of(image)) and np.array_equal(
+            sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(image)
+        )
+    except (OSError, EOFError, zlib.error, RuntimeError):
+        same = False
+    if not same:
+        raise MedSegError("writing the output failed (disk full or quota reached?); the previous file is unchanged", path)
 
 
 def check_output_type(path: Path) -> None:

@@ -1,0 +1,51 @@
+"""Faults while writing: a full disk (simulated with a file-size limit) and concurrent runs on one folder."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+
+import pytest
+import slicerio
+
+from conftest import MODULE_DIR, REPO, assert_clean_failure
+
+
+def engine(*args: str, limit_bytes: int = None) -> subprocess.Popen:
+    def limit_file_size():
+        if limit_bytes is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, like ENOSPC
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MODULE_DIR), str(REPO)]))
+    return subprocess.Popen(
+        [sys.executable, "-m", "MedSegUNetLib", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        encoding="utf-8", errors="replace", env=environment, preexec_fn=limit_file_size,
+    )
+
+
+@pytest.mark.parametrize("ending", [".seg.nrrd", ".nii.gz"])
+def test_disk_full_while_writing_keeps_the_old_output_and_leaves_no_partial_file(tmp_path, ct_chest, small_bundle, ending):
+    output = tmp_path / f"result{ending}"
+    output.write_bytes(b"the user's earlier result")
+    process = engine("segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--device", "cpu", limit_bytes=200)
+    stdout, stderr = process.communicate(timeout=300)
+    assert_clean_failure(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), output.name)
+    assert output.read_bytes() == b"the user's earlier result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [output.name]  # no temporary left behind
+
+
+def test_concurrent_runs_into_one_folder_do_not_corrupt_each_other(tmp_path, ct_chest, small_bundle):
+    outputs = [tmp_path / "same.seg.nrrd", tmp_path / "same.seg.nrrd", tmp_path / "other.seg.nrrd"]
+    processes = [engine("segment", str(ct_chest), "-m", str(small_bundle), "-o", str(o), "--device", "cpu") for o in outputs]
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.seg.nrrd", "same.seg.nrrd"]
+    for path in set(outputs):
+        segmentation = slicerio.read_segmentation(str(path))  # whole, readable files
+        assert [s["name"] for s in segmentation["segments"]] == ["ribs", "spine"]
+        assert segmentation["voxels"].shape == (128, 128, 34)
