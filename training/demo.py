@@ -159,12 +159,14 @@ def run_demo_command(args: argparse.Namespace, progress) -> dict:
 
 def retrain(model: Path, training_sample, folder: Path, minutes: float, device: str) -> Path:
     """Fine-tune ``model`` on the training scene with a time budget (what Slicer's Retrain runs)."""
+    from MedSegUNetLib.bundle import read_bundle_metadata
     from MedSegUNetLib.cli import build_parser
     from MedSegUNetLib.progress import make_progress
 
+    names = ",".join(label.name for label in read_bundle_metadata(model).labels)  # the model's structures only
     arguments = build_parser().parse_args(
-        ["train", str(training_sample.scene), "-o", str(folder), "--init", str(model), "--max-minutes", str(minutes),
-         "--device", device, "--validate-every", "100"]
+        ["train", str(training_sample.scene), "-o", str(folder), "--init", str(model), "--labels", names,
+         "--max-minutes", str(minutes), "--device", device, "--validate-every", "100"]
     )
     result = arguments.handler(arguments, make_progress("bar"))
     return Path(result["bundle"])
