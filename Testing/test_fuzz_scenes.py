@@ -58,8 +58,13 @@ def test_mutated_mrml_text(tmp_path_factory, data):
     expect_clean(folder / "scene.mrml", folder / "work")
 
 
+MEMBER_NAME = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=30) | st.sampled_from(
+    ["../x.mrml", "/abs/x.mrml", "C:\\x.mrml", "a/../../b.mrml", "s/s.mrml", "s/Data/ct.nrrd", "s/", "./s.mrml"]
+)  # zipfile itself cannot write a name with control characters (its own limit, not a reader input)
+
+
 @FUZZ
-@given(st.lists(st.tuples(st.text(min_size=1, max_size=30), st.binary(max_size=64)), max_size=5, unique_by=lambda member: member[0]))
+@given(st.lists(st.tuples(MEMBER_NAME, st.binary(max_size=64)), max_size=5, unique_by=lambda member: member[0]))
 def test_random_zip_members(tmp_path_factory, members):
     """Zips whose member names are arbitrary text ('..', absolute, drive letters, backslashes ...)."""
     buffer = io.BytesIO()
