@@ -38,8 +38,11 @@ def save_checkpoint(folder: Path, network, optimizer, state: Dict[str, Any]) -> 
         seen.add(key)
         unique[name] = tensor.clone()
     path = Path(folder) / CHECKPOINT
-    with atomic_path(path) as temporary:
-        save_file(unique, str(temporary), metadata={"state": json.dumps(state), "optimizer": json.dumps(scalars)})
+    try:
+        with atomic_path(path) as temporary:
+            save_file(unique, str(temporary), metadata={"state": json.dumps(state), "optimizer": json.dumps(scalars)})
+    except Exception as error:  # safetensors raises its own error type for I/O failures (disk full, folder gone)
+        raise MedSegError(f"could not write the checkpoint ({error}); the previous one is unchanged", path) from None
     return path
 
 

@@ -295,9 +295,14 @@ def save_bundle(path, meta: BundleMeta, network) -> Path:
 
     meta.validate()
     path = Path(path)
-    with atomic_path(path) as temporary:
-        # save_model stores weights that DynUNet registers under two names only once.
-        save_model(network, str(temporary), metadata={METADATA_KEY: meta.to_json()})
+    try:
+        with atomic_path(path) as temporary:
+            # save_model stores weights that DynUNet registers under two names only once.
+            save_model(network, str(temporary), metadata={METADATA_KEY: meta.to_json()})
+    except MedSegError:
+        raise
+    except Exception as error:  # safetensors' own error type for I/O failures (disk full, folder removed)
+        raise MedSegError(f"could not write the bundle ({error}); any previous file is unchanged", path) from None
     return path
 
 
