@@ -1,8 +1,14 @@
-"""The panel's process handling (MedSegUNetLib.childprocess) with real child processes, no Slicer."""
+"""The panel's process handling (MedSegUNetLib.childprocess) with real child processes, no Slicer.
+
+The commands are built by the same functions MedSegUNetLogic calls (segment_command, train_command,
+devices_command) and run on real files; progress is read by polling, as the panel's QTimer does.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -10,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from MedSegUNetLib import childprocess
 from MedSegUNetLib.childprocess import (
     CANCELLED,
     FAILED,
@@ -18,12 +25,18 @@ from MedSegUNetLib.childprocess import (
     ChildProcess,
     SegmentRequest,
     TrainRequest,
+    devices_command,
     engine_environment,
+    parse_devices,
+    parse_record,
     segment_command,
+    split_device,
     train_command,
 )
 
 from conftest import MODULE_DIR, REPO
+
+posix_only = pytest.mark.skipif(os.name == "nt", reason="process groups and /proc are POSIX")
 
 
 def run_to_end(process: ChildProcess, timeout: float = 300) -> list:
@@ -36,82 +49,246 @@ def run_to_end(process: ChildProcess, timeout: float = 300) -> list:
     return records + process.poll()
 
 
+def wait_for_records(process: ChildProcess, timeout: float = 120) -> list:
+    deadline = time.monotonic() + timeout
+    while True:
+        records = process.poll()
+        if records:
+            return records
+        assert process.state == RUNNING, process.log_text()
+        assert time.monotonic() < deadline, process.log_text()
+        time.sleep(0.05)
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     try:  # a zombie (ended, not yet reaped by its parent) counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def living_members_of_group(pgid: int) -> list:
+    """Processes (zombies aside: a container's init may never reap them) in process group `pgid`."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().split(")")[-1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def wait_gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not alive(pid)
+
+
+def spawning_script(pid_file: Path, then: str) -> str:
+    """A child that starts a sleeping grandchild (sharing its stdout), reports progress, then does `then`."""
+    return textwrap.dedent(
+        f"""
+        import json, signal, subprocess, sys, time
+        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        open({str(pid_file)!r}, "w").write(str(grandchild.pid))
+        print(json.dumps({{"stage": "predict", "done": 1, "total": 9, "message": "window 1"}}), flush=True)
+        {then}
+        """
+    )
+
+
+# --- the commands the Logic builds, run on real files --------------------------------------------------
 
 
 def test_the_segment_command_the_panel_builds_runs_on_a_real_file(tmp_path, ct_chest, small_bundle):
     output = tmp_path / "result.seg.nrrd"
     command = segment_command(SegmentRequest([ct_chest], small_bundle, output, device="cpu", overlap=0.25), python=sys.executable)
-    assert command[1:4] == ["-m", "MedSegUNetLib", "segment"] and command[-2:] == ["--progress", "json"]
-    assert "--no-tta" in command and "--largest-component" in command
+    assert command == [
+        sys.executable, "-m", "MedSegUNetLib", "segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output),
+        "--device", "cpu", "--overlap", "0.25", "--no-tta", "--largest-component", "--progress", "json",
+    ]
     process = ChildProcess(command, engine_environment(MODULE_DIR), cwd=tmp_path)
     records = run_to_end(process)
     assert process.state == SUCCEEDED, process.log_text()
     stages = [r["stage"] for r in records]
     assert stages[0] == "read" and stages[-1] == "done" and {"predict", "restore", "write"} <= set(stages)
     assert all(set(r) >= {"stage", "done", "total", "message"} for r in records)
+    predict = [r for r in records if r["stage"] == "predict"]
+    assert predict[-1]["done"] == predict[-1]["total"] > 0  # the bar reaches its end
     assert output.exists() and process.result["stage"] == "done"
+    import slicerio
+
+    segmentation = slicerio.read_segmentation(str(output))
+    assert [s["name"] for s in segmentation["segments"]] == ["ribs", "spine"]
     assert "segment" in process.log_text().splitlines()[0]  # the log starts with the command
+
+
+def test_options_reach_the_command_line():
+    request = SegmentRequest([Path("a.nrrd"), Path("b.nrrd")], Path("m.safetensors"), Path("o.seg.nrrd"),
+                             device="cuda:1", overlap=0.6, tta=True, largest_component=False)
+    command = segment_command(request, python="PythonSlicer")
+    assert command[:6] == ["PythonSlicer", "-m", "MedSegUNetLib", "segment", "a.nrrd", "b.nrrd"]
+    assert command[command.index("--device") + 1] == "cuda"  # the GPU is picked by CUDA_VISIBLE_DEVICES
+    assert "--tta" in command and "--no-largest-component" in command and command[command.index("--overlap") + 1] == "0.6"
+    assert engine_environment(MODULE_DIR, base={}, device="cuda:1")["CUDA_VISIBLE_DEVICES"] == "1"
+    assert "CUDA_VISIBLE_DEVICES" not in engine_environment(MODULE_DIR, base={}, device="auto")
+    assert split_device("MPS") == ("mps", None)
+    with pytest.raises(ValueError):
+        split_device("tpu")
+    with pytest.raises(ValueError):
+        segment_command(SegmentRequest([Path("a")], Path("m"), Path("o"), device="cuda:x"))
+    train = train_command(TrainRequest([Path("s.mrb")], Path("out"), init=None, max_minutes=2.5, max_steps=0), python="P")
+    assert train == ["P", "-m", "training", "train", "s.mrb", "-o", "out", "--max-minutes", "2.5", "--device", "auto", "--progress", "json"]
 
 
 def test_a_failing_run_surfaces_the_engines_one_line_message(tmp_path, small_bundle):
     command = segment_command(SegmentRequest([tmp_path / "missing.nrrd"], small_bundle, tmp_path / "o.seg.nrrd"), python=sys.executable)
     process = ChildProcess(command, engine_environment(MODULE_DIR))
-    run_to_end(process)
-    assert process.state == FAILED
+    records = run_to_end(process)
+    assert process.state == FAILED and process.process.returncode == 1
     assert process.error_message.endswith("missing.nrrd: input not found"), process.error_message
     assert "\n" not in process.error_message
+    assert records[-1]["stage"] == "error"
+    assert "medsegunet: error:" in process.log_text()  # the full log has stderr too
+    assert list(tmp_path.iterdir()) == []
 
 
+def test_a_bundle_that_is_not_a_bundle_fails_with_one_line(tmp_path, ct_chest):
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(b"\x80\x04K\x01.")  # a pickle, not a safetensors file
+    process = ChildProcess(segment_command(SegmentRequest([ct_chest], fake, tmp_path / "o.seg.nrrd", device="cpu"), python=sys.executable),
+                           engine_environment(MODULE_DIR))
+    run_to_end(process)
+    assert process.state == FAILED
+    assert "fake.safetensors" in process.error_message and "\n" not in process.error_message
+
+
+def test_a_crash_without_a_message_still_says_something():
+    process = ChildProcess([sys.executable, "-c", "import sys; print('halfway'); sys.stderr.write('Traceback: boom\\n'); sys.exit(3)"])
+    run_to_end(process, timeout=60)
+    assert process.state == FAILED and process.error_message == "Traceback: boom"
+
+
+@posix_only
+def test_a_child_killed_by_a_signal_is_a_failure_not_a_cancel():
+    """The OOM killer's SIGKILL is not the user's Cancel: the panel must say what happened."""
+    process = ChildProcess([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    run_to_end(process, timeout=60)
+    assert process.state == FAILED
+    assert process.error_message == "the engine was killed by SIGKILL (out of memory?)"
+
+
+def test_the_devices_command_lists_what_torch_sees():
+    process = ChildProcess(devices_command(python=sys.executable), engine_environment(MODULE_DIR))
+    assert process.wait(timeout=120) == SUCCEEDED, process.log_text()
+    line = next(line for line in process.log_lines if line.startswith("{"))
+    import torch
+
+    expected = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    assert [label for label, _ in parse_devices(process.log_lines) if label.startswith("GPU")] == [
+        f"GPU {i}: {name}" for i, name in enumerate(expected)
+    ]
+    assert json.loads(line)["cuda"] == expected
+    assert parse_devices(['noise', '{"torch": "2", "cuda": ["A100", "H100"], "mps": false}']) == [
+        ("GPU 0: A100", "cuda:0"), ("GPU 1: H100", "cuda:1")
+    ]
+    assert parse_devices(['{"torch": "2", "cuda": [], "mps": true}']) == [("Apple GPU (MPS)", "mps")]
+    assert parse_devices(["Traceback ...", "ModuleNotFoundError: No module named 'torch'"]) == []
+
+
+def test_progress_lines_are_told_apart_from_other_output():
+    assert parse_record('{"stage": "predict", "done": 1, "total": 2, "message": ""}')["done"] == 1
+    assert parse_record('{"torch": "2.3"}') is None and parse_record("[1, 2]") is None
+    assert parse_record("{not json") is None and parse_record("Downloading ...") is None
+
+
+def test_records_arrive_while_the_child_runs():
+    """The reader thread hands records over as they are printed, not when the child ends."""
+    script = "import json, time\nfor i in range(3):\n    print(json.dumps({'stage': 's', 'done': i, 'total': 3, 'message': ''}), flush=True)\ntime.sleep(60)"
+    process = ChildProcess([sys.executable, "-c", script])
+    try:
+        seen = []
+        deadline = time.monotonic() + 30
+        while len(seen) < 3:
+            assert time.monotonic() < deadline
+            seen += process.poll()
+            time.sleep(0.02)
+        assert [r["done"] for r in seen] == [0, 1, 2] and process.state == RUNNING
+    finally:
+        process.cancel(grace_seconds=1)
+        process.wait(timeout=30)
+
+
+def test_the_log_keeps_the_most_recent_lines(monkeypatch):
+    monkeypatch.setattr(childprocess, "LOG_LINES_KEPT", 50)
+    process = ChildProcess([sys.executable, "-c", "for i in range(200): print('line', i)"])
+    assert process.wait(timeout=60) == SUCCEEDED
+    text = process.log_text().splitlines()
+    assert text[1] == "[150 earlier lines not kept]" and text[-1] == "line 199" and len(text) == 52
+
+
+# --- cancel ----------------------------------------------------------------------------------------------
+
+
+@posix_only
 def test_cancel_ends_the_whole_process_tree(tmp_path):
     """A child that started a grandchild: Cancel must end both (Slicer would otherwise keep a GPU busy)."""
-    script = textwrap.dedent(
-        f"""
-        import json, subprocess, sys, time
-        grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-        open({str(tmp_path / 'pids')!r}, "w").write(str(grandchild.pid))
-        print(json.dumps({{"stage": "predict", "done": 1, "total": 9, "message": "window 1"}}), flush=True)
-        time.sleep(120)
-        """
-    )
-    process = ChildProcess([sys.executable, "-c", script])
-    deadline = time.monotonic() + 60
-    records = []
-    while not records:
-        assert time.monotonic() < deadline
-        records = process.poll()
-        time.sleep(0.05)
+    process = ChildProcess([sys.executable, "-c", spawning_script(tmp_path / "pid", "time.sleep(120)")])
+    records = wait_for_records(process)
     assert records[0]["message"] == "window 1"
-    grandchild = int((tmp_path / "pids").read_text())
+    grandchild = int((tmp_path / "pid").read_text())
     assert alive(grandchild)
     started = time.monotonic()
     process.cancel(grace_seconds=2)
+    assert time.monotonic() - started < 0.5  # Cancel returns at once: the UI thread never waits
     assert process.wait(timeout=30) == CANCELLED
     assert time.monotonic() - started < 15
-    deadline = time.monotonic() + 10
-    while alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(grandchild)
+    assert wait_gone(grandchild)
+    assert living_members_of_group(process.process.pid) == []  # nothing is left in the run's process group
 
 
-def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period():
-    script = "import signal, time, json; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(json.dumps({'stage': 'x', 'done': 0, 'total': 1, 'message': ''}), flush=True); time.sleep(120)"
-    process = ChildProcess([sys.executable, "-c", script])
-    while not process.poll():
+@posix_only
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path):
+    then = "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('{\"stage\": \"x\", \"done\": 0, \"total\": 1, \"message\": \"\"}', flush=True); time.sleep(120)"
+    process = ChildProcess([sys.executable, "-c", spawning_script(tmp_path / "pid", then)])
+    while not any(r["stage"] == "x" for r in process.poll()):
+        assert process.state == RUNNING, process.log_text()
         time.sleep(0.05)
+    grandchild = int((tmp_path / "pid").read_text())
     started = time.monotonic()
     process.cancel(grace_seconds=1)
+    assert process.state == RUNNING  # still in its grace period
     assert process.wait(timeout=30) == CANCELLED and time.monotonic() - started < 10
+    assert process.process.returncode == -signal.SIGKILL
+    assert wait_gone(grandchild)
 
 
+@posix_only
+def test_a_grandchild_left_holding_the_pipes_does_not_hang_the_panel(tmp_path):
+    """The engine exits 0 but something it started keeps stdout open: the run still ends, the leftover goes."""
+    process = ChildProcess([sys.executable, "-c", spawning_script(tmp_path / "pid", "sys.exit(0)")])
+    started = time.monotonic()
+    run_to_end(process, timeout=60)
+    assert process.state == SUCCEEDED
+    assert time.monotonic() - started < childprocess.READER_GRACE_SECONDS + 10
+    assert wait_gone(int((tmp_path / "pid").read_text()))
+
+
+def test_cancel_after_the_end_changes_nothing():
+    process = ChildProcess([sys.executable, "-c", "print('{\"stage\": \"done\", \"done\": 1, \"total\": 1, \"message\": \"ok\"}')"])
+    assert process.wait(timeout=60) == SUCCEEDED
+    process.cancel()
+    assert process.state == SUCCEEDED and not process.cancelled and process.result["message"] == "ok"
+
+
+@posix_only
 def test_cancelling_a_real_segment_run_leaves_no_output(tmp_path, ct_chest, small_bundle):
     output = tmp_path / "result.seg.nrrd"
     request = SegmentRequest([ct_chest], small_bundle, output, device="cpu", tta=True)
@@ -123,21 +300,29 @@ def test_cancelling_a_real_segment_run_leaves_no_output(tmp_path, ct_chest, smal
     assert process.wait(timeout=60) == CANCELLED
     assert process.process.returncode == 130  # the engine's own clean exit, not a SIGKILL
     assert list(tmp_path.iterdir()) == []  # no output, no temporary
+    assert any('"stage": "cancelled"' in line for line in process.log_lines)
 
 
-def test_the_train_command_the_panel_builds_writes_a_bundle(tmp_path, ct_chest, chest_segmentation):
+# --- retrain -------------------------------------------------------------------------------------------------
+
+
+def test_the_train_command_the_panel_builds_writes_a_bundle(tmp_path, ct_chest, chest_segmentation, small_bundle):
+    """What Retrain does: the pairs saved as a scene, `training train` fine-tuning the selected model."""
+    from MedSegUNetLib.bundle import read_bundle_metadata
     from training.scene_writer import ScenePair, write_mrml_scene
 
     scene = write_mrml_scene(tmp_path / "scene", "annotations", [ScenePair("ct", ct_chest, chest_segmentation, "seg")])
-    request = TrainRequest([scene], tmp_path / "model", max_steps=2, device="cpu",
-                           extra=["--spacing", "6", "6", "6", "--patch-size", "32", "32", "16", "--filters", "4"])
+    request = TrainRequest([scene], tmp_path / "model", init=small_bundle, max_steps=2, device="cpu")
     command = train_command(request, python=sys.executable)
-    assert command[1:4] == ["-m", "MedSegUNetLib", "train"] and "--max-steps" in command
+    assert command[1:4] == ["-m", "training", "train"] and command[command.index("--init") + 1] == str(small_bundle)
     process = ChildProcess(command, engine_environment(MODULE_DIR))
     records = run_to_end(process, timeout=600)
     assert process.state == SUCCEEDED, process.log_text()[-3000:]
     assert any(r["stage"] == "train" and "loss" in r for r in records)
-    assert Path(process.result["bundle"]) == tmp_path / "model" / "model.safetensors"
+    bundle = Path(process.result["bundle"])
+    assert bundle == tmp_path / "model" / "model.safetensors" and bundle.is_file()
+    names = [label.name for label in read_bundle_metadata(bundle).labels]
+    assert names[:2] == ["ribs", "spine"]  # the initial model's labels are kept
 
 
 def test_engine_environment_finds_both_packages(tmp_path):
@@ -148,3 +333,13 @@ def test_engine_environment_finds_both_packages(tmp_path):
     installed = tmp_path / "qt-scripted-modules"  # an installed extension: training beside MedSegUNetLib
     installed.mkdir()
     assert engine_environment(installed, base={})["PYTHONPATH"] == str(installed.resolve())
+
+
+def test_engine_python_prefers_pythonslicer(tmp_path, monkeypatch):
+    assert childprocess.engine_python() == sys.executable  # no Slicer here
+    launcher = tmp_path / "PythonSlicer"
+    launcher.write_text("#!/bin/sh\n")
+    launcher.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.environ.get("PATH", ""))
+    if os.name != "nt":
+        assert childprocess.engine_python() == str(launcher)

@@ -2,11 +2,19 @@
 
 Plain Python (no Slicer, no Qt, no torch) so that it is tested here with real processes. The panel
 starts a :class:`ChildProcess`, polls :meth:`ChildProcess.poll` from a QTimer (never blocking the UI
-thread) and calls :meth:`ChildProcess.cancel`, which ends the whole process tree.
+thread) and calls :meth:`ChildProcess.cancel`, which returns at once and ends the whole process tree:
+SIGTERM to the child's process group (the engine removes its temporaries and exits 130), SIGKILL to the
+group after a grace period. On Windows the tree is ended with ``taskkill /T /F``.
+
+The progress protocol is MedSegUNetLib.progress's: one JSON object per stdout line,
+``{"stage", "done", "total", "message", ...}``; the last line of a successful run has stage ``done``, a
+failed run prints stage ``error`` with the engine's one-line message (also on stderr as
+``medsegunet: error: ...``). Exit codes are MedSegUNetLib.errors's: 0, 1 (error), 2 (usage), 130 (cancelled).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import queue
@@ -18,23 +26,49 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
 EXIT_CANCELLED = 130
+ERROR_PREFIX = "medsegunet: error: "
+LOG_LINES_KEPT = 20000  # a long training run prints a line per step: keep the most recent ones
+READER_GRACE_SECONDS = 3.0  # after the engine has exited, how long a leftover grandchild may hold its pipes
+
+
+# --- where the engine runs -------------------------------------------------------------------------
 
 
 def engine_python() -> str:
-    """Slicer's ``PythonSlicer`` (Slicer's Python with its environment), else this interpreter."""
-    found = shutil.which("PythonSlicer") or shutil.which("PythonSlicer", path=str(Path(sys.executable).parent))
+    """Slicer's ``PythonSlicer`` (Slicer's Python with its environment), else this interpreter.
+
+    In Slicer, PythonSlicer is on PATH and beside ``sys.executable``; outside Slicer (tests, scripts)
+    the current interpreter runs the engine."""
+    beside = str(Path(sys.executable).parent)
+    found = shutil.which("PythonSlicer") or shutil.which("PythonSlicer", path=beside)
     return found or sys.executable
 
 
-def engine_environment(module_dir: Path, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+def split_device(device: Optional[str]) -> Tuple[str, Optional[str]]:
+    """The panel's device choice -> (the engine's ``--device``, the CUDA_VISIBLE_DEVICES it needs).
+
+    The engine takes auto/cpu/cuda/mps; a particular GPU ("cuda:1") is chosen by making it the only one
+    the child sees."""
+    device = (device or "auto").strip().lower()
+    if device.startswith("cuda:"):
+        index = device.split(":", 1)[1]
+        if not index.isdigit():
+            raise ValueError(f"not a CUDA device: {device!r}")
+        return "cuda", index
+    if device not in ("auto", "cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N or mps)")
+    return device, None
+
+
+def engine_environment(module_dir: Path, base: Optional[Dict[str, str]] = None, device: Optional[str] = None) -> Dict[str, str]:
     """The environment that makes ``MedSegUNetLib`` and ``training`` importable in the child.
 
     Installed extension: both packages sit in the module folder. Source checkout: ``training`` sits one
-    level above ``MedSegUNet/``."""
+    level above ``MedSegUNet/``. ``device`` "cuda:N" restricts the child to that GPU."""
     environment = dict(os.environ if base is None else base)
     module_dir = Path(module_dir).resolve()
     paths = [str(module_dir)]
@@ -44,15 +78,22 @@ def engine_environment(module_dir: Path, base: Optional[Dict[str, str]] = None) 
         paths.append(environment["PYTHONPATH"])
     environment["PYTHONPATH"] = os.pathsep.join(paths)
     environment["PYTHONUNBUFFERED"] = "1"  # progress lines must arrive as they are printed
+    environment["PYTHONIOENCODING"] = "utf-8"  # segment names are not ASCII everywhere
+    _, visible = split_device(device)
+    if visible is not None:
+        environment["CUDA_VISIBLE_DEVICES"] = visible
     return environment
+
+
+# --- the command lines -----------------------------------------------------------------------------
 
 
 @dataclass
 class SegmentRequest:
-    inputs: Sequence[Path]
+    inputs: Sequence[Path]  # one image per model input channel
     model: Path
-    output: Path
-    device: str = "auto"
+    output: Path  # a .seg.nrrd
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     overlap: float = 0.5
     tta: bool = False
     largest_component: bool = True
@@ -60,91 +101,127 @@ class SegmentRequest:
 
 def segment_command(request: SegmentRequest, python: Optional[str] = None) -> List[str]:
     """``PythonSlicer -m MedSegUNetLib segment ... --progress json``, exactly as the panel runs it."""
+    device, _ = split_device(request.device)
     command = [python or engine_python(), "-m", "MedSegUNetLib", "segment", *map(str, request.inputs)]
-    command += ["-m", str(request.model), "-o", str(request.output), "--device", request.device]
+    command += ["-m", str(request.model), "-o", str(request.output), "--device", device]
     command += ["--overlap", f"{request.overlap:g}", "--tta" if request.tta else "--no-tta"]
-    command += ["--largest-component" if request.largest_component else "--no-largest-component", "--progress", "json"]
-    return command
+    command += ["--largest-component" if request.largest_component else "--no-largest-component"]
+    return command + ["--progress", "json"]
 
 
 @dataclass
 class TrainRequest:
-    data: Sequence[Path]  # scenes (.mrb/.mrml) or folders
-    output: Path
-    init: Optional[Path] = None
+    data: Sequence[Path]  # scenes (.mrb/.mrml), folders of .mrb files, MSD / nnU-Net folders
+    output: Path  # a folder; the bundle is OUTPUT/model.safetensors
+    init: Optional[Path] = None  # fine-tune this bundle; None trains from scratch
     max_minutes: Optional[float] = None
     max_steps: Optional[int] = None
     device: str = "auto"
-    extra: List[str] = field(default_factory=list)
+    extra: List[str] = field(default_factory=list)  # more `train` options (tests: a tiny network)
 
 
 def train_command(request: TrainRequest, python: Optional[str] = None) -> List[str]:
-    command = [python or engine_python(), "-m", "MedSegUNetLib", "train", *map(str, request.data), "-o", str(request.output)]
+    """``PythonSlicer -m training train DATA... -o OUT --progress json``, exactly as Retrain runs it."""
+    device, _ = split_device(request.device)
+    command = [python or engine_python(), "-m", "training", "train", *map(str, request.data), "-o", str(request.output)]
     if request.init:
         command += ["--init", str(request.init)]
     if request.max_minutes:
         command += ["--max-minutes", f"{request.max_minutes:g}"]
     if request.max_steps:
-        command += ["--max-steps", str(request.max_steps)]
-    return command + ["--device", request.device, *request.extra, "--progress", "json"]
+        command += ["--max-steps", str(int(request.max_steps))]
+    return command + ["--device", device, *request.extra, "--progress", "json"]
+
+
+def devices_command(python: Optional[str] = None) -> List[str]:
+    """``PythonSlicer -m MedSegUNetLib devices``: one JSON line naming the GPUs torch sees."""
+    return [python or engine_python(), "-m", "MedSegUNetLib", "devices"]
+
+
+def parse_devices(lines: Iterable[str]) -> List[Tuple[str, str]]:
+    """(label, device) pairs for the panel's device list from the ``devices`` output (GPUs only)."""
+    for line in lines:
+        try:
+            found = json.loads(line)
+        except (json.JSONDecodeError, TypeError):
+            continue
+        if isinstance(found, dict) and "cuda" in found:
+            return devices_from_names(found.get("cuda") or [], bool(found.get("mps")))
+    return []
+
+
+def devices_from_names(cuda_names: Sequence[str], mps: bool) -> List[Tuple[str, str]]:
+    devices = [(f"GPU {index}: {name}", f"cuda:{index}") for index, name in enumerate(cuda_names)]
+    if mps:
+        devices.append(("Apple GPU (MPS)", "mps"))
+    return devices
+
+
+# --- one run -----------------------------------------------------------------------------------------
 
 
 class ChildProcess:
-    """One engine run: its progress records, its log, and how it ended."""
+    """One engine run: its progress records, its log, and how it ended.
+
+    Background threads read stdout and stderr; they only parse, queue and log. Everything public is
+    meant for the UI thread and returns at once, except :meth:`wait` (tests and scripts)."""
 
     def __init__(self, command: Sequence[str], environment: Optional[Dict[str, str]] = None, cwd: Optional[Path] = None):
-        self.command = list(command)
+        self.command = [str(part) for part in command]
         self.records: "queue.Queue[dict]" = queue.Queue()
-        self.log_lines: List[str] = []
+        self.log_lines: Deque[str] = collections.deque(maxlen=LOG_LINES_KEPT)
+        self.lines_dropped = 0
         self.last_error: Optional[str] = None
-        self.result: Optional[dict] = None
+        self.last_stderr: Optional[str] = None  # a crash's last word (a traceback ends there)
+        self.result: Optional[dict] = None  # the final "done" record
         self._cancelled = False
+        self._exited_at: Optional[float] = None
         self._lock = threading.Lock()
-        options = {"start_new_session": True} if os.name != "nt" else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
         self.process = subprocess.Popen(
             self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=environment,
-            cwd=str(cwd) if cwd else None, text=True, encoding="utf-8", errors="replace", bufsize=1, **options,
+            cwd=str(cwd) if cwd else None, text=True, encoding="utf-8", errors="replace", bufsize=1, **_new_group_options(),
         )
         self._readers = [
-            threading.Thread(target=self._read_stdout, daemon=True),
-            threading.Thread(target=self._read_stderr, daemon=True),
+            threading.Thread(target=self._read_stdout, name="engine-stdout", daemon=True),
+            threading.Thread(target=self._read_stderr, name="engine-stderr", daemon=True),
         ]
         for reader in self._readers:
             reader.start()
 
-    # --- background threads: they only parse and queue, the UI thread reads the queue ---
+    # --- background threads ---
 
     def _log(self, line: str) -> None:
         with self._lock:
+            if len(self.log_lines) == self.log_lines.maxlen:
+                self.lines_dropped += 1
             self.log_lines.append(line)
 
     def _read_stdout(self) -> None:
         for line in self.process.stdout:
-            line = line.rstrip("\n")
+            line = line.rstrip("\r\n")
             self._log(line)
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+            record = parse_record(line)
+            if record is None:
                 continue  # a plain line (a library's print): kept in the log only
-            if not isinstance(record, dict) or "stage" not in record:
-                continue
             if record["stage"] == "error":
-                self.last_error = str(record.get("message", ""))
+                self.last_error = str(record.get("message", "")).strip() or self.last_error
             elif record["stage"] == "done":
                 self.result = record
             self.records.put(record)
 
     def _read_stderr(self) -> None:
         for line in self.process.stderr:
-            line = line.rstrip("\n")
+            line = line.rstrip("\r\n")
             self._log(line)
-            if line.startswith("medsegunet: error: ") and self.last_error is None:
-                self.last_error = line[len("medsegunet: error: ") :]
+            if line.strip():
+                self.last_stderr = line.strip()
+            if line.startswith(ERROR_PREFIX) and self.last_error is None:
+                self.last_error = line[len(ERROR_PREFIX):].strip()
 
-    # --- called from the UI thread ---
+    # --- for the UI thread: none of these block ---
 
     def poll(self) -> List[dict]:
-        """Progress records that arrived since the last call (never blocks)."""
+        """Progress records that arrived since the last call."""
         records = []
         while True:
             try:
@@ -155,50 +232,116 @@ class ChildProcess:
     @property
     def state(self) -> str:
         code = self.process.poll()
-        if code is None or any(reader.is_alive() for reader in self._readers):
+        if code is None or not self._readers_done():
             return RUNNING
-        if self._cancelled or code in (EXIT_CANCELLED, -signal.SIGTERM, -signal.SIGINT, -getattr(signal, "SIGKILL", 9)):
+        if code == 0:
+            return SUCCEEDED  # it finished before a late Cancel reached it: the result is there
+        if code == EXIT_CANCELLED or self._cancelled:
             return CANCELLED
-        return SUCCEEDED if code == 0 else FAILED
+        return FAILED
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
 
     @property
     def error_message(self) -> str:
-        """The engine's one-line message, or the last line it wrote when it died another way."""
+        """The engine's one-line message, or what is known when it died another way."""
         if self.last_error:
             return self.last_error
-        lines = [line for line in self.log_text().splitlines() if line.strip()]
-        return lines[-1] if lines else f"exited with code {self.process.returncode}"
+        code = self.process.returncode
+        if code is not None and code < 0:
+            name = _signal_name(-code)
+            return f"the engine was killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+        if self.last_stderr:
+            return self.last_stderr
+        with self._lock:
+            lines = [line for line in self.log_lines if line.strip()]
+        return lines[-1].strip() if lines else f"the engine exited with code {code}"
 
     def log_text(self) -> str:
+        """The command line, then everything the engine wrote (stdout and stderr as they came)."""
         with self._lock:
-            return "\n".join([" ".join(self.command), *self.log_lines])
+            head = [subprocess.list2cmdline(self.command) if os.name == "nt" else " ".join(self.command)]
+            if self.lines_dropped:
+                head.append(f"[{self.lines_dropped} earlier lines not kept]")
+            return "\n".join(head + list(self.log_lines))
 
     def cancel(self, grace_seconds: float = 5.0) -> None:
-        """SIGTERM to the whole process group (the engine cleans up and exits 130), SIGKILL if it lingers."""
-        if self.process.poll() is not None:
+        """End the whole process tree; returns at once (a thread escalates to SIGKILL after the grace)."""
+        with self._lock:
+            if self._cancelled or self.process.poll() is not None:
+                return
+            self._cancelled = True
+        if os.name == "nt":
+            self._end_tree()  # a console-less child cannot get CTRL_BREAK: end it now
             return
-        self._cancelled = True
-        self._signal_group(signal.SIGTERM if os.name != "nt" else signal.CTRL_BREAK_EVENT)
-        deadline = time.monotonic() + grace_seconds
-        while self.process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self.process.poll() is None:
-            self._signal_group(getattr(signal, "SIGKILL", signal.SIGTERM))
-        self._signal_group(getattr(signal, "SIGKILL", signal.SIGTERM))  # grandchildren that outlived the engine
-        self.process.wait(timeout=10)
-
-    def _signal_group(self, which) -> None:
-        try:
-            if os.name == "nt":
-                self.process.send_signal(which)
-            else:
-                os.killpg(self.process.pid, which)
-        except (ProcessLookupError, PermissionError, OSError):
-            pass  # already gone
+        self._signal_group(signal.SIGTERM)
+        threading.Thread(target=self._escalate, args=(grace_seconds,), name="engine-cancel", daemon=True).start()
 
     def wait(self, timeout: Optional[float] = None) -> str:
-        """Block until the end (tests and scripts; the panel polls instead)."""
+        """Block until the end (tests and scripts; the panel polls :attr:`state` instead)."""
         self.process.wait(timeout=timeout)
-        for reader in self._readers:
-            reader.join(timeout=10)
+        deadline = time.monotonic() + READER_GRACE_SECONDS + 5
+        while self.state == RUNNING and time.monotonic() < deadline:
+            time.sleep(0.05)
         return self.state
+
+    # --- internals ---
+
+    def _readers_done(self) -> bool:
+        """True once both pipes are drained; a grandchild left holding them is ended after a grace."""
+        if not any(reader.is_alive() for reader in self._readers):
+            return True
+        if self._exited_at is None:
+            self._exited_at = time.monotonic()
+        if time.monotonic() - self._exited_at < READER_GRACE_SECONDS:
+            return False
+        self._end_tree()  # the engine is gone; whatever it left behind in its group is ours to end
+        for reader in self._readers:
+            reader.join(timeout=0.5)
+        return True
+
+    def _escalate(self, grace_seconds: float) -> None:
+        try:
+            self.process.wait(timeout=grace_seconds)
+        except subprocess.TimeoutExpired:
+            pass
+        self._end_tree()  # the engine if it ignored SIGTERM, and any grandchild that outlived it
+
+    def _end_tree(self) -> None:
+        if os.name == "nt":
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(self.process.pid)], capture_output=True, **_new_group_options())
+        else:
+            self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, which: int) -> None:
+        try:
+            os.killpg(self.process.pid, which)  # the child leads its own session and process group
+        except (ProcessLookupError, PermissionError):
+            pass  # already gone
+
+
+def parse_record(line: str) -> Optional[dict]:
+    """A progress record, or None for any other line."""
+    if not line.startswith("{"):
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("stage"), str) else None
+
+
+def _new_group_options() -> dict:
+    """The child in a process group of its own (so Cancel reaches its children), without a console window."""
+    if os.name == "nt":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)}
+    return {"start_new_session": True}
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
