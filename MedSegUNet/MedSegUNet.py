@@ -1,20 +1,21 @@
 """MedSegUNet: U-Net segmentation of CT and MRI volumes in 3D Slicer, with a local edit-and-retrain loop.
 
 Thin glue between Slicer and the engine (MedSegUNetLib, run as a child process with PythonSlicer):
-nodes become files, files become nodes, progress is read without blocking the UI. Nothing here imports
-torch or MONAI: Slicer starts as fast with this module as without it.
+nodes become files, files become nodes, progress is read without blocking the UI. All process handling
+(command lines, progress reading, cancel of the whole process tree) is MedSegUNetLib.childprocess's,
+which is plain Python tested outside Slicer. Nothing here imports torch, MONAI or numpy at module level:
+Slicer starts as fast with this module as without it.
 """
 
-from __future__ import annotations
-
+import importlib
 import importlib.util
-import json
 import logging
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional, Tuple
 
 import qt
 import slicer
@@ -36,22 +37,19 @@ from MedSegUNetLib.childprocess import (
     ChildProcess,
     SegmentRequest,
     TrainRequest,
+    devices_command,
+    devices_from_names,
     engine_environment,
     engine_python,
+    parse_devices,
     segment_command,
     train_command,
 )
 
-try:
-    from typing import Annotated
-except ImportError:  # Python < 3.9 is older than any Slicer this module supports
-    from typing_extensions import Annotated
-
 MODULE_DIR = Path(__file__).resolve().parent
-if (MODULE_DIR.parent / "training").is_dir() and str(MODULE_DIR.parent) not in sys.path:
-    sys.path.append(str(MODULE_DIR.parent))  # a source checkout: training/ sits beside MedSegUNet/
-SETTINGS_MODELS = "MedSegUNet/UserModels"
-# What the engine needs in Slicer's Python. Kept equal to pyproject.toml's dependencies by a test.
+USER_MODELS_KEY = "MedSegUNet/UserModels"  # qt.QSettings: the bundles the user added or trained
+# What the engine needs in Slicer's Python; a test keeps these equal to pyproject.toml's dependencies.
+TORCH_REQUIREMENT = "torch>=2.3,<3"
 ENGINE_REQUIREMENTS = [
     "numpy>=1.24,<3",
     "monai>=1.4,<1.7",
@@ -74,16 +72,22 @@ def distributionName(requirement: str) -> str:
     return requirement.strip()
 
 
+def modelLabel(path: Path) -> str:
+    """What the model list shows: the file name, or the folder's for a trained OUTDIR/model.safetensors."""
+    return path.parent.name if path.stem == "model" else path.stem
+
+
 class MedSegUNet(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "MedSegUNet"
         self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = []
+        self.parent.dependencies = []  # the PyTorch extension is used when present, not required
         self.parent.contributors = ["MedSegUNet developers"]
         self.parent.helpText = (
             "Segment CT and MRI volumes with U-Net models, fix the result in the Segment Editor, and retrain "
-            "the model from your annotated scenes, locally. The model runs in a background process: Slicer stays responsive."
+            "the model from your annotated scenes, locally. The model runs in a background process, so Slicer "
+            "stays responsive; Cancel ends it. The first Segment or Retrain offers to install PyTorch and MONAI."
         )
         self.parent.acknowledgementText = (
             "Built on MONAI, PyTorch, SimpleITK and slicerio. The shipped model was trained on sample scans from the "
@@ -96,13 +100,15 @@ class MedSegUNet(ScriptedLoadableModule):
 
 @parameterNodeWrapper
 class MedSegUNetParameterNode:
+    """The panel's state, bound to the widgets whose SlicerParameterName is the field's name."""
+
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     useTTA: bool = False
     largestComponent: bool = True
     overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
-    retrainMinutes: Annotated[float, WithinRange(0.5, 1440.0)] = 10.0
     retrainFromScratch: bool = False
+    retrainMinutes: Annotated[float, WithinRange(0.5, 1440.0)] = 10.0
     retrainSteps: Annotated[int, WithinRange(0, 1000000)] = 0
 
 
@@ -113,12 +119,11 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic: Optional[MedSegUNetLogic] = None
-        self._parameterNode: Optional[MedSegUNetParameterNode] = None
+        self.logic = None
+        self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self.timer = qt.QTimer()
-        self.timer.setInterval(200)
-        self.devicesProbe: Optional[ChildProcess] = None
+        self.timer = None
+        self.cancelling = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -127,9 +132,19 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedSegUNetLogic()
+        self.timer = qt.QTimer()
+        self.timer.setInterval(200)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.connectSignals()
+        self.ui.deviceComboBox.addItem("Auto", "auto")
+        self.ui.deviceComboBox.addItem("CPU", "cpu")
+        self.ui.progressBar.hide()
+        self.refreshModels()
+        self.initializeParameterNode()
+
+    def connectSignals(self) -> None:
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.retrainButton.connect("clicked(bool)", self.onRetrainButton)
         self.ui.addModelButton.connect("clicked(bool)", self.onAddModel)
@@ -137,15 +152,12 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showLogButton.connect("clicked(bool)", self.onShowLog)
         self.ui.refreshCasesButton.connect("clicked(bool)", self.refreshCases)
         self.ui.addScenesButton.connect("clicked(bool)", self.onAddScenes)
+        self.ui.addFolderButton.connect("clicked(bool)", self.onAddFolder)
         self.timer.connect("timeout()", self.onTimer)
 
-        self.ui.deviceComboBox.addItem("Auto", "auto")
-        self.ui.deviceComboBox.addItem("CPU", "cpu")
-        self.refreshModels()
-        self.initializeParameterNode()
-
     def cleanup(self) -> None:
-        self.timer.stop()
+        if self.timer:
+            self.timer.stop()
         if self.logic:
             self.logic.cancel()
         self.removeObservers()
@@ -154,14 +166,19 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self.refreshCases()
         self.probeDevices()
+        missing = self.logic.dependenciesMissing()
+        if missing and not self.logic.busy():
+            self.ui.statusLabel.text = f"Not installed yet: {', '.join(missing)}. Segment offers to install them."
 
     def exit(self) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanSegment)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self.logic.busy() == "segment":
+            self.logic.cancel()  # its input volume is about to go away
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -175,21 +192,25 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if volume:
                 self._parameterNode.inputVolume = volume
 
-    def setParameterNode(self, inputParameterNode: Optional[MedSegUNetParameterNode]) -> None:
+    def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanSegment)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanSegment)
-            self._checkCanSegment()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        self.updateButtons()
 
-    def _checkCanSegment(self, caller=None, event=None) -> None:
+    def updateButtons(self, caller=None, event=None) -> None:
         busy = self.logic.busy()
         ready = bool(self._parameterNode and self._parameterNode.inputVolume and self.currentModel())
-        self.ui.segmentButton.enabled = busy == "segment" or (ready and not busy)
-        self.ui.retrainButton.enabled = busy == "train" or not busy
+        self.ui.segmentButton.text = "Cancel" if busy == "segment" else "Segment"
+        self.ui.retrainButton.text = "Cancel" if busy == "train" else "Retrain"
+        self.ui.segmentButton.enabled = (busy == "segment" and not self.cancelling) or (not busy and ready)
+        self.ui.retrainButton.enabled = (busy == "train" and not self.cancelling) or not busy
+        self.ui.segmentButton.toolTip = "Ends the background run." if busy == "segment" else (
+            "Run the model in a background process." if ready else "Select an input volume and a model first.")
 
     # --- models and devices ---
 
@@ -199,12 +220,14 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def refreshModels(self, select: Optional[Path] = None) -> None:
         combo = self.ui.modelComboBox
-        combo.blockSignals(True)
+        previous = select or self.currentModel()
+        wasBlocked = combo.blockSignals(True)
         combo.clear()
         for path in self.logic.availableModels():
-            combo.addItem(path.stem, str(path))
-        combo.blockSignals(False)
-        index = combo.findData(str(select)) if select else 0
+            combo.addItem(modelLabel(path), str(path))
+            combo.setItemData(combo.count - 1, str(path), qt.Qt.ToolTipRole)
+        combo.blockSignals(wasBlocked)
+        index = combo.findData(str(previous)) if previous else -1
         combo.setCurrentIndex(max(index, 0))
         self.onModelChanged()
 
@@ -220,47 +243,44 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelChanged(self, index: int = 0) -> None:
         model = self.currentModel()
         if not model:
-            self.ui.modelInfoLabel.text = "No model: add a bundle (.safetensors) with Add..."
+            self.ui.modelInfoLabel.text = "No model yet: add a bundle (.safetensors) with Add..."
         else:
             try:
                 self.ui.modelInfoLabel.text = self.logic.describeModel(model)
             except Exception as error:  # an unreadable bundle must not break the panel
                 self.ui.modelInfoLabel.text = f"Cannot read {model.name}: {error}"
-        self._checkCanSegment()
+        self.updateButtons()
 
     def probeDevices(self) -> None:
-        """Ask the engine (in a child process: torch is never imported here) which GPUs it sees."""
-        if self.devicesProbe is not None or self.logic.dependenciesMissing():
+        """GPUs for the device list: from torch if Slicer already imported it, else a quick child process."""
+        if self.ui.deviceComboBox.count > 2 or self.logic.dependenciesMissing():
             return
-        self.devicesProbe = ChildProcess([engine_python(), "-m", "MedSegUNetLib", "devices"], engine_environment(MODULE_DIR))
-        self.timer.start()
+        found = self.logic.devicesIfTorchLoaded()
+        if found is not None:
+            self.addDevices(found)
+        elif self.logic.startDeviceProbe():
+            self.timer.start()
 
-    def _collectDevices(self) -> None:
-        if self.devicesProbe is None or self.devicesProbe.state == RUNNING or self.ui.deviceComboBox.count > 2:
-            return
-        for line in self.devicesProbe.log_lines:
-            if line.startswith("{"):
-                found = json.loads(line)
-                for index, name in enumerate(found.get("cuda", [])):
-                    self.ui.deviceComboBox.addItem(f"GPU {index}: {name}", "cuda")
-                if found.get("mps"):
-                    self.ui.deviceComboBox.addItem("Apple GPU (MPS)", "mps")
+    def addDevices(self, devices: List[Tuple[str, str]]) -> None:
+        combo = self.ui.deviceComboBox
+        for label, device in devices:
+            if combo.findData(device) < 0:
+                combo.insertItem(combo.count - 1, label, device)  # GPUs before "CPU"
 
     # --- Segment ---
 
     def onSegmentButton(self) -> None:
         if self.logic.busy() == "segment":
-            self.logic.cancel()
-            self.ui.statusLabel.text = "Cancelling..."
+            self.cancelRun()
             return
         if not self.ensureDependencies():
             return
         parameters = self._parameterNode
-        output = parameters.outputSegmentation
-        model = self.currentModel()
+        model, output = self.currentModel(), parameters.outputSegmentation
         replaced = self.logic.segmentsToReplace(output, model) if output else []
         if replaced and not slicer.util.confirmOkCancelDisplay(
-            f"Replace the segments {', '.join(replaced)} of '{output.GetName()}'?", "MedSegUNet"
+            f"Replace the segments {', '.join(replaced)} of '{output.GetName()}' with the model's result?",
+            "MedSegUNet",
         ):
             return
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
@@ -268,132 +288,163 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 parameters.inputVolume, model, self.ui.deviceComboBox.currentData, parameters.overlap,
                 parameters.useTTA, parameters.largestComponent,
             )
-            self._showRunning("Segment", "Starting...")
+            self.showRunning("Writing the volume and starting the model...")
 
-    def _showRunning(self, kind: str, text: str) -> None:
-        button = self.ui.segmentButton if kind == "Segment" else self.ui.retrainButton
-        button.text = "Cancel"
-        self.ui.progressBar.visible = True
-        self.ui.progressBar.setValue(0)
+    def cancelRun(self) -> None:
+        """Returns at once; the timer notices when the process tree has ended."""
+        self.cancelling = True
+        self.logic.cancel()
+        self.ui.statusLabel.text = "Cancelling..."
+        self.updateButtons()
+
+    def showRunning(self, text: str) -> None:
+        self.cancelling = False
+        self.ui.progressBar.show()
+        self.ui.progressBar.setRange(0, 0)  # busy until the first progress record
         self.ui.statusLabel.text = text
         self.ui.showLogButton.enabled = True
-        self._checkCanSegment()
+        self.updateButtons()
         self.timer.start()
 
     def onTimer(self) -> None:
-        """Every 200 ms: drain progress records (never blocks), finish when the child has ended."""
-        self._collectDevices()
+        """Every 200 ms: drain the progress records (never blocks), finish when the child has ended."""
+        devices = self.logic.foundDevices()
+        if devices:
+            self.addDevices(devices)
         for record in self.logic.pollProgress():
-            self._showProgress(record)
+            self.showProgress(record)
         finished = self.logic.finishedRun()
         if finished is not None:
-            self._showFinished(*finished)
-        if not self.logic.busy() and (self.devicesProbe is None or self.devicesProbe.state != RUNNING):
+            self.showFinished(*finished)
+        if not self.logic.busy() and not self.logic.probing():
             self.timer.stop()
 
-    def _showProgress(self, record: dict) -> None:
-        total, done = int(record.get("total", 0)), int(record.get("done", 0))
-        if total > 0 and done >= 0:
-            self.ui.progressBar.setMaximum(total)
-            self.ui.progressBar.setValue(done)
-        text = f"{record.get('stage', '')}: {record.get('message', '')}"
-        if record.get("eta_s"):
-            text += f" (about {int(record['eta_s'] // 60)} min {int(record['eta_s'] % 60)} s left)"
-        self.ui.statusLabel.text = text
+    def showProgress(self, record: dict) -> None:
+        if self.cancelling:
+            return
+        total, done = int(record.get("total") or 0), int(record.get("done") or 0)
+        if total > 0:
+            self.ui.progressBar.setRange(0, total)
+            self.ui.progressBar.setValue(min(max(done, 0), total))
+        self.ui.statusLabel.text = progressText(record)
 
-    def _showFinished(self, kind: str, state: str, message: str) -> None:
-        self.ui.segmentButton.text = "Segment"
-        self.ui.retrainButton.text = "Retrain"
-        self.ui.progressBar.visible = state == RUNNING
-        if state == SUCCEEDED and kind == "segment":
-            self.ui.statusLabel.text = message
-        elif state == SUCCEEDED and kind == "train":
+    def showFinished(self, kind: str, state: str, message: str) -> None:
+        self.cancelling = False
+        self.ui.progressBar.hide()
+        if state == SUCCEEDED and kind == "train":
             self.refreshModels(select=Path(message))
-            self.ui.statusLabel.text = f"New model {Path(message).parent.name} added to the model list."
+            self.ui.statusLabel.text = f"New model '{modelLabel(Path(message))}' trained and selected in the model list."
+        elif state == SUCCEEDED:
+            self.ui.statusLabel.text = message
         elif state == CANCELLED:
             self.ui.statusLabel.text = "Cancelled."
         else:
             self.ui.statusLabel.text = f"Failed: {message}"
             slicer.util.errorDisplay(f"MedSegUNet {kind} failed:\n{message}", detailedText=self.logic.logText())
-        self._checkCanSegment()
+        self.updateButtons()
 
     def onShowLog(self) -> None:
-        slicer.util.infoDisplay("The engine's output (most recent run):", detailedText=self.logic.logText() or "(empty)")
+        slicer.util.infoDisplay("Output of the most recent MedSegUNet run:", "MedSegUNet log", detailedText=self.logic.logText() or "(empty)")
 
     # --- Retrain ---
 
     def refreshCases(self) -> None:
+        """This scene's annotated pairs (checked), then the scene files added before (kept as they were)."""
         listed = self.ui.casesListWidget
-        checked_files = [listed.item(i).data(qt.Qt.UserRole) for i in range(listed.count) if listed.item(i).data(qt.Qt.UserRole)]
+        files = [(listed.item(i).data(qt.Qt.UserRole), listed.item(i).checkState()) for i in range(listed.count)]
         listed.clear()
         for volume, segmentation in self.logic.annotatedPairs():
-            entry = qt.QListWidgetItem(f"{volume.GetName()}  +  {segmentation.GetName()}")
-            entry.setFlags(entry.flags() | qt.Qt.ItemIsUserCheckable)
-            entry.setCheckState(qt.Qt.Checked)
+            entry = self.addCaseItem(f"{volume.GetName()}  +  {segmentation.GetName()}", qt.Qt.Checked)
             entry.setData(qt.Qt.UserRole + 1, segmentation.GetID())
-            listed.addItem(entry)
-        for path in checked_files:
-            self._addSceneItem(path)
+        for path, checked in files:
+            if path:
+                self.addFileItem(path, checked)
 
-    def _addSceneItem(self, path: str) -> None:
-        entry = qt.QListWidgetItem(Path(path).name)
+    def addCaseItem(self, text: str, checked):
+        entry = qt.QListWidgetItem(text)
         entry.setFlags(entry.flags() | qt.Qt.ItemIsUserCheckable)
-        entry.setCheckState(qt.Qt.Checked)
+        entry.setCheckState(checked)
+        self.ui.casesListWidget.addItem(entry)
+        return entry
+
+    def addFileItem(self, path: str, checked=qt.Qt.Checked) -> None:
+        entry = self.addCaseItem(Path(path).name + ("/" if Path(path).is_dir() else ""), checked)
         entry.setData(qt.Qt.UserRole, path)
         entry.setToolTip(path)
-        self.ui.casesListWidget.addItem(entry)
 
     def onAddScenes(self) -> None:
         paths = qt.QFileDialog.getOpenFileNames(self.parent, "Annotated Slicer scenes", "", "Slicer scenes (*.mrb *.mrml)")
         for path in paths:
-            self._addSceneItem(path)
+            self.addFileItem(path)
+
+    def onAddFolder(self) -> None:
+        path = qt.QFileDialog.getExistingDirectory(self.parent, "A folder of annotated scenes (.mrb)")
+        if path:
+            self.addFileItem(path)
 
     def checkedCases(self):
-        segmentation_ids, files = [], []
+        """(segmentation nodes of this scene, scene files and folders) that are checked."""
+        nodes, files = [], []
         listed = self.ui.casesListWidget
-        for i in range(listed.count):
-            entry = listed.item(i)
+        for entry in [listed.item(i) for i in range(listed.count)]:
             if entry.checkState() != qt.Qt.Checked:
                 continue
             if entry.data(qt.Qt.UserRole):
                 files.append(Path(entry.data(qt.Qt.UserRole)))
-            else:
-                segmentation_ids.append(entry.data(qt.Qt.UserRole + 1))
-        return [slicer.mrmlScene.GetNodeByID(i) for i in segmentation_ids], files
+            elif slicer.mrmlScene.GetNodeByID(entry.data(qt.Qt.UserRole + 1)):
+                nodes.append(slicer.mrmlScene.GetNodeByID(entry.data(qt.Qt.UserRole + 1)))
+        return nodes, files
 
     def onRetrainButton(self) -> None:
         if self.logic.busy() == "train":
-            self.logic.cancel()
-            self.ui.statusLabel.text = "Cancelling (the last checkpoint is kept)..."
+            self.cancelRun()
             return
         segmentations, files = self.checkedCases()
         if not segmentations and not files:
-            slicer.util.warningDisplay("Check at least one annotated case (a volume with its segmentation, or a .mrb scene).")
+            slicer.util.warningDisplay("Check at least one annotated case: a volume with its segmentation, or a scene file.")
+            return
+        parameters = self._parameterNode
+        init = None if parameters.retrainFromScratch else self.currentModel()
+        if not parameters.retrainFromScratch and init is None:
+            slicer.util.warningDisplay("Select the model to fine-tune, or check 'Train from scratch'.")
             return
         if not self.ensureDependencies():
             return
-        init = None if self._parameterNode.retrainFromScratch else self.currentModel()
         with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
-            steps = self._parameterNode.retrainSteps or None
-            self.logic.startTrain(segmentations, files, init, self._parameterNode.retrainMinutes, self.ui.deviceComboBox.currentData, steps)
-            self._showRunning("Retrain", "Saving the annotated cases...")
+            self.logic.startTrain(segmentations, files, init, parameters.retrainMinutes, self.ui.deviceComboBox.currentData,
+                                  parameters.retrainSteps or None)
+            self.showRunning("Saving the annotated cases and starting training...")
 
     # --- dependencies ---
 
     def ensureDependencies(self) -> bool:
+        """On first use: offer to install what the engine needs (asks first; never at Slicer start-up)."""
         missing = self.logic.dependenciesMissing()
         if not missing:
             return True
         if not slicer.util.confirmOkCancelDisplay(
             "MedSegUNet needs these Python packages, which are not installed in Slicer yet:\n"
-            f"{', '.join(missing)}\n\nInstall them now? (This downloads several hundred MB and takes a few minutes.)",
+            f"{', '.join(missing)}\n\nInstall them now? This downloads up to a few GB (PyTorch) and takes a few minutes.",
             "MedSegUNet: install dependencies",
         ):
             return False
         with slicer.util.tryWithErrorDisplay("Installing the dependencies failed.", waitCursor=True):
             self.logic.installDependencies(missing)
+        still = self.logic.dependenciesMissing()
+        if still:
+            slicer.util.errorDisplay(f"Still missing after the installation: {', '.join(still)}. Restart Slicer and try again.")
+            return False
         self.probeDevices()
-        return not self.logic.dependenciesMissing()
+        return True
+
+
+def progressText(record: dict) -> str:
+    """One status line from a progress record: the stage, the engine's message, the time left."""
+    text = f"{str(record.get('stage', '')).capitalize()}: {record.get('message', '')}".rstrip(": ")
+    eta = record.get("eta_s")
+    if isinstance(eta, (int, float)) and eta > 0:
+        text += f" (about {int(eta // 60)} min {int(eta % 60)} s left)"
+    return text
 
 
 # --- Slicer glue -----------------------------------------------------------------------------------
@@ -406,9 +457,13 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.run: Optional[ChildProcess] = None
         self.runKind: Optional[str] = None
+        self.deviceProbe: Optional[ChildProcess] = None
+        self.devicesReported = False
         self.workFolder: Optional[tempfile.TemporaryDirectory] = None
         self.pending: dict = {}
         self.lastLog = ""
+        self.userModelsKey = USER_MODELS_KEY  # the self-test uses a key of its own
+        self.trainedModelsRoot: Optional[Path] = None  # default: beside Slicer's settings
 
     def getParameterNode(self):
         return MedSegUNetParameterNode(super().getParameterNode())
@@ -416,46 +471,48 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
     # --- models ---
 
     @staticmethod
-    def shippedModelFolders() -> List[Path]:
-        return [MODULE_DIR / "Resources" / "Models", MODULE_DIR.parent / "Resources" / "Models"]
+    def shippedModels() -> List[Path]:
+        """Bundles in the module's Resources/Models (installed extension) or the checkout's Resources/Models."""
+        folders = [MODULE_DIR / "Resources" / "Models", MODULE_DIR.parent / "Resources" / "Models"]
+        return [path for folder in folders if folder.is_dir() for path in sorted(folder.glob("*.safetensors"))]
 
     def availableModels(self) -> List[Path]:
         seen, models = set(), []
-        candidates = [p for folder in self.shippedModelFolders() if folder.is_dir() for p in sorted(folder.glob("*.safetensors"))]
-        candidates += [Path(p) for p in self.rememberedModels()]
-        for path in candidates:
+        for path in self.shippedModels() + [Path(p) for p in self.rememberedModels()]:
             if path.is_file() and path.resolve() not in seen:
                 seen.add(path.resolve())
                 models.append(path)
         return models
 
     def rememberedModels(self) -> List[str]:
-        value = qt.QSettings().value(SETTINGS_MODELS) or []
-        return [value] if isinstance(value, str) else list(value)
+        value = qt.QSettings().value(self.userModelsKey)
+        if not value:
+            return []
+        return [value] if isinstance(value, str) else [str(v) for v in value]
 
     def rememberModel(self, path: Path) -> None:
         models = [p for p in self.rememberedModels() if p != str(path)] + [str(path)]
-        qt.QSettings().setValue(SETTINGS_MODELS, models)
+        qt.QSettings().setValue(self.userModelsKey, models)
 
     @staticmethod
     def describeModel(path: Path) -> str:
         """Labels, spacing and provenance, read from the bundle's header (no torch needed)."""
-        from MedSegUNetLib.bundle import read_bundle_metadata
+        from MedSegUNetLib.bundle import describe, read_bundle_metadata
 
         meta = read_bundle_metadata(path)
-        labels = ", ".join(label.name for label in meta.labels)
-        spacing = "x".join(f"{s:g}" for s in meta.preprocessing.target_spacing)
-        provenance = meta.provenance or {}
-        metrics = provenance.get("metrics") or {}
-        dice = f", validation Dice {metrics['dice_mean']:.2f}" if isinstance(metrics.get("dice_mean"), (int, float)) else ""
-        return f"{len(meta.labels)} structures: {labels}\n{spacing} mm, channels {', '.join(meta.channels)}; created {provenance.get('created', '?')[:10]}{dice}"
+        text = describe(meta)
+        training = meta.provenance.get("training") if isinstance(meta.provenance, dict) else None
+        if isinstance(training, dict) and training.get("cases") is not None:
+            text += f"\ntrained on {len(training['cases'])} cases, {training.get('steps', '?')} steps ({training.get('device', '?')})"
+        return text
 
     # --- dependencies ---
 
     @staticmethod
     def dependenciesMissing() -> List[str]:
         """Distributions whose module Slicer's Python cannot find (checked without importing them)."""
-        names = ["torch"] + [distributionName(r) for r in ENGINE_REQUIREMENTS]
+        importlib.invalidate_caches()
+        names = [distributionName(r) for r in [TORCH_REQUIREMENT] + ENGINE_REQUIREMENTS]
         return [name for name in names if importlib.util.find_spec(IMPORT_NAMES.get(name, name)) is None]
 
     @staticmethod
@@ -465,17 +522,49 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
             if importlib.util.find_spec("PyTorchUtils") is not None:
                 import PyTorchUtils
 
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+                # The panel asked already; PyTorchUtils chooses the build that fits the GPU driver.
+                versions = TORCH_REQUIREMENT[len("torch"):]
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=versions) is None:
                     raise RuntimeError("PyTorch was not installed")
             else:
-                slicer.util.pip_install("torch")
+                slicer.util.pip_install([TORCH_REQUIREMENT])
         wanted = [r for r in ENGINE_REQUIREMENTS if distributionName(r) in missing]
         if wanted:
             slicer.util.pip_install(wanted)  # a list: no shell quoting of the version ranges
+        importlib.invalidate_caches()
+
+    # --- devices ---
+
+    @staticmethod
+    def devicesIfTorchLoaded() -> Optional[List[Tuple[str, str]]]:
+        """The GPUs, when torch is imported in Slicer already (by another module); None otherwise."""
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return None
+        cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        mps = getattr(torch.backends, "mps", None)
+        return devices_from_names(cuda, bool(mps and mps.is_available()))
+
+    def startDeviceProbe(self) -> bool:
+        if self.deviceProbe is not None:
+            return False
+        self.deviceProbe = ChildProcess(devices_command(), engine_environment(MODULE_DIR))
+        return True
+
+    def probing(self) -> bool:
+        return self.deviceProbe is not None and self.deviceProbe.state == RUNNING
+
+    def foundDevices(self) -> List[Tuple[str, str]]:
+        """The GPUs the probe found, once, when it has ended (a failed probe finds none)."""
+        if self.deviceProbe is None or self.devicesReported or self.deviceProbe.state == RUNNING:
+            return []
+        self.devicesReported = True
+        return parse_devices(self.deviceProbe.log_lines)
 
     # --- runs ---
 
     def busy(self) -> Optional[str]:
+        """'segment' or 'train' while a run is going, else None."""
         return self.runKind if self.run is not None and self.run.state == RUNNING else None
 
     def cancel(self) -> None:
@@ -488,19 +577,24 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
     def logText(self) -> str:
         return self.run.log_text() if self.run is not None else self.lastLog
 
-    def _newWorkFolder(self) -> Path:
+    def newWorkFolder(self) -> Path:
         if self.workFolder is not None:
             self.workFolder.cleanup()
         self.workFolder = tempfile.TemporaryDirectory(prefix="MedSegUNet-", dir=slicer.app.temporaryPath)
         return Path(self.workFolder.name)
 
-    def _start(self, kind: str, command: List[str], **pending) -> None:
+    def ensureIdle(self) -> None:
+        """One run at a time (checked before anything is written: the running one's folder stays)."""
         if self.busy():
             raise RuntimeError(f"a {self.busy()} run is still going")
-        self.pending = pending
-        self.runKind = kind
-        self.run = ChildProcess(command, engine_environment(MODULE_DIR))
+
+    def startRun(self, kind: str, command: List[str], device: Optional[str], **pending) -> None:
+        self.ensureIdle()
+        self.pending, self.runKind = pending, kind
+        self.run = ChildProcess(command, engine_environment(MODULE_DIR, device=device))
         logging.info("MedSegUNet: %s", " ".join(command))
+
+    # --- nodes to files ---
 
     @staticmethod
     def writeVolume(volumeNode, path: Path) -> Path:
@@ -522,83 +616,129 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(f"could not write {segmentationNode.GetName()} to {path}")
         return path
 
+    @staticmethod
+    def referenceVolume(segmentationNode):
+        return segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole())
+
+    # --- Segment ---
+
     def segmentCommand(self, inputPath: Path, model: Path, outputPath: Path, device: str, overlap: float, tta: bool, largest: bool) -> List[str]:
         """The exact command line Segment runs (tested outside Slicer on a real file)."""
         return segment_command(SegmentRequest([inputPath], model, outputPath, device or "auto", overlap, tta, largest))
 
     def startSegment(self, volumeNode, model: Path, device: str, overlap: float, tta: bool, largest: bool) -> None:
-        folder = self._newWorkFolder()
+        self.ensureIdle()
+        folder = self.newWorkFolder()
         inputPath = self.writeVolume(volumeNode, folder / "input.nrrd")
         outputPath = folder / "result.seg.nrrd"
         command = self.segmentCommand(inputPath, model, outputPath, device, overlap, tta, largest)
-        self._start("segment", command, volumeNode=volumeNode, outputPath=outputPath, model=model)
+        self.startRun("segment", command, device, volumeNode=volumeNode, outputPath=outputPath, model=model)
+
+    # --- Retrain ---
 
     def trainCommand(self, data: List[Path], output: Path, init: Optional[Path], minutes: Optional[float], device: str, maxSteps: Optional[int] = None) -> List[str]:
+        """The exact command line Retrain runs (tested outside Slicer)."""
         return train_command(TrainRequest(data, output, init, minutes, maxSteps, device or "auto"))
 
     def trainedModelsFolder(self) -> Path:
-        folder = Path(slicer.app.slicerUserSettingsFilePath).parent / "MedSegUNet" / "models"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
+        root = self.trainedModelsRoot or Path(slicer.app.slicerUserSettingsFilePath).parent / "MedSegUNet" / "models"
+        root.mkdir(parents=True, exist_ok=True)
+        return root
 
-    def startTrain(self, segmentationNodes, sceneFiles: List[Path], init: Optional[Path], minutes: Optional[float], device: str, maxSteps: Optional[int] = None) -> None:
-        """Save the checked pairs as a scene (what `training` reads), then train in a child process."""
+    def saveAnnotatedScene(self, segmentationNodes, folder: Path) -> Optional[Path]:
+        """The checked (volume, segmentation) pairs as a scene that `training` reads: folder/scene/annotations.mrml."""
         from training.scene_writer import ScenePair, write_mrml_scene
 
-        folder = self._newWorkFolder()
         pairs = []
-        for index, segmentation in enumerate(segmentationNodes):
-            volume = segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole())
+        for index, segmentationNode in enumerate(segmentationNodes):
+            volume = self.referenceVolume(segmentationNode)
             if volume is None:
-                raise ValueError(f"segmentation '{segmentation.GetName()}' has no reference volume")
+                raise ValueError(f"segmentation '{segmentationNode.GetName()}' has no reference volume")
+            if segmentationNode.GetTransformNodeID() != volume.GetTransformNodeID():
+                raise ValueError(f"'{segmentationNode.GetName()}' and '{volume.GetName()}' are under different transforms: harden them first")
             image = self.writeVolume(volume, folder / f"volume{index}.nrrd")
-            labels = self.writeSegmentation(segmentation, folder / f"segmentation{index}.seg.nrrd")
-            pairs.append(ScenePair(volume.GetName(), image, labels, segmentation.GetName()))
-        data = list(sceneFiles)
-        if pairs:
-            data.insert(0, write_mrml_scene(folder / "scene", "annotations", pairs))
+            labels = self.writeLabelmapSegmentation(segmentationNode, volume, folder / f"segmentation{index}.seg.nrrd")
+            pairs.append(ScenePair(volume.GetName(), image, labels, segmentationNode.GetName()))
+        return write_mrml_scene(folder / "scene", "annotations", pairs) if pairs else None
+
+    def writeLabelmapSegmentation(self, segmentationNode, volumeNode, path: Path) -> Path:
+        """A .seg.nrrd; a segmentation edited as surfaces is converted to labelmaps (on a copy) first."""
+        if segmentationNode.GetSegmentation().IsSourceRepresentationImageData():
+            return self.writeSegmentation(segmentationNode, path)
+        copy = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "MedSegUNet labelmap copy")
+        try:
+            copy.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+            source = segmentationNode.GetSegmentation()
+            for index in range(source.GetNumberOfSegments()):
+                copy.GetSegmentation().CopySegmentFromSegmentation(source, source.GetNthSegmentID(index), False)
+            copy.SetSourceRepresentationToBinaryLabelmap()
+            return self.writeSegmentation(copy, path)
+        finally:
+            slicer.mrmlScene.RemoveNode(copy)
+
+    def startTrain(self, segmentationNodes, sceneFiles: List[Path], init: Optional[Path], minutes: Optional[float], device: str, maxSteps: Optional[int] = None) -> None:
+        """Save the checked pairs as a scene, then train in a child process; the bundle lands in the models folder."""
+        self.ensureIdle()
+        folder = self.newWorkFolder()
+        scene = self.saveAnnotatedScene(segmentationNodes, folder)
+        data = ([scene] if scene else []) + [Path(p) for p in sceneFiles]
         output = self.trainedModelsFolder() / time.strftime("model-%Y%m%d-%H%M%S")
         command = self.trainCommand(data, output, init, minutes, device, maxSteps)
-        self._start("train", command, output=output)
+        self.startRun("train", command, device, output=output)
+
+    # --- the end of a run ---
 
     def finishedRun(self):
-        """(kind, state, message) once when a run has ended; the segmentation is loaded here."""
-        if self.run is None or self.run.state == RUNNING or not self.runKind:
+        """(kind, state, message) once, when a run has ended; a segmentation result is loaded here."""
+        if self.run is None or not self.runKind or self.run.state == RUNNING:
             return None
         kind, state, run = self.runKind, self.run.state, self.run
         self.runKind, self.lastLog = None, run.log_text()
         message = run.error_message if state == FAILED else ""
-        if state == SUCCEEDED and kind == "segment":
-            try:
-                node = self.loadResult(self.pending["outputPath"], self.pending["volumeNode"], self.pending["model"])
-                message = f"Done: {node.GetSegmentation().GetNumberOfSegments()} segments in '{node.GetName()}'."
-            except Exception as error:  # report in the panel; the run itself succeeded
-                state, message = FAILED, f"could not load the result: {error}"
-        elif state == SUCCEEDED and kind == "train":
-            bundle = Path((run.result or {}).get("bundle", self.pending["output"] / "model.safetensors"))
-            self.rememberModel(bundle)
-            message = str(bundle)
+        try:
+            if state == SUCCEEDED and kind == "segment":
+                message = self.finishSegment()
+            elif state == SUCCEEDED and kind == "train":
+                message = self.finishTrain(run)
+        except Exception as error:  # report in the panel; the engine itself succeeded
+            logging.exception("MedSegUNet: could not take over the result")
+            state, message = FAILED, f"could not take over the result: {error}"
         return kind, state, message
 
-    # --- results into nodes ---
+    def finishSegment(self) -> str:
+        node = self.loadResult(self.pending["outputPath"], self.pending["volumeNode"], self.pending["model"])
+        return f"Done: {node.GetSegmentation().GetNumberOfSegments()} segments in '{node.GetName()}'."
+
+    def finishTrain(self, run: ChildProcess) -> str:
+        bundle = Path((run.result or {}).get("bundle") or self.pending["output"] / "model.safetensors")
+        if not bundle.is_file():
+            raise FileNotFoundError(f"training reported {bundle}, which does not exist")
+        self.rememberModel(bundle)
+        return str(bundle)
+
+    # --- files to nodes ---
 
     @staticmethod
     def annotatedPairs():
-        """(volume, segmentation) pairs of the scene: segmentations tied to a volume with segments."""
+        """(volume, segmentation) pairs of the scene: segmentations with segments, tied to a volume."""
         pairs = []
-        for segmentation in slicer.util.getNodesByClass("vtkMRMLSegmentationNode"):
-            volume = segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole())
-            if volume is not None and segmentation.GetSegmentation().GetNumberOfSegments() > 0:
-                pairs.append((volume, segmentation))
+        for segmentationNode in slicer.util.getNodesByClass("vtkMRMLSegmentationNode"):
+            volume = MedSegUNetLogic.referenceVolume(segmentationNode)
+            if volume is not None and segmentationNode.GetSegmentation().GetNumberOfSegments() > 0:
+                pairs.append((volume, segmentationNode))
         return pairs
 
+    @staticmethod
+    def segmentNames(segmentationNode) -> List[str]:
+        segmentation = segmentationNode.GetSegmentation()
+        return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+
     def segmentsToReplace(self, segmentationNode, model: Path) -> List[str]:
+        """Segments of an existing output that Segment would replace (same name as a model structure)."""
         from MedSegUNetLib.bundle import read_bundle_metadata
 
         names = {label.name.casefold() for label in read_bundle_metadata(model).labels}
-        segmentation = segmentationNode.GetSegmentation()
-        existing = [segmentation.GetSegment(segmentation.GetNthSegmentID(i)).GetName() for i in range(segmentation.GetNumberOfSegments())]
-        return [name for name in existing if name.casefold() in names]
+        return [name for name in self.segmentNames(segmentationNode) if name.casefold() in names]
 
     def outputNodeFor(self, volumeNode):
         parameters = self.getParameterNode()
@@ -610,132 +750,259 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         return node
 
     def loadResult(self, path: Path, volumeNode, model: Path):
-        """Copy the engine's .seg.nrrd segments (names, colors, terminology) into the output node."""
+        """The engine's .seg.nrrd segments (names, colors, terminology) into the output node, on the volume."""
         loaded = slicer.util.loadSegmentation(str(path))
         try:
             target = self.outputNodeFor(volumeNode)
             target.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-            source, destination = loaded.GetSegmentation(), target.GetSegmentation()
-            for index in range(source.GetNumberOfSegments()):
-                segmentId = source.GetNthSegmentID(index)
-                name = source.GetSegment(segmentId).GetName()
-                existing = destination.GetSegmentIdBySegmentName(name)
-                if existing:
-                    destination.RemoveSegment(existing)
-                destination.CopySegmentFromSegmentation(source, segmentId, False)
-            target.CreateClosedSurfaceRepresentation()
+            target.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())  # the file is in the volume's frame
+            self.copySegments(loaded, target)
+            target.CreateClosedSurfaceRepresentation()  # shown in 3D
             target.SetAttribute("MedSegUNet.Model", str(model))
         finally:
             slicer.mrmlScene.RemoveNode(loaded)
         return target
 
+    @staticmethod
+    def copySegments(sourceNode, targetNode) -> None:
+        """Each source segment replaces the target's segment of the same name, at its place; others are kept."""
+        source, target = sourceNode.GetSegmentation(), targetNode.GetSegmentation()
+        for index in range(source.GetNumberOfSegments()):
+            segmentId = source.GetNthSegmentID(index)
+            name = source.GetSegment(segmentId).GetName()
+            existing = target.GetSegmentIdBySegmentName(name)
+            position = target.GetSegmentIndex(existing) if existing else -1
+            if existing:
+                target.RemoveSegment(existing)
+            if not target.CopySegmentFromSegmentation(source, segmentId, False):
+                raise RuntimeError(f"could not copy segment '{name}'")
+            if position >= 0:
+                target.SetSegmentIndex(target.GetSegmentIdBySegmentName(name), position)
+
+    # --- blocking forms, for the self-test and scripts ---
+
     def segmentAndWait(self, volumeNode, model: Path, device: str = "cpu", timeoutSeconds: float = 600, cancelAfterFirstProgress: bool = False):
-        """Blocking form for the self-test and scripts: runs, keeps the UI alive, returns the end state."""
         self.startSegment(volumeNode, model, device, 0.25, False, True)
-        return self._waitForEnd(timeoutSeconds, cancelAfterFirstProgress)
+        return self.waitForEnd(timeoutSeconds, cancelAfterFirstProgress)
 
     def trainAndWait(self, segmentationNodes, init: Optional[Path], maxSteps: int, timeoutSeconds: float = 900):
         self.startTrain(segmentationNodes, [], init, None, "cpu", maxSteps)
-        return self._waitForEnd(timeoutSeconds, False)
+        return self.waitForEnd(timeoutSeconds, False)
 
-    def _waitForEnd(self, timeoutSeconds: float, cancelAfterFirstProgress: bool):
+    def waitForEnd(self, timeoutSeconds: float, cancelAfterFirstProgress: bool = False):
+        """Runs the event loop while waiting (Slicer stays responsive); returns finishedRun()'s triple."""
         deadline = time.monotonic() + timeoutSeconds
         while time.monotonic() < deadline:
             slicer.app.processEvents()
-            records = self.pollProgress()
-            if cancelAfterFirstProgress and records:
+            if self.pollProgress() and cancelAfterFirstProgress:
                 self.cancel()
             finished = self.finishedRun()
             if finished is not None:
                 return finished
             time.sleep(0.05)
         self.cancel()
-        raise TimeoutError(f"the engine did not finish within {timeoutSeconds} s")
+        raise TimeoutError(f"the engine did not finish within {timeoutSeconds} s:\n{self.logText()[-2000:]}")
 
 
 # --- self-test, run inside Slicer --------------------------------------------------------------------
 
 
 class MedSegUNetTest(ScriptedLoadableModuleTest):
-    """Segment a synthetic volume with a shipped model, cancel a run, retrain with a small budget.
+    """Segment a synthetic oblique volume, through the logic and through the panel; cancel; retrain.
 
-    Run: Slicer --no-main-window --python-code "slicer.util.selectModule('MedSegUNet');
-    slicer.modules.MedSegUNetWidget.onReloadAndTest(); slicer.util.exit()" or the extension's ctest.
+    Uses a shipped model when there is one, else makes a small untrained bundle with the engine's
+    create-bundle command (its output is noise, but names, colors and geometry are checked all the same).
+    Run: Slicer --no-splash --no-main-window --python-code "import MedSegUNet; MedSegUNet.MedSegUNetTest.runAndExit()"
+    or the extension's ctest (py_MedSegUNet), or Reload and Test in the module's developer section.
     """
+
+    TEST_MODELS_KEY = "MedSegUNet/SelfTestModels"
+
+    @classmethod
+    def runAndExit(cls) -> None:
+        """Every test_ method; Slicer exits with 0 when all passed, 1 otherwise (for CI)."""
+        import unittest
+
+        result = unittest.TextTestRunner(verbosity=2).run(unittest.defaultTestLoader.loadTestsFromTestCase(cls))
+        slicer.util.exit(0 if result.wasSuccessful() else 1)
 
     def setUp(self):
         slicer.mrmlScene.Clear()
-        MedSegUNetLogic().getParameterNode().outputSegmentation = None  # the parameter node is a singleton
+        parameters = MedSegUNetLogic().getParameterNode()  # one parameter node per scene, shared
+        parameters.inputVolume = None
+        parameters.outputSegmentation = None
+
+    def tearDown(self):
+        qt.QSettings().remove(self.TEST_MODELS_KEY)
 
     def runTest(self):
-        self.setUp()
-        self.test_dependencies_and_model()
-        self.setUp()
-        self.test_segment_fills_a_segmentation_on_the_volume_grid()
-        self.setUp()
-        self.test_cancel_leaves_no_segments()
-        self.setUp()
-        self.test_retrain_registers_a_new_model()
+        for test in (
+            self.test_dependencies_and_model,
+            self.test_segment_fills_a_segmentation_on_the_volume_grid,
+            self.test_panel_segments_in_the_background,
+            self.test_cancel_ends_the_run_and_adds_nothing,
+            self.test_retrain_registers_a_new_model,
+        ):
+            self.setUp()
+            try:
+                test()
+            finally:
+                self.tearDown()
+        self.delayDisplay("MedSegUNet self-test passed")
+
+    # --- helpers ---
+
+    def newLogic(self) -> MedSegUNetLogic:
+        logic = MedSegUNetLogic()
+        logic.userModelsKey = self.TEST_MODELS_KEY  # the user's model list is not touched
+        logic.trainedModelsRoot = Path(slicer.app.temporaryPath) / "MedSegUNetTest" / "models"
+        return logic
 
     def model(self) -> Path:
-        models = MedSegUNetLogic().availableModels()
-        self.assertTrue(models, "no shipped model found in Resources/Models")
-        return models[0]
+        shipped = MedSegUNetLogic.shippedModels()
+        return shipped[0] if shipped else self.createdModel()
+
+    def createdModel(self) -> Path:
+        path = Path(slicer.app.temporaryPath) / "MedSegUNetTest" / "selftest.safetensors"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            command = [engine_python(), "-m", "MedSegUNetLib", "create-bundle", "-o", str(path), "--labels", "organ,rim",
+                       "--spacing", "3", "3", "3", "--patch-size", "32", "32", "16", "--filters", "4"]
+            run = ChildProcess(command, engine_environment(MODULE_DIR))
+            self.assertEqual(run.wait(timeout=300), SUCCEEDED, run.log_text())
+        return path
 
     def syntheticVolume(self):
-        """A CT-like volume with a bright 'organ', oblique spacing and origin, from numpy (no download)."""
+        """A CT-like volume with a bright 'organ', from numpy (no download), on an oblique grid."""
         import numpy as np
 
         rng = np.random.default_rng(0)
         array = rng.normal(-80, 20, (40, 96, 112)).astype(np.int16)  # KJI order, as slicer.util expects
         k, j, i = np.ogrid[:40, :96, :112]
         array[((k - 20) / 12.0) ** 2 + ((j - 48) / 30.0) ** 2 + ((i - 50) / 34.0) ** 2 <= 1] = 60
-        volume = slicer.util.addVolumeFromArray(array, ijkToRAS=None, name="MedSegUNet test volume")
-        volume.SetSpacing(1.5, 1.5, 3.0)
-        volume.SetOrigin(-80.0, 40.0, -20.0)
+        angle = np.deg2rad(20)
+        rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+        ijkToRAS = np.eye(4)
+        ijkToRAS[:3, :3] = rotation @ np.diag([1.5, 1.5, 3.0])
+        ijkToRAS[:3, 3] = [-80.0, 40.0, -20.0]
+        volume = slicer.util.addVolumeFromArray(array, ijkToRAS=ijkToRAS, name="MedSegUNet test volume")
         return volume, array
 
+    def assertOnVolumeGrid(self, segmentationNode, segmentId, volumeNode):
+        """The segment's labelmap has the volume's axes and spacing, shifted by whole voxels at most."""
+        import numpy as np
+
+        labelmap = segmentationNode.GetBinaryLabelmapInternalRepresentation(segmentId)
+        self.assertIsNotNone(labelmap)
+        imageToWorld, ijkToRAS = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        labelmap.GetImageToWorldMatrix(imageToWorld)
+        volumeNode.GetIJKToRASMatrix(ijkToRAS)
+        relative = np.linalg.inv(slicer.util.arrayFromVTKMatrix(ijkToRAS)) @ slicer.util.arrayFromVTKMatrix(imageToWorld)
+        np.testing.assert_allclose(relative[:3, :3], np.eye(3), atol=1e-4)
+        np.testing.assert_allclose(relative[:3, 3], np.round(relative[:3, 3]), atol=1e-3)
+
+    def waitWhileBusy(self, logic, timeoutSeconds: float = 600) -> None:
+        deadline = time.monotonic() + timeoutSeconds
+        while logic.busy() or logic.runKind:
+            self.assertLess(time.monotonic(), deadline, logic.logText()[-2000:])
+            slicer.app.processEvents()  # the panel's timer runs here
+            time.sleep(0.05)
+
+    # --- tests ---
+
     def test_dependencies_and_model(self):
-        self.delayDisplay("Dependencies and the shipped model")
-        logic = MedSegUNetLogic()
+        self.delayDisplay("Dependencies and the model")
+        logic = self.newLogic()
         self.assertEqual(logic.dependenciesMissing(), [], "install the dependencies (the panel offers it) before the self-test")
+        from MedSegUNetLib.bundle import read_bundle_metadata
+
         description = logic.describeModel(self.model())
-        self.assertIn("structures", description)
+        for label in read_bundle_metadata(self.model()).labels:
+            self.assertIn(label.name, description)
 
     def test_segment_fills_a_segmentation_on_the_volume_grid(self):
         self.delayDisplay("Segment")
         from MedSegUNetLib.bundle import read_bundle_metadata
 
         volume, array = self.syntheticVolume()
-        logic = MedSegUNetLogic()
+        logic = self.newLogic()
         kind, state, message = logic.segmentAndWait(volume, self.model())
         self.assertEqual((kind, state), ("segment", SUCCEEDED), f"{message}\n{logic.logText()}")
         node = logic.getParameterNode().outputSegmentation
         self.assertIsNotNone(node)
+        labels = read_bundle_metadata(self.model()).labels
+        self.assertEqual(logic.segmentNames(node), [label.name for label in labels])  # every label, in order
+        self.assertEqual(logic.referenceVolume(node).GetID(), volume.GetID())
         segmentation = node.GetSegmentation()
-        expected = [label.name for label in read_bundle_metadata(self.model()).labels]
-        names = [segmentation.GetSegment(segmentation.GetNthSegmentID(i)).GetName() for i in range(segmentation.GetNumberOfSegments())]
-        self.assertEqual(names, expected)  # every label, empty ones included, in the bundle's order
-        self.assertEqual(node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()).GetID(), volume.GetID())
-        for segmentId in [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]:
-            mask = slicer.util.arrayFromSegmentBinaryLabelmap(node, segmentId, volume)
-            self.assertEqual(mask.shape, array.shape)  # on the volume's grid: same KJI shape
+        for index, label in enumerate(labels):
+            segmentId = segmentation.GetNthSegmentID(index)
+            for got, expected in zip(segmentation.GetSegment(segmentId).GetColor(), label.color):  # both 0..1
+                self.assertAlmostEqual(got, expected, places=2)
+            self.assertEqual(slicer.util.arrayFromSegmentBinaryLabelmap(node, segmentId, volume).shape, array.shape)
+            self.assertOnVolumeGrid(node, segmentId, volume)
         self.assertEqual(node.GetAttribute("MedSegUNet.Model"), str(self.model()))
+        self.assertIsNone(logic.busy())
 
-    def test_cancel_leaves_no_segments(self):
+        # Again into the same node: same segments replaced in place, a user's own segment kept.
+        segmentation.AddEmptySegment("my notes")
+        kind, state, message = logic.segmentAndWait(volume, self.model())
+        self.assertEqual(state, SUCCEEDED, message)
+        self.assertEqual(logic.segmentNames(node), [label.name for label in labels] + ["my notes"])
+
+    def test_panel_segments_in_the_background(self):
+        self.delayDisplay("Segment through the panel")
+        volume, _ = self.syntheticVolume()
+        widget = slicer.util.getModuleWidget("MedSegUNet")
+        widget.logic.userModelsKey = self.TEST_MODELS_KEY  # the user's model list is not touched
+        try:
+            widget.logic.rememberModel(self.model())
+            widget.refreshModels(select=self.model())
+            widget.initializeParameterNode()
+            self.segmentThroughThePanel(widget, volume)
+        finally:
+            widget.logic.userModelsKey = USER_MODELS_KEY
+            widget.refreshModels()
+
+    def segmentThroughThePanel(self, widget, volume):
+        parameters = widget.logic.getParameterNode()
+        parameters.inputVolume = volume
+        parameters.overlap = 0.25
+        self.assertAlmostEqual(widget.ui.overlapSliderWidget.value, 0.25)  # parameter -> widget
+        widget.ui.ttaCheckBox.checked = True
+        self.assertTrue(parameters.useTTA)  # widget -> parameter
+        widget.ui.ttaCheckBox.checked = False
+        combo = widget.ui.deviceComboBox
+        self.assertEqual([combo.itemData(0), combo.itemData(combo.count - 1)], ["auto", "cpu"])
+        combo.setCurrentIndex(combo.findData("cpu"))
+        self.assertTrue(widget.ui.segmentButton.enabled)
+
+        widget.onSegmentButton()
+        self.assertEqual(widget.ui.segmentButton.text, "Cancel")
+        self.waitWhileBusy(widget.logic)
+        self.assertEqual(widget.ui.segmentButton.text, "Segment")
+        self.assertTrue(widget.ui.statusLabel.text.startswith("Done"), widget.ui.statusLabel.text)
+        self.assertIsNotNone(parameters.outputSegmentation)
+        self.assertIn("segment", widget.logic.logText().splitlines()[0])  # Show log has the command line
+
+    def test_cancel_ends_the_run_and_adds_nothing(self):
         self.delayDisplay("Cancel")
         volume, _ = self.syntheticVolume()
-        logic = MedSegUNetLogic()
+        logic = self.newLogic()
         started = time.monotonic()
         kind, state, _ = logic.segmentAndWait(volume, self.model(), cancelAfterFirstProgress=True)
-        self.assertEqual(state, CANCELLED)
+        self.assertEqual((kind, state), ("segment", CANCELLED), logic.logText())
         self.assertLess(time.monotonic() - started, 60)
+        self.assertIsNotNone(logic.run.process.poll())  # the engine is gone
         self.assertIsNone(logic.getParameterNode().outputSegmentation)
+        self.assertEqual(slicer.util.getNodesByClass("vtkMRMLSegmentationNode"), [])
+        self.assertFalse((Path(logic.workFolder.name) / "result.seg.nrrd").exists())
         self.assertIsNone(logic.busy())
 
     def test_retrain_registers_a_new_model(self):
         self.delayDisplay("Retrain with a small budget")
         import numpy as np
+
+        from MedSegUNetLib.bundle import read_bundle_metadata
 
         volume, array = self.syntheticVolume()
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "annotation")
@@ -743,14 +1010,12 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volume)
         segmentId = segmentationNode.GetSegmentation().AddEmptySegment("organ")
         slicer.util.updateSegmentBinaryLabelmapFromArray((array > 0).astype(np.uint8), segmentationNode, segmentId, volume)
-        logic = MedSegUNetLogic()
+        logic = self.newLogic()
         self.assertIn((volume, segmentationNode), logic.annotatedPairs())
         kind, state, message = logic.trainAndWait([segmentationNode], init=self.model(), maxSteps=2)
         self.assertEqual((kind, state), ("train", SUCCEEDED), f"{message}\n{logic.logText()}")
         bundle = Path(message)
         self.assertTrue(bundle.is_file())
         self.assertIn(bundle, logic.availableModels())
-        from MedSegUNetLib.bundle import read_bundle_metadata
-
+        self.assertNotIn(str(bundle), qt.QSettings().value(USER_MODELS_KEY) or [])  # the user's list is untouched
         self.assertIn("organ", [label.name for label in read_bundle_metadata(bundle).labels])
-        self.delayDisplay("MedSegUNet self-test passed")

@@ -6,12 +6,14 @@ devices_command) and run on real files; progress is read by polling, as the pane
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
 import sys
 import textwrap
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,22 @@ from MedSegUNetLib.childprocess import (
 from conftest import MODULE_DIR, REPO
 
 posix_only = pytest.mark.skipif(os.name == "nt", reason="process groups and /proc are POSIX")
+MODULE_FILE = MODULE_DIR / "MedSegUNet.py"
+
+
+def logic_method(name: str):
+    """A MedSegUNetLogic method compiled from MedSegUNet.py's own source (slicer cannot be imported here).
+
+    Only command-building methods are taken, which use nothing of Slicer: running what they return is
+    running exactly what the panel runs."""
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedSegUNetLogic")
+    function = next(f for f in logic.body if isinstance(f, ast.FunctionDef) and f.name == name)
+    namespace = {name: getattr(childprocess, name) for name in dir(childprocess) if not name.startswith("_")}
+    namespace.update(typing.__dict__)
+    namespace["Path"] = Path
+    exec(compile(ast.Module(body=[function], type_ignores=[]), str(MODULE_FILE), "exec"), namespace)
+    return namespace[name]
 
 
 def run_to_end(process: ChildProcess, timeout: float = 300) -> list:
@@ -109,7 +127,8 @@ def spawning_script(pid_file: Path, then: str) -> str:
 
 def test_the_segment_command_the_panel_builds_runs_on_a_real_file(tmp_path, ct_chest, small_bundle):
     output = tmp_path / "result.seg.nrrd"
-    command = segment_command(SegmentRequest([ct_chest], small_bundle, output, device="cpu", overlap=0.25), python=sys.executable)
+    command = logic_method("segmentCommand")(None, ct_chest, small_bundle, output, "cpu", 0.25, False, True)
+    assert command == segment_command(SegmentRequest([ct_chest], small_bundle, output, device="cpu", overlap=0.25))
     assert command == [
         sys.executable, "-m", "MedSegUNetLib", "segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output),
         "--device", "cpu", "--overlap", "0.25", "--no-tta", "--largest-component", "--progress", "json",
@@ -312,8 +331,8 @@ def test_the_train_command_the_panel_builds_writes_a_bundle(tmp_path, ct_chest, 
     from training.scene_writer import ScenePair, write_mrml_scene
 
     scene = write_mrml_scene(tmp_path / "scene", "annotations", [ScenePair("ct", ct_chest, chest_segmentation, "seg")])
-    request = TrainRequest([scene], tmp_path / "model", init=small_bundle, max_steps=2, device="cpu")
-    command = train_command(request, python=sys.executable)
+    command = logic_method("trainCommand")(None, [scene], tmp_path / "model", small_bundle, None, "cpu", 2)
+    assert command == train_command(TrainRequest([scene], tmp_path / "model", init=small_bundle, max_steps=2, device="cpu"))
     assert command[1:4] == ["-m", "training", "train"] and command[command.index("--init") + 1] == str(small_bundle)
     process = ChildProcess(command, engine_environment(MODULE_DIR))
     records = run_to_end(process, timeout=600)

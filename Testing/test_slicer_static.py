@@ -1,7 +1,7 @@
 """Static checks of the Slicer module against Slicer's real API (../shared/slicer-api), without Slicer.
 
-MedSegUNet.py imports slicer, qt and vtk, which exist only inside Slicer, so it is read as source (ast).
-Each checker is also run on a bad snippet, so that a checker that cannot fail is caught too.
+MedSegUNet.py imports slicer, qt and vtk, which exist only inside Slicer, so it is read as source (ast),
+never imported. Every checker is also run on a bad snippet, so that a checker that cannot fail is caught.
 """
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ from __future__ import annotations
 import ast
 import json
 import re
+import unittest
 import xml.etree.ElementTree as ElementTree
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, List, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 import pytest
 
@@ -21,7 +22,7 @@ from conftest import REPO
 MODULE_FILE = REPO / "MedSegUNet" / "MedSegUNet.py"
 UI_FILE = REPO / "MedSegUNet" / "Resources" / "UI" / "MedSegUNet.ui"
 API_FOLDER = REPO.parent / "shared" / "slicer-api"
-API_VERSIONS = ["slicer_api_v5.8.1.json", "slicer_api_v5.12.3.json"]
+API_VERSIONS = ["slicer_api_v5.8.1.json", "slicer_api_v5.12.3.json"]  # the oldest supported, the newest
 
 # Qt 5 QtWidgets classes a .ui may use besides Slicer's own (the API file's ui_custom_widgets).
 QT_WIDGETS = {
@@ -29,6 +30,22 @@ QT_WIDGETS = {
     "QDoubleSpinBox", "QLineEdit", "QTextEdit", "QPlainTextEdit", "QProgressBar", "QListWidget", "QTreeWidget",
     "QTableWidget", "QGroupBox", "QFrame", "QTabWidget", "QStackedWidget", "QScrollArea", "QSlider", "QSplitter",
     "QDialogButtonBox",
+}
+# Names the `slicer` package has at run time besides MRML classes: Base/Python/slicer/__init__.py and
+# slicerqt.py (app, mrmlScene, modules ...) and the Python packages the API file describes.
+SLICER_GLOBALS = {"app", "mrmlScene", "modules", "moduleNames", "util", "ScriptedLoadableModule", "parameterNodeWrapper"}
+# qSlicerCoreApplication members (Q_PROPERTY / public slots of qSlicerCoreApplication.h and QCoreApplication).
+SLICER_APP_MEMBERS = {
+    "temporaryPath", "slicerUserSettingsFilePath", "processEvents", "applicationDirPath", "cachePath",
+    "defaultScenePath", "slicerHome", "userSettings", "revisionUserSettings", "majorVersion", "minorVersion",
+}
+# parameterNodeWrapper field type -> widgets it can be bound to (guiConnectors.py).
+BINDABLE = {
+    "bool": {"QCheckBox", "ctkCheckBox", "QPushButton", "QToolButton", "QRadioButton"},
+    "float": {"QDoubleSpinBox", "ctkDoubleSpinBox", "ctkSliderWidget", "qMRMLSliderWidget", "qMRMLSpinBox"},
+    "int": {"QSpinBox", "QSlider", "ctkSliderWidget"},
+    "str": {"QLineEdit", "QComboBox", "ctkComboBox", "ctkPathLineEdit", "QTextEdit", "QPlainTextEdit"},
+    "node": {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyComboBox"},
 }
 
 
@@ -40,11 +57,12 @@ def api(name: str) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def module_tree(source: str = None) -> ast.Module:
+def module_tree(source: Optional[str] = None) -> ast.Module:
     return ast.parse(source if source is not None else MODULE_FILE.read_text(encoding="utf-8"))
 
 
-# --- the checkers ----------------------------------------------------------------------------------
+def ui_text() -> str:
+    return UI_FILE.read_text(encoding="utf-8")
 
 
 def dotted(node: ast.AST) -> str:
@@ -54,11 +72,16 @@ def dotted(node: ast.AST) -> str:
         node = node.value
     if isinstance(node, ast.Name):
         parts.append(node.id)
+    elif isinstance(node, ast.Call):
+        parts.append(dotted(node.func) + "()")
     return ".".join(reversed(parts))
 
 
+# --- checkers: slicer.util, slicer.*, imports ------------------------------------------------------
+
+
 def slicer_util_calls(tree: ast.Module) -> Dict[str, Set[str]]:
-    """slicer.util function name -> keyword arguments used with it."""
+    """slicer.util function name -> keyword arguments used with it (also names used without a call)."""
     calls: Dict[str, Set[str]] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and dotted(node.func).startswith("slicer.util."):
@@ -72,13 +95,13 @@ def slicer_util_calls(tree: ast.Module) -> Dict[str, Set[str]]:
 def unknown_util_calls(tree: ast.Module, data: dict) -> List[str]:
     functions = data["python"]["slicer.util"]["functions"]
     problems = []
-    for name, keywords in slicer_util_calls(tree).items():
-        if name not in functions:
+    for name, keywords in sorted(slicer_util_calls(tree).items()):
+        if name not in functions and name not in data["python"]["slicer.util"]["classes"]:
             problems.append(f"slicer.util.{name}")
             continue
-        parameters = functions[name]
-        if not any(p.startswith("**") for p in parameters):
-            problems += [f"slicer.util.{name}({k}=)" for k in keywords if k not in parameters]
+        parameters = functions.get(name, [])
+        if name in functions and not any(p.startswith("**") for p in parameters):
+            problems += [f"slicer.util.{name}({k}=)" for k in sorted(keywords) if k not in parameters]
     return problems
 
 
@@ -86,23 +109,173 @@ def imported_names(tree: ast.Module, module: str) -> Set[str]:
     return {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == module for alias in node.names}
 
 
-def vtk_method_names() -> Set[str]:
-    """Methods VTK base classes give every MRML object (vtkObject, vtkCommand events ...), from the vtk package."""
+def unknown_imports(tree: ast.Module, data: dict) -> List[str]:
+    python = data["python"]
+    allowed = {
+        "slicer.parameterNodeWrapper": set(python["slicer.parameterNodeWrapper"]["names"]),
+        "slicer.ScriptedLoadableModule": set(python["slicer.ScriptedLoadableModule"]["classes"]),
+        "slicer.util": set(python["slicer.util"]["functions"]) | set(python["slicer.util"]["classes"]),
+    }
+    return sorted(f"{module}.{name}" for module, names in allowed.items() for name in imported_names(tree, module) - names)
+
+
+def unknown_slicer_globals(tree: ast.Module, data: dict) -> List[str]:
+    """`slicer.X` must be a name the slicer package has; `slicer.app.X` a qSlicerCoreApplication member."""
+    problems = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        name = dotted(node)
+        if name.count(".") == 1 and name.startswith("slicer."):
+            if node.attr not in SLICER_GLOBALS and node.attr not in data["mrml_classes"]:
+                problems.add(name)
+        elif name.count(".") == 2 and name.startswith("slicer.app.") and node.attr not in SLICER_APP_MEMBERS:
+            problems.add(name)
+    return sorted(problems)
+
+
+# --- checkers: MRML and VTK methods, attributed to classes -----------------------------------------
+
+UTIL_RETURNS = {"loadSegmentation": "vtkMRMLSegmentationNode", "addVolumeFromArray": "vtkMRMLScalarVolumeNode"}
+NODE_FACTORIES = {"AddNewNodeByClass", "CreateNodeByClass", "GetFirstNodeByClass"}
+METHOD_RETURNS = {  # methods whose result's class does not depend on the receiver (checked: see the test)
+    "GetSegmentation": "vtkSegmentation",
+    "GetSegment": "vtkSegment",
+    "GetNthSegment": "vtkSegment",
+    "GetBinaryLabelmapInternalRepresentation": "vtkOrientedImageData",
+}
+OWN_RETURNS = {  # MedSegUNetLogic methods and the class of what they return
+    "outputNodeFor": "vtkMRMLSegmentationNode",
+    "loadResult": "vtkMRMLSegmentationNode",
+    "referenceVolume": "vtkMRMLVolumeNode",
+}
+NAMING_CONVENTION = {  # function parameters named so hold nodes of that class
+    "volumeNode": "vtkMRMLScalarVolumeNode",
+    "segmentationNode": "vtkMRMLSegmentationNode",
+    "sourceNode": "vtkMRMLSegmentationNode",
+    "targetNode": "vtkMRMLSegmentationNode",
+}
+
+
+def vtk_class(name: str):
     import vtk
 
-    names: Set[str] = set()
-    for cls in (vtk.vtkObject, vtk.vtkObjectBase, vtk.vtkCommand):
-        names.update(n for n in dir(cls) if n[:1].isupper())
-    return names
+    return getattr(vtk, name, None)
 
 
-def mrml_method_names(data: dict) -> Set[str]:
-    return {method for cls in data["mrml_classes"].values() for method in cls["methods"]}
+def class_has_method(cls: str, method: str, data: dict) -> bool:
+    """Along the base chain of the API file; bases outside it (vtkObject, vtkImageData ...) from the vtk package."""
+    seen = set()
+    while cls and cls not in seen:
+        seen.add(cls)
+        if cls.startswith("vtk:"):
+            real = vtk_class(cls[4:])
+            return real is not None and hasattr(real, method)
+        info = data["mrml_classes"].get(cls)
+        if info is None:
+            real = vtk_class(cls) or vtk_class("vtkObject")  # a Slicer base outside the file: vtkObject's at least
+            return hasattr(real, method)
+        if method in info["methods"]:
+            return True
+        cls = info.get("base")
+    return False
+
+
+def parameter_node_types(tree: ast.Module) -> Dict[str, str]:
+    """parameterNodeWrapper fields annotated with a MRML class -> that class."""
+    return {name: annotation for name, annotation in parameter_annotations(tree).items() if annotation.startswith("vtkMRML")}
+
+
+class TypeInference:
+    """The MRML/VTK class of expressions in one function: enough to check the methods called on them."""
+
+    def __init__(self, function: ast.FunctionDef, fields: Dict[str, str]):
+        self.fields = fields
+        self.names: Dict[str, str] = {}
+        for argument in function.args.args + function.args.kwonlyargs:
+            if argument.arg in NAMING_CONVENTION:
+                self.names[argument.arg] = NAMING_CONVENTION[argument.arg]
+        statements = sorted((n for n in ast.walk(function) if isinstance(n, (ast.Assign, ast.For))), key=lambda n: n.lineno)
+        for _ in range(2):  # twice: an assignment may use a name assigned later in the walk order
+            for statement in statements:
+                self.bind(statement)
+
+    def bind(self, statement) -> None:
+        if isinstance(statement, ast.For) and isinstance(statement.target, ast.Name):
+            call = statement.iter
+            if isinstance(call, ast.Call) and dotted(call.func) == "slicer.util.getNodesByClass" and string_argument(call):
+                self.names[statement.target.id] = string_argument(call)
+            return
+        if not isinstance(statement, ast.Assign) or len(statement.targets) != 1:
+            return
+        target, value = statement.targets[0], statement.value
+        pairs = zip(target.elts, value.elts) if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple) else [(target, value)]
+        for name, expression in pairs:
+            cls = self.type_of(expression)
+            if isinstance(name, ast.Name) and cls:
+                self.names[name.id] = cls
+
+    def type_of(self, node: ast.AST) -> Optional[str]:
+        if isinstance(node, ast.Name):
+            return self.names.get(node.id)
+        if isinstance(node, ast.Attribute):
+            if dotted(node) == "slicer.mrmlScene":
+                return "vtkMRMLScene"
+            return self.fields.get(node.attr)
+        if isinstance(node, ast.Call):
+            function = dotted(node.func)
+            if function.startswith("slicer.util.") and function.split(".")[2] in UTIL_RETURNS:
+                return UTIL_RETURNS[function.split(".")[2]]
+            if function.startswith("vtk.vtk") and function.count(".") == 1:
+                return "vtk:" + function.split(".")[1]
+            if isinstance(node.func, ast.Attribute):
+                if node.func.attr in NODE_FACTORIES and string_argument(node):
+                    return string_argument(node)
+                if dotted(node.func.value) in ("self", "logic", "MedSegUNetLogic") and node.func.attr in OWN_RETURNS:
+                    return OWN_RETURNS[node.func.attr]
+                return METHOD_RETURNS.get(node.func.attr)
+        return None
+
+
+def string_argument(call: ast.Call) -> Optional[str]:
+    first = call.args[0] if call.args else None
+    return first.value if isinstance(first, ast.Constant) and isinstance(first.value, str) else None
+
+
+def functions_of(tree: ast.Module):
+    return [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)]
+
+
+def attributed_calls(tree: ast.Module) -> List[Tuple[str, str, int]]:
+    """(class, method, line) for every call whose receiver's class is known."""
+    fields = parameter_node_types(tree)
+    found = set()
+    for function in functions_of(tree):
+        types = TypeInference(function, fields)
+        for node in ast.walk(function):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                cls = types.type_of(node.func.value)
+                if cls:
+                    found.add((cls, node.func.attr, node.lineno))
+    return sorted(found)
+
+
+def unknown_attributed_methods(tree: ast.Module, data: dict) -> List[str]:
+    return [f"{cls}.{method} (line {line})" for cls, method, line in attributed_calls(tree) if not class_has_method(cls, method, data)]
+
+
+def vtk_method_names(tree: ast.Module) -> Set[str]:
+    """Methods of vtkObject and of the vtk classes the module creates (vtk.vtkMatrix4x4() ...)."""
+    import vtk
+
+    classes = [vtk.vtkObject, vtk.vtkCommand]
+    classes += [vtk_class(cls[4:]) for cls, _, _ in attributed_calls(tree) if cls.startswith("vtk:") and vtk_class(cls[4:])]
+    return {name for cls in classes for name in dir(cls) if name[:1].isupper()}
 
 
 def unknown_mrml_methods(tree: ast.Module, data: dict) -> List[str]:
-    """Calls of CamelCase methods (VTK/MRML style; Qt's are camelCase) that no MRML or VTK class has."""
-    known = mrml_method_names(data) | vtk_method_names()
+    """Any call of a CamelCase method (VTK/MRML style; Qt's are camelCase) that no MRML or VTK class has."""
+    known = {method for cls in data["mrml_classes"].values() for method in cls["methods"]} | vtk_method_names(tree)
     modules = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     called = {
         node.func.attr
@@ -117,36 +290,151 @@ def scene_class_names(tree: ast.Module) -> Set[str]:
     """Class names passed as strings to AddNewNodeByClass / CreateNodeByClass / getNodesByClass ..."""
     names = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and "ByClass" in node.func.attr:
-            names.update(a.value for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and "ByClass" in node.func.attr and string_argument(node):
+            names.add(string_argument(node))
     names.update(n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and dotted(n).startswith("slicer.vtkMRML"))
     return names
 
 
-def ui_widgets(ui_text: str) -> Dict[str, str]:
-    root = ElementTree.fromstring(ui_text)
-    return {w.get("name"): w.get("class") for w in root.iter("widget")}
+# --- checkers: the scripted-module classes' own calls -----------------------------------------------
 
 
-def ui_parameter_names(ui_text: str) -> Dict[str, str]:
-    root = ElementTree.fromstring(ui_text)
+def inherited_methods(bases: List[str], data: dict) -> Set[str]:
+    classes = data["python"]["slicer.ScriptedLoadableModule"]["classes"]
+    mixins = data["python"]["slicer.util"]["classes"]
+    names: Set[str] = set()
+    for base in bases:
+        if base in classes:
+            names |= set(classes[base]["methods"])
+            if "unittest.TestCase" in classes[base]["bases"]:
+                names |= set(dir(unittest.TestCase))
+        elif base in mixins:
+            names |= set(mixins[base]["methods"])
+    return names
+
+
+def unknown_self_calls(tree: ast.Module, data: dict) -> List[str]:
+    """`self.f()` and `super().f()` in a class based on Slicer's classes: defined there or inherited."""
+    problems = []
+    for cls in [n for n in tree.body if isinstance(n, ast.ClassDef)]:
+        bases = [dotted(b) for b in cls.bases]
+        inherited = inherited_methods(bases, data)
+        if not inherited:
+            continue
+        own = {f.name for f in cls.body if isinstance(f, ast.FunctionDef)}
+        own |= {t.attr for n in ast.walk(cls) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Attribute) and dotted(t.value) == "self"}
+        own |= {t.target.attr for t in ast.walk(cls) if isinstance(t, ast.AnnAssign) and isinstance(t.target, ast.Attribute)}
+        for node in ast.walk(cls):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                receiver = dotted(node.func.value)
+                if receiver == "self" and node.func.attr not in own | inherited:
+                    problems.append(f"{cls.name}: self.{node.func.attr}()")
+                elif receiver == "super()" and node.func.attr not in inherited:
+                    problems.append(f"{cls.name}: super().{node.func.attr}()")
+    return sorted(set(problems))
+
+
+# --- checkers: the .ui and the parameter node --------------------------------------------------------
+
+
+def ui_widgets(text: str) -> Dict[str, str]:
+    return {w.get("name"): w.get("class") for w in ElementTree.fromstring(text).iter("widget")}
+
+
+def ui_custom_declarations(text: str) -> Dict[str, Tuple[str, str]]:
+    root = ElementTree.fromstring(text)
+    return {c.findtext("class"): (c.findtext("extends"), c.findtext("header")) for c in root.iter("customwidget")}
+
+
+def ui_bad_classes(text: str, data: dict) -> List[str]:
+    """Widget classes that are neither Qt nor Slicer's, and custom widgets declared unlike Slicer declares them."""
+    custom = data["ui_custom_widgets"]
+    declared = ui_custom_declarations(text)
+    problems = []
+    for cls in sorted(set(ui_widgets(text).values())):
+        if cls in QT_WIDGETS:
+            continue
+        if cls not in custom:
+            problems.append(f"{cls}: not a Qt or Slicer widget")
+        elif declared.get(cls) != (custom[cls]["extends"], custom[cls]["header"]):
+            problems.append(f"{cls}: declared as {declared.get(cls)}, Slicer has {(custom[cls]['extends'], custom[cls]['header'])}")
+    return problems
+
+
+def ui_bound_widgets(text: str) -> Dict[str, ElementTree.Element]:
+    """SlicerParameterName -> the widget element carrying it."""
     found = {}
-    for widget in root.iter("widget"):
+    for widget in ElementTree.fromstring(text).iter("widget"):
         for prop in widget.findall("property"):
             if prop.get("name") == "SlicerParameterName":
-                found[prop.findtext("string")] = widget.get("name")
+                found[prop.findtext("string")] = widget
     return found
 
 
+def widget_property(widget: ElementTree.Element, name: str):
+    for prop in widget.findall("property"):
+        if prop.get("name") == name:
+            value = prop[0]
+            if value.tag == "stringlist":
+                return [s.text for s in value.findall("string")]
+            if value.tag in ("double", "number"):
+                return float(value.text)
+            return value.text
+    return None
+
+
 def ui_attributes_used(tree: ast.Module) -> Set[str]:
-    return {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute) and dotted(node.value) == "self.ui"}
+    """X of every `self.ui.X` (and `widget.ui.X` in the self-test)."""
+    return {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute) and dotted(node.value) in ("self.ui", "widget.ui")}
 
 
-def parameter_fields(tree: ast.Module) -> Set[str]:
-    for node in tree.body:
+def parameter_class(tree: ast.Module) -> Optional[ast.ClassDef]:
+    for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and any(dotted(d) == "parameterNodeWrapper" for d in node.decorator_list):
-            return {item.target.id for item in node.body if isinstance(item, ast.AnnAssign)}
-    return set()
+            return node
+    return None
+
+
+def parameter_annotations(tree: ast.Module) -> Dict[str, str]:
+    """Field -> its type: bool, int, float, str, or a MRML class name (Annotated[...] unwrapped)."""
+    cls = parameter_class(tree)
+    fields = {}
+    for item in cls.body if cls else []:
+        if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+            annotation = item.annotation
+            if isinstance(annotation, ast.Subscript) and dotted(annotation.value) == "Annotated":
+                annotation = annotation.slice.elts[0]
+            fields[item.target.id] = dotted(annotation).replace("slicer.", "")
+    return fields
+
+
+def parameter_ranges(tree: ast.Module) -> Dict[str, Tuple[float, float]]:
+    cls = parameter_class(tree)
+    ranges = {}
+    for item in cls.body if cls else []:
+        if isinstance(item, ast.AnnAssign) and isinstance(item.annotation, ast.Subscript):
+            for extra in item.annotation.slice.elts[1:]:
+                if isinstance(extra, ast.Call) and dotted(extra.func) == "WithinRange":
+                    ranges[item.target.id] = tuple(float(ast.literal_eval(a)) for a in extra.args)
+    return ranges
+
+
+def parameter_binding_problems(tree: ast.Module, text: str) -> List[str]:
+    """Each field has a widget of a kind that can show its type (node types, ranges); each bound widget a field."""
+    fields, bound = parameter_annotations(tree), ui_bound_widgets(text)
+    problems = [f"{name}: no widget with this SlicerParameterName" for name in sorted(set(fields) - set(bound))]
+    problems += [f"{name}: a widget is bound to it but the parameter node has no such field" for name in sorted(set(bound) - set(fields))]
+    for name in sorted(set(fields) & set(bound)):
+        kind = "node" if fields[name].startswith("vtkMRML") else fields[name]
+        widget = bound[name]
+        if widget.get("class") not in BINDABLE.get(kind, set()):
+            problems.append(f"{name}: a {kind} cannot be bound to a {widget.get('class')}")
+        if kind == "node" and fields[name] not in (widget_property(widget, "nodeTypes") or []):
+            problems.append(f"{name}: the combo box does not list {fields[name]}")
+    for name, (low, high) in sorted(parameter_ranges(tree).items()):
+        if name in bound and (widget_property(bound[name], "minimum"), widget_property(bound[name], "maximum")) != (low, high):
+            problems.append(f"{name}: the widget's range differs from WithinRange({low:g}, {high:g})")
+    return problems
 
 
 def module_level_imports(tree: ast.Module) -> Set[str]:
@@ -156,7 +444,7 @@ def module_level_imports(tree: ast.Module) -> Set[str]:
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module.split(".")[0])
-        elif isinstance(node, ast.Try):
+        elif isinstance(node, (ast.Try, ast.If)):
             names.update(module_level_imports(ast.Module(body=node.body, type_ignores=[])))
     return names
 
@@ -166,25 +454,68 @@ def module_level_imports(tree: ast.Module) -> Set[str]:
 
 @pytest.mark.parametrize("version", API_VERSIONS)
 def test_every_slicer_util_call_exists(version):
-    assert unknown_util_calls(module_tree(), api(version)) == []
-    assert unknown_util_calls(module_tree("slicer.util.loadVolumeFromSpace(1)\nslicer.util.loadUI(p, colour=1)"), api(version)) == [
-        "slicer.util.loadVolumeFromSpace", "slicer.util.loadUI(colour=)"
+    data = api(version)
+    assert unknown_util_calls(module_tree(), data) == []
+    assert len(slicer_util_calls(module_tree())) >= 15  # the parser sees the calls
+    bad = module_tree("slicer.util.loadVolumeFromSpace(1)\nslicer.util.loadUI(p, colour=1)\nslicer.util.pip_install")
+    assert unknown_util_calls(bad, data) == ["slicer.util.loadUI(colour=)", "slicer.util.loadVolumeFromSpace"]
+
+
+@pytest.mark.parametrize("version", API_VERSIONS)
+def test_imports_from_slicer_exist(version):
+    data = api(version)
+    tree = module_tree()
+    assert unknown_imports(tree, data) == []
+    assert {"parameterNodeWrapper", "WithinRange"} <= imported_names(tree, "slicer.parameterNodeWrapper")
+    assert {"ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
+            "ScriptedLoadableModuleTest"} <= imported_names(tree, "slicer.ScriptedLoadableModule")
+    bad = module_tree("from slicer.parameterNodeWrapper import parameterNodeWrapperV2\nfrom slicer.util import VTKObserverMixin")
+    assert unknown_imports(bad, data) == ["slicer.parameterNodeWrapper.parameterNodeWrapperV2", "slicer.util.VTKObserverMixin"]
+
+
+@pytest.mark.parametrize("version", API_VERSIONS)
+def test_slicer_globals_exist(version):
+    data = api(version)
+    assert unknown_slicer_globals(module_tree(), data) == []
+    bad = module_tree("slicer.mrmlScen.Clear()\nslicer.vtkMRMLSegmentationNode\nslicer.app.temporaryFolder\nslicer.vtkMRMLNoSuchNode")
+    assert unknown_slicer_globals(bad, data) == ["slicer.app.temporaryFolder", "slicer.mrmlScen", "slicer.vtkMRMLNoSuchNode"]
+
+
+@pytest.mark.parametrize("version", API_VERSIONS)
+def test_methods_called_on_known_mrml_classes_exist_on_those_classes(version):
+    data = api(version)
+    tree = module_tree()
+    assert unknown_attributed_methods(tree, data) == []
+    attributed = attributed_calls(tree)
+    assert len(attributed) >= 40, attributed  # the inference follows the module's nodes
+    assert {cls for cls, _, _ in attributed} >= {"vtkMRMLScene", "vtkMRMLSegmentationNode", "vtkSegmentation", "vtkMRMLVolumeNode",
+                                                 "vtkMRMLScalarVolumeNode", "vtkMRMLVolumeArchetypeStorageNode"}
+    assert ("vtkMRMLSegmentationNode", "SetAndObserveTransformNodeID") in {(c, m) for c, m, _ in attributed}
+    for method, cls in METHOD_RETURNS.items():  # these names mean one thing across the API
+        owners = [c for c, info in data["mrml_classes"].items() if method in info["methods"]]
+        assert cls in {"vtkSegmentation", "vtkSegment", "vtkOrientedImageData"} and owners, (method, owners)
+    bad = module_tree(
+        "def f(volumeNode):\n"
+        "    node = slicer.mrmlScene.AddNewNodeByClass('vtkMRMLSegmentationNode')\n"
+        "    node.GetSegment('x')\n"  # a vtkSegmentation method, not a node's
+        "    node.GetSegmentation().GetSegmentIdBySegmentName('x')\n"
+        "    volumeNode.GetSegmentation()\n"
+        "    slicer.mrmlScene.GetFirstNodeByClass('vtkMRMLScalarVolumeNode').GetIJKToRASMatrix(m)\n"
+        "    storage = slicer.mrmlScene.CreateNodeByClass('vtkMRMLVolumeArchetypeStorageNode')\n"
+        "    storage.UnRegister(None)\n"  # from vtkObjectBase, through the vtk package
+        "    matrix = vtk.vtkMatrix4x4()\n"
+        "    matrix.Invert()\n"
+        "    matrix.Inverse()\n"
+    )
+    assert unknown_attributed_methods(bad, data) == [
+        "vtk:vtkMatrix4x4.Inverse (line 11)", "vtkMRMLScalarVolumeNode.GetSegmentation (line 5)",
+        "vtkMRMLSegmentationNode.GetSegment (line 3)",
     ]
 
 
 @pytest.mark.parametrize("version", API_VERSIONS)
-def test_parameter_node_wrapper_and_base_classes_exist(version):
-    data = api(version)
-    tree = module_tree()
-    assert imported_names(tree, "slicer.parameterNodeWrapper") <= set(data["python"]["slicer.parameterNodeWrapper"]["names"])
-    assert imported_names(tree, "slicer.ScriptedLoadableModule") <= set(data["python"]["slicer.ScriptedLoadableModule"]["classes"])
-    assert {"parameterNodeWrapper", "WithinRange"} <= imported_names(tree, "slicer.parameterNodeWrapper")
-    bad = module_tree("from slicer.parameterNodeWrapper import parameterNodeWrapperV2")
-    assert not imported_names(bad, "slicer.parameterNodeWrapper") <= set(data["python"]["slicer.parameterNodeWrapper"]["names"])
-
-
-@pytest.mark.parametrize("version", API_VERSIONS)
 def test_every_mrml_method_and_node_class_exists(version):
+    """Calls the inference cannot attribute: the method must exist on some MRML/VTK class at least."""
     data = api(version)
     assert unknown_mrml_methods(module_tree(), data) == []
     snippet = "import tempfile\nnode.GetSegmentationz()\nnode.SetName('a')\nwidget.setText('x')\ntempfile.TemporaryDirectory()"
@@ -194,59 +525,143 @@ def test_every_mrml_method_and_node_class_exists(version):
     assert classes <= set(data["mrml_classes"]), classes - set(data["mrml_classes"])
 
 
-def test_every_ui_widget_class_is_qt_or_slicer():
-    text = UI_FILE.read_text(encoding="utf-8")
-    custom = set(api(API_VERSIONS[0])["ui_custom_widgets"])
-    classes = set(ui_widgets(text).values())
-    assert classes - QT_WIDGETS - custom == set()
-    assert {"qMRMLNodeComboBox", "ctkCollapsibleButton"} <= classes
-    assert {"qMRMLSegmentationEditorWidgetX"} - QT_WIDGETS - custom  # the check can fail
+@pytest.mark.parametrize("version", API_VERSIONS)
+def test_scripted_module_classes_call_only_what_they_have(version):
+    data = api(version)
+    assert unknown_self_calls(module_tree(), data) == []
+    bad = module_tree(
+        "class W(ScriptedLoadableModuleWidget, VTKObservationMixin):\n"
+        "    def setup(self):\n"
+        "        self.resourcePath('x'); self.addObserver(a, b, c); self.helper(); self.loadUI('x')\n"
+        "    def helper(self):\n"
+        "        super().setupDeveloperSection(); super().enter()\n"
+        "class T(ScriptedLoadableModuleTest):\n"
+        "    def test_a(self):\n"
+        "        self.delayDisplay('x'); self.assertEqual(1, 1); self.assertEquals2(1, 1)\n"
+    )
+    assert unknown_self_calls(bad, data) == ["T: self.assertEquals2()", "W: self.loadUI()", "W: super().enter()"]
+
+
+def test_the_four_classes_slicer_expects():
+    tree = module_tree()
+    classes = {node.name: [dotted(b) for b in node.bases] for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert classes["MedSegUNet"] == ["ScriptedLoadableModule"]
+    assert classes["MedSegUNetWidget"][0] == "ScriptedLoadableModuleWidget"
+    assert classes["MedSegUNetLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert classes["MedSegUNetTest"] == ["ScriptedLoadableModuleTest"]
+    test_methods = [f.name for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "MedSegUNetTest"
+                    for f in node.body if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")]
+    assert len(test_methods) >= 4
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    for test_method in test_methods:  # runTest (Reload and Test) runs every one of them
+        assert f"self.{test_method}," in source, test_method
+
+
+@pytest.mark.parametrize("version", API_VERSIONS)
+def test_every_ui_widget_class_is_qt_or_slicer(version):
+    data = api(version)
+    assert ui_bad_classes(ui_text(), data) == []
+    assert {"qMRMLNodeComboBox", "ctkCollapsibleButton"} <= set(ui_widgets(ui_text()).values())
+    bad = ui_text().replace('class="QListWidget"', 'class="qMRMLSegmentationEditorWidgetX"').replace(
+        "<header>qMRMLNodeComboBox.h</header>", "<header>qMRMLNodeCombo.h</header>")
+    assert ui_bad_classes(bad, data) == [
+        "qMRMLNodeComboBox: declared as ('QWidget', 'qMRMLNodeCombo.h'), Slicer has ('QWidget', 'qMRMLNodeComboBox.h')",
+        "qMRMLSegmentationEditorWidgetX: not a Qt or Slicer widget",
+    ]
 
 
 def test_every_widget_the_code_touches_is_in_the_ui():
-    widgets = ui_widgets(UI_FILE.read_text(encoding="utf-8"))
+    widgets = ui_widgets(ui_text())
     used = ui_attributes_used(module_tree())
-    assert used, "the module touches no widget: the parser is broken"
+    assert len(used) >= 15, "the module touches few widgets: the parser is broken"
+    assert "overlapSliderWidget" in used  # seen through widget.ui in the self-test
     assert used - set(widgets) == set()
-    assert ui_attributes_used(module_tree("self.ui.noSuchButton.enabled = True")) - set(widgets) == {"noSuchButton"}
+    bad = module_tree("self.ui.noSuchButton.enabled = True\nwidget.ui.oldLabel.text = ''\nself.uiWidget.x = 1")
+    assert ui_attributes_used(bad) - set(widgets) == {"noSuchButton", "oldLabel"}
 
 
-def test_every_parameter_has_a_widget_and_every_bound_widget_a_parameter():
-    text = UI_FILE.read_text(encoding="utf-8")
-    fields = parameter_fields(module_tree())
-    bound = ui_parameter_names(text)
-    assert {"inputVolume", "outputSegmentation", "useTTA", "overlap"} <= fields
-    assert fields == set(bound), (fields ^ set(bound))
-    assert parameter_fields(module_tree("@parameterNodeWrapper\nclass P:\n    extra: int = 1\n")) == {"extra"}
+def test_every_parameter_has_a_widget_that_can_show_it():
+    tree = module_tree()
+    assert {"inputVolume", "outputSegmentation", "useTTA", "largestComponent", "overlap"} <= set(parameter_annotations(tree))
+    assert parameter_binding_problems(tree, ui_text()) == []
+    bad_tree = module_tree(
+        "@parameterNodeWrapper\nclass P:\n"
+        "    inputVolume: slicer.vtkMRMLSegmentationNode\n"
+        "    useTTA: float = 1.0\n"
+        "    overlap: Annotated[float, WithinRange(0.0, 0.5)] = 0.5\n"
+        "    extra: int = 1\n"
+    )
+    assert parameter_binding_problems(bad_tree, ui_text()) == [
+        "extra: no widget with this SlicerParameterName",
+        "largestComponent: a widget is bound to it but the parameter node has no such field",
+        "outputSegmentation: a widget is bound to it but the parameter node has no such field",
+        "retrainFromScratch: a widget is bound to it but the parameter node has no such field",
+        "retrainMinutes: a widget is bound to it but the parameter node has no such field",
+        "retrainSteps: a widget is bound to it but the parameter node has no such field",
+        "inputVolume: the combo box does not list vtkMRMLSegmentationNode",
+        "useTTA: a float cannot be bound to a QCheckBox",
+        "overlap: the widget's range differs from WithinRange(0, 0.5)",
+    ]
 
 
 def test_slicer_starts_without_torch_or_monai():
     """Neither the module nor what it imports at load time imports torch, MONAI or numpy-heavy engine parts."""
-    heavy = {"torch", "monai", "SimpleITK", "numpy", "training"}
+    heavy = {"torch", "monai", "SimpleITK", "numpy", "scipy", "training", "slicerio", "nrrd", "safetensors"}
     assert module_level_imports(module_tree()) & heavy == set()
-    childprocess = ast.parse((REPO / "MedSegUNet" / "MedSegUNetLib" / "childprocess.py").read_text(encoding="utf-8"))
-    assert module_level_imports(childprocess) & heavy == set()
-    package_init = ast.parse((REPO / "MedSegUNet" / "MedSegUNetLib" / "__init__.py").read_text(encoding="utf-8"))
-    assert module_level_imports(package_init) & heavy == set()
-    assert module_level_imports(module_tree("import torch")) & heavy == {"torch"}
+    light = REPO / "MedSegUNet" / "MedSegUNetLib"
+    for name in ("childprocess.py", "__init__.py"):  # what MedSegUNet.py imports at load time
+        assert module_level_imports(ast.parse((light / name).read_text(encoding="utf-8"))) & heavy == set(), name
+    lib_imports = {n.module for n in module_tree().body if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("MedSegUNetLib")}
+    assert lib_imports == {"MedSegUNetLib.childprocess"}
+    assert module_level_imports(module_tree("try:\n    import torch\nexcept ImportError:\n    pass")) & heavy == {"torch"}
 
 
-def test_cmake_installs_every_engine_and_training_file():
+def test_the_panel_reads_bundles_without_torch():
+    """describeModel and segmentsToReplace read bundles in Slicer's own process: bundle.py must not need torch."""
+    lib = REPO / "MedSegUNet" / "MedSegUNetLib"
+    for name in ("bundle.py", "network.py", "atomic.py", "errors.py", "labels.py"):
+        path = lib / name
+        if path.exists():
+            assert module_level_imports(ast.parse(path.read_text(encoding="utf-8"))) & {"torch", "monai", "numpy"} == set(), name
+
+
+def cmake_listed_files(cmake: str) -> Set[str]:
+    return set(re.findall(r"(?:MedSegUNetLib|training)/[A-Za-z0-9_]+\.py", cmake))
+
+
+def test_cmake_installs_every_engine_and_training_file_and_nothing_stale():
     cmake = (REPO / "MedSegUNet" / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", "MedSegUNet")
-    for folder, prefix in ((REPO / "MedSegUNet" / "MedSegUNetLib", "MedSegUNetLib/"), (REPO / "training", "training/")):
-        for path in sorted(folder.glob("*.py")):
-            assert f"{prefix}{path.name}" in cmake, f"{prefix}{path.name} is not installed by MedSegUNet/CMakeLists.txt"
-    assert "Resources/UI/MedSegUNet.ui" in cmake and "slicer_add_python_unittest" in cmake
+    listed = cmake_listed_files(cmake)
+    existing = {f"MedSegUNetLib/{p.name}" for p in (REPO / "MedSegUNet" / "MedSegUNetLib").glob("*.py")}
+    existing |= {f"training/{p.name}" for p in (REPO / "training").glob("*.py")}
+    assert existing - listed == set(), "not installed by MedSegUNet/CMakeLists.txt"
+    assert listed - existing == set(), "listed in MedSegUNet/CMakeLists.txt but gone (the build would fail)"
+    for resource in ("Resources/UI/MedSegUNet.ui", "Resources/Icons/MedSegUNet.png"):
+        assert resource in cmake and (REPO / "MedSegUNet" / resource).is_file(), resource
+    assert "slicer_add_python_unittest" in cmake and "Resources/Models/*.safetensors" in cmake
+    assert cmake_listed_files("MedSegUNetLib/new_file.py training/x.py MedSegUNetLib/README.md") == {"MedSegUNetLib/new_file.py", "training/x.py"}
     top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
-    for field in ("EXTENSION_HOMEPAGE", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS", "add_subdirectory(MedSegUNet)"):
+    for field in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                  "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", 'EXTENSION_DEPENDS "PyTorch"', "find_package(Slicer",
+                  "add_subdirectory(MedSegUNet)", "Slicer_EXTENSION_CPACK"):
         assert field in top, field
 
 
 def test_slicer_requirements_match_pyproject():
-    """One list of version ranges: the panel installs exactly what pyproject.toml declares (torch aside)."""
-    import tomllib
+    """One list of version ranges: the panel installs exactly what pyproject.toml declares."""
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        tomllib = pytest.importorskip("tomli")
 
     declared = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
-    tree = module_tree()
-    listed = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign) and dotted(n.targets[0]) == "ENGINE_REQUIREMENTS")
-    assert sorted(listed) == sorted(r for r in declared if not r.startswith("torch"))
+    assignments = {dotted(n.targets[0]): n.value for n in module_tree().body if isinstance(n, ast.Assign)}
+    listed = ast.literal_eval(assignments["ENGINE_REQUIREMENTS"]) + [ast.literal_eval(assignments["TORCH_REQUIREMENT"])]
+    assert sorted(listed) == sorted(declared)
+
+
+def test_module_icon_is_a_128_pixel_png():
+    data = (REPO / "MedSegUNet" / "Resources" / "Icons" / "MedSegUNet.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (128, 128)
