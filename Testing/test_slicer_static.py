@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import unittest
 import xml.etree.ElementTree as ElementTree
@@ -665,3 +666,84 @@ def test_module_icon_is_a_128_pixel_png():
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (128, 128)
+
+
+# --- the extension's CMake, configured against a stand-in for Slicer ---------------------------------
+
+STUB_SLICER_CONFIG = r"""
+# A stand-in for Slicer's build tree: the variables and macros the extension uses, with the same
+# copying rules (scripts and resources land under qt-scripted-modules/ at their relative paths).
+set(Slicer_FOUND TRUE)
+set(Slicer_USE_FILE ${CMAKE_CURRENT_LIST_DIR}/Empty.cmake)
+set(Slicer_EXTENSION_GENERATE_CONFIG ${CMAKE_CURRENT_LIST_DIR}/Empty.cmake)
+set(Slicer_EXTENSION_CPACK ${CMAKE_CURRENT_LIST_DIR}/Empty.cmake)
+set(Slicer_QTSCRIPTEDMODULES_LIB_DIR lib/Slicer-5.8/qt-scripted-modules)
+set(Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR ${Slicer_QTSCRIPTEDMODULES_LIB_DIR})
+function(slicerMacroBuildScriptedModule)
+  cmake_parse_arguments(MY "WITH_GENERIC_TESTS;WITH_SUBDIR" "NAME" "SCRIPTS;RESOURCES" ${ARGN})
+  foreach(file ${MY_SCRIPTS} ${MY_RESOURCES})
+    if(NOT EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/${file})
+      message(FATAL_ERROR "listed but missing: ${file}")
+    endif()
+    configure_file(${CMAKE_CURRENT_SOURCE_DIR}/${file} ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/${file} COPYONLY)
+  endforeach()
+  file(WRITE ${CMAKE_BINARY_DIR}/module-name.txt "${MY_NAME}")
+endfunction()
+function(slicer_add_python_unittest)
+  cmake_parse_arguments(MY "" "SCRIPT" "SLICER_ARGS" ${ARGN})
+  if(NOT EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/${MY_SCRIPT})
+    message(FATAL_ERROR "no such test script: ${MY_SCRIPT}")
+  endif()
+  file(APPEND ${CMAKE_BINARY_DIR}/python-unittests.txt "${MY_SCRIPT}\n")
+endfunction()
+"""
+
+
+@pytest.fixture(scope="module")
+def configured_extension(tmp_path_factory):
+    import shutil
+    import subprocess
+
+    if shutil.which("cmake") is None or not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+        pytest.skip("cmake and a C++ compiler are needed to configure the extension")
+    work = tmp_path_factory.mktemp("extension")
+    stub = work / "Slicer"
+    stub.mkdir()
+    (stub / "SlicerConfig.cmake").write_text(STUB_SLICER_CONFIG, encoding="utf-8")
+    (stub / "Empty.cmake").write_text("", encoding="utf-8")
+    build = work / "build"
+    result = subprocess.run(["cmake", "-S", str(REPO), "-B", str(build), f"-DSlicer_DIR={stub}", "-DBUILD_TESTING=ON"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return build
+
+
+def test_the_extension_configures_and_lays_out_the_module_as_installed(configured_extension):
+    build = configured_extension
+    modules = build / "lib" / "Slicer-5.8" / "qt-scripted-modules"
+    assert (build / "module-name.txt").read_text() == "MedSegUNet"
+    assert (build / "python-unittests.txt").read_text().split() == ["MedSegUNet.py"]
+    assert (modules / "MedSegUNet.py").is_file() and (modules / "Resources" / "UI" / "MedSegUNet.ui").is_file()
+    for folder, name in ((REPO / "MedSegUNet" / "MedSegUNetLib", "MedSegUNetLib"), (REPO / "training", "training")):
+        assert {p.name for p in folder.glob("*.py")} == {p.name for p in (modules / name).glob("*.py")}, name
+    for bundle in list((REPO / "Resources" / "Models").glob("*.safetensors")) + list((REPO / "MedSegUNet" / "Resources" / "Models").glob("*.safetensors")):
+        assert (modules / "Resources" / "Models" / bundle.name).is_file(), bundle.name
+
+
+def test_the_installed_layout_runs_segment_and_train(configured_extension, tmp_path, small_bundle):
+    """What Slicer runs from an installed extension: both packages found beside the module file alone."""
+    import subprocess
+    import sys
+
+    from MedSegUNetLib.childprocess import engine_environment
+
+    modules = configured_extension / "lib" / "Slicer-5.8" / "qt-scripted-modules"
+    environment = engine_environment(modules, base={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert environment["PYTHONPATH"] == str(modules.resolve())
+    for command in (["-m", "MedSegUNetLib", "info", str(small_bundle)], ["-m", "training", "train", "--help"]):
+        result = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    check = subprocess.run([sys.executable, "-c", "import MedSegUNetLib, training; print(MedSegUNetLib.__file__, training.__file__)"],
+                           capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=60)
+    paths = check.stdout.split()
+    assert len(paths) == 2 and all(path.startswith(str(modules.resolve())) for path in paths), check.stdout + check.stderr
