@@ -10,7 +10,6 @@ Slicer starts as fast with this module as without it.
 import importlib
 import importlib.util
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -351,23 +350,23 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def refreshCases(self) -> None:
         """This scene's annotated pairs (checked), then the scene files added before (kept as they were)."""
         listed = self.ui.casesListWidget
-        files = [(listed.item(i).data(qt.Qt.UserRole), listed.item(i).checkState()) for i in range(listed.count)]
+        files = [(listed.item(i).data(qt.Qt.UserRole), listed.item(i).checkState() == qt.Qt.Checked) for i in range(listed.count)]
         listed.clear()
         for volume, segmentation in self.logic.annotatedPairs():
-            entry = self.addCaseItem(f"{volume.GetName()}  +  {segmentation.GetName()}", qt.Qt.Checked)
+            entry = self.addCaseItem(f"{volume.GetName()}  +  {segmentation.GetName()}", True)
             entry.setData(qt.Qt.UserRole + 1, segmentation.GetID())
         for path, checked in files:
             if path:
                 self.addFileItem(path, checked)
 
-    def addCaseItem(self, text: str, checked):
+    def addCaseItem(self, text: str, checked: bool):
         entry = qt.QListWidgetItem(text)
         entry.setFlags(entry.flags() | qt.Qt.ItemIsUserCheckable)
-        entry.setCheckState(checked)
+        entry.setCheckState(qt.Qt.Checked if checked else qt.Qt.Unchecked)
         self.ui.casesListWidget.addItem(entry)
         return entry
 
-    def addFileItem(self, path: str, checked=qt.Qt.Checked) -> None:
+    def addFileItem(self, path: str, checked: bool = True) -> None:
         entry = self.addCaseItem(Path(path).name + ("/" if Path(path).is_dir() else ""), checked)
         entry.setData(qt.Qt.UserRole, path)
         entry.setToolTip(path)

@@ -13,7 +13,6 @@ import re
 import unittest
 import xml.etree.ElementTree as ElementTree
 from functools import lru_cache
-from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
 import pytest
