@@ -315,7 +315,7 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finished = self.logic.finishedRun()
         if finished is not None:
             self.showFinished(*finished)
-        if not self.logic.busy() and not self.logic.probing():
+        if not self.logic.unfinished() and not self.logic.probing():
             self.timer.stop()
 
     def showProgress(self, record: dict) -> None:
@@ -348,16 +348,17 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- Retrain ---
 
     def refreshCases(self) -> None:
-        """This scene's annotated pairs (checked), then the scene files added before (kept as they were)."""
+        """This scene's annotated pairs (new ones checked), then the scene files added before; checks are kept."""
         listed = self.ui.casesListWidget
-        files = [(listed.item(i).data(qt.Qt.UserRole), listed.item(i).checkState() == qt.Qt.Checked) for i in range(listed.count)]
+        entries = [listed.item(i) for i in range(listed.count)]
+        checked = {e.data(qt.Qt.UserRole) or e.data(qt.Qt.UserRole + 1): e.checkState() == qt.Qt.Checked for e in entries}
+        files = [e.data(qt.Qt.UserRole) for e in entries if e.data(qt.Qt.UserRole)]
         listed.clear()
         for volume, segmentation in self.logic.annotatedPairs():
-            entry = self.addCaseItem(f"{volume.GetName()}  +  {segmentation.GetName()}", True)
+            entry = self.addCaseItem(f"{volume.GetName()}  +  {segmentation.GetName()}", checked.get(segmentation.GetID(), True))
             entry.setData(qt.Qt.UserRole + 1, segmentation.GetID())
-        for path, checked in files:
-            if path:
-                self.addFileItem(path, checked)
+        for path in files:
+            self.addFileItem(path, checked[path])
 
     def addCaseItem(self, text: str, checked: bool):
         entry = qt.QListWidgetItem(text)
@@ -566,6 +567,10 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         """'segment' or 'train' while a run is going, else None."""
         return self.runKind if self.run is not None and self.run.state == RUNNING else None
 
+    def unfinished(self) -> bool:
+        """A run was started and finishedRun() has not reported its end yet."""
+        return self.runKind is not None
+
     def cancel(self) -> None:
         if self.run is not None and self.run.state == RUNNING:
             self.run.cancel()
@@ -589,8 +594,8 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
 
     def startRun(self, kind: str, command: List[str], device: Optional[str], **pending) -> None:
         self.ensureIdle()
-        self.pending, self.runKind = pending, kind
-        self.run = ChildProcess(command, engine_environment(MODULE_DIR, device=device))
+        run = ChildProcess(command, engine_environment(MODULE_DIR, device=device))  # raises if it cannot start
+        self.run, self.pending, self.runKind = run, pending, kind
         logging.info("MedSegUNet: %s", " ".join(command))
 
     # --- nodes to files ---
@@ -777,6 +782,8 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
                 raise RuntimeError(f"could not copy segment '{name}'")
             if position >= 0:
                 target.SetSegmentIndex(target.GetSegmentIdBySegmentName(name), position)
+        if target.IsSourceRepresentationImageData():
+            target.CollapseBinaryLabelmaps(False)  # copies are one image each: share layers again, overwriting nothing
 
     # --- blocking forms, for the self-test and scripts ---
 
@@ -902,7 +909,7 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
 
     def waitWhileBusy(self, logic, timeoutSeconds: float = 600) -> None:
         deadline = time.monotonic() + timeoutSeconds
-        while logic.busy() or logic.runKind:
+        while logic.unfinished():
             self.assertLess(time.monotonic(), deadline, logic.logText()[-2000:])
             slicer.app.processEvents()  # the panel's timer runs here
             time.sleep(0.05)

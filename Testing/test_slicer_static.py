@@ -39,13 +39,15 @@ SLICER_APP_MEMBERS = {
     "temporaryPath", "slicerUserSettingsFilePath", "processEvents", "applicationDirPath", "cachePath",
     "defaultScenePath", "slicerHome", "userSettings", "revisionUserSettings", "majorVersion", "minorVersion",
 }
-# parameterNodeWrapper field type -> widgets it can be bound to (guiConnectors.py).
+# parameterNodeWrapper field type -> widgets it can be bound to: the canRepresent() of the connectors in
+# Base/Python/slicer/parameterNodeWrapper/guiConnectors.py of v5.8.1, the oldest release supported (5.12.3
+# accepts more: ctkCheckablePushButton for bool, the float widgets for int).
 BINDABLE = {
-    "bool": {"QCheckBox", "ctkCheckBox", "QPushButton", "QToolButton", "QRadioButton"},
-    "float": {"QDoubleSpinBox", "ctkDoubleSpinBox", "ctkSliderWidget", "qMRMLSliderWidget", "qMRMLSpinBox"},
-    "int": {"QSpinBox", "QSlider", "ctkSliderWidget"},
-    "str": {"QLineEdit", "QComboBox", "ctkComboBox", "ctkPathLineEdit", "QTextEdit", "QPlainTextEdit"},
-    "node": {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyComboBox"},
+    "bool": {"QCheckBox", "ctkCheckBox", "QPushButton"},
+    "int": {"QSlider", "QSpinBox"},
+    "float": {"QDoubleSpinBox", "ctkSliderWidget", "qMRMLSliderWidget", "ctkDoubleSlider", "ctkDoubleSpinBox", "qMRMLSpinBox"},
+    "str": {"QComboBox", "ctkComboBox", "QLineEdit", "QLabel", "QTextEdit"},
+    "node": {"qMRMLNodeComboBox"},
 }
 
 
