@@ -787,8 +787,9 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
 
     # --- blocking forms, for the self-test and scripts ---
 
-    def segmentAndWait(self, volumeNode, model: Path, device: str = "cpu", timeoutSeconds: float = 600, cancelAfterFirstProgress: bool = False):
-        self.startSegment(volumeNode, model, device, 0.25, False, True)
+    def segmentAndWait(self, volumeNode, model: Path, device: str = "cpu", timeoutSeconds: float = 600,
+                       cancelAfterFirstProgress: bool = False, tta: bool = False):
+        self.startSegment(volumeNode, model, device, 0.25, tta, True)
         return self.waitForEnd(timeoutSeconds, cancelAfterFirstProgress)
 
     def trainAndWait(self, segmentationNodes, init: Optional[Path], maxSteps: int, timeoutSeconds: float = 900):
@@ -995,7 +996,8 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
         volume, _ = self.syntheticVolume()
         logic = self.newLogic()
         started = time.monotonic()
-        kind, state, _ = logic.segmentAndWait(volume, self.model(), cancelAfterFirstProgress=True)
+        # TTA makes the run long enough that the cancel surely arrives before the end
+        kind, state, _ = logic.segmentAndWait(volume, self.model(), cancelAfterFirstProgress=True, tta=True)
         self.assertEqual((kind, state), ("segment", CANCELLED), logic.logText())
         self.assertLess(time.monotonic() - started, 60)
         self.assertIsNotNone(logic.run.process.poll())  # the engine is gone
