@@ -15,7 +15,9 @@ import SimpleITK as sitk
 import torch
 
 from MedSegUNetLib.bundle import load_bundle
+from MedSegUNetLib.errors import MedSegError
 from training.data import split
+from training.datasets import read_pair
 from training.scene_writer import ScenePair, write_mrb
 from training.scenes import read_segments, segments_labelmap
 
@@ -96,7 +98,15 @@ def test_image_label_pairs(tmp_path, chest_files):
     result = run_cli("train", f"{image}:{label}", "-o", str(tmp_path / "m"), "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "case chest: 128x128x34 voxels" in result.stdout
-    assert [l for l in result.stdout.splitlines() if l.startswith("label ")][:2] == ["label 1: label_1", "label 2: label_2"]
+    # exactly the file's values: reading them once came from freed memory and found stray labels
+    expected = [f"label {v}: label_{v}" for v in range(1, len(names) + 1)]
+    assert [l for l in result.stdout.splitlines() if l.startswith("label ")] == expected
+    for _ in range(5):
+        assert [s.label_value for s in read_pair(f"{image}:{label}").segments] == list(range(1, len(names) + 1))
+    fractional = tmp_path / "fractional.nii.gz"
+    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(label)), sitk.sitkFloat32) * 0.5, str(fractional))
+    with pytest.raises(MedSegError, match="fractional values"):
+        read_pair(f"{image}:{fractional}")
 
 
 @pytest.mark.parametrize(

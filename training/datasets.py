@@ -140,17 +140,15 @@ def read_pair(text: str) -> Case:
     import SimpleITK as sitk
     import numpy as np
 
+    from MedSegUNetLib.imageio import read_labelmap
+
     image_text, _, label_text = text.rpartition(":")
     image, label = Path(image_text), Path(label_text)
     for path in (image, label):
         if not path.is_file():
             raise MedSegError("not found (expected IMAGE:LABEL)", path)
-    try:
-        values = np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(label))))
-    except RuntimeError as error:
-        raise MedSegError(f"is not a readable labelmap ({str(error).strip().splitlines()[-1]})", label) from None
-    if values.dtype.kind not in "iu":
-        raise MedSegError(f"is not a labelmap (pixel type {values.dtype})", label)
+    # GetArrayFromImage (a copy): a view of a temporary image reads freed memory
+    values = np.unique(sitk.GetArrayFromImage(read_labelmap(label)))
     segments = [SegmentInfo(f"label_{int(v)}", int(v), 0, palette_color(int(v) - 1)) for v in values if v != 0]
     return Case(_case_name(image.name), image, label, segments, f"{image.name}:{label.name}")
 
