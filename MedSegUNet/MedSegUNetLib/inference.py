@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import MedSegError
+from .memory import available_memory_bytes
 from .progress import Progress
 
 T = TypeVar("T")
@@ -43,21 +43,6 @@ def select_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda", "mps"):
         raise MedSegError(f"unknown device '{name}' (use auto, cpu, cuda or mps)")
     return torch.device(name)
-
-
-def available_memory_bytes() -> Optional[int]:
-    """Memory the OS can give without swapping (Linux MemAvailable), or None when unknown."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def prediction_memory_bytes(shape_czyx: Sequence[int], classes: int) -> int:
