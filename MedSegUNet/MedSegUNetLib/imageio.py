@@ -7,6 +7,9 @@ if it had saved the file itself.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -18,12 +21,19 @@ from .atomic import atomic_path
 from .bundle import Label
 from .errors import MedSegError
 from .geometry import Grid, ijk_array, ijk_to_lps
+from .memory import available_memory_bytes, describe_bytes
 
 IMAGE_ENDINGS = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 LABELMAP_ENDINGS = (".nrrd", ".nii", ".nii.gz", ".mha")
 SEGMENTATION_ENDING = ".seg.nrrd"
 # Refuse headers that claim more voxels than this before allocating anything (2048^3 float32 = 32 GB).
 MAX_VOXELS = 2048**3
+# Slices of a DICOM series further apart than this fraction of the usual step mean a missing slice.
+SLICE_GAP_TOLERANCE = 0.1
+_BYTES_PER_COMPONENT = {
+    sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+    sitk.sitkInt32: 4, sitk.sitkFloat32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat64: 8,
+}
 
 
 @dataclass
@@ -40,11 +50,56 @@ def has_ending(path: Path, endings: Sequence[str]) -> bool:
     return any(name.endswith(ending) for ending in endings)
 
 
+@contextlib.contextmanager
+def _quiet_native_output():
+    """Silence what ITK, GDCM, nifticlib and MetaIO print on the process's own stdout/stderr
+    ("** ERROR: nifti_convert_nhdr2nim", "Non uniform sampling ..."): a bad file must give one clear
+    line, and stdout carries the JSON progress. The problem is reported by the exception instead."""
+    try:
+        saved = [(fd, os.dup(fd)) for fd in (1, 2)]
+    except OSError:  # no console at all (a GUI process): nothing to silence
+        yield
+        return
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd, _ in saved:
+            os.dup2(null, fd)
+        yield
+    finally:
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(null)
+
+
+def _memory_needed(voxels: int, pixel_id: int, components: int = 1) -> int:
+    """Reading holds the voxels in their own type, then as float32 (plus a working copy)."""
+    return voxels * (_BYTES_PER_COMPONENT.get(pixel_id, 8) * components + 8)
+
+
+def _check_memory(size: Sequence[int], needed: int, path: Path) -> None:
+    available = available_memory_bytes()
+    if available is not None and needed > 0.9 * available:
+        raise MedSegError(
+            f"claims {'x'.join(map(str, size))} voxels: reading it needs about {describe_bytes(needed)} of memory, "
+            f"{describe_bytes(available)} are available",
+            path,
+        )
+
+
 def _check_information(reader, path: Path, max_voxels: int) -> None:
-    """Look at the header only: dimension, components and size, before reading any voxel."""
+    """Look at the header only: dimension, pixel type, components and size, before reading any voxel."""
     dimension = reader.GetDimension()
     size = reader.GetSize()
     components = reader.GetNumberOfComponents()
+    pixel_id = reader.GetPixelID()
+    if pixel_id == sitk.sitkUnknown:
+        raise MedSegError("has an unknown or unsupported pixel type", path)
+    if "complex" in sitk.GetPixelIDValueAsString(pixel_id):
+        raise MedSegError("holds complex-valued voxels; a real-valued scalar volume is needed", path)
     if dimension == 2 or (dimension == 3 and size[2] == 1):
         raise MedSegError(f"is a 2D image ({'x'.join(map(str, size[:2]))}); a 3D volume is needed", path)
     if dimension == 4:
@@ -55,9 +110,12 @@ def _check_information(reader, path: Path, max_voxels: int) -> None:
         raise MedSegError(f"is a {dimension}D image; a 3D volume is needed", path)
     if components != 1:
         raise MedSegError(f"has {components} components per voxel (color or vector); a scalar volume is needed", path)
-    voxels = int(np.prod(size, dtype=np.int64))
+    if any(s <= 0 for s in size):
+        raise MedSegError(f"claims an empty size ({'x'.join(map(str, size))})", path)
+    voxels = int(np.prod([int(s) for s in size], dtype=object))  # no overflow, whatever the header says
     if voxels > max_voxels:
         raise MedSegError(f"claims {'x'.join(map(str, size))} voxels, more than this tool will allocate", path)
+    _check_memory(size, _memory_needed(voxels, pixel_id, components), path)
 
 
 def _read_file(path: Path, max_voxels: int) -> sitk.Image:
@@ -68,14 +126,21 @@ def _read_file(path: Path, max_voxels: int) -> sitk.Image:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
-    except RuntimeError:
+        with _quiet_native_output():
+            reader.ReadImageInformation()
+    except RuntimeError as error:
+        if "Unknown PixelType" in str(error):
+            raise MedSegError("has an unknown or unsupported pixel type", path) from None
         raise MedSegError("is not a readable image (bad or unrecognised header)", path) from None
     _check_information(reader, path, max_voxels)
     try:
-        return reader.Execute()
+        with _quiet_native_output():
+            return reader.Execute()
     except RuntimeError as error:
-        reason = "truncated or corrupt" if "read" in str(error).lower() else "unreadable"
+        text = str(error).lower()
+        if "allocate" in text:
+            raise MedSegError("is too large for the memory available to read it", path) from None
+        reason = "truncated or corrupt" if "read" in text else "unreadable"
         raise MedSegError(f"image data is {reason}", path) from None
 
 
@@ -96,17 +161,64 @@ def _read_dicom_folder(folder: Path, series: Optional[str], max_voxels: int) -> 
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series or series_ids[0])
     if len(files) < 2:
         raise MedSegError("the DICOM series has a single slice; a 3D volume is needed", folder)
+    first = _check_dicom_slices(files, folder)
+    size = (*first.GetSize()[:2], len(files))
+    voxels = int(np.prod(size, dtype=object))
+    if voxels > max_voxels:
+        raise MedSegError("the DICOM series is larger than this tool will allocate", folder)
+    _check_memory(size, _memory_needed(voxels, first.GetPixelID(), first.GetNumberOfComponents()), folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        image = reader.Execute()
+        with _quiet_native_output():
+            image = reader.Execute()
     except RuntimeError:
         raise MedSegError("the DICOM series cannot be read (corrupt or unsupported files)", folder) from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise MedSegError("the DICOM series is not a scalar (grayscale) volume", folder)
-    if int(np.prod(image.GetSize(), dtype=np.int64)) > max_voxels:
-        raise MedSegError("the DICOM series is larger than this tool will allocate", folder)
     return image
+
+
+def _check_dicom_slices(files: Sequence[str], folder: Path) -> sitk.ImageFileReader:
+    """Read every slice's header: a missing or duplicated slice (uneven ImagePositionPatient steps along
+    the slice normal) is refused, where ITK would stack the slices and stretch the spacing silently.
+    Returns the first slice's reader (size, pixel type)."""
+    positions, normal, first = [], None, None
+    for name in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        try:
+            with _quiet_native_output():
+                reader.ReadImageInformation()
+        except RuntimeError:
+            raise MedSegError(f"the DICOM file {Path(name).name} cannot be read", folder) from None
+        if first is None:
+            first = reader
+        if not (reader.HasMetaDataKey("0020|0032") and reader.HasMetaDataKey("0020|0037")):
+            return first  # no positions to check (GDCM sorted the slices by other means)
+        try:
+            position = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+            if normal is None:
+                row_col = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+                normal = np.cross(row_col[:3], row_col[3:6])
+        except ValueError:
+            return first
+        if len(position) != 3:
+            return first
+        positions.append(float(np.dot(position, normal)))
+    steps = np.diff(np.sort(positions))
+    usual = float(np.median(steps))
+    if usual <= 1e-3 or np.any(steps <= 1e-3):
+        raise MedSegError("the DICOM series has two slices at the same position (a duplicated or mixed series?)", folder)
+    odd = np.flatnonzero(np.abs(steps - usual) > SLICE_GAP_TOLERANCE * usual)
+    if odd.size:
+        index = int(odd[0])
+        raise MedSegError(
+            f"the DICOM series is not evenly spaced: {steps[index]:g} mm between slices {index + 1} and {index + 2} "
+            f"where the others are {usual:g} mm apart (a missing slice?)",
+            folder,
+        )
+    return first
 
 
 def _replace_non_finite(image: sitk.Image, path: Path) -> Tuple[sitk.Image, List[str]]:

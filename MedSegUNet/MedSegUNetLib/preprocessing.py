@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .bundle import Normalization, Preprocessing
-from .geometry import Grid, reorient, resample_onto, resampled_grid
+from .geometry import Grid, orientation_code, reorient, resample_onto, resampled_grid
 
 
 @dataclass
@@ -28,6 +28,17 @@ def to_network_grid(image: sitk.Image, preprocessing: Preprocessing) -> sitk.Ima
     oriented = reorient(image, preprocessing.orientation)
     grid = resampled_grid(oriented, preprocessing.target_spacing)
     return resample_onto(oriented, grid, sitk.sitkLinear, default_value=float(_minimum(oriented)))
+
+
+def network_grid_size(image: sitk.Image, preprocessing: Preprocessing) -> tuple:
+    """The (x, y, z) size :func:`to_network_grid` will produce, computed without touching a voxel,
+    so that a volume too large for the memory can be refused before it is resampled."""
+    axis_of = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}
+    source = orientation_code(image.GetDirection())
+    extent = np.array(image.GetSpacing(), dtype=float) * np.array(image.GetSize())
+    by_axis = {axis_of[letter]: extent[index] for index, letter in enumerate(source)}
+    oriented = [by_axis[axis_of[letter]] for letter in preprocessing.orientation]
+    return tuple(int(max(round(e / s), 1)) for e, s in zip(oriented, preprocessing.target_spacing))
 
 
 def _minimum(image: sitk.Image) -> float:

@@ -14,9 +14,9 @@ from .bundle import Bundle, load_bundle
 from .errors import MedSegError
 from .geometry import Grid, xyz_to_zyx
 from .imageio import check_output_type, read_image, write_segmentation
-from .inference import PredictOptions, predict_labels
+from .inference import PredictOptions, check_memory, predict_labels
 from .postprocess import keep_largest_component
-from .preprocessing import prepare_channels, restore_labels
+from .preprocessing import network_grid_size, prepare_channels, restore_labels
 from .progress import Progress
 
 STAGES = ("read", "preprocess", "predict", "restore", "postprocess", "write", "done")
@@ -48,6 +48,9 @@ def segment_images(
             f"{len(channels)} image(s) were given"
         )
     input_grid = Grid.of(channels[0])
+    # Refused here, with the estimate, rather than after resampling to a fine spacing has filled the memory.
+    network_size = network_grid_size(channels[0], meta.preprocessing)
+    check_memory((len(channels), *xyz_to_zyx(network_size)), len(meta.labels) + 1)
     progress.update("preprocess", 0, 1, f"to {meta.preprocessing.orientation} at {meta.preprocessing.target_spacing} mm")
     network_input = prepare_channels(channels, meta.preprocessing)
     progress.update("preprocess", 1, 1, f"network grid {network_input.grid.describe()}")
