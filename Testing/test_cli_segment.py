@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -88,6 +89,16 @@ def test_console_script_runs(tmp_path, ct_chest, small_bundle):
     result = subprocess.run([str(script), "info", str(small_bundle)], capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert result.returncode == 0, result.stderr
     assert "ribs" in result.stdout and "DynUNet" in result.stdout
+
+
+def test_log_without_a_terminal_gets_plain_progress_lines(tmp_path, ct_chest, small_bundle):
+    """Default progress in a log (nohup, a batch job): readable lines on stdout, stderr left empty."""
+    output = tmp_path / "x.seg.nrrd"
+    result = run_cli("segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and "\r" not in result.stdout
+    stages = [line.split()[1] for line in result.stdout.splitlines() if re.match(r"\d\d:\d\d:\d\d \w+ \d+/\d+", line)]
+    assert {"read", "predict", "write"} <= set(stages), result.stdout
 
 
 def test_dicom_folder_input(tmp_path, ct_chest, small_bundle):

@@ -61,8 +61,8 @@ def _add_progress_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--progress",
         default="auto",
-        choices=["auto", "json", "bar", "none"],
-        help="json: one JSON object per line on stdout (for the Slicer panel); bar: a terminal bar",
+        choices=["auto", "json", "bar", "lines", "none"],
+        help="json: one JSON object per line on stdout (for the Slicer panel); bar: a terminal bar; lines: plain lines for a log (auto: bar in a terminal, else lines)",
     )
 
 
@@ -211,7 +211,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .progress import make_progress
 
     progress_kind = getattr(args, "progress", "none")
-    progress = make_progress(progress_kind)
+    quiet_rank = os.environ.get("RANK", "0") != "0" and progress_kind != "json"  # torchrun: one log, rank 0's
+    progress = make_progress("none" if quiet_rank else progress_kind)
     try:
         result = args.handler(args, progress) or {}
         if progress_kind == "json" and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports

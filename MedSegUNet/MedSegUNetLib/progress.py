@@ -1,4 +1,5 @@
-"""Progress reporting: JSON lines for the Slicer panel, a tqdm bar for a terminal, or nothing.
+"""Progress reporting: JSON lines for the Slicer panel, a tqdm bar for a terminal, plain
+lines for a log, or nothing.
 
 The JSON protocol (one object per line on stdout) is what the panel parses:
 ``{"stage": str, "done": int, "total": int, "message": str, ...extra}``. The last line of a successful
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any, Optional, TextIO
 
 
@@ -74,10 +76,31 @@ class TqdmProgress(Progress):
             self.bar = None
 
 
+class LineProgress(Progress):
+    """Plain lines on stdout for logs (batch jobs, ``nohup``): each new stage, its end, and at most one
+    line per ``interval`` seconds in between (a bar's carriage returns make a log unreadable). Stdout,
+    so that stderr keeps only the one-line error of a failed run."""
+
+    def __init__(self, interval: float = 30.0) -> None:
+        self.interval, self.stage, self.last = interval, None, 0.0
+
+    def update(self, stage: str, done: int, total: int, message: str = "", **extra: Any) -> None:
+        now = time.monotonic()
+        if stage == self.stage and done < total and now - self.last < self.interval:
+            return
+        self.stage, self.last = stage, now
+        print(f"{time.strftime('%H:%M:%S')} {stage} {done}/{total} {message}".rstrip(), flush=True)
+
+    def note(self, message: str) -> None:
+        print(message, flush=True)
+
+
 def make_progress(kind: str) -> Progress:
-    """``json``, ``bar`` or ``none``; ``auto`` is a bar in a terminal and nothing otherwise."""
+    """``json``, ``bar``, ``lines`` or ``none``; ``auto`` is a bar in a terminal, lines otherwise."""
     if kind == "json":
         return JsonProgress()
     if kind == "bar" or (kind == "auto" and sys.stderr.isatty()):
         return TqdmProgress()
+    if kind in ("lines", "auto"):
+        return LineProgress()
     return Progress()
