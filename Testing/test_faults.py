@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -11,14 +12,16 @@ import sys
 import pytest
 import slicerio
 
-from conftest import MODULE_DIR, REPO, assert_clean_failure
+from conftest import MODULE_DIR, REPO, assert_clean_failure, make_small_bundle
 
 
-def engine(*args: str, limit_bytes: int = None) -> subprocess.Popen:
+def engine(*args: str, limit_bytes: int = None, address_space: int = None) -> subprocess.Popen:
     def limit_file_size():
         if limit_bytes is not None:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, like ENOSPC
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+        if address_space is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
 
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MODULE_DIR), str(REPO)]))
     return subprocess.Popen(
@@ -49,3 +52,19 @@ def test_concurrent_runs_into_one_folder_do_not_corrupt_each_other(tmp_path, ct_
         segmentation = slicerio.read_segmentation(str(path))  # whole, readable files
         assert [s["name"] for s in segmentation["segments"]] == ["ribs", "spine"]
         assert segmentation["voxels"].shape == (128, 128, 34)
+
+
+def test_volume_too_large_for_the_memory_is_refused_up_front_with_the_estimate(tmp_path, ct_chest):
+    """At a 0.3 mm model spacing CTChest4 becomes 1300x1300x1133 voxels (~40 GiB to predict). Under a
+    4 GiB address-space limit the engine must refuse before resampling, not after filling the memory."""
+    fine = make_small_bundle(tmp_path / "fine.safetensors", spacing=(0.3, 0.3, 0.3))
+    output = tmp_path / "out.seg.nrrd"
+    process = engine("segment", str(ct_chest), "-m", str(fine), "-o", str(output), "--device", "cpu", "--progress", "json",
+                     address_space=4 * 2**30)
+    stdout, stderr = process.communicate(timeout=300)
+    line = assert_clean_failure(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    assert "the volume needs about 37.4 GiB of memory at the model's spacing (1300x1300x1133 voxels, 3 classes)" in line
+    assert float(line.split(", ")[-1].split(" GiB are available")[0]) < 4, line  # the address-space limit counts
+    stages = [json.loads(text)["stage"] for text in stdout.splitlines()]
+    assert "preprocess" not in stages and stages[-1] == "error", "refused before resampling"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fine.safetensors"]
