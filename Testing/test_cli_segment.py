@@ -337,3 +337,19 @@ def test_stale_temporary_of_a_killed_run_is_cleaned(tmp_path, ct_chest, small_bu
     output = tmp_path / "out.seg.nrrd"
     assert main(["segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--progress", "none"]) == 0
     assert files_in(tmp_path) == {"out.seg.nrrd"}
+
+
+def test_thin_slab_runs_windows_no_deeper_than_the_slab(tmp_path, ct_chest, small_bundle):
+    """A 3-slice slab (30 mm, 5 slices at the model's 6 mm) gets shallow windows and a result on its grid."""
+    slab = tmp_path / "slab.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(ct_chest))[:, :, 15:18], str(slab))
+    output = tmp_path / "slab.seg.nrrd"
+    result = run_cli("segment", str(slab), "-m", str(small_bundle), "-o", str(output), "--progress", "json")
+    assert result.returncode == 0, result.stderr
+    meta = read_bundle_metadata(small_bundle)
+    divisor = meta.network.size_divisor()[0]
+    depth = -(-5 // divisor) * divisor  # 5 slices rounded up to what the strides accept
+    assert depth < meta.preprocessing.patch_size[2]
+    predict = [json.loads(line) for line in result.stdout.splitlines() if '"predict"' in line]
+    assert f"windows of 32x32x{depth} voxels" in predict[0]["message"], predict[0]
+    assert Grid.of(sitk.ReadImage(str(output))).matches(Grid.of(sitk.ReadImage(str(slab))))

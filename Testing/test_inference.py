@@ -13,6 +13,7 @@ from MedSegUNetLib.inference import (
     PredictOptions,
     WindowPredictor,
     count_windows,
+    fit_window,
     mirror_axes,
     predict_labels,
     select_device,
@@ -158,3 +159,10 @@ def test_too_large_volume_is_refused_up_front_with_the_estimate():
     check_memory(shape, 5, available=2 * needed)
     with pytest.raises(MedSegError, match=r"needs about 5\.7 GiB .*512x512x800 voxels, 5 classes.*2\.0 GiB are available"):
         check_memory(shape, 5, available=2 * 2**30)
+
+
+def test_window_shrinks_only_where_the_volume_is_thinner_than_the_patch():
+    # 13 slices with a z stride product of 4: 16 slices, not a 48-slice window of mostly padding
+    assert fit_window([48, 96, 96], [13, 167, 167], [4, 16, 16]) == [16, 96, 96]
+    assert fit_window([48, 96, 96], [200, 40, 96], [4, 16, 16]) == [48, 48, 96]
+    assert fit_window([48, 96, 96], [1, 1, 1], [4, 16, 16]) == [4, 16, 16]

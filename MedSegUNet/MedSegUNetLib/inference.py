@@ -133,7 +133,8 @@ def _sliding_window(
         device=torch.device("cpu") if device.type != "cpu" else device,
     )
     predictor = WindowPredictor(network.to(device), options.tta, advance)
-    progress.update("predict", 0, total, f"{total} windows on {device.type}")
+    window_xyz = "x".join(str(n) for n in reversed(list(patch_size_zyx)))
+    progress.update("predict", 0, total, f"{total} windows of {window_xyz} voxels on {device.type}")
     autocast = torch.autocast(device_type="cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
     with torch.inference_mode(), autocast:
         probabilities = inferer(torch.from_numpy(array)[None], predictor)
@@ -158,6 +159,15 @@ def with_memory_fallback(
             else:
                 device = torch.device("cpu")
                 progress.note("CUDA out of memory with 1 window per batch: falling back to the CPU")
+
+
+def fit_window(patch_zyx: Sequence[int], shape_zyx: Sequence[int], divisor_zyx: Sequence[int]) -> List[int]:
+    """The window, shrunk along any axis where the volume is thinner than the patch (to the volume's size
+    rounded up to what the network's strides accept).
+
+    A thin slab (e.g. 20 slices) in a deep window would be mostly padding: the instance norms would
+    then see statistics the network never saw in training, and the work is wasted on padding."""
+    return [min(p, -(-n // d) * d) for p, n, d in zip(patch_zyx, shape_zyx, divisor_zyx)]
 
 
 def predict_labels(

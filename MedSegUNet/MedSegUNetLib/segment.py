@@ -14,7 +14,7 @@ from .bundle import Bundle, load_bundle
 from .errors import MedSegError
 from .geometry import Grid, xyz_to_zyx
 from .imageio import check_output_type, read_image, write_segmentation
-from .inference import PredictOptions, check_memory, predict_labels
+from .inference import PredictOptions, check_memory, fit_window, predict_labels
 from .postprocess import keep_largest_component
 from .preprocessing import network_grid_size, prepare_channels, restore_labels
 from .progress import Progress
@@ -54,9 +54,8 @@ def segment_images(
     progress.update("preprocess", 0, 1, f"to {meta.preprocessing.orientation} at {meta.preprocessing.target_spacing} mm")
     network_input = prepare_channels(channels, meta.preprocessing)
     progress.update("preprocess", 1, 1, f"network grid {network_input.grid.describe()}")
-    classes = predict_labels(
-        bundle.network, network_input.array, xyz_to_zyx(meta.preprocessing.patch_size), options.predict, progress
-    )
+    window = fit_window(xyz_to_zyx(meta.preprocessing.patch_size), network_input.array.shape[1:], meta.network.size_divisor())
+    classes = predict_labels(bundle.network, network_input.array, window, options.predict, progress)
     progress.update("restore", 0, 1, "back onto the input grid")
     values = class_to_value_table(bundle)[classes]
     values = values.astype(np.uint8) if values.max(initial=0) < 256 else values
