@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from MedSegUNetLib.bundle import read_bundle_metadata
 from MedSegUNetLib.cli import main
 from MedSegUNetLib.geometry import Grid
 
-from conftest import MODULE_DIR, REPO, assert_clean_failure, files_in, make_small_bundle, run_cli
+from conftest import MODULE_DIR, REPO, assert_clean_failure, files_in, run_cli
 
 
 def test_segment_ctchest_writes_a_slicer_segmentation(tmp_path, ct_chest, small_bundle):
@@ -302,31 +301,128 @@ def test_partial_nan_is_replaced_and_reported(tmp_path, small_bundle):
 # --- cancellation --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
-def test_signal_cancels_cleanly_and_keeps_old_output(tmp_path, ct_chest, signal_number):
-    slow_bundle = make_small_bundle(tmp_path / "fine.safetensors", spacing=(1.5, 1.5, 1.5), patch=(32, 32, 32))
-    output = tmp_path / "result.seg.nrrd"
+class StagedRun:
+    """``segment`` in a child whose JSON progress goes through a pipe the test can fill up.
+
+    A full pipe makes the engine block on its next progress line, so a signal sent after the first
+    line of stage X is certain to land in stage X: a stage ends with (or the next begins with) a
+    line, and that line cannot be written. The pipe is filled through a second, non-blocking open of
+    its write end (/proc/self/fd), so the engine's own end stays blocking.
+    """
+
+    def __init__(self, arguments, folder: Path):
+        self.folder = folder
+        read_end, write_end = os.pipe()
+        self.read_end = read_end
+        self.filler = os.open(f"/proc/self/fd/{write_end}", os.O_WRONLY | os.O_NONBLOCK)
+        environment = dict(os.environ, PYTHONPATH=f"{MODULE_DIR}{os.pathsep}{REPO}")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "MedSegUNetLib", "segment", *arguments, "--progress", "json"],
+            stdout=write_end, stderr=subprocess.PIPE, env=environment,
+        )
+        os.close(write_end)
+        self.buffer = b""
+        self.records = []
+
+    def read_until_stage(self, stage: str) -> dict:
+        while True:
+            while b"\n" not in self.buffer:
+                chunk = os.read(self.read_end, 65536)
+                assert chunk, f"the engine ended before stage {stage}"
+                self.buffer += chunk
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            record = json.loads(line)
+            self.records.append(record)
+            if record["stage"] == stage and not record.get("note"):
+                return record
+
+    def fill_pipe(self) -> None:
+        for size in (65536, 1):
+            try:
+                while True:
+                    os.write(self.filler, b"\n" * size)
+            except BlockingIOError:
+                pass
+
+    def wait_for_temporary(self) -> Path:
+        """Busy-wait until the output's temporary file exists: the engine is writing it."""
+        while self.process.poll() is None:
+            for name in os.listdir(self.folder):
+                if ".medseg-tmp-" in name:
+                    return self.folder / name
+        raise AssertionError("the engine ended before writing a temporary file")
+
+    def finish(self):
+        """Drain the pipe (padding included) to the end; returns (exit code, JSON records, stderr)."""
+        os.close(self.filler)
+        rest = [self.buffer]
+        while True:
+            chunk = os.read(self.read_end, 65536)
+            if not chunk:
+                break
+            rest.append(chunk)
+        os.close(self.read_end)
+        stderr = self.process.stderr.read().decode("utf-8", "replace")
+        self.process.wait(timeout=60)
+        records = [json.loads(line) for line in b"".join(rest).decode("utf-8").splitlines() if line.strip()]
+        return self.process.returncode, self.records + records, stderr
+
+
+@pytest.mark.parametrize(
+    "stage,signal_number,old_output",
+    [
+        ("read", signal.SIGTERM, True),
+        ("preprocess", signal.SIGTERM, True),
+        ("predict", signal.SIGTERM, True),
+        ("restore", signal.SIGTERM, True),
+        ("write", signal.SIGTERM, True),
+        ("predict", signal.SIGINT, False),
+    ],
+)
+def test_signal_at_every_stage_cancels_cleanly(tmp_path, ct_chest, small_bundle, stage, signal_number, old_output):
+    """SIGTERM (the panel's Cancel) or SIGINT (Ctrl-C) in any stage: exit 130, "cancelled" last, no new
+    output and no temporary, an existing output untouched."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    output = folder / "result.seg.nrrd"
+    if old_output:
+        output.write_bytes(b"keep me")
+    run = StagedRun([str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--device", "cpu"], folder)
+    run.read_until_stage(stage)
+    if stage == "write":
+        run.wait_for_temporary()  # the write ends with a rename: stop it while the temporary is being written
+    else:
+        run.fill_pipe()  # the engine cannot report the end of this stage
+    run.process.send_signal(signal_number)
+    code, records, stderr = run.finish()
+    assert code == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip() == "medsegunet: cancelled", stderr
+    assert records[-1]["stage"] == "cancelled"
+    steps = [r for r in records[:-1] if not r.get("note")]
+    assert steps[-1]["stage"] == stage, f"the signal should have landed in {stage}: {steps[-3:]}"
+    if stage == "write":
+        assert steps[-1]["done"] == 0, "cancelled while writing, before the output was renamed into place"
+    assert files_in(folder) == ({"result.seg.nrrd"} if old_output else set())
+    if old_output:
+        assert output.read_bytes() == b"keep me"
+
+
+def test_sigkill_while_writing_keeps_the_old_output_and_the_next_run_cleans_up(tmp_path, ct_chest, small_bundle):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    output = folder / "result.seg.nrrd"
     output.write_bytes(b"keep me")
-    environment = dict(os.environ, PYTHONPATH=f"{MODULE_DIR}{os.pathsep}{REPO}")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "MedSegUNetLib", "segment", str(ct_chest), "-m", str(slow_bundle), "-o", str(output), "--progress", "json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True, encoding="utf-8", errors="replace",
-        env=environment,
-    )
-    for line in process.stdout:
-        if json.loads(line)["stage"] == "predict":
-            break
-    started = time.monotonic()
-    process.send_signal(signal_number)
-    remaining_stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
-    assert time.monotonic() - started < 30
-    assert "Traceback" not in stderr
-    assert json.loads(remaining_stdout.strip().splitlines()[-1])["stage"] == "cancelled"
-    assert output.read_bytes() == b"keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fine.safetensors", "result.seg.nrrd"]
+    run = StagedRun([str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--device", "cpu"], folder)
+    run.read_until_stage("write")
+    temporary = run.wait_for_temporary()
+    run.process.kill()
+    code, _, _ = run.finish()
+    assert code == -signal.SIGKILL
+    assert output.read_bytes() == b"keep me", "the old output is never damaged"
+    assert files_in(folder) <= {"result.seg.nrrd", temporary.name}  # at most the temporary is left
+    assert main(["segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--progress", "none"]) == 0
+    assert files_in(folder) == {"result.seg.nrrd"}, "the next run removed the stale temporary"
+    assert [s["name"] for s in slicerio.read_segmentation(str(output))["segments"]] == ["ribs", "spine"]
 
 
 def test_stale_temporary_of_a_killed_run_is_cleaned(tmp_path, ct_chest, small_bundle):

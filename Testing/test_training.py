@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -139,27 +140,36 @@ def checkpoint_step(path: Path) -> int:
 
 
 def test_killed_training_resumes_and_finishes(tmp_path):
+    """SIGKILL three times, each at a random moment (a step, a validation, a checkpoint being written):
+    the checkpoint is whole every time, and --resume continues from it and finishes."""
     scene = synthetic_scene(tmp_path / "data", seed=2)
     out = tmp_path / "model"
-    arguments = [sys.executable, "-m", "training", "train", str(scene), "-o", str(out), "--max-steps", "30", "--validate-every", "5",
+    arguments = [sys.executable, "-m", "training", "train", str(scene), "-o", str(out), "--max-steps", "40", "--validate-every", "5",
                  "--spacing", "4", "4", "4", "--patch-size", "16", "16", "16", "--filters", "4", "--progress", "json"]
     environment = dict(os.environ, PYTHONPATH=f"{MODULE_DIR}{os.pathsep}{REPO}")
     checkpoint = out / "checkpoint.safetensors"
-    seen_steps = []
-    for kill_after_step in (6, 16):
-        process = subprocess.Popen(arguments + (["--resume"] if seen_steps else []), stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", env=environment)
+    seed = random.SystemRandom().randrange(2**32)
+    moments = random.Random(seed)
+    seen_steps = [0]
+    for _ in range(3):
+        process = subprocess.Popen(arguments + (["--resume"] if seen_steps[-1] else []), stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", env=environment)
         for line in process.stdout:
             record = json.loads(line)
-            if record["stage"] == "train" and record["done"] >= kill_after_step and checkpoint.exists():
+            # A train record is reported after its step's validation and checkpoint: one is newer now.
+            if record["stage"] == "train" and record["done"] > seen_steps[-1] + 5:
                 break
+        time.sleep(moments.uniform(0.0, 0.4))
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
+        process.stdout.close()
+        assert process.returncode == -signal.SIGKILL, f"killed before it finished (seed {seed})"
         seen_steps.append(checkpoint_step(checkpoint))  # whatever moment it died, the checkpoint is whole
-    assert seen_steps[0] >= 5 and seen_steps[1] > seen_steps[0]
+    assert seen_steps == sorted(set(seen_steps)) and seen_steps[1] >= 5, (seen_steps, seed)
     result = subprocess.run(arguments + ["--resume"], capture_output=True, text=True, encoding="utf-8", errors="replace", env=environment, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = records(result.stdout)
-    assert any(r.get("note") and f"resumed at step {seen_steps[1]}" in r["message"] for r in lines)
-    assert [r["done"] for r in lines if r["stage"] == "train"][0] == seen_steps[1] + 1
-    assert [r["done"] for r in lines if r["stage"] == "train"][-1] == 30
-    assert load_bundle(out / "model.safetensors").meta.provenance["training"]["steps"] in range(5, 31)
+    assert any(r.get("note") and f"resumed at step {seen_steps[-1]}" in r["message"] for r in lines), seed
+    assert [r["done"] for r in lines if r["stage"] == "train"][0] == seen_steps[-1] + 1
+    assert [r["done"] for r in lines if r["stage"] == "train"][-1] == 40
+    assert not list(out.glob(".*medseg-tmp-*")), "temporaries of the killed runs were removed"
+    assert load_bundle(out / "model.safetensors").meta.provenance["training"]["steps"] in range(5, 41)
