@@ -83,6 +83,11 @@ def mirror_axes(spatial_dims: int = 3) -> List[Tuple[int, ...]]:
     return [combo for n in range(spatial_dims + 1) for combo in itertools.combinations(axes, n)]
 
 
+def prepare_network(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The network in evaluation mode on ``device``, laid out as that device runs it fastest."""
+    return network.eval().to(device)
+
+
 class WindowPredictor:
     """Softmax probabilities of a batch of windows, averaged over mirrorings when TTA is on."""
 
@@ -132,7 +137,7 @@ def _sliding_window(
         sw_device=device,
         device=torch.device("cpu") if device.type != "cpu" else device,
     )
-    predictor = WindowPredictor(network.to(device), options.tta, advance)
+    predictor = WindowPredictor(prepare_network(network, device), options.tta, advance)
     window_xyz = "x".join(str(n) for n in reversed(list(patch_size_zyx)))
     progress.update("predict", 0, total, f"{total} windows of {window_xyz} voxels on {device.type}")
     autocast = torch.autocast(device_type="cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
