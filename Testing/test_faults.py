@@ -68,3 +68,25 @@ def test_volume_too_large_for_the_memory_is_refused_up_front_with_the_estimate(t
     stages = [json.loads(text)["stage"] for text in stdout.splitlines()]
     assert "preprocess" not in stages and stages[-1] == "error", "refused before resampling"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fine.safetensors"]
+
+
+def test_unwritable_output_folder_is_refused_before_any_work(tmp_path, ct_chest, small_bundle, monkeypatch, capsys):
+    from pathlib import Path
+
+    from MedSegUNetLib.cli import main
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:  # root writes through permissions: emulate a folder even root may not write (a read-only mount)
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: not (mode & os.W_OK and Path(path) == folder) and real_access(path, mode, **kw))
+    try:
+        code = main(["segment", str(ct_chest), "-m", str(small_bundle), "-o", str(folder / "out.seg.nrrd"), "--progress", "json"])
+    finally:
+        folder.chmod(0o755)
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.err.strip() == f"medsegunet: error: {folder}: output folder is not writable"
+    assert [json.loads(line)["stage"] for line in captured.out.splitlines()] == ["error"], "refused before reading anything"
+    assert list(folder.iterdir()) == []
