@@ -150,6 +150,25 @@ def test_dicom_folder_with_two_series_lists_them(tmp_path, ct_chest, small_bundl
     assert output.exists()
 
 
+def test_dicom_series_with_a_duplicated_slice_is_refused(tmp_path, ct_chest):
+    """Two files at one position (a slice exported twice) are not stacked as two slices."""
+    from MedSegUNetLib.errors import MedSegError
+    from MedSegUNetLib.imageio import read_image
+
+    folder = tmp_path / "dup"
+    write_dicom_series(sitk.Cast(sitk.ReadImage(str(ct_chest)), sitk.sitkInt16)[:, :, :4], folder, "1.2.3.4.601")
+    twin = sitk.ReadImage(str(sorted(folder.iterdir())[1]))
+    twin.SetMetaData("0008|0018", "1.2.3.4.601.99")
+    twin.SetMetaData("0020|0013", "99")
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(folder / "twin.dcm"))
+    writer.Execute(twin)
+    with pytest.raises(MedSegError, match="two slices at the same position") as caught:
+        read_image(folder)
+    assert str(folder) in str(caught.value)
+
+
 # --- bad input: one line, exit 1, no traceback, no output ------------------------------------------
 
 

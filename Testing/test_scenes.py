@@ -219,6 +219,13 @@ def test_zip_bomb_is_refused_fast(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
+def test_too_many_members_are_refused_before_extraction(tmp_path):
+    archive = zip_with(tmp_path, {"scene/scene.mrml": "<MRML></MRML>", **{f"scene/Data/{i}.raw": "x" for i in range(6)}})
+    with pytest.raises(SceneError, match="holds 7 members, more than the limit of 5"):
+        extract_mrb(archive, tmp_path / "work", ZipLimits(max_members=5))
+    assert not (tmp_path / "work").exists()
+
+
 def test_member_that_lies_about_its_size_is_stopped(tmp_path):
     archive = tmp_path / "liar.mrb"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as bundle:
