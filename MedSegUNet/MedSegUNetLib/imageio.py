@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -50,29 +52,59 @@ def has_ending(path: Path, endings: Sequence[str]) -> bool:
     return any(name.endswith(ending) for ending in endings)
 
 
+_QUIET_LOCK = threading.RLock()  # file descriptors are process-wide: one silencer at a time, reentrant
+_quiet_depth = 0  # a silencer inside another one (same thread) leaves the redirection to the outer one
+
+
 @contextlib.contextmanager
 def _quiet_native_output():
     """Silence what ITK, GDCM, nifticlib and MetaIO print on the process's own stdout/stderr
     ("** ERROR: nifti_convert_nhdr2nim", "Non uniform sampling ..."): a bad file must give one clear
-    line, and stdout carries the JSON progress. The problem is reported by the exception instead."""
-    try:
-        saved = [(fd, os.dup(fd)) for fd in (1, 2)]
-    except OSError:  # no console at all (a GUI process): nothing to silence
-        yield
-        return
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd, _ in saved:
-            os.dup2(null, fd)
-        yield
-    finally:
-        for fd, copy in saved:
-            os.dup2(copy, fd)
-            os.close(copy)
-        os.close(null)
+    line, and stdout carries the JSON progress. The problem is reported by the exception instead.
+
+    SIGINT/SIGTERM are held meanwhile (their Python handler would only run once the native read
+    returns anyway), so that a cancel can never strike between redirecting and restoring and leave
+    the process without its stderr; a stop asked for meanwhile is delivered right after."""
+    global _quiet_depth
+    with _QUIET_LOCK:
+        if _quiet_depth:
+            yield
+            return
+        hold = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if hold else None
+        saved, null = [], None
+        try:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            try:
+                for fd in (1, 2):
+                    saved.append((fd, os.dup(fd)))
+                null = os.open(os.devnull, os.O_WRONLY)
+                for fd, _ in saved:
+                    os.dup2(null, fd)
+            except OSError:  # no console at all (a GUI process): nothing to silence
+                pass
+            _quiet_depth = 1
+            yield
+        finally:
+            # Nested, so that a cancel raised between two steps (a thread other than this one may still
+            # take the signal) cannot skip restoring stderr, where its own message is about to go.
+            _quiet_depth = 0
+            try:
+                if saved:
+                    os.dup2(saved[0][1], saved[0][0])
+            finally:
+                try:
+                    if len(saved) > 1:
+                        os.dup2(saved[1][1], saved[1][0])
+                finally:
+                    for _, copy in saved:
+                        os.close(copy)
+                    if null is not None:
+                        os.close(null)
+                    if hold:
+                        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _memory_needed(voxels: int, pixel_id: int, components: int = 1) -> int:
