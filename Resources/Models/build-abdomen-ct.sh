@@ -3,7 +3,7 @@
 # the training scan of `medsegunet sample-data` (TotalSegmentator's example CT; its reference masks were
 # produced by TotalSegmentator), six large abdominal structures, a fixed step budget and seed.
 # The held-out scan (heldout-ct, another patient) is never trained on; `medsegunet demo` reports on it.
-# About 40 minutes on 2 CPU cores. Usage: Resources/Models/build-abdomen-ct.sh [WORKDIR]
+# About 25 minutes on 2 idle CPU cores. Usage: Resources/Models/build-abdomen-ct.sh [WORKDIR]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 work="${1:-$root/build/abdomen-ct}"
