@@ -3,7 +3,7 @@
 A network only gives comparable outputs on what it was trained for (an untrained one flips its argmax on
 the slightest rounding), so the volumes are made from the sample CT of ``medsegunet sample-data``
 (TotalSegmentator's example scan) and segmented with the shipped model. The scan is resampled onto the
-requested grid (air around it, mirrored along z beyond its ends) with a little noise, as a finer scan has.
+requested grid (air around it, its top at the scan's top, mirror copies below) with a little noise, as a finer scan has.
 """
 
 from __future__ import annotations
@@ -50,27 +50,34 @@ def default_model() -> Path:
     return Path(os.environ.get("MEDSEGUNET_BENCH_MODEL", SHIPPED_MODEL))
 
 
-def _mirrored_in_z(array: np.ndarray, slices: int) -> np.ndarray:
-    """``array`` (z, y, x) continued along z by mirror copies until it has at least ``slices`` slices."""
-    reps = []
-    total, flip = 0, False
+def _mirrored_below(array: np.ndarray, slices: int) -> np.ndarray:
+    """``array`` (z, y, x) continued downwards (lower z) by mirror copies to at least ``slices`` slices."""
+    blocks, total, flip = [array], array.shape[0], True
     while total < slices:
-        reps.append(array[::-1] if flip else array)
+        blocks.insert(0, array[::-1] if flip else array)
         total, flip = total + array.shape[0], not flip
-    return np.concatenate(reps) if len(reps) > 1 else array
+    return np.concatenate(blocks) if len(blocks) > 1 else array
 
 
-def ct_like(volume: VolumeSize, source: Path, seed: int = 0):
-    """A SimpleITK int16 image on ``volume``'s grid (LPS, axial), centred on the source scan's body."""
+def ct_like(volume: VolumeSize, source: Path, seed: int = 0, orientation: str = "LPS"):
+    """A SimpleITK int16 image on ``volume``'s grid (axial, stored as ``orientation``).
+
+    The volume's top is the scan's top (the upper abdomen: liver, spleen, kidneys, where the shipped
+    model's structures are); below the scan's end, mirror copies of it continue the body."""
     import SimpleITK as sitk
 
     scan = sitk.DICOMOrient(sitk.ReadImage(str(source), sitk.sitkFloat32), "LPS")
     extent_z = volume.size[2] * volume.spacing[2]
     slices = int(np.ceil(extent_z / scan.GetSpacing()[2])) + 1
-    tall = sitk.GetImageFromArray(_mirrored_in_z(sitk.GetArrayFromImage(scan), slices))
-    _copy_geometry(tall, scan)  # the first block is the scan itself: same origin, spacing, direction
+    array = _mirrored_below(sitk.GetArrayFromImage(scan), slices)
+    tall = sitk.GetImageFromArray(array)
+    tall.SetSpacing(scan.GetSpacing())
+    tall.SetDirection(scan.GetDirection())
+    added = array.shape[0] - scan.GetSize()[2]
+    tall.SetOrigin([*scan.GetOrigin()[:2], scan.GetOrigin()[2] - added * scan.GetSpacing()[2]])
     centre = np.array(scan.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in scan.GetSize()]))
-    centre[2] = scan.GetOrigin()[2] + 0.5 * extent_z  # start at the source's first slice
+    top = scan.TransformIndexToPhysicalPoint([0, 0, scan.GetSize()[2] - 1])[2] + 0.5 * scan.GetSpacing()[2]
+    centre[2] = top - 0.5 * extent_z
     origin = centre - 0.5 * (np.array(volume.size) - 1) * np.array(volume.spacing)
     image = sitk.Resample(tall, list(volume.size), sitk.Transform(), sitk.sitkLinear, origin.tolist(), list(volume.spacing), [1, 0, 0, 0, 1, 0, 0, 0, 1], -1000.0, sitk.sitkFloat32)
     array = sitk.GetArrayViewFromImage(image)
@@ -80,19 +87,13 @@ def ct_like(volume: VolumeSize, source: Path, seed: int = 0):
         noisy[k] = np.clip(array[k] + rng.normal(0, 10, array[k].shape), -1024, 3071)
     result = sitk.GetImageFromArray(noisy)
     result.CopyInformation(image)
-    return result
+    return result if orientation == "LPS" else sitk.DICOMOrient(result, orientation)
 
 
-def _copy_geometry(target, source) -> None:
-    target.SetSpacing(source.GetSpacing())
-    target.SetOrigin(source.GetOrigin())
-    target.SetDirection(source.GetDirection())
-
-
-def write_volume(path: Path, volume: VolumeSize, source: Optional[Path] = None) -> Path:
+def write_volume(path: Path, volume: VolumeSize, source: Optional[Path] = None, orientation: str = "LPS") -> Path:
     import SimpleITK as sitk
 
-    sitk.WriteImage(ct_like(volume, source or source_ct()), str(path), useCompression=True)
+    sitk.WriteImage(ct_like(volume, source or source_ct(), orientation=orientation), str(path), useCompression=True)
     return path
 
 

@@ -1,0 +1,43 @@
+"""Smoke check of the benchmarks (benchmarks/README.md): they run, report every field, and the two
+inference pipelines agree. Timings are never asserted here: they belong to the benchmark reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = REPO / "Resources" / "Models" / "abdomen-ct.safetensors"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not MODEL.exists(), reason="the shipped model is not built (Resources/Models/build-abdomen-ct.sh)"),
+]
+
+
+def run_benchmark(script: str, report: Path) -> dict:
+    command = [sys.executable, str(REPO / "benchmarks" / script), "--size", "tiny", "--repeats", "1", "--json", str(report)]
+    result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(report.read_text(encoding="utf-8"))
+
+
+def test_inference_benchmark_reports_and_outputs_agree(tmp_path):
+    report = run_benchmark("inference.py", tmp_path / "inference.json")
+    for key in ("speedup_vs_monai_baseline", "peak_rss_ratio_vs_monai_baseline", "dice_ours_vs_baseline"):
+        assert report[key] > 0
+    for side in ("ours", "baseline"):
+        assert set(report[side]["stages_s"]) == {"read", "preprocess", "predict", "restore", "write"}
+        assert report[side]["network_floor_s"] > 0 and report[side]["peak_rss_mb"] > 0 and report[side]["windows"] > 0
+    assert report["dice_ours_vs_baseline"] > 0.99
+
+
+def test_training_benchmark_reports(tmp_path):
+    report = run_benchmark("training.py", tmp_path / "training.json")
+    assert report["speedup_vs_monai_baseline"] > 0
+    for side in ("ours", "baseline"):
+        assert report[side]["steps_per_s"] > 0 and 0 <= report[side]["data_wait_share"] <= 1
