@@ -79,3 +79,29 @@ def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -
 
 def files_in(folder: Path) -> set:
     return {p.name for p in folder.iterdir()}
+
+
+@pytest.fixture(scope="session")
+def engine_baseline(tmp_path_factory):
+    """What a child engine process holds before any work: (address space in bytes after importing the
+    engine, torch, MONAI and the training package; a HOME as a user's looks after a first run).
+
+    Tests that run the engine under an address-space limit set it this much above the baseline, so a
+    CUDA build of torch (gigabytes of mapped libraries) does not fail to import. Importing MONAI imports
+    matplotlib, which writes its font cache into a fresh HOME once: a library's cache, not ours."""
+    home = tmp_path_factory.mktemp("warm_home")
+    environment = dict(os.environ, HOME=str(home), PYTHONPATH=os.pathsep.join([str(MODULE_DIR), str(REPO)]))
+    for variable in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR"):
+        environment.pop(variable, None)
+    probe = (
+        "import MedSegUNetLib.cli, MedSegUNetLib.segment, training.cli, training.scenes, monai.networks.nets, matplotlib.pyplot\n"
+        "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmPeak:')][0])"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True,
+                            encoding="utf-8", errors="replace", timeout=300, check=True)
+    return int(result.stdout.strip()), home
+
+
+def address_space_limit(engine_baseline, headroom: int = 3 * 2**30) -> int:
+    """An RLIMIT_AS that leaves the engine ``headroom`` bytes to allocate after its imports."""
+    return engine_baseline[0] + headroom

@@ -1,8 +1,8 @@
 """A corpus of hostile files, generated here (nothing downloaded), each given to the real command line.
 
 Every file runs ``python -m MedSegUNetLib segment|train`` in a child process, as the Slicer panel starts
-it, under an address-space limit (``ulimit -v``: a header that makes the engine allocate what it claims
-fails differently than a refusal), with its working folder, HOME and TMPDIR in watched folders. Each
+it, under an address-space limit (``ulimit -v``, 3 GiB above what the engine's imports take: a header
+that made the engine allocate what it claims would fail differently than a refusal), with its working folder, HOME and TMPDIR in watched folders. Each
 must give: a non-zero exit (1: bad input), exactly one stderr line ``medsegunet: error: PATH: ...``
 naming the file, no traceback, a JSON ``error`` record last on stdout, no output and no temporary in the
 work folder, an empty TMPDIR, and nothing created, changed or removed anywhere else in the test's tree.
@@ -29,10 +29,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import MODULE_DIR, REPO
+from conftest import MODULE_DIR, REPO, address_space_limit
 from test_cli_segment import make_bad_input, write_dicom_series
 
-ADDRESS_SPACE_LIMIT_KIB = 4 * 2**20  # 4 GiB: torch needs about 1.2 GiB of address space to start
 
 
 @dataclass
@@ -327,7 +326,8 @@ def run_sandboxed(name: str, hostile: Hostile, base: Path, fixtures: dict) -> Ou
     )
     for variable in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR"):
         environment.pop(variable, None)
-    command = ["/bin/sh", "-c", 'ulimit -v "$0" && exec "$@"', str(ADDRESS_SPACE_LIMIT_KIB), sys.executable, "-m", "MedSegUNetLib", *argv]
+    limit_kib = fixtures["address_space"] // 1024
+    command = ["/bin/sh", "-c", 'ulimit -v "$0" && exec "$@"', str(limit_kib), sys.executable, "-m", "MedSegUNetLib", *argv]
     result = subprocess.run(
         command, cwd=work, env=environment, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300
     )
@@ -335,15 +335,13 @@ def run_sandboxed(name: str, hostile: Hostile, base: Path, fixtures: dict) -> Ou
 
 
 @pytest.fixture(scope="module")
-def fixtures(tmp_path_factory, small_bundle, ct_chest, chest_segmentation) -> dict:
-    """The inputs the corpus builds on, and a HOME as a user's looks after a first run: importing MONAI
-    imports matplotlib, which writes its font cache into a fresh HOME once (a library's cache, not ours)."""
-    home = tmp_path_factory.mktemp("warm_home")
-    environment = dict(os.environ, HOME=str(home))
-    for variable in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR"):
-        environment.pop(variable, None)
-    subprocess.run([sys.executable, "-c", "import matplotlib.pyplot"], env=environment, check=True, timeout=300)
-    return {"small_bundle": small_bundle, "ct_chest": ct_chest, "chest_segmentation": chest_segmentation, "warm_home": home}
+def fixtures(small_bundle, ct_chest, chest_segmentation, engine_baseline) -> dict:
+    """The inputs the corpus builds on, the address-space limit, and a HOME as a user's looks after a
+    first run (see ``engine_baseline``)."""
+    return {
+        "small_bundle": small_bundle, "ct_chest": ct_chest, "chest_segmentation": chest_segmentation,
+        "warm_home": engine_baseline[1], "address_space": address_space_limit(engine_baseline),
+    }
 
 
 @pytest.fixture(scope="module")
