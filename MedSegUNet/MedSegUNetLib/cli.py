@@ -53,6 +53,12 @@ def add_segment_parser(commands) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=2, help="windows predicted at once (2)")
     parser.add_argument("--series", help="DICOM series instance UID, when the folder holds several")
+    parser.add_argument(
+        "--body-crop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="CT models: run the network only on the box around the body, air is background (default on)",
+    )
     _add_progress_argument(parser)
     parser.set_defaults(handler=run_segment_command)
 
@@ -78,6 +84,7 @@ def run_segment_command(args: argparse.Namespace, progress) -> dict:
         predict=PredictOptions(args.overlap, args.tta, args.batch_size, args.device),
         largest_component=args.largest_component,
         series=args.series,
+        crop_to_body=args.body_crop,
     )
     output = run_segment(args.inputs, args.model, args.output, options, progress)
     progress.close()

@@ -6,7 +6,7 @@ Used by ``segment`` and by training, so a model always sees at inference what it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -21,6 +21,13 @@ class NetworkInput:
 
     array: np.ndarray
     grid: Grid
+    body: Optional[Tuple[slice, slice, slice]] = None  # (z, y, x) box around the body, CT only
+
+
+# Denser than air: fat is about -100 HU, lung about -850, air -1000. The box keeps a margin of air so
+# that the network sees the body's edge as it does on the whole volume.
+BODY_HU = -500.0
+BODY_MARGIN_MM = 12.0
 
 
 def to_network_grid(image: sitk.Image, preprocessing: Preprocessing) -> sitk.Image:
@@ -71,16 +78,35 @@ def normalize(array: np.ndarray, normalization: Normalization) -> np.ndarray:
     return array
 
 
+def body_box(array_zyx: np.ndarray, spacing_zyx: Sequence[float], threshold: float = BODY_HU) -> Tuple[slice, slice, slice]:
+    """The (z, y, x) box around every voxel above ``threshold`` (HU), with a margin; all of it when none is.
+
+    Everything outside is air: a trained network predicts background there, so segment need not run it
+    (typically a third to a half of a CT's windows)."""
+    dense = array_zyx > threshold
+    if not dense.any():
+        return (slice(None),) * 3
+    box = []
+    for axis, spacing in enumerate(spacing_zyx):
+        present = np.flatnonzero(dense.any(axis=tuple(a for a in range(3) if a != axis)))
+        margin = int(np.ceil(BODY_MARGIN_MM / spacing))
+        box.append(slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + 1 + margin, array_zyx.shape[axis])))
+    return tuple(box)
+
+
 def prepare_channels(channels: Sequence[sitk.Image], preprocessing: Preprocessing) -> NetworkInput:
-    """All input channels on the first channel's network grid, normalized, stacked as (C, Z, Y, X)."""
+    """All input channels on the first channel's network grid, normalized, stacked as (C, Z, Y, X).
+
+    For a CT model, ``body`` is the box around the first channel's body (from its HU, before normalization)."""
     first = to_network_grid(channels[0], preprocessing)
     grid = Grid.of(first)
     arrays = [sitk.GetArrayFromImage(first)]
     for channel in channels[1:]:
         on_grid = resample_onto(channel, grid, sitk.sitkLinear, default_value=_minimum(channel))
         arrays.append(sitk.GetArrayFromImage(on_grid))
+    body = body_box(arrays[0], first.GetSpacing()[::-1]) if preprocessing.normalization.kind == "ct" else None
     stacked = np.stack([normalize(a.astype(np.float32, copy=False), preprocessing.normalization) for a in arrays])
-    return NetworkInput(stacked, grid)
+    return NetworkInput(stacked, grid, body)
 
 
 def restore_labels(labels_zyx: np.ndarray, network_grid: Grid, input_grid: Grid) -> sitk.Image:

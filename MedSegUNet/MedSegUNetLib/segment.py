@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -14,9 +14,9 @@ from .bundle import Bundle, load_bundle
 from .errors import MedSegError
 from .geometry import Grid, xyz_to_zyx
 from .imageio import check_output_type, read_image, write_segmentation
-from .inference import PredictOptions, check_memory, fit_window, predict_labels
+from .inference import PredictOptions, check_memory, count_windows, fit_window, predict_labels
 from .postprocess import keep_largest_component
-from .preprocessing import network_grid_size, prepare_channels, restore_labels
+from .preprocessing import NetworkInput, network_grid_size, prepare_channels, restore_labels
 from .progress import Progress
 
 STAGES = ("read", "preprocess", "predict", "restore", "postprocess", "write", "done")
@@ -27,6 +27,7 @@ class SegmentOptions:
     predict: PredictOptions = field(default_factory=PredictOptions)
     largest_component: bool = False
     series: Optional[str] = None  # DICOM series UID when a folder holds several
+    crop_to_body: bool = True  # CT models: run the network only on the box around the body
 
 
 def class_to_value_table(bundle: Bundle) -> np.ndarray:
@@ -37,10 +38,57 @@ def class_to_value_table(bundle: Bundle) -> np.ndarray:
     return table
 
 
+def predict_in_body(bundle: Bundle, network_input: NetworkInput, options: SegmentOptions, progress: Progress) -> np.ndarray:
+    """Class indices on the network grid; outside the body's box (when cropping) background."""
+    body = _body_if_it_pays(bundle, network_input, options)
+    array = network_input.array[(slice(None), *body)]  # a view: no copy
+    window = _window(bundle, array.shape[1:])
+    inside = predict_labels(bundle.network, array, window, options.predict, progress)
+    if inside.shape == network_input.array.shape[1:]:
+        return inside
+    classes = np.zeros(network_input.array.shape[1:], dtype=inside.dtype)
+    classes[body] = inside
+    return classes
+
+
+def _window(bundle: Bundle, shape_zyx: Sequence[int]) -> List[int]:
+    return fit_window(xyz_to_zyx(bundle.meta.preprocessing.patch_size), shape_zyx, bundle.meta.network.size_divisor())
+
+
+def _body_if_it_pays(bundle: Bundle, network_input: NetworkInput, options: SegmentOptions) -> Tuple[slice, ...]:
+    """The body's box when it needs fewer windows than the whole volume, else the whole volume.
+
+    Windows placed differently see other instance-norm statistics and shift the output a little: a crop
+    that saves no window would only do that."""
+    whole = (slice(None),) * 3
+    if not options.crop_to_body or network_input.body is None:
+        return whole
+    shape, box = network_input.array.shape[1:], network_input.array[(0, *network_input.body)].shape
+    overlap = options.predict.overlap
+    if count_windows(box, _window(bundle, box), overlap) < count_windows(shape, _window(bundle, shape), overlap):
+        return network_input.body
+    return whole
+
+
+def _describe_body(network_input: NetworkInput, options: SegmentOptions) -> str:
+    if not options.crop_to_body or network_input.body is None:
+        return ""
+    box = network_input.array[(0, *network_input.body)].shape[::-1]
+    return f", body box {'x'.join(map(str, box))}"
+
+
 def segment_images(
     channels: Sequence[sitk.Image], bundle: Bundle, options: SegmentOptions, progress: Progress
 ) -> sitk.Image:
     """The label image (bundle label values) on the first channel's exact grid."""
+    network_input, input_grid = preprocess(channels, bundle, options, progress)
+    return labels_on_input_grid(network_input, input_grid, bundle, options, progress)
+
+
+def preprocess(
+    channels: Sequence[sitk.Image], bundle: Bundle, options: SegmentOptions, progress: Progress
+) -> Tuple[NetworkInput, Grid]:
+    """The channels on the network's grid, and the grid the labels go back onto."""
     meta = bundle.meta
     if len(channels) != len(meta.channels):
         raise MedSegError(
@@ -53,9 +101,16 @@ def segment_images(
     check_memory((len(channels), *xyz_to_zyx(network_size)), len(meta.labels) + 1)
     progress.update("preprocess", 0, 1, f"to {meta.preprocessing.orientation} at {meta.preprocessing.target_spacing} mm")
     network_input = prepare_channels(channels, meta.preprocessing)
-    progress.update("preprocess", 1, 1, f"network grid {network_input.grid.describe()}")
-    window = fit_window(xyz_to_zyx(meta.preprocessing.patch_size), network_input.array.shape[1:], meta.network.size_divisor())
-    classes = predict_labels(bundle.network, network_input.array, window, options.predict, progress)
+    progress.update("preprocess", 1, 1, f"network grid {network_input.grid.describe()}{_describe_body(network_input, options)}")
+    return network_input, input_grid
+
+
+def labels_on_input_grid(
+    network_input: NetworkInput, input_grid: Grid, bundle: Bundle, options: SegmentOptions, progress: Progress
+) -> sitk.Image:
+    """Predict, then put the labels (as uint8 where they fit, never probabilities) onto the input grid."""
+    meta = bundle.meta
+    classes = predict_in_body(bundle, network_input, options, progress)
     progress.update("restore", 0, 1, "back onto the input grid")
     values = class_to_value_table(bundle)[classes]
     values = values.astype(np.uint8) if values.max(initial=0) < 256 else values
@@ -87,7 +142,9 @@ def run_segment(
     for path, channel in zip(inputs[1:], channels[1:]):
         if not _same_physical_box(channels[0], channel):
             progress.note(f"{Path(path).name} is on another grid than {Path(inputs[0]).name}: resampled onto it")
-    labels = segment_images(channels, bundle, options, progress)
+    network_input, input_grid = preprocess(channels, bundle, options, progress)
+    del channels, loaded  # the full-resolution inputs are not needed any more: free them before predicting
+    labels = labels_on_input_grid(network_input, input_grid, bundle, options, progress)
     progress.update("write", 0, 1, str(output))
     write_segmentation(output, labels, bundle.meta.labels)
     progress.update("write", 1, 1, str(output))
