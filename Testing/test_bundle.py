@@ -22,7 +22,7 @@ from MedSegUNetLib.bundle import (
     read_bundle_metadata,
     save_bundle,
 )
-from MedSegUNetLib.errors import MedSegError
+from MedSegUNetLib.errors import Cancelled, MedSegError
 from MedSegUNetLib.network import NetworkSpec
 
 from conftest import MODULE_DIR, make_small_bundle
@@ -234,3 +234,15 @@ def test_failed_save_leaves_the_old_bundle(tmp_path, small_bundle):
         save_bundle(target, broken, bundle.network)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.safetensors"]
+
+
+def test_a_cancel_while_loading_stays_a_cancel(small_bundle, monkeypatch):
+    """A signal that lands while MONAI builds the network is a cancel (exit 130), not "a bad bundle"."""
+    import MedSegUNetLib.network
+
+    def interrupted(spec):
+        raise Cancelled("stopped by signal SIGTERM")
+
+    monkeypatch.setattr(MedSegUNetLib.network, "build_network", interrupted)
+    with pytest.raises(Cancelled):
+        load_bundle(small_bundle)

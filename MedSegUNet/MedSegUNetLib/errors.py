@@ -27,5 +27,8 @@ class MedSegError(Exception):
         return f"{self.path}: {one_line}" if self.path else one_line
 
 
-class Cancelled(Exception):
-    """The run was asked to stop (SIGINT/SIGTERM or the panel's Cancel)."""
+class Cancelled(BaseException):
+    """The run was asked to stop (SIGINT/SIGTERM or the panel's Cancel).
+
+    A BaseException, like KeyboardInterrupt: the ``except Exception`` that turns a library's error on an
+    untrusted file into a MedSegError must not turn a cancel into "bad file" (exit 1 instead of 130)."""
