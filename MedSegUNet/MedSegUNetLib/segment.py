@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .atomic import check_writable
-from .bundle import Bundle, load_bundle
+from .bundle import Bundle, load_bundle, read_bundle_metadata
 from .errors import MedSegError
 from .geometry import Grid, xyz_to_zyx
 from .imageio import check_output_type, read_image, write_segmentation
@@ -131,7 +131,7 @@ def run_segment(
     check_writable(output)
     check_output_type(output)
     progress.update("read", 0, len(inputs) + 1, f"model {Path(bundle_path).name}")
-    bundle = load_bundle(bundle_path)
+    read_bundle_metadata(bundle_path)  # a bad bundle (a pickle, bad metadata) fails before any image is read
     channels: List[sitk.Image] = []
     for index, path in enumerate(inputs, start=1):
         loaded = read_image(path, series=options.series)
@@ -139,6 +139,9 @@ def run_segment(
             progress.note(warning)
         channels.append(loaded.image)
         progress.update("read", index, len(inputs) + 1, f"{Path(path).name}: {Grid.of(loaded.image).describe()}")
+    # The weights last: building the network imports MONAI (seconds), which a bad image need not wait for.
+    bundle = load_bundle(bundle_path)
+    progress.update("read", len(inputs) + 1, len(inputs) + 1, f"model {Path(bundle_path).name}: {bundle.meta.network.cls}")
     for path, channel in zip(inputs[1:], channels[1:]):
         if not _same_physical_box(channels[0], channel):
             progress.note(f"{Path(path).name} is on another grid than {Path(inputs[0]).name}: resampled onto it")
