@@ -85,7 +85,12 @@ def mirror_axes(spatial_dims: int = 3) -> List[Tuple[int, ...]]:
 
 def prepare_network(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """The network in evaluation mode on ``device``, laid out as that device runs it fastest."""
-    return network.eval().to(device)
+    network.eval()
+    if device.type == "cpu":
+        from .cpunetwork import for_cpu
+
+        return for_cpu(network)
+    return network.to(device)
 
 
 class WindowPredictor:
