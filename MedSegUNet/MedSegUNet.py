@@ -59,6 +59,7 @@ ENGINE_REQUIREMENTS = [
     "defusedxml>=0.7,<1",
     "tqdm>=4.60,<5",
     "scipy>=1.10,<2",
+    "isal>=1.6,<2",
     "matplotlib>=3.7,<4",
     "tensorboard>=2.14,<3",
 ]

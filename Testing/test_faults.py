@@ -91,3 +91,35 @@ def test_unwritable_output_folder_is_refused_before_any_work(tmp_path, ct_chest,
     assert captured.err.strip() == f"medsegunet: error: {folder}: output folder is not writable"
     assert [json.loads(line)["stage"] for line in captured.out.splitlines()] == ["error"], "refused before reading anything"
     assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("inflater", ["isal", "zlib"])
+def test_a_written_nifti_is_checked_whole_before_it_replaces_anything(tmp_path, monkeypatch, inflater):
+    """ITK can report success after a short write: the .nii.gz is inflated (CRC and length checked) and
+    must end with exactly the voxels written. Each damage below must be caught, with ISA-L and with zlib."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from MedSegUNetLib.imageio import _gzip_ends_with, gzip_inflater
+
+    if inflater == "zlib":
+        monkeypatch.setitem(sys.modules, "isal", None)  # as if ISA-L were not installed
+    assert gzip_inflater()[1].__module__.split(".")[0] in ({"zlib"} if inflater == "zlib" else {"igzip_lib", "isal"})
+    labels = np.random.default_rng(0).integers(0, 6, (30, 40, 50)).astype(np.uint8)
+    path = tmp_path / "labels.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(path), useCompression=True)
+    whole = path.read_bytes()
+    assert _gzip_ends_with(path, labels)
+    damaged = {
+        "truncated in the data": whole[: len(whole) // 2],
+        "trailer cut": whole[:-3],
+        "one bit flipped": whole[:100] + bytes([whole[100] ^ 1]) + whole[101:],
+        "garbage appended": whole + b"\x00" * 16,
+    }
+    for name, data in damaged.items():
+        path.write_bytes(data)
+        assert not _gzip_ends_with(path, labels), name
+    path.write_bytes(whole)
+    other = labels.copy()
+    other[5, 5, 5] += 1
+    assert not _gzip_ends_with(path, other), "other voxels"

@@ -24,6 +24,7 @@ from MedSegUNetLib.geometry import (
     image_from_ijk_array,
     orientation_code,
     reorient,
+    reoriented_grid,
     resample_onto,
     resampled_grid,
 )
@@ -128,7 +129,7 @@ def test_slicer_segmentation_maps_onto_its_volume(ct_chest, chest_segmentation):
 
 
 def test_resampled_grid_keeps_the_physical_box(chest):
-    grid = resampled_grid(chest, (2.0, 2.0, 2.0))
+    grid = resampled_grid(Grid.of(chest), (2.0, 2.0, 2.0))
     old = Grid.of(chest)
 
     def corners(g: Grid) -> np.ndarray:
@@ -149,6 +150,57 @@ def test_reorient_is_exact_reindexing(chest, code):
     # Every voxel keeps its physical position and value: resampling back is the identity.
     back = resample_onto(oriented, Grid.of(chest), sitk.sitkNearestNeighbor)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(chest))
+
+
+@pytest.mark.parametrize("code", ["RAS", "LPS", "LAS", "PIR", "SAL", "ILP"])
+@pytest.mark.parametrize("angle, flip", [(0.0, False), (20.0, False), (35.0, True)])
+def test_reoriented_grid_is_the_grid_reorient_gives(code, angle, flip):
+    image = sitk.Image([7, 5, 3], sitk.sitkUInt8)  # unequal sizes and spacings: a swapped axis shows
+    image.SetSpacing((0.7, 1.1, 2.5))
+    image.SetOrigin((-31.0, 12.5, 140.0))
+    image.SetDirection(tuple(oblique_direction(angle, flip).ravel()))
+    expected = Grid.of(reorient(image, code))
+    computed = reoriented_grid(Grid.of(image), code)
+    assert computed.size == expected.size
+    assert computed.matches(expected, tolerance=1e-9)
+
+
+def test_network_grid_in_one_resampling_equals_reorienting_first(chest):
+    """to_network_grid folds the reorientation into its resampling: the same values as doing both."""
+    from MedSegUNetLib.preprocessing import network_grid, to_network_grid
+
+    preprocessing = Preprocessing(target_spacing=(1.7, 2.2, 3.1), patch_size=(32, 32, 32), orientation="RAS")
+    one_pass = to_network_grid(sitk.Cast(chest, sitk.sitkInt16), preprocessing)  # int16 in, float32 out
+    oriented = reorient(chest, "RAS")
+    grid = resampled_grid(Grid.of(oriented), preprocessing.target_spacing)
+    two_passes = resample_onto(oriented, grid, sitk.sitkLinear, default_value=float(sitk.GetArrayViewFromImage(chest).min()))
+    assert one_pass.GetPixelID() == sitk.sitkFloat32
+    assert Grid.of(one_pass).matches(grid, tolerance=1e-9) and network_grid(chest, preprocessing) == Grid.of(one_pass)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(one_pass), sitk.GetArrayFromImage(two_passes), atol=0.01)
+
+
+@pytest.mark.parametrize("angle, flip, code", [(0.0, False, "RAS"), (0.0, False, "PIR"), (20.0, True, "LPS")])
+def test_restoring_only_the_labelled_box_equals_resampling_everything(angle, flip, code):
+    """restore_labels resamples only the part of the input grid a label can reach: the result must be
+    voxel for voxel what one nearest-neighbour resampling of the whole grid gives."""
+    from MedSegUNetLib.preprocessing import restore_labels
+
+    # Finer than the network grid, so that every network voxel is some input voxel's nearest.
+    input_grid = Grid((160, 150, 90), (0.8, 0.9, 1.5), (-60.0, 20.0, 100.0), tuple(oblique_direction(angle, flip).ravel()))
+    network = resampled_grid(reoriented_grid(input_grid, code), (2.3, 3.1, 2.9))
+    labels = np.zeros(network.size[::-1], dtype=np.uint8)
+    z, y, x = (np.array(f) * n for f, n in zip(((0.3, 0.6), (0.2, 0.5), (0.55, 0.9)), labels.shape))
+    labels[int(z[0]):int(z[1]), int(y[0]):int(y[1]), int(x[0]):int(x[1])] = 3
+    labels[int(z[1]) + 3, int(y[1]) + 2, int(x[1]) + 1] = 7  # a single voxel: the far corner of the labelled box
+    predicted = sitk.GetImageFromArray(labels)
+    predicted.SetSpacing(network.spacing), predicted.SetOrigin(network.origin), predicted.SetDirection(network.direction)
+    everything = resample_onto(predicted, input_grid, sitk.sitkNearestNeighbor)
+    restored = restore_labels(labels, network, input_grid)
+    assert Grid.of(restored).matches(input_grid, tolerance=1e-9)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(restored), sitk.GetArrayViewFromImage(everything))
+    assert {3, 7} <= set(np.unique(sitk.GetArrayViewFromImage(restored)))
+    empty = restore_labels(np.zeros_like(labels), network, input_grid)
+    assert Grid.of(empty).matches(input_grid) and not sitk.GetArrayViewFromImage(empty).any()
 
 
 @pytest.mark.parametrize("code", ["LPS", "LAS", "PIR"])

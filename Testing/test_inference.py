@@ -12,6 +12,7 @@ from MedSegUNetLib.errors import MedSegError
 from MedSegUNetLib.inference import (
     PredictOptions,
     WindowPredictor,
+    class_indices,
     count_windows,
     fit_window,
     mirror_axes,
@@ -166,3 +167,16 @@ def test_window_shrinks_only_where_the_volume_is_thinner_than_the_patch():
     assert fit_window([48, 96, 96], [13, 167, 167], [4, 16, 16]) == [16, 96, 96]
     assert fit_window([48, 96, 96], [200, 40, 96], [4, 16, 16]) == [48, 48, 96]
     assert fit_window([48, 96, 96], [1, 1, 1], [4, 16, 16]) == [4, 16, 16]
+
+
+@pytest.mark.parametrize("classes", [2, 7, 300])
+def test_class_indices_is_torch_argmax_ties_included(classes):
+    generator = torch.Generator().manual_seed(classes)
+    # Few distinct values: many ties, which must go to the lower class as torch.argmax sends them.
+    scores = torch.randint(0, 4, (classes, 5, 6, 7), generator=generator).float()
+    before = scores.clone()
+    indices = class_indices(scores)
+    assert indices.dtype == (torch.uint8 if classes <= 256 else torch.int32)
+    assert torch.equal(indices.long(), torch.argmax(scores, dim=0))
+    assert torch.equal(scores, before)  # the scores are not modified
+

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+import torch
 
 from MedSegUNetLib.bundle import load_bundle, read_bundle_metadata
 from MedSegUNetLib.labels import default_labels
@@ -173,3 +174,53 @@ def test_killed_training_resumes_and_finishes(tmp_path):
     assert [r["done"] for r in lines if r["stage"] == "train"][-1] == 40
     assert not list(out.glob(".*medseg-tmp-*")), "temporaries of the killed runs were removed"
     assert load_bundle(out / "model.safetensors").meta.provenance["training"]["steps"] in range(5, 41)
+
+
+def _crop_cases():
+    from training.data import PreparedCase
+
+    rng = np.random.default_rng(3)
+    cases = []
+    for name in ("a", "b"):
+        label = np.zeros((1, 24, 40, 40), np.uint8)
+        label[0, 8:16, 10:30, 12:28] = 1
+        label[0, 4:8, 30:36, 5:11] = 2
+        image = (rng.normal(0, 1, label.shape) + label).astype(np.float32)
+        cases.append(PreparedCase(name, image, label, (3.0, 3.0, 3.0)))
+    return cases
+
+
+def _first_batches(workers: int, seed: int, count: int = 5):
+    from training.stream import batch_stream
+
+    stream = batch_stream(_crop_cases(), (16, 24, 24), 3, 2, seed, workers)
+    return [next(stream) for _ in range(count)]
+
+
+def test_crop_workers_give_the_same_batches_run_after_run():
+    """The batches come from worker processes, in an order fixed by the seed and the worker count; one
+    worker makes exactly the batches the training process itself would."""
+    in_process, one_worker = _first_batches(0, seed=5), _first_batches(1, seed=5)
+    two_workers, two_again, other_seed = _first_batches(2, seed=5), _first_batches(2, seed=5), _first_batches(2, seed=6)
+    for batch in in_process + two_workers:
+        assert batch["image"].shape == (2, 1, 16, 24, 24) and batch["image"].dtype.is_floating_point
+        assert batch["label"].shape == (2, 1, 16, 24, 24) and set(batch["label"].unique().tolist()) <= {0, 1, 2}
+
+    def same(first, second):
+        return all(torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"]) and a["case"] == b["case"]
+                   for a, b in zip(first, second))
+
+    assert same(in_process, one_worker)
+    assert same(two_workers, two_again)
+    assert not same(two_workers, other_seed)
+    assert not torch.equal(two_workers[0]["image"], two_workers[1]["image"])  # the two workers make different crops
+
+
+def test_default_crop_workers_per_device():
+    from training.stream import default_workers
+
+    assert default_workers(torch.device("cuda"), cpus=16) == 8
+    assert default_workers(torch.device("cuda"), cpus=4) == 3
+    assert default_workers(torch.device("cuda"), cpus=1) == 1
+    assert default_workers(torch.device("cpu"), cpus=2) == 1
+    assert default_workers(torch.device("cpu"), cpus=1) == 0

@@ -89,18 +89,19 @@ def rate(stamps: List[float], waits: List[float]) -> dict:
     return {"steps_per_s": len(intervals) / seconds, "data_wait_share": sum(waited) / seconds, "timed_steps": len(intervals)}
 
 
-def run_ours(size: TrainSize, work: Path) -> dict:
+def run_ours(size: TrainSize, work: Path, workers=None) -> dict:
     """``training.loop.Run`` as `medsegunet train` runs it; steps timed from its own progress reports."""
     from MedSegUNetLib.progress import Progress
     from training import loop
 
     config, the_plan, labels, case = prepared_sample(size, work / "run")
+    config.workers = workers  # None: what `medsegunet train` picks for this machine
     stamps: List[float] = []
     streams: List[TimedStream] = []
-    real_batches = loop.batches
+    real_stream = loop.batch_stream
 
-    def timed_batches(*args, **kwargs):
-        streams.append(TimedStream(real_batches(*args, **kwargs)))
+    def timed_stream(*args, **kwargs):
+        streams.append(TimedStream(real_stream(*args, **kwargs)))
         return streams[-1]
 
     class Timing(Progress):
@@ -108,7 +109,7 @@ def run_ours(size: TrainSize, work: Path) -> dict:
             if stage == "train":
                 stamps.append(time.perf_counter())
 
-    loop.batches = timed_batches
+    loop.batch_stream = timed_stream
     loop.Run(config, the_plan, labels, [case], [case], {"data": "benchmark"}, Timing()).run()
     return rate(stamps, streams[0].waits)
 
@@ -146,13 +147,14 @@ def run_baseline(size: TrainSize, work: Path) -> dict:
 def worker(args) -> None:
     size = SIZES[args.size]
     with tempfile.TemporaryDirectory(prefix="medsegunet-train-bench-") as work:
-        result = (run_ours if args.worker == "ours" else run_baseline)(size, Path(work))
+        result = run_ours(size, Path(work), args.workers) if args.worker == "ours" else run_baseline(size, Path(work))
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(json.dumps(result))
 
 
-def spawn(kind: str, size: str) -> dict:
+def spawn(kind: str, size: str, workers=None) -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--size", size]
+    command += ["--workers", str(workers)] if workers is not None and kind == "ours" else []
     result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=False)
     if result.returncode != 0:
         raise SystemExit(f"{kind} run failed:\n{result.stderr[-3000:]}")
@@ -164,7 +166,7 @@ def harness(args) -> dict:
     runs: Dict[str, List[dict]] = {"ours": [], "baseline": []}
     for repeat in range(args.repeats):
         for kind in ("ours", "baseline") if repeat % 2 == 0 else ("baseline", "ours"):
-            runs[kind].append(spawn(kind, size_name))
+            runs[kind].append(spawn(kind, size_name, args.workers))
             last = runs[kind][-1]
             print(f"run {repeat + 1}/{args.repeats} {kind:>8}: {last['steps_per_s']:.3f} steps/s, data wait {last['data_wait_share']:.1%}", file=sys.stderr)
 
@@ -172,7 +174,7 @@ def harness(args) -> dict:
         return {key: statistics.median(run[key] for run in runs[kind]) for key in ("steps_per_s", "data_wait_share", "peak_rss_mb")}
 
     size = SIZES[size_name]
-    report = {"size": size_name, "patch": size.patch, "filters": size.filters, "steps": size.steps, "repeats": args.repeats, "ours": side("ours"), "baseline": side("baseline")}
+    report = {"size": size_name, "workers_ours": args.workers, "patch": size.patch, "filters": size.filters, "steps": size.steps, "repeats": args.repeats, "ours": side("ours"), "baseline": side("baseline")}
     report["speedup_vs_monai_baseline"] = report["ours"]["steps_per_s"] / report["baseline"]["steps_per_s"]
     print(f"{'':18}{'ours':>10}{'baseline':>10}")
     print(f"{'steps/s':18}{report['ours']['steps_per_s']:>10.3f}{report['baseline']['steps_per_s']:>10.3f}")
@@ -190,6 +192,7 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the report as JSON here")
+    parser.add_argument("--workers", type=int, help="crop worker processes for ours (default: what `medsegunet train` picks)")
     parser.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     worker(args) if args.worker else harness(args)

@@ -56,6 +56,9 @@ def add_train_parser(commands) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="mixed precision (default: on for CUDA, bf16 where supported; never on CPU)")
+    parser.add_argument("--workers", type=_non_negative, metavar="N",
+                        help="processes that make the augmented crops ahead of the steps (default: all cores but one "
+                        "on a GPU, up to 8; one on a CPU with 2+ cores; 0: in the training process)")
     _add_progress_argument(parser)
     parser.set_defaults(handler=run_train_command)
 
@@ -92,6 +95,13 @@ def discover(inputs: List[str], workdir: Path) -> Tuple[list, Optional[str]]:
     return cases, next(iter(modalities), None)
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def config_from(args: argparse.Namespace):
     from .config import TrainConfig
 
@@ -100,7 +110,7 @@ def config_from(args: argparse.Namespace):
         spacing=args.spacing, patch_size=args.patch_size, batch_size=args.batch_size, filters=args.filters, lr=args.lr,
         optimizer=args.optimizer, schedule=args.schedule, seed=args.seed, device=args.device, val_fraction=args.val_fraction,
         validate_every=args.validate_every, modality=args.modality or "ct", init=str(args.init) if args.init else None,
-        resume=args.resume, amp=args.amp,
+        resume=args.resume, amp=args.amp, workers=args.workers,
     )
 
 

@@ -34,6 +34,7 @@ class TrainConfig:
     init: Optional[str] = None
     resume: bool = False
     amp: Optional[bool] = None  # None: mixed precision on CUDA only
+    workers: Optional[int] = None  # processes making the augmented crops; None: stream.default_workers
 
 
 @dataclass

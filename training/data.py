@@ -38,7 +38,8 @@ def fingerprint(loaded: Dict[str, Tuple[sitk.Image, sitk.Image]], orientation: s
         result.sizes_mm.append(tuple(np.array(oriented.GetSize()) * np.array(oriented.GetSpacing())))
         voxels = sitk.GetArrayViewFromImage(image)[sitk.GetArrayViewFromImage(label) > 0]
         if voxels.size:
-            samples.append(np.random.default_rng(0).choice(voxels, size=min(voxels.size, 100000), replace=False))
+            sample = np.random.default_rng(0).choice(voxels, size=min(voxels.size, 100000), replace=False)
+            samples.append(sample.astype(np.float32))  # integer scans (int16 CT) too: statistics in float
     result.foreground_values = np.concatenate(samples) if samples else None
     return result
 

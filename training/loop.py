@@ -21,8 +21,9 @@ from MedSegUNetLib.geometry import xyz_to_zyx
 
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Plan, TrainConfig
-from .data import PreparedCase, train_transforms
+from .data import PreparedCase
 from .distributed import World
+from .stream import batch_stream, default_workers
 
 
 @dataclass
@@ -47,22 +48,6 @@ def grow_output(network, old_bundle_network, old_classes: int) -> None:
             new_state[name].copy_(tensor)
         elif new_state[name].shape[1:] == tensor.shape[1:] and tensor.shape[0] == old_classes:
             new_state[name][:old_classes].copy_(tensor)
-
-
-def batches(cases: List[PreparedCase], patch_zyx, classes: int, batch_size: int, seed: int) -> Iterator[Dict[str, torch.Tensor]]:
-    """An endless stream of augmented crops, cycling through the cases in a seeded random order."""
-    transforms = train_transforms(patch_zyx, classes, samples=batch_size)
-    transforms.set_random_state(seed=seed)
-    rng = np.random.default_rng(seed)
-    while True:
-        for index in rng.permutation(len(cases)):
-            case = cases[index]
-            crops = transforms({"image": case.image, "label": case.label})
-            yield {
-                "image": torch.stack([torch.as_tensor(np.asarray(c["image"])) for c in crops]).float(),
-                "label": torch.stack([torch.as_tensor(np.asarray(c["label"])) for c in crops]).long(),
-                "case": case.name,
-            }
 
 
 def validate(network, cases: List[PreparedCase], labels: List[Label], patch_zyx, device: str) -> Dict[str, float]:
@@ -178,7 +163,7 @@ class Run:
         # fp16 needs loss scaling against underflow; bf16 and fp32 do not
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         seed = self.world.seed(self.config.seed + self.state.step)
-        stream = batches(self.train_cases, self.patch_zyx, len(self.labels) + 1, self.plan.batch_size, seed)
+        stream = self._batch_stream(seed)
         started, deadline = time.monotonic() - self.state.seconds, self._deadline()
         metrics: Dict[str, float] = {}
         try:
@@ -187,7 +172,8 @@ class Run:
                 self.world.record(batch["case"], batch["image"])
                 self.optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-                    loss = loss_function(model(batch["image"].to(self.device)), batch["label"].to(self.device))
+                    images = batch["image"].to(self.device, non_blocking=True)
+                    loss = loss_function(model(images), batch["label"].to(self.device, non_blocking=True))
                 scaler.scale(loss).backward()
                 scaler.step(self.optimizer)
                 scaler.update()
@@ -216,6 +202,11 @@ class Run:
             self.write_bundle("model.safetensors", metrics)
         self._write_logs()
         return self.folder / "model.safetensors" if (self.folder / "model.safetensors").exists() else last
+
+    def _batch_stream(self, seed: int):
+        workers = self.config.workers if self.config.workers is not None else default_workers(self.device)
+        classes = len(self.labels) + 1
+        return batch_stream(self.train_cases, self.patch_zyx, classes, self.plan.batch_size, seed, workers, pin_memory=self.device.type == "cuda")
 
     def _deadline(self) -> float:
         return time.monotonic() + self.config.max_minutes * 60 if self.config.max_minutes else float("inf")

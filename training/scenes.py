@@ -235,7 +235,7 @@ def read_segments(path: Path) -> List[SegmentInfo]:
 
 
 def load_case_arrays(case: Case) -> Tuple[sitk.Image, sitk.Image]:
-    """The image (float32) and a labelmap on its exact grid where segment ``i`` has value ``i + 1``."""
+    """The image (as read_image gives it) and a labelmap on its exact grid where segment ``i`` has value ``i + 1``."""
     from MedSegUNetLib.imageio import read_image
 
     image = read_image(case.image_path).image

@@ -20,7 +20,7 @@ conversion above is tested in ``Testing/test_geometry.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -81,6 +81,29 @@ class Grid:
         )
         return corners_match and steps_match
 
+    def to_physical(self, indices_ijk: np.ndarray) -> np.ndarray:
+        """Physical (LPS) points of continuous (i, j, k) indices, one per row."""
+        return np.array(self.origin) + np.asarray(indices_ijk, dtype=float) @ self.axis_vectors()
+
+    def to_index(self, points: np.ndarray) -> np.ndarray:
+        """Continuous (i, j, k) indices of physical (LPS) points, one per row."""
+        return np.linalg.solve(self.axis_vectors().T, (np.asarray(points, dtype=float) - np.array(self.origin)).T).T
+
+    def sub_grid(self, start_ijk: Sequence[int], size_ijk: Sequence[int]) -> "Grid":
+        """The part of this grid that starts at voxel ``start_ijk`` (same spacing and direction)."""
+        origin = self.to_physical(np.array([start_ijk]))[0]
+        return Grid(tuple(int(n) for n in size_ijk), self.spacing, tuple(float(o) for o in origin), self.direction)
+
+    def box_covering(self, other: "Grid", start_ijk: Sequence[int], stop_ijk: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+        """(start, stop) voxel indices of the smallest box of this grid that holds every voxel whose
+        nearest voxel of ``other`` lies in ``other``'s box [start, stop): clamped, possibly empty."""
+        lo, hi = np.array(start_ijk, dtype=float) - 1.0, np.array(stop_ijk, dtype=float)  # half a voxel and more
+        corners = np.array([[(lo, hi)[a][0], (lo, hi)[b][1], (lo, hi)[c][2]] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+        mine = self.to_index(other.to_physical(corners))
+        start = np.clip(np.floor(mine.min(axis=0)), 0, np.array(self.size)).astype(int)
+        stop = np.clip(np.ceil(mine.max(axis=0)) + 1, 0, np.array(self.size)).astype(int)
+        return start, np.maximum(stop, start)
+
     def describe(self) -> str:
         spacing = "x".join(f"{s:.3g}" for s in self.spacing)
         return f"{'x'.join(map(str, self.size))} voxels at {spacing} mm, orientation {orientation_code(self.direction)}"
@@ -112,6 +135,33 @@ def reorient(image: sitk.Image, code: str) -> sitk.Image:
     if orientation_code(image.GetDirection()) == code:
         return image
     return sitk.DICOMOrient(image, code)
+
+
+def reoriented_grid(grid: Grid, code: str) -> Grid:
+    """The grid :func:`reorient` gives an image on ``grid``, computed without touching a voxel.
+
+    ITK decides the axis permutation and flips (on a 2x2x2 probe with the same direction, so oblique
+    directions are decided as :func:`reorient` decides them); the rest is the same voxels re-indexed:
+    the new origin is the old corner voxel that becomes index 0."""
+    if orientation_code(grid.direction) == code:
+        return grid
+    probe = sitk.Image([2, 2, 2], sitk.sitkUInt8)
+    probe.SetDirection(grid.direction)
+    old = np.array(grid.direction, dtype=float).reshape(3, 3)
+    new = np.array(sitk.DICOMOrient(probe, code).GetDirection(), dtype=float).reshape(3, 3)
+    products = old.T @ new  # [old axis, new axis]: +1 or -1 where the new axis is an old one, 0 elsewhere
+    axes = [int(a) for a in np.argmax(np.abs(products), axis=0)]
+    signs = [1.0 if products[a, i] > 0 else -1.0 for i, a in enumerate(axes)]
+    corner = np.zeros(3)
+    for axis, sign in zip(axes, signs):
+        corner[axis] = grid.size[axis] - 1 if sign < 0 else 0
+    origin = np.array(grid.origin) + old @ (np.array(grid.spacing) * corner)
+    return Grid(
+        tuple(grid.size[a] for a in axes),
+        tuple(grid.spacing[a] for a in axes),
+        tuple(float(o) for o in origin),
+        tuple(float(d) for d in (old[:, axes] * np.array(signs)).ravel()),
+    )
 
 
 def ijk_to_lps(image: sitk.Image) -> np.ndarray:
@@ -152,26 +202,26 @@ def ijk_array(image: sitk.Image) -> np.ndarray:
     return np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
 
 
-def resampled_grid(image: sitk.Image, spacing: Sequence[float]) -> Grid:
-    """The grid that covers the same physical box as ``image`` with voxels of ``spacing``.
+def resampled_grid(grid: Grid, spacing: Sequence[float]) -> Grid:
+    """The grid that covers the same physical box as ``grid`` with voxels of ``spacing``.
 
     The outer voxel corners stay where they are (the box is kept, not the first voxel centre), so
     resampling there and back does not shift anything by half a voxel.
     """
-    old_spacing = np.array(image.GetSpacing(), dtype=float)
+    old_spacing = np.array(grid.spacing, dtype=float)
     new_spacing = np.array(spacing, dtype=float)
-    extent = old_spacing * np.array(image.GetSize())
+    extent = old_spacing * np.array(grid.size)
     new_size = np.maximum(np.round(extent / new_spacing), 1).astype(int)
     # Stretch the spacing a little so the rounded number of voxels fills the box exactly.
     new_spacing = extent / new_size
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    first_corner = np.array(image.GetOrigin()) - direction @ (old_spacing / 2)
+    direction = np.array(grid.direction).reshape(3, 3)
+    first_corner = np.array(grid.origin) - direction @ (old_spacing / 2)
     new_origin = first_corner + direction @ (new_spacing / 2)
     return Grid(
         tuple(int(s) for s in new_size),
         tuple(float(s) for s in new_spacing),
         tuple(float(o) for o in new_origin),
-        tuple(float(d) for d in image.GetDirection()),
+        tuple(float(d) for d in grid.direction),
     )
 
 
@@ -180,10 +230,13 @@ def resample_onto(
     grid: Grid,
     interpolator: int = sitk.sitkLinear,
     default_value: float = 0.0,
+    pixel_type: Optional[int] = None,
 ) -> sitk.Image:
-    """Resample ``image`` onto ``grid`` in physical space (identity transform)."""
+    """Resample ``image`` onto ``grid`` in physical space (identity transform), as ``pixel_type``
+    (default: the image's own; ITK interpolates in double precision either way)."""
+    pixel_type = image.GetPixelID() if pixel_type is None else pixel_type
     if Grid.of(image).matches(grid, tolerance=1e-6):
-        return image
+        return image if image.GetPixelID() == pixel_type else sitk.Cast(image, pixel_type)
     return sitk.Resample(
         image,
         list(grid.size),
@@ -193,7 +246,7 @@ def resample_onto(
         grid.spacing,
         grid.direction,
         default_value,
-        image.GetPixelID(),
+        pixel_type,
     )
 
 

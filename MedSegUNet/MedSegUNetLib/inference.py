@@ -93,6 +93,19 @@ def prepare_network(network: torch.nn.Module, device: torch.device) -> torch.nn.
     return network.to(device)
 
 
+def class_indices(scores: torch.Tensor) -> torch.Tensor:
+    """Argmax over dim 0 of (C, Z, Y, X) scores, as uint8 (int32 beyond 255 classes); ties go to the lower class.
+
+    ``torch.argmax`` over the outer dim runs about 7x slower on the CPU than this running maximum."""
+    best = scores[0].clone()
+    indices = torch.zeros(scores.shape[1:], dtype=torch.uint8 if scores.shape[0] <= 256 else torch.int32, device=scores.device)
+    for index in range(1, scores.shape[0]):
+        higher = scores[index] > best
+        indices.masked_fill_(higher, index)
+        torch.maximum(best, scores[index], out=best)
+    return indices
+
+
 class WindowPredictor:
     """Softmax probabilities of a batch of windows, averaged over mirrorings when TTA is on."""
 
@@ -126,6 +139,8 @@ def _sliding_window(
 
     total = count_windows(array.shape[1:], patch_size_zyx, options.overlap)
     done = 0
+    classes = int(getattr(network, "out_channels", 0) or 2)
+    stitch_on = stitching_device(device, array.shape, classes)
 
     def advance(count: int) -> None:
         nonlocal done
@@ -140,15 +155,24 @@ def _sliding_window(
         padding_mode="constant",
         cval=float(array.min()),
         sw_device=device,
-        device=torch.device("cpu") if device.type != "cpu" else device,
+        device=stitch_on,
     )
     predictor = WindowPredictor(prepare_network(network, device), options.tta, advance)
     window_xyz = "x".join(str(n) for n in reversed(list(patch_size_zyx)))
     progress.update("predict", 0, total, f"{total} windows of {window_xyz} voxels on {device.type}")
     autocast = torch.autocast(device_type="cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
     with torch.inference_mode(), autocast:
-        probabilities = inferer(torch.from_numpy(array)[None], predictor)
-    return torch.argmax(probabilities[0], dim=0).to(torch.uint8 if probabilities.shape[1] < 256 else torch.int32).numpy()
+        probabilities = inferer(torch.from_numpy(array)[None].to(stitch_on), predictor)
+        return class_indices(probabilities[0]).cpu().numpy()
+
+
+def stitching_device(device: torch.device, shape_czyx: Sequence[int], classes: int) -> torch.device:
+    """Where the windows are blended: on a CUDA GPU when the whole blend fits in half its free memory
+    (then no window's probabilities travel back to the CPU, and the argmax runs there too), else the CPU."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if prediction_memory_bytes(shape_czyx, classes) < free / 2 else torch.device("cpu")
 
 
 def with_memory_fallback(

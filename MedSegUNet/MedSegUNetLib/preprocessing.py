@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .bundle import Normalization, Preprocessing
-from .geometry import Grid, orientation_code, reorient, resample_onto, resampled_grid
+from .geometry import Grid, reoriented_grid, resample_onto, resampled_grid
 
 
 @dataclass
@@ -30,22 +30,20 @@ BODY_HU = -500.0
 BODY_MARGIN_MM = 12.0
 
 
-def to_network_grid(image: sitk.Image, preprocessing: Preprocessing) -> sitk.Image:
-    """Reorient (exact re-indexing) then resample (linear) to the bundle's spacing."""
-    oriented = reorient(image, preprocessing.orientation)
-    grid = resampled_grid(oriented, preprocessing.target_spacing)
-    return resample_onto(oriented, grid, sitk.sitkLinear, default_value=float(_minimum(oriented)))
-
-
-def network_grid_size(image: sitk.Image, preprocessing: Preprocessing) -> tuple:
-    """The (x, y, z) size :func:`to_network_grid` will produce, computed without touching a voxel,
+def network_grid(image: sitk.Image, preprocessing: Preprocessing) -> Grid:
+    """The grid :func:`to_network_grid` resamples onto: the image's box, reoriented (an exact
+    re-indexing) and divided into voxels of the bundle's spacing. Computed without touching a voxel,
     so that a volume too large for the memory can be refused before it is resampled."""
-    axis_of = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}
-    source = orientation_code(image.GetDirection())
-    extent = np.array(image.GetSpacing(), dtype=float) * np.array(image.GetSize())
-    by_axis = {axis_of[letter]: extent[index] for index, letter in enumerate(source)}
-    oriented = [by_axis[axis_of[letter]] for letter in preprocessing.orientation]
-    return tuple(int(max(round(e / s), 1)) for e, s in zip(oriented, preprocessing.target_spacing))
+    return resampled_grid(reoriented_grid(Grid.of(image), preprocessing.orientation), preprocessing.target_spacing)
+
+
+def to_network_grid(image: sitk.Image, preprocessing: Preprocessing) -> sitk.Image:
+    """The image on its network grid as float32 (linear interpolation), in one resampling.
+
+    The reorientation is folded into the resampling (the same physical points are interpolated) rather
+    than done first: on a 512x512x300 CT that saves a full-resolution copy and a quarter of a second."""
+    grid = network_grid(image, preprocessing)
+    return resample_onto(image, grid, sitk.sitkLinear, default_value=_minimum(image), pixel_type=sitk.sitkFloat32)
 
 
 def _minimum(image: sitk.Image) -> float:
@@ -102,7 +100,7 @@ def prepare_channels(channels: Sequence[sitk.Image], preprocessing: Preprocessin
     grid = Grid.of(first)
     arrays = [sitk.GetArrayFromImage(first)]
     for channel in channels[1:]:
-        on_grid = resample_onto(channel, grid, sitk.sitkLinear, default_value=_minimum(channel))
+        on_grid = resample_onto(channel, grid, sitk.sitkLinear, default_value=_minimum(channel), pixel_type=sitk.sitkFloat32)
         arrays.append(sitk.GetArrayFromImage(on_grid))
     body = body_box(arrays[0], first.GetSpacing()[::-1]) if preprocessing.normalization.kind == "ct" else None
     stacked = np.stack([normalize(a.astype(np.float32, copy=False), preprocessing.normalization) for a in arrays])
@@ -113,10 +111,22 @@ def restore_labels(labels_zyx: np.ndarray, network_grid: Grid, input_grid: Grid)
     """Labels predicted on the network's grid, put onto the input's exact grid.
 
     One nearest-neighbour resampling in physical space undoes both the resampling and the
-    reorientation (the network grid keeps the physical position of every voxel).
+    reorientation (the network grid keeps the physical position of every voxel). Only the box of the
+    input grid that can receive a label is resampled (the rest is background): on a CT the labelled
+    organs fill a fraction of a 512x512x300 volume.
     """
     predicted = sitk.GetImageFromArray(labels_zyx)
     predicted.SetSpacing(network_grid.spacing)
     predicted.SetOrigin(network_grid.origin)
     predicted.SetDirection(network_grid.direction)
-    return resample_onto(predicted, input_grid, sitk.sitkNearestNeighbor, default_value=0)
+    restored = input_grid.empty_image(predicted.GetPixelID())
+    present = [np.flatnonzero(labels_zyx.any(axis=tuple(a for a in range(3) if a != axis))) for axis in (2, 1, 0)]
+    if any(indices.size == 0 for indices in present):
+        return restored
+    start, stop = input_grid.box_covering(
+        network_grid, [int(i[0]) for i in present], [int(i[-1]) + 1 for i in present]
+    )
+    if np.any(stop <= start):
+        return restored
+    part = resample_onto(predicted, input_grid.sub_grid(start, stop - start), sitk.sitkNearestNeighbor, default_value=0)
+    return sitk.Paste(restored, part, part.GetSize(), [0, 0, 0], [int(i) for i in start])

@@ -16,7 +16,7 @@ from .geometry import Grid, xyz_to_zyx
 from .imageio import check_output_type, read_image, write_segmentation
 from .inference import PredictOptions, check_memory, count_windows, fit_window, predict_labels
 from .postprocess import keep_largest_component
-from .preprocessing import NetworkInput, network_grid_size, prepare_channels, restore_labels
+from .preprocessing import NetworkInput, network_grid, prepare_channels, restore_labels
 from .progress import Progress
 
 STAGES = ("read", "preprocess", "predict", "restore", "postprocess", "write", "done")
@@ -97,7 +97,7 @@ def preprocess(
         )
     input_grid = Grid.of(channels[0])
     # Refused here, with the estimate, rather than after resampling to a fine spacing has filled the memory.
-    network_size = network_grid_size(channels[0], meta.preprocessing)
+    network_size = network_grid(channels[0], meta.preprocessing).size
     check_memory((len(channels), *xyz_to_zyx(network_size)), len(meta.labels) + 1)
     progress.update("preprocess", 0, 1, f"to {meta.preprocessing.orientation} at {meta.preprocessing.target_spacing} mm")
     network_input = prepare_channels(channels, meta.preprocessing)

@@ -1,0 +1,89 @@
+"""Batches of augmented crops for training, made ahead by worker processes so that the network never
+waits for its data (on a GPU a step takes less time than augmenting its crops on one CPU core).
+
+The order of the batches is fixed by the seed and the number of workers: worker ``w`` makes its own
+seeded stream and torch's DataLoader takes one batch from each worker in turn. The same seed and
+worker count give the same batches, run after run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .data import PreparedCase, train_transforms
+
+WORKER_SEED_STRIDE = 1_000_003  # far apart: the workers' streams never share a seed
+
+
+def batches(cases: List[PreparedCase], patch_zyx, classes: int, batch_size: int, seed: int) -> Iterator[Dict[str, torch.Tensor]]:
+    """An endless stream of augmented crops, cycling through the cases in a seeded random order."""
+    transforms = train_transforms(patch_zyx, classes, samples=batch_size)
+    transforms.set_random_state(seed=seed)
+    rng = np.random.default_rng(seed)
+    while True:
+        for index in rng.permutation(len(cases)):
+            case = cases[index]
+            crops = transforms({"image": case.image, "label": case.label})
+            yield {
+                "image": torch.stack([torch.as_tensor(np.asarray(c["image"])) for c in crops]).float(),
+                "label": torch.stack([torch.as_tensor(np.asarray(c["label"])) for c in crops]).long(),
+                "case": case.name,
+            }
+
+
+class CropBatches(torch.utils.data.IterableDataset):
+    """:func:`batches` as a dataset: each DataLoader worker runs its own seeded stream."""
+
+    def __init__(self, cases: List[PreparedCase], patch_zyx: Sequence[int], classes: int, batch_size: int, seed: int):
+        super().__init__()
+        self.cases, self.patch_zyx, self.classes, self.batch_size, self.seed = cases, patch_zyx, classes, batch_size, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        return batches(self.cases, self.patch_zyx, self.classes, self.batch_size, self.seed + WORKER_SEED_STRIDE * worker)
+
+
+def _worker_signals(_: int) -> None:
+    """A Ctrl+C or a Cancel reaches the whole process group: the main process saves its checkpoint and
+    stops the workers; a worker itself only ends, without a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_workers(device: torch.device, cpus: Optional[int] = None) -> int:
+    """Worker processes for the crops: on a GPU all cores but one (up to 8); on a CPU one, which
+    overlaps the single-threaded augmentation with the multi-threaded step (none on one core)."""
+    cpus = usable_cpus() if cpus is None else cpus
+    if device.type == "cuda":
+        return max(1, min(8, cpus - 1))
+    return 1 if cpus >= 2 else 0
+
+
+def batch_stream(
+    cases: List[PreparedCase], patch_zyx, classes: int, batch_size: int, seed: int, workers: int, pin_memory: bool = False
+) -> Iterator[Dict[str, torch.Tensor]]:
+    """The training batches: made in ``workers`` processes, or in this one when ``workers`` is 0."""
+    if workers <= 0:
+        return batches(cases, patch_zyx, classes, batch_size, seed)
+    loader = torch.utils.data.DataLoader(
+        CropBatches(cases, patch_zyx, classes, batch_size, seed),
+        batch_size=None,  # each item is already a batch
+        num_workers=workers,
+        worker_init_fn=_worker_signals,
+        pin_memory=pin_memory,
+        prefetch_factor=2,
+    )
+    return iter(loader)
