@@ -74,12 +74,13 @@ def test_tta_averages_all_eight_mirrorings_and_undoes_them():
             return torch.cat([torch.zeros_like(x), ramp - x.shape[-1] / 2 + 0.25], dim=1)
 
     windows = torch.zeros(1, 1, 4, 4, 6)
-    probabilities = WindowPredictor(Asymmetric(), tta=True, on_windows=lambda n: None)(windows)
+    scores = WindowPredictor(Asymmetric(), tta=True, on_windows=lambda n: None)(windows)
     assert len(calls) == 8
-    # Half of the mirrorings flip x: after undoing them the ramp cancels out to ~0.5 everywhere
-    # except the bias, so the averaged probability is symmetric around the centre along x.
-    row = probabilities[0, 1, 0, 0]
-    torch.testing.assert_close(row, row.flip(0), atol=1e-5, rtol=0)
+    # Half of the mirrorings flip x: after undoing them the ramps (-2.75 .. 2.25 and, flipped back,
+    # 2.25 .. -2.75) average to the constant -0.25 along x; without the undoing it would stay a ramp.
+    torch.testing.assert_close(scores[0, 1], torch.full((4, 4, 6), -0.25), atol=1e-6, rtol=0)
+    single = WindowPredictor(Asymmetric(), tta=False, on_windows=lambda n: None)(windows)
+    torch.testing.assert_close(single[0, 1, 0, 0], torch.arange(6.0) - 2.75)
 
 
 def test_out_of_memory_falls_back_to_smaller_batches_then_cpu():

@@ -74,7 +74,7 @@ def run_ours(image: Path, bundle: Path, output: Path) -> dict:
 
 def run_baseline(image: Path, bundle_path: Path, output: Path) -> dict:
     """What a MONAI user writes: LoadImaged, Orientationd, Spacingd, ScaleIntensityRanged,
-    sliding_window_inference (overlap 0.5, Gaussian, softmax per window), AsDiscreted + Invertd, SaveImage."""
+    sliding_window_inference (overlap 0.5, Gaussian, logits blended), AsDiscreted + Invertd, SaveImage."""
     import numpy as np
     import torch
     from monai.inferers import sliding_window_inference
@@ -120,12 +120,9 @@ def run_baseline(image: Path, bundle_path: Path, output: Path) -> dict:
     settings = PredictOptions()  # the same overlap and windows per batch as `segment`
     network = bundle.network.eval()
 
-    def probabilities(windows):  # blend probabilities, as `segment` does (equal settings)
-        return torch.softmax(network(windows), dim=1)
-
-    with torch.inference_mode():
+    with torch.inference_mode():  # the network's logits blended, as `segment` blends them (equal settings)
         blended = sliding_window_inference(
-            zyx, list(prep.patch_size[::-1]), settings.sw_batch_size, probabilities, overlap=settings.overlap, mode="gaussian"
+            zyx, list(prep.patch_size[::-1]), settings.sw_batch_size, network, overlap=settings.overlap, mode="gaussian"
         )
     data["pred"] = blended[0].permute(0, 3, 2, 1)
     t3 = time.perf_counter()

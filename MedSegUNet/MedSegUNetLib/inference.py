@@ -107,7 +107,11 @@ def class_indices(scores: torch.Tensor) -> torch.Tensor:
 
 
 class WindowPredictor:
-    """Softmax probabilities of a batch of windows, averaged over mirrorings when TTA is on."""
+    """The network's scores (logits) for a batch of windows, averaged over mirrorings when TTA is on.
+
+    Logits, not probabilities, are blended across windows and mirrorings, as nnU-Net does and as
+    MONAI's ``sliding_window_inference`` does with a bare network: the argmax is taken once, at the end,
+    and no softmax pass over every window is needed (on the CPU that pass cost 4% of a whole segment)."""
 
     def __init__(self, network: torch.nn.Module, tta: bool, on_windows: Callable[[int], None]):
         self.network = network
@@ -115,14 +119,14 @@ class WindowPredictor:
         self.on_windows = on_windows
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
-        probabilities = None
+        scores = None
         for axes in self.flips:
             batch = torch.flip(windows, axes) if axes else windows
-            output = torch.softmax(self.network(batch).float(), dim=1)
+            output = self.network(batch).float()
             output = torch.flip(output, axes) if axes else output
-            probabilities = output if probabilities is None else probabilities + output
+            scores = output if scores is None else scores + output
         self.on_windows(windows.shape[0])
-        return probabilities / len(self.flips)
+        return scores / len(self.flips) if len(self.flips) > 1 else scores
 
 
 def _sliding_window(
@@ -162,13 +166,13 @@ def _sliding_window(
     progress.update("predict", 0, total, f"{total} windows of {window_xyz} voxels on {device.type}")
     autocast = torch.autocast(device_type="cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
     with torch.inference_mode(), autocast:
-        probabilities = inferer(torch.from_numpy(array)[None].to(stitch_on), predictor)
-        return class_indices(probabilities[0]).cpu().numpy()
+        scores = inferer(torch.from_numpy(array)[None].to(stitch_on), predictor)
+        return class_indices(scores[0]).cpu().numpy()
 
 
 def stitching_device(device: torch.device, shape_czyx: Sequence[int], classes: int) -> torch.device:
     """Where the windows are blended: on a CUDA GPU when the whole blend fits in half its free memory
-    (then no window's probabilities travel back to the CPU, and the argmax runs there too), else the CPU."""
+    (then no window's scores travel back to the CPU, and the argmax runs there too), else the CPU."""
     if device.type != "cuda":
         return torch.device("cpu")
     free, _ = torch.cuda.mem_get_info(device)
