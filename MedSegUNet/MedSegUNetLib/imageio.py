@@ -112,7 +112,8 @@ def _quiet_native_output():
 
 
 def _memory_needed(voxels: int, pixel_id: int, components: int = 1) -> int:
-    """Reading holds the voxels in their own type, then as float32 (plus a working copy)."""
+    """Reading holds the voxels in their own type, then (floating-point files) as float32, plus a working
+    copy: an upper bound for integer files, which stay as they are."""
     return voxels * (_BYTES_PER_COMPONENT.get(pixel_id, 8) * components + 8)
 
 
