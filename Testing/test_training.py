@@ -190,10 +190,10 @@ def _crop_cases():
     return cases
 
 
-def _first_batches(workers: int, seed: int, count: int = 5):
+def _first_batches(workers: int, seed: int, count: int = 5, start_method=None):
     from training.stream import batch_stream
 
-    stream = batch_stream(_crop_cases(), (16, 24, 24), 3, 2, seed, workers)
+    stream = batch_stream(_crop_cases(), (16, 24, 24), 3, 2, seed, workers, start_method=start_method)
     return [next(stream) for _ in range(count)]
 
 
@@ -211,6 +211,8 @@ def test_crop_workers_give_the_same_batches_run_after_run():
                    for a, b in zip(first, second))
 
     assert same(in_process, one_worker)
+    # As macOS and Windows start workers: the dataset travels pickled, the worker imports afresh.
+    assert same(two_workers, _first_batches(2, seed=5, start_method="spawn"))
     assert same(two_workers, two_again)
     assert not same(two_workers, other_seed)
     assert not torch.equal(two_workers[0]["image"], two_workers[1]["image"])  # the two workers make different crops

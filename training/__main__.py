@@ -4,4 +4,5 @@ import sys
 
 from MedSegUNetLib.cli import main
 
-sys.exit(main(sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train", *sys.argv[1:]]))
+if __name__ == "__main__":  # not again in a spawned crop worker (macOS, Windows)
+    sys.exit(main(sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train", *sys.argv[1:]]))

@@ -73,9 +73,11 @@ def default_workers(device: torch.device, cpus: Optional[int] = None) -> int:
 
 
 def batch_stream(
-    cases: List[PreparedCase], patch_zyx, classes: int, batch_size: int, seed: int, workers: int, pin_memory: bool = False
+    cases: List[PreparedCase], patch_zyx, classes: int, batch_size: int, seed: int, workers: int,
+    pin_memory: bool = False, start_method: Optional[str] = None,
 ) -> Iterator[Dict[str, torch.Tensor]]:
-    """The training batches: made in ``workers`` processes, or in this one when ``workers`` is 0."""
+    """The training batches: made in ``workers`` processes, or in this one when ``workers`` is 0.
+    ``start_method``: how the workers start (default: the platform's; macOS and Windows spawn them)."""
     if workers <= 0:
         return batches(cases, patch_zyx, classes, batch_size, seed)
     loader = torch.utils.data.DataLoader(
@@ -85,5 +87,6 @@ def batch_stream(
         worker_init_fn=_worker_signals,
         pin_memory=pin_memory,
         prefetch_factor=2,
+        multiprocessing_context=start_method,
     )
     return iter(loader)
