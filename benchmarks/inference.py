@@ -39,7 +39,7 @@ def peak_rss_mb() -> float:
 # --- the workers (each runs in its own process) ----------------------------------------------------
 
 
-def run_ours(image: Path, bundle: Path, output: Path) -> dict:
+def run_ours(image: Path, bundle: Path, output: Path, device: str = "cpu") -> dict:
     """`medsegunet segment` through its real command line; stages timed from its own progress reports."""
     import monai.inferers  # noqa: F401  imported before the clock starts, as the baseline's are
     import torch  # noqa: F401
@@ -58,7 +58,7 @@ def run_ours(image: Path, bundle: Path, output: Path) -> dict:
 
     progress_module.make_progress = lambda kind: Timing()
     start = time.perf_counter()
-    code = main(["segment", str(image), "-m", str(bundle), "-o", str(output), "--device", "cpu", "--progress", "none"])
+    code = main(["segment", str(image), "-m", str(bundle), "-o", str(output), "--device", device, "--progress", "none"])
     end = time.perf_counter()
     if code != 0:
         raise SystemExit(f"segment failed with exit code {code}")
@@ -72,7 +72,7 @@ def run_ours(image: Path, bundle: Path, output: Path) -> dict:
     return {"total": end - start, "stages": stages, "windows": windows.get("count", 0)}
 
 
-def run_baseline(image: Path, bundle_path: Path, output: Path) -> dict:
+def run_baseline(image: Path, bundle_path: Path, output: Path, device: str = "cpu") -> dict:
     """What a MONAI user writes: LoadImaged, Orientationd, Spacingd, ScaleIntensityRanged,
     sliding_window_inference (overlap 0.5, Gaussian, logits blended), AsDiscreted + Invertd, SaveImage."""
     import numpy as np
@@ -116,15 +116,16 @@ def run_baseline(image: Path, bundle_path: Path, output: Path) -> dict:
     data = pre(data)
     t2 = time.perf_counter()
     # LoadImage arrays are (x, y, z); the bundle's network works on (z, y, x): permute once, and back.
-    zyx = data["image"].as_tensor().permute(0, 3, 2, 1)[None].float()
+    zyx = data["image"].as_tensor().permute(0, 3, 2, 1)[None].float().to(device)
     settings = PredictOptions()  # the same overlap and windows per batch as `segment`
-    network = bundle.network.eval()
+    network = bundle.network.eval().to(device)
 
-    with torch.inference_mode():  # the network's logits blended, as `segment` blends them (equal settings)
+    # the network's logits blended, as `segment` blends them, in fp16 on CUDA as `segment` runs it (equal settings)
+    with torch.inference_mode(), _autocast(device):
         blended = sliding_window_inference(
             zyx, list(prep.patch_size[::-1]), settings.sw_batch_size, network, overlap=settings.overlap, mode="gaussian"
         )
-    data["pred"] = blended[0].permute(0, 3, 2, 1)
+    data["pred"] = blended[0].permute(0, 3, 2, 1).float().cpu()
     t3 = time.perf_counter()
     post = Compose([AsDiscreted("pred", argmax=True), Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True)])
     restored = post(data)["pred"]
@@ -137,7 +138,7 @@ def run_baseline(image: Path, bundle_path: Path, output: Path) -> dict:
     return {"total": end - start, "stages": stages, "windows": windows}
 
 
-def network_floor(image: Path, bundle_path: Path, windows: int, engine: bool) -> float:
+def network_floor(image: Path, bundle_path: Path, windows: int, engine: bool, device: str = "cpu") -> float:
     """Network forward passes only, for ``windows`` windows of the scan itself in batches as the
     pipelines run them (random windows ran about 8% slower than real ones here).
 
@@ -152,18 +153,36 @@ def network_floor(image: Path, bundle_path: Path, windows: int, engine: bool) ->
 
     bundle = load_bundle(bundle_path)
     batch_size = PredictOptions().sw_batch_size
-    network = prepare_network(bundle.network, torch.device("cpu")) if engine else bundle.network.eval()
+    network = prepare_network(bundle.network, torch.device(device)) if engine else bundle.network.eval().to(device)
     volume = torch.from_numpy(prepare_channels([read_image(image).image], bundle.meta.preprocessing).array)
     patch = list(bundle.meta.preprocessing.patch_size[::-1])
     if engine:  # segment shrinks the window where the volume is thinner; MONAI pads the volume instead
         patch = fit_window(patch, volume.shape[1:], bundle.meta.network.size_divisor())
-    batches = [torch.stack(chunk) for chunk in _chunks(scan_windows(volume, patch, windows), batch_size)]
-    with torch.inference_mode():
-        network(batches[0])  # warm-up (oneDNN picks its kernels), not counted
+    batches = [torch.stack(chunk).to(device) for chunk in _chunks(scan_windows(volume, patch, windows), batch_size)]
+    with torch.inference_mode(), _autocast(device):
+        network(batches[0])  # warm-up (oneDNN or cuDNN picks its kernels), not counted
+        _synchronize(device)
         start = time.perf_counter()
         for batch in batches:
             network(batch)
+        _synchronize(device)
     return time.perf_counter() - start
+
+
+def _autocast(device: str):
+    """fp16 autocast on CUDA, as the engine predicts there; nothing on the CPU."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.float16) if device == "cuda" else contextlib.nullcontext()
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def scan_windows(volume, patch_zyx, count: int) -> list:
@@ -190,18 +209,19 @@ def _chunks(items: list, size: int) -> list:
 
 def worker(args) -> None:
     image, bundle, output = Path(args.image), Path(args.bundle), Path(args.output)
-    result = (run_ours if args.worker == "ours" else run_baseline)(image, bundle, output)
+    result = (run_ours if args.worker == "ours" else run_baseline)(image, bundle, output, args.device)
     result["peak_rss_mb"] = peak_rss_mb()  # before the floor's own allocations
     if not args.no_floor:
-        result["network_floor"] = network_floor(image, bundle, result["windows"], engine=args.worker == "ours")
+        result["network_floor"] = network_floor(image, bundle, result["windows"], engine=args.worker == "ours", device=args.device)
     print(json.dumps(result))
 
 
 # --- the harness --------------------------------------------------------------------------------
 
 
-def spawn(kind: str, image: Path, bundle: Path, output: Path, floor: bool = True) -> dict:
+def spawn(kind: str, image: Path, bundle: Path, output: Path, device: str, floor: bool = True) -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--image", str(image), "--bundle", str(bundle), "--output", str(output)]
+    command += ["--device", device]
     command += [] if floor else ["--no-floor"]
     result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=False)
     if result.returncode != 0:
@@ -222,14 +242,14 @@ def harness(args) -> dict:
         for kind in kinds if repeat % 2 == 0 else kinds[::-1]:
             output = work / f"{kind}{repeat}" / "ct.nii.gz"
             output.parent.mkdir()
-            runs[kind].append(spawn(kind, image, bundle, output))
+            runs[kind].append(spawn(kind, image, bundle, output, args.device))
             last = runs[kind][-1]
             print(f"run {repeat + 1}/{args.repeats} {kind:>8}: {last['total']:.1f} s, {last['peak_rss_mb']:.0f} MB", file=sys.stderr)
     agreement = {}
     if "baseline" in runs:
         agreement["benchmark_volume"] = volumes.dice_between(work / "ours0" / "ct.nii.gz", work / "baseline0" / "ct.nii.gz")
-        agreement["model_grid"] = agreement_on_model_grid(work, volume, bundle)
-    report = summarize(runs, agreement, volume, bundle)
+        agreement["model_grid"] = agreement_on_model_grid(work, volume, bundle, args.device)
+    report = summarize(runs, agreement, volume, bundle, args.device)
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -239,7 +259,7 @@ def harness(args) -> dict:
     return report
 
 
-def agreement_on_model_grid(work: Path, volume: volumes.VolumeSize, bundle: Path) -> float:
+def agreement_on_model_grid(work: Path, volume: volumes.VolumeSize, bundle: Path, device: str) -> float:
     """Dice between the two pipelines on the same scan already at the model's spacing and orientation.
 
     On the benchmark volume both resample, each with its own grid convention (MONAI keeps the first
@@ -254,11 +274,11 @@ def agreement_on_model_grid(work: Path, volume: volumes.VolumeSize, bundle: Path
     image = volumes.write_volume(folder / "ct.nii.gz", volumes.VolumeSize(size, spacing), orientation="RAS")
     for kind in ("ours", "baseline"):
         (folder / kind).mkdir()
-        spawn(kind, image, bundle, folder / kind / "ct.nii.gz", floor=False)
+        spawn(kind, image, bundle, folder / kind / "ct.nii.gz", device, floor=False)
     return volumes.dice_between(folder / "ours" / "ct.nii.gz", folder / "baseline" / "ct.nii.gz")
 
 
-def summarize(runs, agreement, volume, bundle) -> dict:
+def summarize(runs, agreement, volume, bundle, device: str = "cpu") -> dict:
     def side(kind: str) -> dict:
         totals = [run["total"] for run in runs[kind]]
         total = statistics.median(totals)
@@ -277,7 +297,7 @@ def summarize(runs, agreement, volume, bundle) -> dict:
     report = {
         "volume": {"size": volume.size, "spacing": volume.spacing},
         "model": bundle.name,
-        "machine": machine(),
+        "machine": machine(device),
         "repeats": len(runs["ours"]),
         "ours": side("ours"),
     }
@@ -290,13 +310,16 @@ def summarize(runs, agreement, volume, bundle) -> dict:
     return report
 
 
-def machine() -> dict:
+def machine(device: str = "cpu") -> dict:
     import platform
 
     import torch
 
     cpu = next((line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    facts = {"cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(), "device": device}
+    if device == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name()
+    return facts
 
 
 def _lines(path: str) -> List[str]:
@@ -310,7 +333,8 @@ def _lines(path: str) -> List[str]:
 def print_table(report: dict) -> None:
     volume, sides = report["volume"], [k for k in ("ours", "baseline") if k in report]
     print(f"volume {'x'.join(map(str, volume['size']))} at {volume['spacing']} mm, model {report['model']}, "
-          f"{report['machine']['cpus']} CPUs ({report['machine']['cpu']}), medians of {report['repeats']} runs")
+          f"{report['machine']['cpus']} CPUs ({report['machine']['cpu']}), {report['machine'].get('gpu', 'no GPU')} used: "
+          f"{report['machine']['device']}, medians of {report['repeats']} runs")
     print(f"{'':22}" + "".join(f"{k:>12}" for k in sides))
     for stage in STAGES:
         print(f"  {stage:<20}" + "".join(f"{report[k]['stages_s'][stage]:>12.2f}" for k in sides))
@@ -346,7 +370,8 @@ def plot(report: dict, path: Path) -> None:
     axis.set_xlabel("wall time (s), median")
     axis.set_xlim(0, max(report[k]["total_s"] for k in ("ours", "baseline")) * 1.35)
     volume = report["volume"]
-    axis.set_title(f"{'x'.join(map(str, volume['size']))} CT, {report['machine']['cpus']} CPU cores: "
+    where = report["machine"].get("gpu") or f"{report['machine']['cpus']} CPU cores"
+    axis.set_title(f"{'x'.join(map(str, volume['size']))} CT, {where}: "
                    f"{report['speedup_vs_monai_baseline']:.2f}x faster, {report['peak_rss_ratio_vs_monai_baseline']:.2f}x memory", fontsize=10)
     axis.legend(ncol=6, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
     figure.tight_layout()
@@ -361,6 +386,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["ours"], help="run only `segment` (e.g. the 512x512x800 memory check)")
     parser.add_argument("--model", help="bundle to use (default: the shipped model)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both pipelines predict (default: cpu)")
     parser.add_argument("--json", help="write the report as JSON here")
     parser.add_argument("--plot", help="write the time-per-stage plot (PNG) here")
     parser.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)

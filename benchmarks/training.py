@@ -44,7 +44,7 @@ SIZES = {
 }
 
 
-def prepared_sample(size: TrainSize, output: Path):
+def prepared_sample(size: TrainSize, output: Path, device: str = "cpu"):
     """(config, plan, labels, prepared case) for the sample CT, through training's own reading and planning."""
     from training.config import TrainConfig, plan
     from training.data import fingerprint, load_all, prepare
@@ -58,7 +58,7 @@ def prepared_sample(size: TrainSize, output: Path):
     wanted = [f"label_{value}" for value, name in names.items() if name in STRUCTURES]
     case = read_pair(f"{reference / 'example_ct.nii.gz'}:{reference / 'example_seg_fast_force_split.nii.gz'}")
     table = build_label_table([case], only=wanted)
-    config = TrainConfig(output=str(output), max_steps=size.steps, patch_size=size.patch, filters=size.filters, batch_size=2, lr=0.002, seed=0, device="cpu", validate_every=10**9)
+    config = TrainConfig(output=str(output), max_steps=size.steps, patch_size=size.patch, filters=size.filters, batch_size=2, lr=0.002, seed=0, device=device, validate_every=10**9)
     loaded = load_all([case])
     the_plan = plan(config, fingerprint(loaded), 1)
     prepared = prepare(case, *loaded[case.name], table, the_plan.preprocessing)
@@ -89,12 +89,12 @@ def rate(stamps: List[float], waits: List[float]) -> dict:
     return {"steps_per_s": len(intervals) / seconds, "data_wait_share": sum(waited) / seconds, "timed_steps": len(intervals)}
 
 
-def run_ours(size: TrainSize, work: Path, workers=None) -> dict:
+def run_ours(size: TrainSize, work: Path, workers=None, device: str = "cpu") -> dict:
     """``training.loop.Run`` as `medsegunet train` runs it; steps timed from its own progress reports."""
     from MedSegUNetLib.progress import Progress
     from training import loop
 
-    config, the_plan, labels, case = prepared_sample(size, work / "run")
+    config, the_plan, labels, case = prepared_sample(size, work / "run", device)
     config.workers = workers  # None: what `medsegunet train` picks for this machine
     stamps: List[float] = []
     streams: List[TimedStream] = []
@@ -114,7 +114,7 @@ def run_ours(size: TrainSize, work: Path, workers=None) -> dict:
     return rate(stamps, streams[0].waits)
 
 
-def run_baseline(size: TrainSize, work: Path) -> dict:
+def run_baseline(size: TrainSize, work: Path, device: str = "cpu") -> dict:
     """A plain MONAI loop: Dataset + DataLoader (2 workers), DiceCELoss, AdamW, the same transforms."""
     import torch
     from monai.data import DataLoader, Dataset
@@ -123,13 +123,17 @@ def run_baseline(size: TrainSize, work: Path) -> dict:
     from MedSegUNetLib.bundle import create_bundle
     from training.data import train_transforms
 
-    config, the_plan, labels, case = prepared_sample(size, work / "run")
+    from training.loop import amp_dtype
+
+    config, the_plan, labels, case = prepared_sample(size, work / "run", device)
     torch.manual_seed(0)
-    network = create_bundle(labels, the_plan.preprocessing, ["CT"], base_filters=size.filters).network.train()
+    network = create_bundle(labels, the_plan.preprocessing, ["CT"], base_filters=size.filters).network.train().to(device)
+    amp = amp_dtype(torch.device(device), None)  # the mixed precision `medsegunet train` uses there (none on CPU)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     patch_zyx = the_plan.preprocessing.patch_size[::-1]
     items = [{"image": case.image, "label": case.label}] * size.steps
     transforms = train_transforms(patch_zyx, len(labels) + 1, samples=the_plan.batch_size)
-    loader = DataLoader(Dataset(items, transforms), batch_size=1, num_workers=2, shuffle=True)
+    loader = DataLoader(Dataset(items, transforms), batch_size=1, num_workers=2, shuffle=True, pin_memory=device == "cuda")
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=1e-4)
     stream = TimedStream(loader)
@@ -137,9 +141,12 @@ def run_baseline(size: TrainSize, work: Path) -> dict:
     for _ in range(size.steps):
         batch = next(stream)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_function(network(batch["image"].float()), batch["label"].long())
-        loss.backward()
-        optimizer.step()
+        with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = loss_function(network(batch["image"].float().to(device)), batch["label"].long().to(device))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss.item()  # the step is done (on CUDA: synchronized), as ours reports its loss every step
         stamps.append(time.perf_counter())
     return rate(stamps, stream.waits)
 
@@ -147,13 +154,14 @@ def run_baseline(size: TrainSize, work: Path) -> dict:
 def worker(args) -> None:
     size = SIZES[args.size]
     with tempfile.TemporaryDirectory(prefix="medsegunet-train-bench-") as work:
-        result = run_ours(size, Path(work), args.workers) if args.worker == "ours" else run_baseline(size, Path(work))
+        work = Path(work)
+        result = run_ours(size, work, args.workers, args.device) if args.worker == "ours" else run_baseline(size, work, args.device)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     print(json.dumps(result))
 
 
-def spawn(kind: str, size: str, workers=None) -> dict:
-    command = [sys.executable, __file__, "--worker", kind, "--size", size]
+def spawn(kind: str, size: str, workers=None, device: str = "cpu") -> dict:
+    command = [sys.executable, __file__, "--worker", kind, "--size", size, "--device", device]
     command += ["--workers", str(workers)] if workers is not None and kind == "ours" else []
     result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=False)
     if result.returncode != 0:
@@ -166,7 +174,7 @@ def harness(args) -> dict:
     runs: Dict[str, List[dict]] = {"ours": [], "baseline": []}
     for repeat in range(args.repeats):
         for kind in ("ours", "baseline") if repeat % 2 == 0 else ("baseline", "ours"):
-            runs[kind].append(spawn(kind, size_name, args.workers))
+            runs[kind].append(spawn(kind, size_name, args.workers, args.device))
             last = runs[kind][-1]
             print(f"run {repeat + 1}/{args.repeats} {kind:>8}: {last['steps_per_s']:.3f} steps/s, data wait {last['data_wait_share']:.1%}", file=sys.stderr)
 
@@ -174,7 +182,7 @@ def harness(args) -> dict:
         return {key: statistics.median(run[key] for run in runs[kind]) for key in ("steps_per_s", "data_wait_share", "peak_rss_mb")}
 
     size = SIZES[size_name]
-    report = {"size": size_name, "workers_ours": args.workers, "patch": size.patch, "filters": size.filters, "steps": size.steps, "repeats": args.repeats, "ours": side("ours"), "baseline": side("baseline")}
+    report = {"size": size_name, "device": args.device, "workers_ours": args.workers, "patch": size.patch, "filters": size.filters, "steps": size.steps, "repeats": args.repeats, "ours": side("ours"), "baseline": side("baseline")}
     report["speedup_vs_monai_baseline"] = report["ours"]["steps_per_s"] / report["baseline"]["steps_per_s"]
     print(f"{'':18}{'ours':>10}{'baseline':>10}")
     print(f"{'steps/s':18}{report['ours']['steps_per_s']:>10.3f}{report['baseline']['steps_per_s']:>10.3f}")
@@ -192,6 +200,7 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the report as JSON here")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both loops train (default: cpu)")
     parser.add_argument("--workers", type=int, help="crop worker processes for ours (default: what `medsegunet train` picks)")
     parser.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
