@@ -201,6 +201,10 @@ def test_restoring_only_the_labelled_box_equals_resampling_everything(angle, fli
     assert {3, 7} <= set(np.unique(sitk.GetArrayViewFromImage(restored)))
     empty = restore_labels(np.zeros_like(labels), network, input_grid)
     assert Grid.of(empty).matches(input_grid) and not sitk.GetArrayViewFromImage(empty).any()
+    # Labels on a grid that lies beside the input's (1 m away): no input voxel can receive one.
+    elsewhere = Grid(network.size, network.spacing, tuple(np.array(network.origin) + 1000.0), network.direction)
+    apart = restore_labels(labels, elsewhere, input_grid)
+    assert Grid.of(apart).matches(input_grid) and not sitk.GetArrayViewFromImage(apart).any()
 
 
 @pytest.mark.parametrize("code", ["LPS", "LAS", "PIR"])

@@ -181,3 +181,33 @@ def test_class_indices_is_torch_argmax_ties_included(classes):
     assert torch.equal(indices.long(), torch.argmax(scores, dim=0))
     assert torch.equal(scores, before)  # the scores are not modified
 
+
+
+def test_the_cpu_network_is_an_equivalent_copy_and_the_original_is_untouched():
+    """On the CPU the engine predicts with a copy whose instance norms run as group norms, channels-last:
+    the same function (scores equal to rounding), while the network it came from (training's) keeps its
+    own modules, weights and layout."""
+    from MedSegUNetLib.bundle import Preprocessing, create_bundle
+    from MedSegUNetLib.cpunetwork import ChannelNorm
+    from MedSegUNetLib.inference import prepare_network
+    from MedSegUNetLib.labels import default_labels
+
+    network = create_bundle(default_labels(["a", "b"]), Preprocessing((2.0, 2.0, 2.0), (32, 32, 16)), base_filters=4).network
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # norms with non-trivial scale and shift, so a dropped affine would show
+        for module in network.modules():
+            if isinstance(module, torch.nn.InstanceNorm3d):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator))
+    before = {name: tensor.clone() for name, tensor in network.state_dict().items()}
+    windows = torch.randn(2, 1, 16, 32, 32, generator=generator)
+    with torch.inference_mode():
+        expected = network.eval()(windows)
+        fast = prepare_network(network, torch.device("cpu"))
+        got = fast(windows)
+    torch.testing.assert_close(got.contiguous(), expected, atol=1e-4, rtol=1e-4)
+    assert any(isinstance(m, ChannelNorm) for m in fast.modules())
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in network.modules())
+    assert all(t.is_contiguous() for t in network.state_dict().values())
+    assert all(torch.equal(before[name], tensor) for name, tensor in network.state_dict().items())

@@ -158,7 +158,8 @@ def network_floor(image: Path, bundle_path: Path, windows: int, engine: bool, de
     patch = list(bundle.meta.preprocessing.patch_size[::-1])
     if engine:  # segment shrinks the window where the volume is thinner; MONAI pads the volume instead
         patch = fit_window(patch, volume.shape[1:], bundle.meta.network.size_divisor())
-    batches = [torch.stack(chunk).to(device) for chunk in _chunks(scan_windows(volume, patch, windows), batch_size)]
+    windows_cut = scan_windows(volume, patch, windows, PredictOptions().overlap)
+    batches = [torch.stack(chunk).to(device) for chunk in _chunks(windows_cut, batch_size)]
     with torch.inference_mode(), _autocast(device):
         network(batches[0])  # warm-up (oneDNN or cuDNN picks its kernels), not counted
         _synchronize(device)
@@ -185,22 +186,18 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def scan_windows(volume, patch_zyx, count: int) -> list:
-    """``count`` windows of a (C, Z, Y, X) volume in raster order, half-overlapping, the last of each
-    axis against the far edge (MONAI's placement); the volume is padded where thinner than a window."""
-    import itertools
-
+def scan_windows(volume, patch_zyx, count: int, overlap: float) -> list:
+    """The first ``count`` windows MONAI's sliding window cuts from a (C, Z, Y, X) volume (padded
+    where thinner than a window), placed by MONAI's own ``dense_patch_slices``."""
     import torch.nn.functional as F
+    from monai.data.utils import dense_patch_slices
+
+    from MedSegUNetLib.inference import scan_interval
 
     pad = [max(p - n, 0) for p, n in zip(patch_zyx, volume.shape[1:])]
     volume = F.pad(volume, [x for p in reversed(pad) for x in (0, p)], value=float(volume.min()))
-    starts = []
-    for size, patch in zip(volume.shape[1:], patch_zyx):
-        step = max(patch // 2, 1)
-        starts.append(sorted({min(i * step, size - patch) for i in range(-(-max(size - patch, 0) // step) + 1)}))
-    corners = list(itertools.product(*starts))
-    picked = [corners[i % len(corners)] for i in range(count)]
-    return [volume[(slice(None), *(slice(c, c + p) for c, p in zip(corner, patch_zyx)))] for corner in picked]
+    slices = dense_patch_slices(volume.shape[1:], patch_zyx, scan_interval(volume.shape[1:], patch_zyx, overlap))
+    return [volume[(slice(None), *slices[i % len(slices)])] for i in range(count)]
 
 
 def _chunks(items: list, size: int) -> list:

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import csv
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 from MedSegUNetLib.bundle import BundleMeta, Label, create_bundle, default_provenance, load_bundle, save_bundle
-from MedSegUNetLib.errors import Cancelled, MedSegError
+from MedSegUNetLib.errors import Cancelled
 from MedSegUNetLib.inference import PredictOptions, predict_labels, select_device
 from MedSegUNetLib.network import build_network
 from MedSegUNetLib.progress import Progress

@@ -19,6 +19,7 @@ conversion above is tested in ``Testing/test_geometry.py``.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -98,7 +99,7 @@ class Grid:
         """(start, stop) voxel indices of the smallest box of this grid that holds every voxel whose
         nearest voxel of ``other`` lies in ``other``'s box [start, stop): clamped, possibly empty."""
         lo, hi = np.array(start_ijk, dtype=float) - 1.0, np.array(stop_ijk, dtype=float)  # half a voxel and more
-        corners = np.array([[(lo, hi)[a][0], (lo, hi)[b][1], (lo, hi)[c][2]] for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+        corners = np.array(list(itertools.product(*zip(lo, hi))))
         mine = self.to_index(other.to_physical(corners))
         start = np.clip(np.floor(mine.min(axis=0)), 0, np.array(self.size)).astype(int)
         stop = np.clip(np.ceil(mine.max(axis=0)) + 1, 0, np.array(self.size)).astype(int)

@@ -63,18 +63,23 @@ def check_memory(shape_czyx: Sequence[int], classes: int, available: Optional[in
         )
 
 
+def scan_interval(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> List[int]:
+    """The step between windows along each axis, by MONAI's rule (one window where the image is no
+    larger than it: MONAI pads it to the window)."""
+    return [roi if image <= roi else max(int(roi * (1 - overlap)), 1) for image, roi in zip(image_size, roi_size)]
+
+
 def count_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
     """How many windows MONAI's sliding window visits (its padding and scan-interval rules)."""
     total = 1
-    for image, roi in zip(image_size, roi_size):
-        image = max(image, roi)  # MONAI pads images smaller than the window
-        if roi == image:
-            count = 1
-        else:
-            interval = max(int(roi * (1 - overlap)), 1)
-            count = math.ceil((image - roi) / interval) + 1
-        total *= count
+    for image, roi, step in zip(image_size, roi_size, scan_interval(image_size, roi_size, overlap)):
+        total *= math.ceil((max(image, roi) - roi) / step) + 1
     return total
+
+
+def output_classes(network: torch.nn.Module) -> int:
+    """The classes a network scores (its ``out_channels``; 2 for a network that does not say)."""
+    return int(getattr(network, "out_channels", 0) or 2)
 
 
 def mirror_axes(spatial_dims: int = 3) -> List[Tuple[int, ...]]:
@@ -143,8 +148,7 @@ def _sliding_window(
 
     total = count_windows(array.shape[1:], patch_size_zyx, options.overlap)
     done = 0
-    classes = int(getattr(network, "out_channels", 0) or 2)
-    stitch_on = stitching_device(device, array.shape, classes)
+    stitch_on = stitching_device(device, array.shape, output_classes(network))
 
     def advance(count: int) -> None:
         nonlocal done
@@ -217,8 +221,7 @@ def predict_labels(
 ) -> np.ndarray:
     """Class indices (0 = background) for a (C, Z, Y, X) float32 array, as a (Z, Y, X) array."""
     device = select_device(options.device)
-    classes = int(getattr(network, "out_channels", 0) or 2)
-    check_memory(array.shape, classes)
+    check_memory(array.shape, output_classes(network))
     network.eval()
 
     def run(run_device: torch.device, batch: int) -> np.ndarray:
