@@ -179,6 +179,36 @@ def test_network_grid_in_one_resampling_equals_reorienting_first(chest):
     np.testing.assert_allclose(sitk.GetArrayFromImage(one_pass), sitk.GetArrayFromImage(two_passes), atol=0.01)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_nearest_resampling_of_axis_aligned_grids_is_itks(seed):
+    """resample_onto's per-axis gather for grids that differ by scaling, shift and a signed permutation
+    of axes gives ITK's nearest-neighbour result voxel for voxel: which voxel is nearest, the default
+    value outside, the pixel type asked for."""
+    from MedSegUNetLib.geometry import _index_maps
+
+    rng = np.random.default_rng(seed)
+
+    def signed_permutation() -> np.ndarray:
+        matrix = np.zeros((3, 3))
+        matrix[rng.permutation(3), range(3)] = rng.choice([-1.0, 1.0], 3)
+        return matrix
+
+    for _ in range(40):
+        size = rng.integers(3, 12, 3)
+        image = sitk.GetImageFromArray(rng.integers(0, 250, size[::-1]).astype(np.uint8))
+        image.SetSpacing(rng.uniform(0.5, 3, 3).tolist())
+        image.SetOrigin(rng.uniform(-20, 20, 3).tolist())
+        image.SetDirection(signed_permutation().ravel().tolist())
+        target = Grid(tuple(int(n) for n in rng.integers(3, 25, 3)), tuple(rng.uniform(0.3, 3, 3)), tuple(rng.uniform(-25, 25, 3)), tuple(signed_permutation().ravel()))
+        assert _index_maps(Grid.of(image), target) is not None  # the gather is what runs here
+        fast = resample_onto(image, target, sitk.sitkNearestNeighbor, default_value=7, pixel_type=sitk.sitkInt16)
+        itk = sitk.Resample(image, list(target.size), sitk.Transform(), sitk.sitkNearestNeighbor, target.origin, target.spacing, target.direction, 7, sitk.sitkInt16)
+        assert fast.GetPixelID() == sitk.sitkInt16 and Grid.of(fast).matches(target, tolerance=1e-12)
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(fast), sitk.GetArrayViewFromImage(itk))
+    oblique = Grid((5, 5, 5), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(oblique_direction(20.0, False).ravel()))
+    assert _index_maps(Grid.of(image), oblique) is None  # left to ITK
+
+
 @pytest.mark.parametrize("angle, flip, code", [(0.0, False, "RAS"), (0.0, False, "PIR"), (20.0, True, "LPS")])
 def test_restoring_only_the_labelled_box_equals_resampling_everything(angle, flip, code):
     """restore_labels resamples only the part of the input grid a label can reach: the result must be

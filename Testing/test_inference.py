@@ -205,9 +205,63 @@ def test_the_cpu_network_is_an_equivalent_copy_and_the_original_is_untouched():
         expected = network.eval()(windows)
         fast = prepare_network(network, torch.device("cpu"))
         got = fast(windows)
+        one_by_one = torch.cat([fast(window[None]) for window in windows])
     torch.testing.assert_close(got.contiguous(), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(one_by_one.contiguous(), expected, atol=1e-4, rtol=1e-4)
     assert any(isinstance(m, ChannelNorm) for m in fast.modules())
     assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in fast.modules())
     assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in network.modules())
     assert all(t.is_contiguous() for t in network.state_dict().values())
     assert all(torch.equal(before[name], tensor) for name, tensor in network.state_dict().items())
+
+
+@pytest.mark.parametrize("kernel", [(2, 2, 2), (1, 2, 2), (2, 1, 1)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onednn_upsample_is_the_transposed_convolution(kernel, batch):
+    """The reshuffled 1x1x1 convolution computes what ConvTranspose3d computes (bias included), for
+    channels-last and standard input, and hands back channels-last."""
+    from MedSegUNetLib.cpunetwork import OneDnnUpsample
+
+    generator = torch.Generator().manual_seed(batch)
+    transposed = torch.nn.ConvTranspose3d(6, 5, kernel_size=kernel, stride=kernel, bias=True)
+    with torch.no_grad():
+        transposed.weight.copy_(torch.randn(transposed.weight.shape, generator=generator))
+        transposed.bias.copy_(torch.randn(5, generator=generator))
+    x = torch.randn(batch, 6, 3, 4, 5, generator=generator)
+    with torch.inference_mode():
+        expected = transposed(x)
+        upsample = OneDnnUpsample(transposed)
+        for layout in (torch.contiguous_format, torch.channels_last_3d):
+            got = upsample(x.contiguous(memory_format=layout))
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            assert got.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_one_window_runs_on_onednn_only():
+    """With one window per batch (the CPU default) no convolution of the CPU copy may reach PyTorch's
+    slow im2col path, which the plain network takes for small windows (2.5x slower per window)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from MedSegUNetLib.bundle import Preprocessing, create_bundle
+    from MedSegUNetLib.cpunetwork import OneDnnConv, OneDnnUpsample, direct_convolutions_available
+    from MedSegUNetLib.inference import prepare_network, windows_per_batch
+    from MedSegUNetLib.labels import default_labels
+
+    assert direct_convolutions_available(), "this PyTorch build has no oneDNN: the CPU copy would keep the slow path"
+    assert windows_per_batch(torch.device("cpu")) == 1
+    network = create_bundle(default_labels(["a"]), Preprocessing((2.0, 2.0, 2.0), (32, 32, 16)), base_filters=4).network
+    window = torch.randn(1, 1, 16, 32, 32)
+
+    def operators(model) -> set:
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as profiled:
+            model(window)
+        return {event.key for event in profiled.key_averages()}
+
+    slow = {"aten::slow_conv3d_forward", "aten::slow_conv_transpose3d"}
+    assert operators(network.eval()) & slow  # the plain network does take the slow path here
+    fast = prepare_network(network, torch.device("cpu"))
+    assert any(isinstance(m, OneDnnConv) for m in fast.modules())
+    assert any(isinstance(m, OneDnnUpsample) for m in fast.modules())
+    assert not any(isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)) for m in fast.modules())
+    assert not operators(fast) & slow

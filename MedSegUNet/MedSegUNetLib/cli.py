@@ -51,7 +51,7 @@ def add_segment_parser(commands) -> None:
         default=False,
         help="keep only the largest connected component of each label",
     )
-    parser.add_argument("--batch-size", type=int, default=2, help="windows predicted at once (2)")
+    parser.add_argument("--batch-size", type=int, default=None, help="windows predicted at once (default: 1 on the CPU, 2 on a GPU)")
     parser.add_argument("--series", help="DICOM series instance UID, when the folder holds several")
     parser.add_argument(
         "--body-crop",
@@ -78,7 +78,7 @@ def run_segment_command(args: argparse.Namespace, progress) -> dict:
 
     if not 0.0 <= args.overlap <= 0.95:
         raise MedSegError(f"--overlap must be between 0 and 0.95, not {args.overlap}")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise MedSegError("--batch-size must be at least 1")
     options = SegmentOptions(
         predict=PredictOptions(args.overlap, args.tta, args.batch_size, args.device),

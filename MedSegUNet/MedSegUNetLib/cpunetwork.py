@@ -1,15 +1,23 @@
-"""The network as a CPU runs it fastest: instance norms as group norms, channels-last memory.
+"""The network as a CPU runs it fastest: instance norms as group norms, channels-last memory, every
+convolution on oneDNN.
 
 PyTorch computes an instance norm as a batch norm over a reshaped tensor, which needs the standard
 layout; a group norm with one group per channel is the same function and has a channels-last CPU
 kernel, so oneDNN's convolutions can stay channels-last throughout. On the shipped model (2-core AMD
 EPYC, 96x96x48 windows) that is about 1.6x faster per window, with the same argmax on 99.999% of voxels
 (benchmarks/README.md). bf16 and torch.compile were measured too, and lost there.
+
+For a single window PyTorch's dispatcher sends small 3D convolutions (a batch of one whose first
+dimensions multiply to at most 20480, and every transposed one) to its slow im2col path, which also
+returns the standard layout and costs a copy at the next convolution: 0.58 s per window against 0.24 s
+for a batch of two. Called directly, oneDNN runs one window in 0.19 s, in half the activation memory
+of two; the CPU therefore predicts one window at a time (``inference.windows_per_batch``).
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,16 +46,81 @@ class ChannelsLast(torch.nn.Module):
         return self.network(x.contiguous(memory_format=torch.channels_last_3d))
 
 
-def _swap_instance_norms(module: torch.nn.Module) -> None:
+class OneDnnConv(torch.nn.Module):
+    """A ``Conv3d`` (zero padding given in voxels) run by oneDNN whatever the batch size."""
+
+    def __init__(self, conv: torch.nn.Conv3d):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.padding, self.stride, self.dilation, self.groups = conv.padding, conv.stride, conv.dilation, conv.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
+
+
+class OneDnnUpsample(torch.nn.Module):
+    """A ``ConvTranspose3d`` whose kernel equals its stride (U-Net upsampling), run by oneDNN: each input
+    voxel becomes a block of kernel-many output voxels, one 1x1x1 convolution into channels ordered
+    (block position, output channel), then a reshuffle of those channels into the blocks (channels-last)."""
+
+    def __init__(self, conv: torch.nn.ConvTranspose3d):
+        super().__init__()
+        inputs, self.outputs = conv.weight.shape[:2]
+        self.kernel = tuple(conv.kernel_size)
+        # (in, out, kz, ky, kx) -> (kz, ky, kx, out) x in, as 1x1x1 kernels
+        weight = conv.weight.detach().permute(2, 3, 4, 1, 0).reshape(-1, inputs)[..., None, None, None]
+        blocks = weight.shape[0] // self.outputs
+        self.weight = torch.nn.Parameter(weight.contiguous(memory_format=torch.channels_last_3d), requires_grad=False)
+        bias = None if conv.bias is None else conv.bias.detach().repeat(blocks)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, depth, height, width = x.shape
+        kz, ky, kx = self.kernel
+        scores = torch.mkldnn_convolution(x, self.weight, self.bias, (0, 0, 0), (1, 1, 1), (1, 1, 1), 1)
+        blocks = scores.permute(0, 2, 3, 4, 1).reshape(n, depth, height, width, kz, ky, kx, self.outputs)
+        shuffled = blocks.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(n, depth * kz, height * ky, width * kx, self.outputs)
+        return shuffled.permute(0, 4, 1, 2, 3)
+
+
+def _one_dnn(module: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The oneDNN replacement of a convolution module, or None where it has no exact one."""
+    if type(module) is torch.nn.Conv3d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return OneDnnConv(module)
+    if (
+        type(module) is torch.nn.ConvTranspose3d
+        and tuple(module.kernel_size) == tuple(module.stride)
+        and not any(module.padding) and not any(module.output_padding)
+        and set(module.dilation) == {1} and module.groups == 1
+    ):
+        return OneDnnUpsample(module)
+    return None
+
+
+def _swap_modules(module: torch.nn.Module, direct_convolutions: bool) -> None:
+    """Replace, in place, instance norms (and convolutions when ``direct_convolutions``) by their CPU
+    forms. A module shared by two parents (DynUNet lists its blocks twice) is replaced once: its
+    replacement has no children to descend into."""
     for name, child in module.named_children():
+        replacement = None
         if isinstance(child, torch.nn.InstanceNorm3d) and not child.track_running_stats:
-            setattr(module, name, ChannelNorm(child))
+            replacement = ChannelNorm(child)
+        elif direct_convolutions:
+            replacement = _one_dnn(child)
+        if replacement is not None:
+            setattr(module, name, replacement)
         else:
-            _swap_instance_norms(child)
+            _swap_modules(child, direct_convolutions)
+
+
+def direct_convolutions_available() -> bool:
+    """Whether this PyTorch build has oneDNN (x86 and most ARM builds do) to call directly."""
+    return torch.backends.mkldnn.is_available()
 
 
 def for_cpu(network: torch.nn.Module) -> torch.nn.Module:
     """An evaluation copy of ``network`` laid out for the CPU (the original, e.g. one in training, is untouched)."""
     fast = copy.deepcopy(network).eval()
-    _swap_instance_norms(fast)
-    return ChannelsLast(fast.to(memory_format=torch.channels_last_3d))
+    fast.to(memory_format=torch.channels_last_3d)
+    _swap_modules(fast, direct_convolutions_available())
+    return ChannelsLast(fast)

@@ -236,8 +236,12 @@ def resample_onto(
     """Resample ``image`` onto ``grid`` in physical space (identity transform), as ``pixel_type``
     (default: the image's own; ITK interpolates in double precision either way)."""
     pixel_type = image.GetPixelID() if pixel_type is None else pixel_type
-    if Grid.of(image).matches(grid, tolerance=1e-6):
+    source = Grid.of(image)
+    if source.matches(grid, tolerance=1e-6):
         return image if image.GetPixelID() == pixel_type else sitk.Cast(image, pixel_type)
+    axes = _index_maps(source, grid) if interpolator == sitk.sitkNearestNeighbor else None
+    if axes is not None and image.GetNumberOfComponentsPerPixel() == 1:
+        return _nearest_along_axes(image, grid, axes, default_value, pixel_type)
     return sitk.Resample(
         image,
         list(grid.size),
@@ -249,6 +253,46 @@ def resample_onto(
         default_value,
         pixel_type,
     )
+
+
+def _index_maps(source: Grid, target: Grid) -> Optional[list]:
+    """Where each index axis of ``target`` lands in ``source`` when every target axis runs along one
+    source axis (the grids differ by a scaling, a shift and a signed permutation of axes, as the network
+    grid and the input grid do): per target axis, (source axis, continuous source index of each target
+    voxel). None for grids oblique to each other."""
+    to_source = np.linalg.inv(source.axis_vectors().T)  # physical offset -> continuous source index
+    steps = to_source @ target.axis_vectors().T  # column b: source-index step per target voxel along b
+    start = to_source @ (np.array(target.origin) - np.array(source.origin))
+    along = np.argmax(np.abs(steps), axis=0)
+    off_axis = np.abs(steps).sum(axis=0) - np.abs(steps[along, range(3)])
+    if sorted(along) != [0, 1, 2] or np.any(off_axis > 1e-9 * np.abs(steps[along, range(3)])):
+        return None
+    return [(int(a), start[a] + steps[a, b] * np.arange(target.size[b])) for b, a in enumerate(along)]
+
+
+def _nearest_along_axes(image: sitk.Image, grid: Grid, axes: list, default_value: float, pixel_type: int) -> sitk.Image:
+    """Nearest-neighbour resampling as ITK does it (the voxel whose centre is nearest, halves rounded
+    up; outside [-0.5, size - 0.5) the default value), done as one gather per axis.
+
+    ITK's resampler visits every target voxel with the full transform: 0.3 s for the 43 M voxels of a
+    label box restored onto a 512x512x300 CT, against about 0.05 s here. Axis-aligned grids only."""
+    source = sitk.GetArrayViewFromImage(image)  # (z, y, x): array axis 2 - i
+    values = source.transpose([2 - a for a, _ in reversed(axes)])  # array axes in target (z, y, x) order
+    outside = []
+    for array_axis, (a, continuous) in zip((2, 1, 0), axes):  # the fastest-varying axis first: smallest gathers
+        inside = (continuous >= -0.5) & (continuous < image.GetSize()[a] - 0.5)
+        indices = np.clip(np.floor(continuous + 0.5), 0, image.GetSize()[a] - 1).astype(np.intp)
+        values = np.take(values, indices, axis=array_axis)
+        outside.append((array_axis, ~inside))
+    values = values.astype(sitk.GetArrayViewFromImage(sitk.Image(1, 1, 1, pixel_type)).dtype, copy=False)
+    for array_axis, mask in outside:
+        if mask.any():
+            values[(slice(None),) * array_axis + (mask,)] = default_value
+    result = sitk.GetImageFromArray(values)
+    result.SetSpacing(grid.spacing)
+    result.SetOrigin(grid.origin)
+    result.SetDirection(grid.direction)
+    return result
 
 
 def needs_resampling(image: sitk.Image, spacing: Sequence[float], tolerance: float = 0.02) -> bool:
