@@ -8,11 +8,11 @@ if it had saved the file itself.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import sys
 import threading
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -25,6 +25,7 @@ from .bundle import Label
 from .errors import MedSegError
 from .geometry import Grid, ijk_array, ijk_to_lps
 from .memory import available_memory_bytes, describe_bytes
+from .niftigz import gzip_inflater, read_voxels
 
 IMAGE_ENDINGS = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 LABELMAP_ENDINGS = (".nrrd", ".nii", ".nii.gz", ".mha")
@@ -170,6 +171,9 @@ def _read_file(path: Path, max_voxels: int) -> sitk.Image:
             raise MedSegError("has an unknown or unsupported pixel type", path) from None
         raise MedSegError("is not a readable image (bad or unrecognised header)", path) from None
     _check_information(reader, path, max_voxels)
+    fast = _read_nifti_gz(path, reader)
+    if fast is not None:
+        return fast
     try:
         with _quiet_native_output():
             return reader.Execute()
@@ -179,6 +183,36 @@ def _read_file(path: Path, max_voxels: int) -> sitk.Image:
             raise MedSegError("is too large for the memory available to read it", path) from None
         reason = "truncated or corrupt" if "read" in text else "unreadable"
         raise MedSegError(f"image data is {reason}", path) from None
+
+
+def _read_nifti_gz(path: Path, reader: sitk.ImageFileReader) -> Optional[sitk.Image]:
+    """A plain ``.nii.gz`` with its voxels inflated by ISA-L straight into the image (niftigz.py) and its
+    geometry as ITK read it from the header; None where that reader does not apply (ITK then reads)."""
+    if not has_ending(path, (".nii.gz",)):
+        return None
+    expected = sitk.GetArrayViewFromImage(sitk.Image(1, 1, 1, reader.GetPixelID())).dtype
+    made: List[sitk.Image] = []  # allocated only once the header is known to be the plain case
+
+    def allocate() -> np.ndarray:
+        made.append(sitk.Image(list(reader.GetSize()), reader.GetPixelID()))
+        return _writable_bytes(made[0])
+
+    if not read_voxels(path, reader.GetSize(), expected, allocate):
+        return None
+    image = made[0]
+    image.SetSpacing(reader.GetSpacing())
+    image.SetOrigin(reader.GetOrigin())
+    image.SetDirection(reader.GetDirection())
+    return image
+
+
+def _writable_bytes(image: sitk.Image) -> np.ndarray:
+    """The voxel buffer of a freshly made ``image`` as a writable flat uint8 array (valid while ``image``
+    lives). SimpleITK only hands out read-only views; filling an array and letting GetImageFromArray
+    copy it costs 0.15 s more for a 512x512x300 CT (a second full pass over 157 MB of fresh memory)."""
+    view = sitk.GetArrayViewFromImage(image)
+    buffer = (ctypes.c_char * view.nbytes).from_address(view.__array_interface__["data"][0])
+    return np.frombuffer(buffer, np.uint8)
 
 
 def dicom_series(folder: Path) -> List[str]:
@@ -409,16 +443,6 @@ def _gzip_ends_with(path: Path, voxels: np.ndarray) -> bool:
     if not inflater.eof or inflater.unused_data or len(content) <= expected.size:
         return False
     return bool(np.array_equal(np.frombuffer(content, np.uint8, offset=len(content) - expected.size), expected))
-
-
-def gzip_inflater():
-    """A gzip decompressor and its error class: ISA-L's (about 3x faster than zlib on a 512x512x300
-    labelmap here) where installed, else zlib's."""
-    try:
-        from isal import isal_zlib
-    except ImportError:
-        return zlib.decompressobj(wbits=31), zlib.error
-    return isal_zlib.decompressobj(wbits=31), isal_zlib.error
 
 
 def check_output_type(path: Path) -> None:

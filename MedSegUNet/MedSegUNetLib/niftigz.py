@@ -1,0 +1,89 @@
+"""The voxels of a gzip-compressed NIfTI-1 file, inflated with ISA-L.
+
+ITK inflates ``.nii.gz`` with zlib: 0.8 s of the 6.4 s a 512x512x300 CT takes to segment on 2 cores
+(benchmarks/README.md), while ISA-L inflates the same file in about 0.6 s. ITK still reads the header
+and owns the geometry (``imageio`` takes spacing, origin and direction from ITK's header read); this
+module only supplies the voxel array, and only for the plain case: one gzip member, 3 dimensions, no
+intensity scaling, the data type ITK reported. Anything else returns None and ITK reads the file as
+before, so a file this reader does not cover is read exactly as it always was.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Tuple
+
+import numpy as np
+
+HEADER_BYTES = 348  # sizeof_hdr of NIfTI-1
+COMPRESSED_CHUNK = 1 << 20  # compressed bytes inflated at a time: the output stays in the cache until copied (measured faster than 4 MB or the whole file)
+# NIfTI-1 datatype codes -> numpy type characters (complex and RGB types are left to ITK)
+_DATATYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8", 1280: "u8"}
+
+
+def gzip_inflater():
+    """A gzip decompressor and its error class: ISA-L's (about 1.5x faster than zlib on CT data, 3x on
+    labelmaps, here) where installed, else zlib's."""
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return zlib.decompressobj(wbits=31), zlib.error
+    return isal_zlib.decompressobj(wbits=31), isal_zlib.error
+
+
+def _voxel_layout(header: bytes) -> Optional[Tuple[np.dtype, Tuple[int, ...], int]]:
+    """(file data type with its byte order, dim[1..3], vox_offset) of a plain single-file 3D NIfTI-1
+    header without intensity scaling; None for anything else."""
+    for order in "<>":
+        if struct.unpack(order + "i", header[:4])[0] == HEADER_BYTES:
+            break
+    else:
+        return None
+    dims = struct.unpack(order + "8h", header[40:56])
+    datatype = struct.unpack(order + "h", header[70:72])[0]
+    vox_offset, slope, intercept = struct.unpack(order + "3f", header[108:120])
+    plain = header[344:348] == b"n+1\0" and dims[0] == 3 and slope in (0.0, 1.0) and intercept == 0.0
+    if not plain or datatype not in _DATATYPES or vox_offset < HEADER_BYTES or vox_offset != int(vox_offset):
+        return None
+    return np.dtype(order + _DATATYPES[datatype]), tuple(dims[1:4]), int(vox_offset)
+
+
+def read_voxels(path: Path, size_xyz: Sequence[int], expected: np.dtype, allocate: Callable[[], np.ndarray]) -> bool:
+    """Inflate the voxels of the ``.nii.gz`` at ``path`` into ``allocate()`` (called once the header is
+    known to be the plain case and to agree with what ITK reported: ``size_xyz``, ``expected`` type; it
+    returns a writable flat uint8 array of exactly the voxels' bytes), in the native byte order.
+
+    False where this reader does not apply, and for a stream that does not inflate cleanly to exactly
+    header + voxels (truncated, corrupt, several gzip members, trailing data): ITK then reads the file
+    and reports the problem. Each chunk is copied into place as it is inflated, so the file is never
+    held whole, compressed or not."""
+    inflater, error = gzip_inflater()
+    head = bytearray()
+    layout, voxels, written = None, None, 0
+    with open(path, "rb") as file:
+        try:
+            while chunk := file.read(COMPRESSED_CHUNK):
+                output = inflater.decompress(chunk)
+                if voxels is None:
+                    head += output
+                    if layout is None and len(head) >= HEADER_BYTES:
+                        layout = _voxel_layout(bytes(head[:HEADER_BYTES]))
+                        if layout is None or layout[1] != tuple(size_xyz) or layout[0].newbyteorder("=") != expected:
+                            return False
+                    if layout is None or len(head) < layout[2]:
+                        continue
+                    voxels = allocate()
+                    output = bytes(head[layout[2]:])
+                if written + len(output) > voxels.size:
+                    return False
+                voxels[written : written + len(output)] = np.frombuffer(output, np.uint8)
+                written += len(output)
+        except error:
+            return False
+    if voxels is None or written != voxels.size or not inflater.eof or inflater.unused_data:
+        return False
+    if not layout[0].isnative:
+        voxels.view(layout[0]).byteswap(inplace=True)
+    return True

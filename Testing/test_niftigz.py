@@ -1,0 +1,98 @@
+"""The ISA-L reader of .nii.gz voxels (niftigz.py) must give exactly what ITK reads, or step aside."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MedSegUNetLib.geometry import Grid
+from MedSegUNetLib.imageio import read_image
+from MedSegUNetLib.niftigz import read_voxels
+
+
+def _itk(path) -> sitk.Image:
+    return sitk.ReadImage(str(path))
+
+
+def _fast(path):
+    """What the ISA-L reader makes of ``path`` given ITK's own header read (None: left to ITK)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    expected = sitk.GetArrayViewFromImage(sitk.Image(1, 1, 1, reader.GetPixelID())).dtype
+    voxels = np.zeros(int(np.prod(reader.GetSize())) * expected.itemsize, np.uint8)
+    done = read_voxels(path, reader.GetSize(), expected, lambda: voxels)
+    return voxels.view(expected).reshape(reader.GetSize()[::-1]) if done else None
+
+
+def _assert_read_as_itk_reads(path) -> None:
+    ours, itk = read_image(path).image, _itk(path)
+    assert Grid.of(ours) == Grid.of(itk)
+    itk_values = sitk.GetArrayViewFromImage(itk)
+    ours_values = sitk.GetArrayViewFromImage(ours)
+    if itk_values.dtype.kind == "f":  # read_image hands floats on as float32 (NaN replaced; none here)
+        itk_values = itk_values.astype(np.float32)
+    assert ours_values.dtype == itk_values.dtype
+    np.testing.assert_array_equal(ours_values, itk_values)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "int16", "uint16", "int32", "float32", "float64"])
+def test_itk_written_files_read_as_itk_reads_them(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    values = (rng.normal(0, 1000, (13, 17, 19)) if dtype.startswith("f") else rng.integers(0, 120, (13, 17, 19))).astype(dtype)
+    image = sitk.GetImageFromArray(values)
+    image.SetSpacing((0.7, 0.9, 2.5))
+    image.SetOrigin((-100.0, 33.0, 7.5))
+    angle = np.deg2rad(15)  # oblique, with a flipped axis: the geometry is ITK's, whatever it is
+    image.SetDirection((np.cos(angle), -np.sin(angle), 0.0, np.sin(angle), np.cos(angle), 0.0, 0.0, 0.0, -1.0))
+    path = tmp_path / "volume.nii.gz"
+    sitk.WriteImage(image, str(path), useCompression=True)
+    fast = _fast(path)
+    assert fast is not None and fast.dtype == np.dtype(dtype)  # the ISA-L reader is what ran
+    np.testing.assert_array_equal(fast, values)
+    _assert_read_as_itk_reads(path)
+
+
+def test_big_endian_files_and_header_extensions(tmp_path):
+    """nibabel writes big-endian files and header extensions (vox_offset beyond 352) on request."""
+    values = np.random.default_rng(1).integers(-1000, 1000, (11, 12, 13)).astype(np.int16)
+    header = nib.Nifti1Header(endianness=">")
+    header.set_data_dtype(">i2")
+    affine = np.diag([-0.8, -0.8, 1.5, 1.0])
+    big = nib.Nifti1Image(values.transpose(2, 1, 0), affine, header)  # nibabel arrays are (x, y, z)
+    big.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"a comment that moves the voxels" * 9))
+    big.header.set_slope_inter(1.0, 0.0)
+    path = tmp_path / "big.nii.gz"
+    nib.save(big, str(path))
+    with gzip.open(path) as file:
+        head = file.read(348)
+    assert head[:4] == (348).to_bytes(4, "big") and np.frombuffer(head[108:112], ">f4")[0] > 352
+    fast = _fast(path)
+    assert fast is not None and fast.dtype == np.int16 and fast.dtype.isnative
+    np.testing.assert_array_equal(fast, values)
+    _assert_read_as_itk_reads(path)
+
+
+def test_what_the_fast_reader_does_not_cover_is_left_to_itk(tmp_path):
+    values = np.random.default_rng(2).integers(0, 200, (9, 10, 11)).astype(np.int16)
+    scaled = nib.Nifti1Image(values.transpose(2, 1, 0), np.eye(4))
+    scaled.header.set_slope_inter(0.5, -10.0)  # ITK applies the scaling and reads float voxels
+    nib.save(scaled, str(tmp_path / "scaled.nii.gz"))
+    plain = tmp_path / "plain.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(plain), useCompression=True)
+    raw = gzip.decompress(plain.read_bytes())
+    # Two gzip members (as pigz or bgzip may write): zlib's reader in ITK reads through both.
+    (tmp_path / "members.nii.gz").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    (tmp_path / "trailing.nii.gz").write_bytes(plain.read_bytes() + b"\0" * 8)
+    for name in ("scaled", "members", "trailing"):
+        assert _fast(tmp_path / f"{name}.nii.gz") is None, name
+    for name in ("scaled", "members"):
+        _assert_read_as_itk_reads(tmp_path / f"{name}.nii.gz")
+    assert sitk.GetArrayViewFromImage(read_image(tmp_path / "scaled.nii.gz").image)[3, 4, 5] == values[3, 4, 5] * 0.5 - 10
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(plain.read_bytes()[:-20])
+    assert _fast(truncated) is None
