@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "MedSegUNet"), str(REPO), str(Path(__file__).resolve().parent)]
 
 import volumes  # noqa: E402
+from children import HUGE_PAGES_CHOICES, child_environment  # noqa: E402
 
 STAGES = ("read", "preprocess", "predict", "restore", "write")
 # The baseline's windows per batch: its faster setting on both devices (MONAI's default of 1 sends this
@@ -219,11 +220,12 @@ def worker(args) -> None:
 # --- the harness --------------------------------------------------------------------------------
 
 
-def spawn(kind: str, image: Path, bundle: Path, output: Path, device: str, floor: bool = True) -> dict:
+def spawn(kind: str, image: Path, bundle: Path, output: Path, device: str, floor: bool = True, huge_pages: str = "ours") -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--image", str(image), "--bundle", str(bundle), "--output", str(output)]
     command += ["--device", device]
     command += [] if floor else ["--no-floor"]
-    result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=False)
+    environment = child_environment(kind, huge_pages)
+    result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=False, env=environment)
     if result.returncode != 0:
         raise SystemExit(f"{kind} run failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -242,7 +244,7 @@ def harness(args) -> dict:
         for kind in kinds if repeat % 2 == 0 else kinds[::-1]:
             output = work / f"{kind}{repeat}" / "ct.nii.gz"
             output.parent.mkdir()
-            runs[kind].append(spawn(kind, image, bundle, output, args.device))
+            runs[kind].append(spawn(kind, image, bundle, output, args.device, huge_pages=args.huge_pages))
             last = runs[kind][-1]
             print(f"run {repeat + 1}/{args.repeats} {kind:>8}: {last['total']:.1f} s, {last['peak_rss_mb']:.0f} MB", file=sys.stderr)
     agreement = {}
@@ -250,6 +252,7 @@ def harness(args) -> dict:
         agreement["benchmark_volume"] = volumes.dice_between(work / "ours0" / "ct.nii.gz", work / "baseline0" / "ct.nii.gz")
         agreement["model_grid"] = agreement_on_model_grid(work, volume, bundle, args.device)
     report = summarize(runs, agreement, volume, bundle, args.device)
+    report["huge_pages"] = args.huge_pages
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -387,6 +390,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["ours"], help="run only `segment` (e.g. the 512x512x800 memory check)")
     parser.add_argument("--model", help="bundle to use (default: the shipped model)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both pipelines predict (default: cpu)")
+    parser.add_argument("--huge-pages", choices=HUGE_PAGES_CHOICES, default="ours",
+                        help="which pipelines run with malloc's huge pages on Linux (default: ours, as the engine is started)")
     parser.add_argument("--json", help="write the report as JSON here")
     parser.add_argument("--plot", help="write the time-per-stage plot (PNG) here")
     parser.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)

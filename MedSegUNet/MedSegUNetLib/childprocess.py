@@ -82,7 +82,24 @@ def engine_environment(module_dir: Path, base: Optional[Dict[str, str]] = None, 
     _, visible = split_device(device)
     if visible is not None:
         environment["CUDA_VISIBLE_DEVICES"] = visible
+    if sys.platform.startswith("linux"):
+        environment["GLIBC_TUNABLES"] = with_huge_pages(environment.get("GLIBC_TUNABLES", ""))
     return environment
+
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def with_huge_pages(tunables: str) -> str:
+    """``GLIBC_TUNABLES`` with malloc asking for transparent huge pages (glibc 2.35 and newer; older
+    ones ignore it). Most Linux systems hand them out only on request: every large buffer (an image, a
+    window's activations) then faults in 2 MB at a time instead of 4 kB, and the convolutions miss the
+    TLB less. Measured (benchmarks/README.md): about 10% less time per segment on the CPU, same peak
+    memory. A value the user set for the same tunable is kept."""
+    names = [item.split("=")[0] for item in tunables.split(":") if item]
+    if HUGE_PAGES_TUNABLE.split("=")[0] in names:
+        return tunables
+    return f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE
 
 
 # --- the command lines -----------------------------------------------------------------------------
