@@ -96,3 +96,18 @@ def test_what_the_fast_reader_does_not_cover_is_left_to_itk(tmp_path):
     truncated = tmp_path / "truncated.nii.gz"
     truncated.write_bytes(plain.read_bytes()[:-20])
     assert _fast(truncated) is None
+
+
+@pytest.mark.parametrize("affine", [
+    [[0.0, 0.0, 2.0, -30.0], [-0.9, 0.0, 0.0, 12.0], [0.0, 1.1, 0.0, 4.0]],  # axes permuted and flipped
+    [[0.7, 0.3, 0.0, 5.0], [-0.3, 0.7, 0.0, -5.0], [0.0, 0.0, -1.5, 60.0]],  # oblique, z flipped
+])
+def test_any_orientation_nibabel_writes_reads_as_itk_reads_it(tmp_path, affine):
+    """Whatever the affine, ITK hands the voxels over in file order and puts the orientation in the
+    direction matrix; the ISA-L reader must agree voxel for voxel."""
+    values = np.random.default_rng(3).integers(-500, 500, (7, 8, 9)).astype(np.int16)
+    image = nib.Nifti1Image(values.transpose(2, 1, 0), np.vstack([affine, [0, 0, 0, 1]]))
+    path = tmp_path / "oriented.nii.gz"
+    nib.save(image, str(path))
+    assert _fast(path) is not None
+    _assert_read_as_itk_reads(path)
