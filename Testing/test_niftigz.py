@@ -111,3 +111,27 @@ def test_any_orientation_nibabel_writes_reads_as_itk_reads_it(tmp_path, affine):
     nib.save(image, str(path))
     assert _fast(path) is not None
     _assert_read_as_itk_reads(path)
+
+
+def test_a_stream_inflating_far_beyond_its_header_is_refused_in_bounded_memory(tmp_path):
+    """A crafted .nii.gz whose header claims 1000 voxels but whose gzip stream inflates to 200 MB more
+    (a few hundred kB compressed): refused, without ever holding more than a bounded piece of it."""
+    import tracemalloc
+
+    from MedSegUNetLib.niftigz import INFLATED_PIECE
+
+    plain = tmp_path / "plain.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((10, 10, 10), np.int16)), str(plain))
+    stream = plain.read_bytes() + bytes(200 * 2**20)
+    compressor = __import__("zlib").compressobj(1, wbits=31)
+    bomb = tmp_path / "bomb.nii.gz"
+    bomb.write_bytes(compressor.compress(stream) + compressor.flush())
+    del stream
+    assert bomb.stat().st_size < 2**20
+    tracemalloc.start()
+    try:
+        assert _fast(bomb) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * INFLATED_PIECE + 2**20  # a few pieces, not the 200 MB

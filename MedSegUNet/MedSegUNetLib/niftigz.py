@@ -13,12 +13,14 @@ from __future__ import annotations
 import struct
 import zlib
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
 HEADER_BYTES = 348  # sizeof_hdr of NIfTI-1
 COMPRESSED_CHUNK = 1 << 20  # compressed bytes inflated at a time: the output stays in the cache until copied (measured faster than 4 MB or the whole file)
+INFLATED_PIECE = 1 << 23  # at most this much inflated at once: 1 MB of a crafted stream can inflate to 1 GB
+MAX_VOX_OFFSET = 1 << 24  # header extensions beyond this are left to ITK (they would be held in memory here)
 # NIfTI-1 datatype codes -> numpy type characters (complex and RGB types are left to ITK)
 _DATATYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8", 1280: "u8"}
 
@@ -45,9 +47,17 @@ def _voxel_layout(header: bytes) -> Optional[Tuple[np.dtype, Tuple[int, ...], in
     datatype = struct.unpack(order + "h", header[70:72])[0]
     vox_offset, slope, intercept = struct.unpack(order + "3f", header[108:120])
     plain = header[344:348] == b"n+1\0" and dims[0] == 3 and slope in (0.0, 1.0) and intercept == 0.0
-    if not plain or datatype not in _DATATYPES or vox_offset < HEADER_BYTES or vox_offset != int(vox_offset):
+    if not plain or datatype not in _DATATYPES or not HEADER_BYTES <= vox_offset <= MAX_VOX_OFFSET or vox_offset != int(vox_offset):
         return None
     return np.dtype(order + _DATATYPES[datatype]), tuple(dims[1:4]), int(vox_offset)
+
+
+def _inflated(file, inflater) -> Iterator[bytes]:
+    """The inflated stream of ``file`` in pieces of at most INFLATED_PIECE bytes."""
+    while chunk := file.read(COMPRESSED_CHUNK):
+        while chunk:
+            yield inflater.decompress(chunk, INFLATED_PIECE)
+            chunk = inflater.unconsumed_tail
 
 
 def read_voxels(path: Path, size_xyz: Sequence[int], expected: np.dtype, allocate: Callable[[], np.ndarray]) -> bool:
@@ -64,8 +74,7 @@ def read_voxels(path: Path, size_xyz: Sequence[int], expected: np.dtype, allocat
     layout, voxels, written = None, None, 0
     with open(path, "rb") as file:
         try:
-            while chunk := file.read(COMPRESSED_CHUNK):
-                output = inflater.decompress(chunk)
+            for output in _inflated(file, inflater):
                 if voxels is None:
                     head += output
                     if layout is None and len(head) >= HEADER_BYTES:
@@ -75,7 +84,7 @@ def read_voxels(path: Path, size_xyz: Sequence[int], expected: np.dtype, allocat
                     if layout is None or len(head) < layout[2]:
                         continue
                     voxels = allocate()
-                    output = bytes(head[layout[2]:])
+                    output, head = memoryview(head)[layout[2]:], None
                 if written + len(output) > voxels.size:
                     return False
                 voxels[written : written + len(output)] = np.frombuffer(output, np.uint8)
