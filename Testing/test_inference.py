@@ -265,3 +265,24 @@ def test_one_window_runs_on_onednn_only():
     assert any(isinstance(m, OneDnnUpsample) for m in fast.modules())
     assert not any(isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)) for m in fast.modules())
     assert not operators(fast) & slow
+
+
+def test_without_onednn_the_cpu_keeps_torch_convolutions_and_two_windows(monkeypatch):
+    """A PyTorch build without oneDNN (some ARM builds): the CPU copy keeps PyTorch's own convolutions
+    (still with the channels-last group norms) and predicts two windows at a time, where the dispatcher
+    does not fall back to its slow path."""
+    from MedSegUNetLib.bundle import Preprocessing, create_bundle
+    from MedSegUNetLib.cpunetwork import ChannelNorm, OneDnnConv, OneDnnUpsample
+    from MedSegUNetLib.inference import prepare_network, windows_per_batch
+    from MedSegUNetLib.labels import default_labels
+
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert windows_per_batch(torch.device("cpu")) == 2
+    network = create_bundle(default_labels(["a"]), Preprocessing((2.0, 2.0, 2.0), (32, 32, 16)), base_filters=4).network
+    fast = prepare_network(network, torch.device("cpu"))
+    assert any(isinstance(m, ChannelNorm) for m in fast.modules())
+    assert not any(isinstance(m, (OneDnnConv, OneDnnUpsample)) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.Conv3d) for m in fast.modules())
+    windows = torch.randn(2, 1, 16, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(windows).contiguous(), network.eval()(windows), atol=1e-4, rtol=1e-4)

@@ -260,9 +260,9 @@ def _index_maps(source: Grid, target: Grid) -> Optional[list]:
     source axis (the grids differ by a scaling, a shift and a signed permutation of axes, as the network
     grid and the input grid do): per target axis, (source axis, continuous source index of each target
     voxel). None for grids oblique to each other."""
-    to_source = np.linalg.inv(source.axis_vectors().T)  # physical offset -> continuous source index
-    steps = to_source @ target.axis_vectors().T  # column b: source-index step per target voxel along b
-    start = to_source @ (np.array(target.origin) - np.array(source.origin))
+    start = source.to_index(np.array([target.origin]))[0]
+    # column b: the source-index step of one target voxel along b
+    steps = (source.to_index(np.array(target.origin) + target.axis_vectors()) - start).T
     along = np.argmax(np.abs(steps), axis=0)
     off_axis = np.abs(steps).sum(axis=0) - np.abs(steps[along, range(3)])
     if sorted(along) != [0, 1, 2] or np.any(off_axis > 1e-9 * np.abs(steps[along, range(3)])):

@@ -25,7 +25,7 @@ from .bundle import Label
 from .errors import MedSegError
 from .geometry import Grid, ijk_array, ijk_to_lps
 from .memory import available_memory_bytes, describe_bytes
-from .niftigz import gzip_inflater, read_voxels
+from .niftigz import read_voxels
 
 IMAGE_ENDINGS = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 LABELMAP_ENDINGS = (".nrrd", ".nii", ".nii.gz", ".mha")
@@ -415,10 +415,10 @@ def write_segmentation(path, label_image: sitk.Image, labels: Sequence[Label]) -
 def _verify_written(temporary: Path, image: sitk.Image, path: Path) -> None:
     """ITK's writers can report success after a failed write (a full disk truncates a .nii.gz silently):
     check the file before it may replace anything. A .nii.gz is inflated once (its CRC and length
-    checked) and must end with exactly the voxels written; other files are read back with ITK."""
+    checked) and must hold exactly the voxels written; other files are read back with ITK."""
     try:
         if temporary.name.endswith(".nii.gz"):
-            same = _gzip_ends_with(temporary, sitk.GetArrayViewFromImage(image))
+            same = _nifti_gz_holds(temporary, image)
         else:
             written = sitk.ReadImage(str(temporary))
             same = Grid.of(written).matches(Grid.of(image)) and np.array_equal(
@@ -430,19 +430,15 @@ def _verify_written(temporary: Path, image: sitk.Image, path: Path) -> None:
         raise MedSegError("writing the output failed (disk full or quota reached?); the previous file is unchanged", path)
 
 
-def _gzip_ends_with(path: Path, voxels: np.ndarray) -> bool:
-    """True when ``path`` is one complete gzip stream (its CRC-32 and length checked) whose content
-    ends with ``voxels``' bytes (a NIfTI file is its header, then the voxels, x fastest: the C order
-    of a (z, y, x) array)."""
-    inflater, error = gzip_inflater()
-    try:
-        content = inflater.decompress(path.read_bytes())
-    except error:
+def _nifti_gz_holds(path: Path, image: sitk.Image) -> bool:
+    """True when the ``.nii.gz`` at ``path`` inflates cleanly (one gzip member, its CRC-32 and length
+    checked) to a plain NIfTI header of ``image``'s size and type followed by exactly its voxels: the
+    same streamed inflate that reads inputs (niftigz.read_voxels), into a buffer compared at the end."""
+    voxels = sitk.GetArrayViewFromImage(image)
+    written = np.empty(voxels.nbytes, np.uint8)
+    if not read_voxels(path, image.GetSize(), voxels.dtype, lambda: written):
         return False
-    expected = np.ascontiguousarray(voxels).reshape(-1).view(np.uint8)
-    if not inflater.eof or inflater.unused_data or len(content) <= expected.size:
-        return False
-    return bool(np.array_equal(np.frombuffer(content, np.uint8, offset=len(content) - expected.size), expected))
+    return bool(np.array_equal(written, np.ascontiguousarray(voxels).reshape(-1).view(np.uint8)))
 
 
 def check_output_type(path: Path) -> None:
