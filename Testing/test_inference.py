@@ -188,7 +188,7 @@ def test_the_cpu_network_is_an_equivalent_copy_and_the_original_is_untouched():
     the same function (scores equal to rounding), while the network it came from (training's) keeps its
     own modules, weights and layout."""
     from MedSegUNetLib.bundle import Preprocessing, create_bundle
-    from MedSegUNetLib.cpunetwork import ChannelNorm
+    from MedSegUNetLib.cpunetwork import ChannelNorm, PointwiseHead
     from MedSegUNetLib.inference import prepare_network
     from MedSegUNetLib.labels import default_labels
 
@@ -206,13 +206,54 @@ def test_the_cpu_network_is_an_equivalent_copy_and_the_original_is_untouched():
         fast = prepare_network(network, torch.device("cpu"))
         got = fast(windows)
         one_by_one = torch.cat([fast(window[None]) for window in windows])
-    torch.testing.assert_close(got.contiguous(), expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(one_by_one.contiguous(), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(one_by_one, expected, atol=1e-4, rtol=1e-4)
+    assert got.is_contiguous()  # scores in the standard layout, as MONAI's blending buffer is
     assert any(isinstance(m, ChannelNorm) for m in fast.modules())
+    assert any(isinstance(m, PointwiseHead) for m in fast.modules())
     assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in fast.modules())
     assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in network.modules())
     assert all(t.is_contiguous() for t in network.state_dict().values())
     assert all(torch.equal(before[name], tensor) for name, tensor in network.state_dict().items())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pointwise_head_is_the_convolution_in_the_standard_layout(bias, batch):
+    """The last 1x1x1 convolution as a matrix product: the Conv3d's scores (bias or none) from
+    channels-last features, handed back in the standard layout MONAI blends into."""
+    from MedSegUNetLib.cpunetwork import PointwiseHead
+
+    generator = torch.Generator().manual_seed(batch)
+    conv = torch.nn.Conv3d(8, 7, kernel_size=1, bias=bias)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator))
+        if bias:
+            conv.bias.copy_(torch.randn(7, generator=generator))
+    features = torch.randn(batch, 8, 5, 6, 7, generator=generator).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        expected = conv(features)
+        got = PointwiseHead(conv)(features)
+    assert got.shape == expected.shape and got.is_contiguous()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_unet_copy_scores_in_the_standard_layout_too():
+    """A network without DynUNet's 1x1x1 output block keeps its last layer: ChannelsLast copies its scores."""
+    from monai.networks.nets import UNet
+
+    from MedSegUNetLib.cpunetwork import PointwiseHead
+    from MedSegUNetLib.inference import prepare_network
+
+    network = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,))
+    windows = torch.randn(1, 1, 8, 16, 16)
+    with torch.inference_mode():
+        expected = network.eval()(windows)
+        fast = prepare_network(network, torch.device("cpu"))
+        got = fast(windows)
+    assert not any(isinstance(m, PointwiseHead) for m in fast.modules())
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kernel", [(2, 2, 2), (1, 2, 2), (2, 1, 1)])

@@ -135,3 +135,57 @@ def test_a_stream_inflating_far_beyond_its_header_is_refused_in_bounded_memory(t
     finally:
         tracemalloc.stop()
     assert peak < 3 * INFLATED_PIECE + 2**20  # a few pieces, not the 200 MB
+
+
+def _pieces_of(monkeypatch, compressed: int, inflated: int) -> None:
+    """Make the streamed inflate hand out tiny pieces: with odd sizes they end inside voxels."""
+    import MedSegUNetLib.niftigz as niftigz
+
+    monkeypatch.setattr(niftigz, "COMPRESSED_CHUNK", compressed)
+    monkeypatch.setattr(niftigz, "INFLATED_PIECE", inflated)
+
+
+@pytest.mark.parametrize("byte_order", ["<", ">"])
+def test_a_written_file_is_compared_piece_by_piece_even_where_pieces_split_voxels(tmp_path, monkeypatch, byte_order):
+    """holds_voxels (the check of every labelmap segment writes) compares each inflated piece with the
+    expected voxels as it comes: pieces of 333 bytes end inside 2-byte voxels, and a file in the other
+    byte order holds the same values. One voxel changed anywhere, even across a piece boundary, is caught."""
+    from MedSegUNetLib.niftigz import holds_voxels
+
+    values = np.random.default_rng(2).integers(0, 40000, (9, 10, 11)).astype(np.uint16)
+    header = nib.Nifti1Header(endianness=byte_order)
+    header.set_data_dtype(byte_order + "u2")
+    path = tmp_path / "labels.nii.gz"
+    nib.save(nib.Nifti1Image(values.transpose(2, 1, 0), np.eye(4), header), str(path))
+    _pieces_of(monkeypatch, compressed=101, inflated=333)
+    from MedSegUNetLib.niftigz import _stream_voxels
+
+    offsets = []
+    assert _stream_voxels(path, values.shape[::-1], values.dtype, lambda dtype, offset, piece: offsets.append(offset))
+    assert any(offset % 2 for offset in offsets), "no piece split a voxel: the test would not test that"
+    assert holds_voxels(path, values)
+    for flat_index in range(values.size):  # every voxel, those split across two pieces among them
+        other = values.copy().reshape(-1)
+        other[flat_index] ^= 0x0100 if flat_index % 2 else 0x0001  # one byte of the two
+        assert not holds_voxels(path, other.reshape(values.shape)), flat_index
+    assert not holds_voxels(path, values[:, :, :10].copy()), "another size"
+    assert not holds_voxels(path, values.astype(np.int32)), "another type"
+
+
+def test_checking_a_written_file_holds_no_second_image(tmp_path):
+    """The check inflates a 64 MB labelmap without ever holding much more than a piece of it."""
+    import tracemalloc
+
+    from MedSegUNetLib.niftigz import INFLATED_PIECE, holds_voxels
+
+    values = np.zeros((256, 512, 512), np.uint8)
+    values[100:150, 200:300, 100:400] = 3
+    path = tmp_path / "big-labels.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(path), useCompression=True)
+    tracemalloc.start()
+    try:
+        assert holds_voxels(path, values)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * INFLATED_PIECE + 2**20  # pieces and their comparisons, not the 64 MB image

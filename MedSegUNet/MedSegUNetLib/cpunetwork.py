@@ -12,6 +12,9 @@ dimensions multiply to at most 20480, and every transposed one) to its slow im2c
 returns the standard layout and costs a copy at the next convolution: 0.58 s per window against 0.24 s
 for a batch of two. Called directly, oneDNN runs one window in 0.19 s, in half the activation memory
 of two; the CPU therefore predicts one window at a time (``inference.windows_per_batch``).
+
+The scores leave the copy in the standard layout that MONAI blends into (DynUNet's last 1x1x1
+convolution writes it directly: :class:`PointwiseHead`).
 """
 
 from __future__ import annotations
@@ -43,7 +46,29 @@ class ChannelsLast(torch.nn.Module):
         self.network = network
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x.contiguous(memory_format=torch.channels_last_3d))
+        scores = self.network(x.contiguous(memory_format=torch.channels_last_3d))
+        return scores.contiguous()  # a no-op after a PointwiseHead; a copy after any other last layer
+
+
+class PointwiseHead(torch.nn.Module):
+    """A network's last 1x1x1 convolution reading channels-last features and writing standard-layout
+    scores, as a batched matrix product (the same sums in the same order as oneDNN's: equal outputs).
+
+    MONAI adds each window's scores into a standard-layout buffer: from channels-last scores that
+    strided add made the blending 2-3x slower (0.25 s against 0.08 s for a 512x512x300 CT's 24 windows),
+    and a separate copy to the standard layout would cost 2.5 ms per window; this costs nothing."""
+
+    def __init__(self, conv: torch.nn.Conv3d):
+        super().__init__()
+        self.weight = torch.nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1).contiguous(), requires_grad=False)
+        self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach().reshape(1, -1, 1), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, channels, *spatial = x.shape
+        features = x.permute(0, 2, 3, 4, 1).reshape(n, -1, channels).transpose(1, 2)  # a view when channels-last
+        weight = self.weight.expand(n, -1, -1)
+        scores = torch.bmm(weight, features) if self.bias is None else torch.baddbmm(self.bias, weight, features)
+        return scores.view(n, -1, *spatial)
 
 
 class OneDnnConv(torch.nn.Module):
@@ -97,6 +122,24 @@ def _one_dnn(module: torch.nn.Module) -> Optional[torch.nn.Module]:
     return None
 
 
+def _is_pointwise(module: torch.nn.Module) -> bool:
+    return (
+        type(module) is torch.nn.Conv3d
+        and tuple(module.kernel_size) == (1, 1, 1) and tuple(module.stride) == (1, 1, 1)
+        and not isinstance(module.padding, str) and not any(module.padding)
+        and module.groups == 1
+    )
+
+
+def _with_pointwise_head(network: torch.nn.Module) -> None:
+    """DynUNet's output block (a 1x1x1 convolution) as a :class:`PointwiseHead`; other networks keep
+    their last layer (ChannelsLast then copies their scores to the standard layout)."""
+    block = getattr(network, "output_block", None)
+    holder = getattr(block, "conv", None)  # UnetOutBlock.conv is a Convolution whose ``conv`` is the Conv3d
+    if holder is not None and _is_pointwise(getattr(holder, "conv", None)):
+        holder.conv = PointwiseHead(holder.conv)
+
+
 def _swap_modules(module: torch.nn.Module, direct_convolutions: bool) -> None:
     """Replace, in place, instance norms (and convolutions when ``direct_convolutions``) by their CPU
     forms. A module shared by two parents (DynUNet lists its blocks twice) is replaced once: its
@@ -122,5 +165,6 @@ def for_cpu(network: torch.nn.Module) -> torch.nn.Module:
     """An evaluation copy of ``network`` laid out for the CPU (the original, e.g. one in training, is untouched)."""
     fast = copy.deepcopy(network).eval()
     fast.to(memory_format=torch.channels_last_3d)
+    _with_pointwise_head(fast)
     _swap_modules(fast, direct_convolutions_available())
     return ChannelsLast(fast)

@@ -25,7 +25,7 @@ from .bundle import Label
 from .errors import MedSegError
 from .geometry import Grid, ijk_array, ijk_to_lps
 from .memory import available_memory_bytes, describe_bytes
-from .niftigz import read_voxels
+from .niftigz import holds_voxels, read_voxels
 
 IMAGE_ENDINGS = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 LABELMAP_ENDINGS = (".nrrd", ".nii", ".nii.gz", ".mha")
@@ -431,14 +431,9 @@ def _verify_written(temporary: Path, image: sitk.Image, path: Path) -> None:
 
 
 def _nifti_gz_holds(path: Path, image: sitk.Image) -> bool:
-    """True when the ``.nii.gz`` at ``path`` inflates cleanly (one gzip member, its CRC-32 and length
-    checked) to a plain NIfTI header of ``image``'s size and type followed by exactly its voxels: the
-    same streamed inflate that reads inputs (niftigz.read_voxels), into a buffer compared at the end."""
-    voxels = sitk.GetArrayViewFromImage(image)
-    written = np.empty(voxels.nbytes, np.uint8)
-    if not read_voxels(path, image.GetSize(), voxels.dtype, lambda: written):
-        return False
-    return bool(np.array_equal(written, np.ascontiguousarray(voxels).reshape(-1).view(np.uint8)))
+    """True when the ``.nii.gz`` at ``path`` holds exactly ``image``'s voxels behind a plain header of its
+    size and type (niftigz.holds_voxels: the streamed inflate that reads inputs, compared piece by piece)."""
+    return holds_voxels(path, sitk.GetArrayViewFromImage(image))
 
 
 def check_output_type(path: Path) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -61,39 +61,83 @@ def _inflated(file, inflater) -> Iterator[bytes]:
             chunk = inflater.unconsumed_tail
 
 
-def read_voxels(path: Path, size_xyz: Sequence[int], expected: np.dtype, allocate: Callable[[], np.ndarray]) -> bool:
-    """Inflate the voxels of the ``.nii.gz`` at ``path`` into ``allocate()`` (called once the header is
-    known to be the plain case and to agree with what ITK reported: ``size_xyz``, ``expected`` type; it
-    returns a writable flat uint8 array of exactly the voxels' bytes), in the native byte order.
+class _Differs(Exception):
+    """Raised by a consumer to stop the inflate: the stream holds other voxels than expected."""
+
+
+def _stream_voxels(path: Path, size_xyz: Sequence[int], expected: np.dtype, consume: Callable[[np.dtype, int, bytes], None]) -> bool:
+    """Inflate the ``.nii.gz`` at ``path`` and hand its voxel bytes, in order and as they come, to
+    ``consume(file_dtype, offset, piece)``: ``file_dtype`` is the voxels' type with the file's byte order.
+    The first call comes only once the header is known to be the plain case and to agree with what ITK
+    reported (``size_xyz``, ``expected`` type), so a consumer can allocate then.
 
     False where this reader does not apply, and for a stream that does not inflate cleanly to exactly
     header + voxels (truncated, corrupt, several gzip members, trailing data): ITK then reads the file
-    and reports the problem. Each chunk is copied into place as it is inflated, so the file is never
-    held whole, compressed or not."""
+    and reports the problem. The file is never held whole, compressed or not."""
     inflater, error = gzip_inflater()
     head = bytearray()
-    layout, voxels, written = None, None, 0
+    layout, total, written = None, 0, 0
     with open(path, "rb") as file:
         try:
             for output in _inflated(file, inflater):
-                if voxels is None:
+                if head is not None:
                     head += output
                     if layout is None and len(head) >= HEADER_BYTES:
                         layout = _voxel_layout(bytes(head[:HEADER_BYTES]))
                         if layout is None or layout[1] != tuple(size_xyz) or layout[0].newbyteorder("=") != expected:
                             return False
+                        total = int(np.prod(layout[1], dtype=np.int64)) * layout[0].itemsize
                     if layout is None or len(head) < layout[2]:
                         continue
-                    voxels = allocate()
                     output, head = memoryview(head)[layout[2]:], None
-                if written + len(output) > voxels.size:
+                if written + len(output) > total:
                     return False
-                voxels[written : written + len(output)] = np.frombuffer(output, np.uint8)
+                if output:
+                    consume(layout[0], written, output)
                 written += len(output)
         except error:
             return False
-    if voxels is None or written != voxels.size or not inflater.eof or inflater.unused_data:
+    return layout is not None and head is None and written == total and inflater.eof and not inflater.unused_data
+
+
+def read_voxels(path: Path, size_xyz: Sequence[int], expected: np.dtype, allocate: Callable[[], np.ndarray]) -> bool:
+    """Inflate the voxels of the ``.nii.gz`` at ``path`` into ``allocate()`` (called once the header is
+    known to be the plain case and to agree with ``size_xyz`` and ``expected``; it returns a writable
+    flat uint8 array of exactly the voxels' bytes), in the native byte order. Each piece is copied into
+    place as it is inflated. False where this reader does not apply (see :func:`_stream_voxels`)."""
+    target: List[np.ndarray] = []
+    order: List[np.dtype] = []
+
+    def copy(file_dtype: np.dtype, offset: int, piece: bytes) -> None:
+        if not target:
+            target.append(allocate())
+            order.append(file_dtype)
+        target[0][offset : offset + len(piece)] = np.frombuffer(piece, np.uint8)
+
+    if not _stream_voxels(path, size_xyz, expected, copy) or not target:
         return False
-    if not layout[0].isnative:
-        voxels.view(layout[0]).byteswap(inplace=True)
+    if not order[0].isnative:
+        target[0].view(order[0]).byteswap(inplace=True)
     return True
+
+
+def holds_voxels(path: Path, voxels: np.ndarray) -> bool:
+    """True when the ``.nii.gz`` at ``path`` inflates cleanly (one gzip member, its CRC-32 and length
+    checked) to a plain NIfTI-1 header of ``voxels``' (z, y, x) shape and type followed by exactly those
+    voxels. Each inflated piece is compared as it comes: no second copy of the image is ever held."""
+    expected = np.ascontiguousarray(voxels).reshape(-1)
+
+    def compare(file_dtype: np.dtype, offset: int, piece: bytes) -> None:
+        size = file_dtype.itemsize  # pieces end anywhere, even inside a voxel: compare bytes
+        first, last = offset // size, -(-(offset + len(piece)) // size)
+        values = expected[first:last]
+        if not file_dtype.isnative:
+            values = values.byteswap()  # this piece's voxels only
+        start = offset - first * size
+        if not np.array_equal(np.frombuffer(piece, np.uint8), values.view(np.uint8)[start : start + len(piece)]):
+            raise _Differs
+
+    try:
+        return _stream_voxels(path, voxels.shape[::-1], voxels.dtype, compare)
+    except _Differs:
+        return False
