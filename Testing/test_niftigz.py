@@ -118,7 +118,7 @@ def test_a_stream_inflating_far_beyond_its_header_is_refused_in_bounded_memory(t
     (a few hundred kB compressed): refused, without ever holding more than a bounded piece of it."""
     import tracemalloc
 
-    from MedSegUNetLib.niftigz import INFLATED_PIECE
+    from MedSegUNetLib.niftigz import INFLATED_PIECE, READ_AHEAD
 
     plain = tmp_path / "plain.nii"
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((10, 10, 10), np.int16)), str(plain))
@@ -134,7 +134,8 @@ def test_a_stream_inflating_far_beyond_its_header_is_refused_in_bounded_memory(t
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 3 * INFLATED_PIECE + 2**20  # a few pieces, not the 200 MB
+    assert READ_AHEAD + 3 * INFLATED_PIECE + 2**20 < 200 * 2**20
+    assert peak < READ_AHEAD + 3 * INFLATED_PIECE + 2**20  # the read-ahead and a few pieces, not the 200 MB
 
 
 def _pieces_of(monkeypatch, compressed: int, inflated: int) -> None:
@@ -173,12 +174,12 @@ def test_a_written_file_is_compared_piece_by_piece_even_where_pieces_split_voxel
 
 
 def test_checking_a_written_file_holds_no_second_image(tmp_path):
-    """The check inflates a 64 MB labelmap without ever holding much more than a piece of it."""
+    """The check inflates a 160 MB labelmap without ever holding more than the read-ahead and a few pieces."""
     import tracemalloc
 
-    from MedSegUNetLib.niftigz import INFLATED_PIECE, holds_voxels
+    from MedSegUNetLib.niftigz import INFLATED_PIECE, READ_AHEAD, holds_voxels
 
-    values = np.zeros((256, 512, 512), np.uint8)
+    values = np.zeros((640, 512, 512), np.uint8)
     values[100:150, 200:300, 100:400] = 3
     path = tmp_path / "big-labels.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(values), str(path), useCompression=True)
@@ -188,4 +189,4 @@ def test_checking_a_written_file_holds_no_second_image(tmp_path):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 3 * INFLATED_PIECE + 2**20  # pieces and their comparisons, not the 64 MB image
+    assert peak < READ_AHEAD + 3 * INFLATED_PIECE + 2**20 < values.nbytes  # not a second image

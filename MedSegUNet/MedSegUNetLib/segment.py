@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -132,6 +133,29 @@ def run_segment(
     check_output_type(output)
     progress.update("read", 0, len(inputs) + 1, f"model {Path(bundle_path).name}")
     read_bundle_metadata(bundle_path)  # a bad bundle (a pickle, bad metadata) fails before any image is read
+    # The weights load while the images are read: building the network imports MONAI (1-2 s from a cold
+    # start), and reading is mostly out of Python's lock (inflating, copying, the kernel's fresh pages).
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medsegunet-bundle")
+    try:
+        loading = loader.submit(load_bundle, bundle_path)
+        channels = read_channels(inputs, options, progress)
+        bundle = loading.result()
+    finally:
+        loader.shutdown(wait=False)  # a bad image is reported at once, not after the weights have loaded
+    progress.update("read", len(inputs) + 1, len(inputs) + 1, f"model {Path(bundle_path).name}: {bundle.meta.network.cls}")
+    for path, channel in zip(inputs[1:], channels[1:]):
+        if not _same_physical_box(channels[0], channel):
+            progress.note(f"{Path(path).name} is on another grid than {Path(inputs[0]).name}: resampled onto it")
+    network_input, input_grid = preprocess(channels, bundle, options, progress)
+    del channels  # the full-resolution inputs are not needed any more: free them before predicting
+    labels = labels_on_input_grid(network_input, input_grid, bundle, options, progress)
+    progress.update("write", 0, 1, str(output))
+    write_segmentation(output, labels, bundle.meta.labels)
+    progress.update("write", 1, 1, str(output))
+    return output
+
+
+def read_channels(inputs: Sequence[Path], options: SegmentOptions, progress: Progress) -> List[sitk.Image]:
     channels: List[sitk.Image] = []
     for index, path in enumerate(inputs, start=1):
         loaded = read_image(path, series=options.series)
@@ -139,19 +163,7 @@ def run_segment(
             progress.note(warning)
         channels.append(loaded.image)
         progress.update("read", index, len(inputs) + 1, f"{Path(path).name}: {Grid.of(loaded.image).describe()}")
-    # The weights last: building the network imports MONAI (seconds), which a bad image need not wait for.
-    bundle = load_bundle(bundle_path)
-    progress.update("read", len(inputs) + 1, len(inputs) + 1, f"model {Path(bundle_path).name}: {bundle.meta.network.cls}")
-    for path, channel in zip(inputs[1:], channels[1:]):
-        if not _same_physical_box(channels[0], channel):
-            progress.note(f"{Path(path).name} is on another grid than {Path(inputs[0]).name}: resampled onto it")
-    network_input, input_grid = preprocess(channels, bundle, options, progress)
-    del channels, loaded  # the full-resolution inputs are not needed any more: free them before predicting
-    labels = labels_on_input_grid(network_input, input_grid, bundle, options, progress)
-    progress.update("write", 0, 1, str(output))
-    write_segmentation(output, labels, bundle.meta.labels)
-    progress.update("write", 1, 1, str(output))
-    return output
+    return channels
 
 
 def _same_physical_box(first: sitk.Image, other: sitk.Image) -> bool:
