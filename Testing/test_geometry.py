@@ -386,3 +386,18 @@ def test_all_orientation_codes_are_valid_targets(chest):
     codes = ["".join(p) for p in itertools.product("LR", "AP", "IS")]
     for code in codes:
         assert orientation_code(reorient(chest, code).GetDirection()) == code
+
+
+def test_writing_into_a_fresh_image_through_its_voxel_view():
+    """sitkbuffer.writable_voxels: a (z, y, x) view of the image's own buffer, of its type; what is
+    written there is what SimpleITK reads back (restore_labels and the .nii.gz reader fill images so)."""
+    from MedSegUNetLib.sitkbuffer import writable_voxels
+
+    for pixel_type, dtype in ((sitk.sitkUInt8, np.uint8), (sitk.sitkInt16, np.int16), (sitk.sitkFloat32, np.float32)):
+        image = sitk.Image([7, 5, 3], pixel_type)
+        voxels = writable_voxels(image)
+        assert voxels.shape == (3, 5, 7) and voxels.dtype == dtype
+        voxels[1, 2:4, 5] = 9
+        read_back = sitk.GetArrayFromImage(image)
+        assert read_back[1, 2, 5] == 9 and read_back[1, 3, 5] == 9 and image[5, 2, 1] == 9
+        assert np.count_nonzero(read_back) == 2
