@@ -1,6 +1,6 @@
 """Inference benchmark: `medsegunet segment` end to end against the pipeline a MONAI user would write.
 
-    python benchmarks/inference.py [--quick | --size tiny|quick|full|huge] [--repeats N] [--json FILE] [--plot PNG]
+    python benchmarks/inference.py [--quick | --size tiny|quick|full|huge] [--repeats N] [--whole-process N] [--json FILE] [--plot PNG]
 
 Both pipelines run the same bundle (the shipped model) on the same CT-like volume (made from the sample
 CT, see volumes.py), each run in its own child process, alternating ours/baseline, so that each peak
@@ -231,6 +231,39 @@ def spawn(kind: str, image: Path, bundle: Path, output: Path, device: str, floor
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def whole_process_seconds(kind: str, image: Path, bundle: Path, output: Path, huge_pages: str = "ours") -> float:
+    """Wall time of one whole process, interpreter start and imports included: what each click on
+    Segment in Slicer waits for (the panel starts the engine afresh). Ours is the real command line
+    (``python -m MedSegUNetLib segment``); the baseline is its worker script, imports and all."""
+    environment = child_environment(kind, huge_pages)
+    if kind == "ours":
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "MedSegUNet"), environment.get("PYTHONPATH")]))
+        command = [sys.executable, "-m", "MedSegUNetLib", "segment", str(image), "-m", str(bundle), "-o", str(output), "--device", "cpu", "--progress", "none"]
+    else:
+        command = [sys.executable, __file__, "--worker", kind, "--image", str(image), "--bundle", str(bundle), "--output", str(output), "--no-floor"]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=False, env=environment)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"{kind} whole-process run failed:\n{result.stderr[-3000:]}")
+    return seconds
+
+
+def whole_process_report(kinds: List[str], image: Path, bundle: Path, work: Path, repeats: int, huge_pages: str) -> dict:
+    seconds: Dict[str, List[float]] = {kind: [] for kind in kinds}
+    for repeat in range(repeats):
+        for kind in kinds if repeat % 2 == 0 else kinds[::-1]:
+            output = work / f"whole-{kind}{repeat}" / "ct.nii.gz"
+            output.parent.mkdir()
+            seconds[kind].append(whole_process_seconds(kind, image, bundle, output, huge_pages))
+            print(f"whole process {repeat + 1}/{repeats} {kind:>8}: {seconds[kind][-1]:.1f} s", file=sys.stderr)
+    report = {f"{kind}_s": statistics.median(values) for kind, values in seconds.items()}
+    report.update({f"{kind}_runs_s": values for kind, values in seconds.items()})
+    if "baseline" in seconds:
+        report["speedup_vs_monai_baseline"] = report["baseline_s"] / report["ours_s"]
+    return report
+
+
 def harness(args) -> dict:
     volume = volumes.SIZES["quick" if args.quick else args.size]
     bundle = Path(args.model or volumes.default_model())
@@ -253,6 +286,10 @@ def harness(args) -> dict:
         agreement["model_grid"] = agreement_on_model_grid(work, volume, bundle, args.device)
     report = summarize(runs, agreement, volume, bundle, args.device)
     report["huge_pages"] = args.huge_pages
+    if args.whole_process:
+        if args.device != "cpu":
+            raise SystemExit("--whole-process runs on the CPU only")
+        report["whole_process"] = whole_process_report(kinds, image, bundle, work, args.whole_process, args.huge_pages)
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -350,6 +387,12 @@ def print_table(report: dict) -> None:
         print(f"peak RSS ratio        {report['peak_rss_ratio_vs_monai_baseline']:>12.2f}")
         print(f"Dice ours vs baseline {report['dice_ours_vs_baseline']:>12.4f}  (each resampling with its own grid convention)")
         print(f"  on the model's grid {report['dice_ours_vs_baseline_on_model_grid']:>12.4f}  (no resampling: the pipelines' own differences)")
+    whole = report.get("whole_process")
+    if whole:
+        sides_s = "".join(f"{whole[f'{k}_s']:>12.2f}" for k in sides)
+        print(f"whole process (s)     {sides_s}  (interpreter start and imports included)")
+        if "speedup_vs_monai_baseline" in whole:
+            print(f"  speedup             {whole['speedup_vs_monai_baseline']:>12.2f} x")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -392,6 +435,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both pipelines predict (default: cpu)")
     parser.add_argument("--huge-pages", choices=HUGE_PAGES_CHOICES, default="ours",
                         help="which pipelines run with malloc's huge pages on Linux (default: ours, as the engine is started)")
+    parser.add_argument("--whole-process", type=int, default=0, metavar="N",
+                        help="also time N whole processes of each, interpreter start and imports included (CPU)")
     parser.add_argument("--json", help="write the report as JSON here")
     parser.add_argument("--plot", help="write the time-per-stage plot (PNG) here")
     parser.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
