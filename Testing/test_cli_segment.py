@@ -292,6 +292,21 @@ def test_bad_output_is_refused_before_work(tmp_path, ct_chest, small_bundle, out
     assert message in capsys.readouterr().err
 
 
+def test_bf16_on_a_cpu_without_bf16_instructions_is_refused_before_any_reading(tmp_path, small_bundle, monkeypatch, capsys):
+    """--precision bf16 where oneDNN cannot run bf16: one line, exit 1, before the input is even looked
+    at (the input here does not exist: its error would come first otherwise)."""
+    import MedSegUNetLib.inference as inference
+
+    monkeypatch.setattr(inference, "cpu_runs_bf16", lambda: False)
+    output = tmp_path / "o.nii.gz"
+    code = main(["segment", str(tmp_path / "missing.nii.gz"), "-m", str(small_bundle), "-o", str(output),
+                 "--device", "cpu", "--precision", "bf16", "--progress", "none"])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "--precision bf16 needs a CPU with bf16 instructions" in error and "missing.nii.gz" not in error
+    assert len(error.strip().splitlines()) == 1 and not output.exists()
+
+
 def test_wrong_channel_count_is_refused(tmp_path, ct_chest, small_bundle, capsys):
     code = main(["segment", str(ct_chest), str(ct_chest), "-m", str(small_bundle), "-o", str(tmp_path / "o.nrrd"), "--progress", "none"])
     assert code == 1

@@ -217,6 +217,54 @@ def test_the_cpu_network_is_an_equivalent_copy_and_the_original_is_untouched():
     assert all(torch.equal(before[name], tensor) for name, tensor in network.state_dict().items())
 
 
+def test_precision_choices(monkeypatch):
+    """auto: fp16 autocast on CUDA, float32 elsewhere; fp32 everywhere; bf16 on CUDA, and on a CPU only
+    where oneDNN runs bf16 (else a clear refusal); never on MPS."""
+    import MedSegUNetLib.inference as inference
+    from MedSegUNetLib.errors import MedSegError
+    from MedSegUNetLib.inference import network_precision
+
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert network_precision("auto", cpu) is None and network_precision("auto", mps) is None
+    assert network_precision("auto", cuda) is torch.float16
+    assert all(network_precision("fp32", device) is None for device in (cpu, cuda, mps))
+    assert network_precision("bf16", cuda) is torch.bfloat16
+    with pytest.raises(MedSegError, match="MPS"):
+        network_precision("bf16", mps)
+    with pytest.raises(MedSegError, match="unknown precision"):
+        network_precision("fp8", cpu)
+    monkeypatch.setattr(inference, "cpu_runs_bf16", lambda: True)
+    assert network_precision("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(inference, "cpu_runs_bf16", lambda: False)
+    with pytest.raises(MedSegError, match="AVX512-BF16"):
+        network_precision("bf16", cpu)
+
+
+def test_the_bf16_cpu_copy_scores_as_float32_does_where_the_cpu_runs_bf16():
+    """The bf16 CPU copy: weights and activations in bf16, scores within bf16's rounding of float32's.
+    Where the CPU cannot run oneDNN's bf16 convolutions PyTorch refuses the copy outright, which is why
+    --precision bf16 checks cpu_runs_bf16 first."""
+    from MedSegUNetLib.bundle import Preprocessing, create_bundle
+    from MedSegUNetLib.inference import cpu_runs_bf16, prepare_network
+    from MedSegUNetLib.labels import default_labels
+
+    network = create_bundle(default_labels(["a", "b"]), Preprocessing((2.0, 2.0, 2.0), (32, 32, 16)), base_filters=4).network
+    windows = torch.randn(1, 1, 16, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = prepare_network(network, torch.device("cpu"))(windows)
+        half = prepare_network(network, torch.device("cpu"), torch.bfloat16)
+        assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+        if not cpu_runs_bf16():
+            with pytest.raises(RuntimeError, match="bf16"):
+                half(windows)
+            return
+        got = half(windows)
+    assert got.dtype == torch.bfloat16 and got.shape == expected.shape and got.is_contiguous()
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(got.float(), expected, atol=0.05 * scale, rtol=0.05)
+    assert float((got.float() - expected).abs().max()) > 0  # it did run in bf16
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_pointwise_head_is_the_convolution_in_the_standard_layout(bias, batch):

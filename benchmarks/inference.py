@@ -43,7 +43,7 @@ def peak_rss_mb() -> float:
 # --- the workers (each runs in its own process) ----------------------------------------------------
 
 
-def run_ours(image: Path, bundle: Path, output: Path, device: str = "cpu") -> dict:
+def run_ours(image: Path, bundle: Path, output: Path, device: str = "cpu", precision: str = "auto") -> dict:
     """`medsegunet segment` through its real command line; stages timed from its own progress reports."""
     import monai.inferers  # noqa: F401  imported before the clock starts, as the baseline's are
     import torch  # noqa: F401
@@ -62,7 +62,7 @@ def run_ours(image: Path, bundle: Path, output: Path, device: str = "cpu") -> di
 
     progress_module.make_progress = lambda kind: Timing()
     start = time.perf_counter()
-    code = main(["segment", str(image), "-m", str(bundle), "-o", str(output), "--device", device, "--progress", "none"])
+    code = main(["segment", str(image), "-m", str(bundle), "-o", str(output), "--device", device, "--precision", precision, "--progress", "none"])
     end = time.perf_counter()
     if code != 0:
         raise SystemExit(f"segment failed with exit code {code}")
@@ -125,7 +125,7 @@ def run_baseline(image: Path, bundle_path: Path, output: Path, device: str = "cp
     network = bundle.network.eval().to(device)
 
     # the network's logits blended, as `segment` blends them, in fp16 on CUDA as `segment` runs it (equal settings)
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), _autocast(device, torch.float16):
         blended = sliding_window_inference(
             zyx, list(prep.patch_size[::-1]), BASELINE_WINDOWS_PER_BATCH, network, overlap=settings.overlap, mode="gaussian"
         )
@@ -142,29 +142,31 @@ def run_baseline(image: Path, bundle_path: Path, output: Path, device: str = "cp
     return {"total": end - start, "stages": stages, "windows": windows}
 
 
-def network_floor(image: Path, bundle_path: Path, windows: int, engine: bool, device: str = "cpu") -> float:
+def network_floor(image: Path, bundle_path: Path, windows: int, engine: bool, device: str = "cpu", precision: str = "auto") -> float:
     """Network forward passes only, for ``windows`` windows of the scan itself in batches as the
     pipelines run them (random windows ran about 8% slower than real ones here).
 
-    ``engine``: the network as the engine prepares it for the device; else as loaded (the baseline's).
+    ``engine``: the network as the engine prepares it for the device and ``precision``; else as loaded
+    (the baseline's, fp16 autocast on CUDA).
     Run in the same process right after its pipeline, so that both see the same machine load."""
     import torch
 
     from MedSegUNetLib.bundle import load_bundle
     from MedSegUNetLib.imageio import read_image
-    from MedSegUNetLib.inference import PredictOptions, fit_window, prepare_network, windows_per_batch
+    from MedSegUNetLib.inference import PredictOptions, fit_window, network_precision, prepare_network, windows_per_batch
     from MedSegUNetLib.preprocessing import prepare_channels
 
     bundle = load_bundle(bundle_path)
     batch_size = windows_per_batch(torch.device(device)) if engine else BASELINE_WINDOWS_PER_BATCH
-    network = prepare_network(bundle.network, torch.device(device)) if engine else bundle.network.eval().to(device)
+    dtype = network_precision(precision, torch.device(device)) if engine else (torch.float16 if device == "cuda" else None)
+    network = prepare_network(bundle.network, torch.device(device), dtype) if engine else bundle.network.eval().to(device)
     volume = torch.from_numpy(prepare_channels([read_image(image).image], bundle.meta.preprocessing).array)
     patch = list(bundle.meta.preprocessing.patch_size[::-1])
     if engine:  # segment shrinks the window where the volume is thinner; MONAI pads the volume instead
         patch = fit_window(patch, volume.shape[1:], bundle.meta.network.size_divisor())
     windows_cut = scan_windows(volume, patch, windows, PredictOptions().overlap)
     batches = [torch.stack(chunk).to(device) for chunk in _chunks(windows_cut, batch_size)]
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), _autocast(device, dtype):
         network(batches[0])  # warm-up (oneDNN or cuDNN picks its kernels), not counted
         _synchronize(device)
         start = time.perf_counter()
@@ -174,13 +176,14 @@ def network_floor(image: Path, bundle_path: Path, windows: int, engine: bool, de
     return time.perf_counter() - start
 
 
-def _autocast(device: str):
-    """fp16 autocast on CUDA, as the engine predicts there; nothing on the CPU."""
+def _autocast(device: str, dtype=None):
+    """Autocast to ``dtype`` on CUDA (the baseline: fp16, as the engine's default there); nothing on the
+    CPU, where the engine's network copy is itself in its precision."""
     import contextlib
 
     import torch
 
-    return torch.autocast("cuda", dtype=torch.float16) if device == "cuda" else contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype) if device == "cuda" and dtype is not None else contextlib.nullcontext()
 
 
 def _synchronize(device: str) -> None:
@@ -210,19 +213,23 @@ def _chunks(items: list, size: int) -> list:
 
 def worker(args) -> None:
     image, bundle, output = Path(args.image), Path(args.bundle), Path(args.output)
-    result = (run_ours if args.worker == "ours" else run_baseline)(image, bundle, output, args.device)
+    if args.worker == "ours":
+        result = run_ours(image, bundle, output, args.device, args.precision)
+    else:
+        result = run_baseline(image, bundle, output, args.device)
     result["peak_rss_mb"] = peak_rss_mb()  # before the floor's own allocations
     if not args.no_floor:
-        result["network_floor"] = network_floor(image, bundle, result["windows"], engine=args.worker == "ours", device=args.device)
+        result["network_floor"] = network_floor(image, bundle, result["windows"], args.worker == "ours", args.device, args.precision)
     print(json.dumps(result))
 
 
 # --- the harness --------------------------------------------------------------------------------
 
 
-def spawn(kind: str, image: Path, bundle: Path, output: Path, device: str, floor: bool = True, huge_pages: str = "ours") -> dict:
+def spawn(kind: str, image: Path, bundle: Path, output: Path, device: str, floor: bool = True, huge_pages: str = "ours",
+          precision: str = "auto") -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--image", str(image), "--bundle", str(bundle), "--output", str(output)]
-    command += ["--device", device]
+    command += ["--device", device, "--precision", precision]
     command += [] if floor else ["--no-floor"]
     environment = child_environment(kind, huge_pages)
     result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=False, env=environment)
@@ -231,14 +238,14 @@ def spawn(kind: str, image: Path, bundle: Path, output: Path, device: str, floor
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def whole_process_seconds(kind: str, image: Path, bundle: Path, output: Path, huge_pages: str = "ours") -> float:
+def whole_process_seconds(kind: str, image: Path, bundle: Path, output: Path, huge_pages: str = "ours", precision: str = "auto") -> float:
     """Wall time of one whole process, interpreter start and imports included: what each click on
     Segment in Slicer waits for (the panel starts the engine afresh). Ours is the real command line
     (``python -m MedSegUNetLib segment``); the baseline is its worker script, imports and all."""
     environment = child_environment(kind, huge_pages)
     if kind == "ours":
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "MedSegUNet"), environment.get("PYTHONPATH")]))
-        command = [sys.executable, "-m", "MedSegUNetLib", "segment", str(image), "-m", str(bundle), "-o", str(output), "--device", "cpu", "--progress", "none"]
+        command = [sys.executable, "-m", "MedSegUNetLib", "segment", str(image), "-m", str(bundle), "-o", str(output), "--device", "cpu", "--precision", precision, "--progress", "none"]
     else:
         command = [sys.executable, __file__, "--worker", kind, "--image", str(image), "--bundle", str(bundle), "--output", str(output), "--no-floor"]
     start = time.perf_counter()
@@ -249,13 +256,13 @@ def whole_process_seconds(kind: str, image: Path, bundle: Path, output: Path, hu
     return seconds
 
 
-def whole_process_report(kinds: List[str], image: Path, bundle: Path, work: Path, repeats: int, huge_pages: str) -> dict:
+def whole_process_report(kinds: List[str], image: Path, bundle: Path, work: Path, repeats: int, huge_pages: str, precision: str) -> dict:
     seconds: Dict[str, List[float]] = {kind: [] for kind in kinds}
     for repeat in range(repeats):
         for kind in kinds if repeat % 2 == 0 else kinds[::-1]:
             output = work / f"whole-{kind}{repeat}" / "ct.nii.gz"
             output.parent.mkdir()
-            seconds[kind].append(whole_process_seconds(kind, image, bundle, output, huge_pages))
+            seconds[kind].append(whole_process_seconds(kind, image, bundle, output, huge_pages, precision))
             print(f"whole process {repeat + 1}/{repeats} {kind:>8}: {seconds[kind][-1]:.1f} s", file=sys.stderr)
     report = {f"{kind}_s": statistics.median(values) for kind, values in seconds.items()}
     report.update({f"{kind}_runs_s": values for kind, values in seconds.items()})
@@ -277,19 +284,20 @@ def harness(args) -> dict:
         for kind in kinds if repeat % 2 == 0 else kinds[::-1]:
             output = work / f"{kind}{repeat}" / "ct.nii.gz"
             output.parent.mkdir()
-            runs[kind].append(spawn(kind, image, bundle, output, args.device, huge_pages=args.huge_pages))
+            runs[kind].append(spawn(kind, image, bundle, output, args.device, huge_pages=args.huge_pages, precision=args.precision))
             last = runs[kind][-1]
             print(f"run {repeat + 1}/{args.repeats} {kind:>8}: {last['total']:.1f} s, {last['peak_rss_mb']:.0f} MB", file=sys.stderr)
     agreement = {}
     if "baseline" in runs:
         agreement["benchmark_volume"] = volumes.dice_between(work / "ours0" / "ct.nii.gz", work / "baseline0" / "ct.nii.gz")
-        agreement["model_grid"] = agreement_on_model_grid(work, volume, bundle, args.device)
+        agreement["model_grid"] = agreement_on_model_grid(work, volume, bundle, args.device, args.precision)
     report = summarize(runs, agreement, volume, bundle, args.device)
     report["huge_pages"] = args.huge_pages
+    report["precision_ours"] = args.precision
     if args.whole_process:
         if args.device != "cpu":
             raise SystemExit("--whole-process runs on the CPU only")
-        report["whole_process"] = whole_process_report(kinds, image, bundle, work, args.whole_process, args.huge_pages)
+        report["whole_process"] = whole_process_report(kinds, image, bundle, work, args.whole_process, args.huge_pages, args.precision)
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -299,7 +307,7 @@ def harness(args) -> dict:
     return report
 
 
-def agreement_on_model_grid(work: Path, volume: volumes.VolumeSize, bundle: Path, device: str) -> float:
+def agreement_on_model_grid(work: Path, volume: volumes.VolumeSize, bundle: Path, device: str, precision: str = "auto") -> float:
     """Dice between the two pipelines on the same scan already at the model's spacing and orientation.
 
     On the benchmark volume both resample, each with its own grid convention (MONAI keeps the first
@@ -314,7 +322,7 @@ def agreement_on_model_grid(work: Path, volume: volumes.VolumeSize, bundle: Path
     image = volumes.write_volume(folder / "ct.nii.gz", volumes.VolumeSize(size, spacing), orientation="RAS")
     for kind in ("ours", "baseline"):
         (folder / kind).mkdir()
-        spawn(kind, image, bundle, folder / kind / "ct.nii.gz", device, floor=False)
+        spawn(kind, image, bundle, folder / kind / "ct.nii.gz", device, floor=False, precision=precision)
     return volumes.dice_between(folder / "ours" / "ct.nii.gz", folder / "baseline" / "ct.nii.gz")
 
 
@@ -374,7 +382,7 @@ def print_table(report: dict) -> None:
     volume, sides = report["volume"], [k for k in ("ours", "baseline") if k in report]
     print(f"volume {'x'.join(map(str, volume['size']))} at {volume['spacing']} mm, model {report['model']}, "
           f"{report['machine']['cpus']} CPUs ({report['machine']['cpu']}), {report['machine'].get('gpu', 'no GPU')} used: "
-          f"{report['machine']['device']}, medians of {report['repeats']} runs")
+          f"{report['machine']['device']}, medians of {report['repeats']} runs, segment --precision {report.get('precision_ours', 'auto')}")
     print(f"{'':22}" + "".join(f"{k:>12}" for k in sides))
     for stage in STAGES:
         print(f"  {stage:<20}" + "".join(f"{report[k]['stages_s'][stage]:>12.2f}" for k in sides))
@@ -435,6 +443,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both pipelines predict (default: cpu)")
     parser.add_argument("--huge-pages", choices=HUGE_PAGES_CHOICES, default="ours",
                         help="which pipelines run with malloc's huge pages on Linux (default: ours, as the engine is started)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="segment's --precision (default auto: float32 on the CPU, fp16 on CUDA, as the baseline)")
     parser.add_argument("--whole-process", type=int, default=0, metavar="N",
                         help="also time N whole processes of each, interpreter start and imports included (CPU)")
     parser.add_argument("--json", help="write the report as JSON here")

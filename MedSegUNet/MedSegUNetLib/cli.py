@@ -52,6 +52,12 @@ def add_segment_parser(commands) -> None:
         help="keep only the largest connected component of each label",
     )
     parser.add_argument("--batch-size", type=int, default=None, help="windows predicted at once (default: 1 on the CPU, 2 on a GPU)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: fp16 on a CUDA GPU, float32 elsewhere; bf16: on a GPU, or on a CPU with AVX512-BF16/AMX (faster there, outputs within Dice 0.99)",
+    )
     parser.add_argument("--series", help="DICOM series instance UID, when the folder holds several")
     parser.add_argument(
         "--body-crop",
@@ -81,7 +87,7 @@ def run_segment_command(args: argparse.Namespace, progress) -> dict:
     if args.batch_size is not None and args.batch_size < 1:
         raise MedSegError("--batch-size must be at least 1")
     options = SegmentOptions(
-        predict=PredictOptions(args.overlap, args.tta, args.batch_size, args.device),
+        predict=PredictOptions(args.overlap, args.tta, args.batch_size, args.device, args.precision),
         largest_component=args.largest_component,
         series=args.series,
         crop_to_body=args.body_crop,

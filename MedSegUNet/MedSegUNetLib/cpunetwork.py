@@ -39,14 +39,14 @@ class ChannelNorm(torch.nn.Module):
 
 
 class ChannelsLast(torch.nn.Module):
-    """Feeds the network channels-last input (its weights are channels-last too)."""
+    """Feeds the network channels-last input in its own type (its weights are channels-last too)."""
 
-    def __init__(self, network: torch.nn.Module):
+    def __init__(self, network: torch.nn.Module, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.network = network
+        self.network, self.dtype = network, dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scores = self.network(x.contiguous(memory_format=torch.channels_last_3d))
+        scores = self.network(x.to(dtype=self.dtype, memory_format=torch.channels_last_3d))
         return scores.contiguous()  # a no-op after a PointwiseHead; a copy after any other last layer
 
 
@@ -161,10 +161,11 @@ def direct_convolutions_available() -> bool:
     return torch.backends.mkldnn.is_available()
 
 
-def for_cpu(network: torch.nn.Module) -> torch.nn.Module:
-    """An evaluation copy of ``network`` laid out for the CPU (the original, e.g. one in training, is untouched)."""
+def for_cpu(network: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """An evaluation copy of ``network`` laid out for the CPU, its weights in ``dtype`` (the original,
+    e.g. one in training, is untouched). Its scores come out in ``dtype``."""
     fast = copy.deepcopy(network).eval()
     fast.to(memory_format=torch.channels_last_3d)
     _with_pointwise_head(fast)
     _swap_modules(fast, direct_convolutions_available())
-    return ChannelsLast(fast)
+    return ChannelsLast(fast.to(dtype), dtype)

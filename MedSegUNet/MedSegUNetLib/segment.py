@@ -15,7 +15,7 @@ from .bundle import Bundle, load_bundle, read_bundle_metadata
 from .errors import MedSegError
 from .geometry import Grid, xyz_to_zyx
 from .imageio import check_output_type, read_image, write_segmentation
-from .inference import PredictOptions, check_memory, count_windows, fit_window, predict_labels
+from .inference import PredictOptions, check_memory, count_windows, fit_window, network_precision, predict_labels, select_device
 from .postprocess import keep_largest_component
 from .preprocessing import NetworkInput, network_grid, prepare_channels, restore_labels
 from .progress import Progress
@@ -131,6 +131,7 @@ def run_segment(
     output = Path(output)
     check_writable(output)
     check_output_type(output)
+    network_precision(options.predict.precision, select_device(options.predict.device))  # refused before any reading
     progress.update("read", 0, len(inputs) + 1, f"model {Path(bundle_path).name}")
     read_bundle_metadata(bundle_path)  # a bad bundle (a pickle, bad metadata) fails before any image is read
     # The weights load while the images are read: building the network imports MONAI (1-2 s from a cold
