@@ -241,10 +241,12 @@ def test_precision_choices(monkeypatch):
 
 
 def test_the_bf16_cpu_copy_scores_as_float32_does_where_the_cpu_runs_bf16():
-    """The bf16 CPU copy: weights and activations in bf16, scores within bf16's rounding of float32's.
+    """The bf16 CPU copy: weights and activations in bf16 (the norms' scale and shift in float32), scores
+    within bf16's rounding of float32's.
     Where the CPU cannot run oneDNN's bf16 convolutions PyTorch refuses the copy outright, which is why
     --precision bf16 checks cpu_runs_bf16 first."""
     from MedSegUNetLib.bundle import Preprocessing, create_bundle
+    from MedSegUNetLib.cpunetwork import ChannelNorm
     from MedSegUNetLib.inference import cpu_runs_bf16, prepare_network
     from MedSegUNetLib.labels import default_labels
 
@@ -253,7 +255,10 @@ def test_the_bf16_cpu_copy_scores_as_float32_does_where_the_cpu_runs_bf16():
     with torch.inference_mode():
         expected = prepare_network(network, torch.device("cpu"))(windows)
         half = prepare_network(network, torch.device("cpu"), torch.bfloat16)
-        assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+        norms = [p for m in half.modules() if isinstance(m, ChannelNorm) for p in m.parameters()]
+        others = [p for m in half.modules() if not isinstance(m, ChannelNorm) for p in m.parameters(recurse=False)]
+        assert norms and all(p.dtype == torch.float32 for p in norms)  # bf16 input, float32 scale and shift
+        assert others and all(p.dtype == torch.bfloat16 for p in others)
         if not cpu_runs_bf16():
             with pytest.raises(RuntimeError, match="bf16"):
                 half(windows)

@@ -163,9 +163,17 @@ def direct_convolutions_available() -> bool:
 
 def for_cpu(network: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """An evaluation copy of ``network`` laid out for the CPU, its weights in ``dtype`` (the original,
-    e.g. one in training, is untouched). Its scores come out in ``dtype``."""
+    e.g. one in training, is untouched). Its scores come out in ``dtype``.
+
+    In a bf16 copy the norms keep float32 scale and shift: PyTorch's group norm then takes bf16 input
+    with float32 statistics and parameters, about 3% faster per window here than all-bf16 and closer
+    to float32."""
     fast = copy.deepcopy(network).eval()
     fast.to(memory_format=torch.channels_last_3d)
     _with_pointwise_head(fast)
     _swap_modules(fast, direct_convolutions_available())
-    return ChannelsLast(fast.to(dtype), dtype)
+    fast.to(dtype)
+    for module in fast.modules():
+        if isinstance(module, ChannelNorm):
+            module.float()
+    return ChannelsLast(fast, dtype)

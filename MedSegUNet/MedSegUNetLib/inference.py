@@ -38,9 +38,11 @@ def network_precision(precision: str, device: torch.device) -> Optional[torch.dt
     """The reduced precision the network runs in on ``device``, None for float32.
 
     auto: fp16 autocast on CUDA (nnU-Net's and MONAI's usual setting), float32 elsewhere. bf16: bf16
-    autocast on CUDA; on the CPU a bf16 copy of the network (oneDNN runs it on AVX512-BF16 or AMX:
-    about 1.45x faster per window on a Xeon with AMX, outputs within Dice 0.99 of float32 on the shipped
-    model, benchmarks/README.md), refused where the CPU cannot run it. Scores are blended in float32."""
+    autocast on CUDA; on the CPU a bf16 copy of the network, which oneDNN runs on AVX512-BF16 or AMX
+    and PyTorch refuses elsewhere (so it is refused here first, with the reason). On a Xeon with AMX
+    that was only 1.15x faster per window (the norms dominate) with per-structure Dice 0.989-0.999
+    against float32 on the shipped model (benchmarks/README.md): an opt-in, never the default.
+    Scores are blended in float32 whatever the precision."""
     if precision not in PRECISIONS:
         raise MedSegError(f"unknown precision '{precision}' (use {', '.join(PRECISIONS)})")
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
