@@ -190,3 +190,35 @@ def test_checking_a_written_file_holds_no_second_image(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < READ_AHEAD + 3 * INFLATED_PIECE + 2**20 < values.nbytes  # not a second image
+
+
+def test_a_cancel_while_inflating_stops_the_read_ahead_and_closes_the_file(tmp_path, monkeypatch):
+    """SIGTERM (the panel's Cancel) raises Cancelled wherever the main thread is; raised while the
+    image is being filled, it propagates, the read-ahead thread is stopped and joined, and the file is
+    closed (no descriptor left behind); the next read of the file works."""
+    import os
+    import threading
+
+    from MedSegUNetLib.errors import Cancelled
+
+    _pieces_of(monkeypatch, compressed=4096, inflated=8192)  # many pieces: the thread is mid-stream
+    values = np.random.default_rng(4).integers(-1000, 1000, (40, 64, 64)).astype(np.int16)
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(path), useCompression=True)
+    threads, descriptors = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    copies = {"n": 0}
+    real_frombuffer = np.frombuffer
+
+    def counting_frombuffer(data, dtype=float, *args, **kwargs):  # each inflated piece is copied through it
+        copies["n"] += 1
+        if copies["n"] == 3:
+            raise Cancelled("stopped by signal SIGTERM")
+        return real_frombuffer(data, dtype, *args, **kwargs)
+
+    monkeypatch.setattr(np, "frombuffer", counting_frombuffer)
+    with pytest.raises(Cancelled):
+        read_voxels(path, values.shape[::-1], values.dtype, lambda: np.zeros(values.nbytes, np.uint8))
+    monkeypatch.setattr(np, "frombuffer", real_frombuffer)
+    assert threading.active_count() == threads
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+    np.testing.assert_array_equal(_fast(path), values)
