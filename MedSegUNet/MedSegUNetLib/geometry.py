@@ -270,12 +270,31 @@ def _index_maps(source: Grid, target: Grid) -> Optional[list]:
     return [(int(a), start[a] + steps[a, b] * np.arange(target.size[b])) for b, a in enumerate(along)]
 
 
+def nearest_values_onto(image: sitk.Image, grid: Grid, default_value: float = 0.0) -> np.ndarray:
+    """``image`` resampled onto ``grid`` by nearest neighbour, as a (z, y, x) array of its own type, for
+    a caller that puts the values in place itself (restore_labels): no SimpleITK image is made around
+    them on axis-aligned grids (one gather per axis), ITK's resampler otherwise."""
+    axes = _index_maps(Grid.of(image), grid)
+    if axes is not None and image.GetNumberOfComponentsPerPixel() == 1:
+        return _nearest_values(image, axes, default_value, image.GetPixelID())
+    return sitk.GetArrayFromImage(resample_onto(image, grid, sitk.sitkNearestNeighbor, default_value))
+
+
 def _nearest_along_axes(image: sitk.Image, grid: Grid, axes: list, default_value: float, pixel_type: int) -> sitk.Image:
     """Nearest-neighbour resampling as ITK does it (the voxel whose centre is nearest, halves rounded
     up; outside [-0.5, size - 0.5) the default value), done as one gather per axis.
 
     ITK's resampler visits every target voxel with the full transform: 0.3 s for the 43 M voxels of a
     label box restored onto a 512x512x300 CT, against about 0.05 s here. Axis-aligned grids only."""
+    result = sitk.GetImageFromArray(_nearest_values(image, axes, default_value, pixel_type))
+    result.SetSpacing(grid.spacing)
+    result.SetOrigin(grid.origin)
+    result.SetDirection(grid.direction)
+    return result
+
+
+def _nearest_values(image: sitk.Image, axes: list, default_value: float, pixel_type: int) -> np.ndarray:
+    """The (z, y, x) values of :func:`_nearest_along_axes`, as ``pixel_type``."""
     source = sitk.GetArrayViewFromImage(image)  # (z, y, x): array axis 2 - i
     values = source.transpose([2 - a for a, _ in reversed(axes)])  # array axes in target (z, y, x) order
     outside = []
@@ -288,11 +307,7 @@ def _nearest_along_axes(image: sitk.Image, grid: Grid, axes: list, default_value
     for array_axis, mask in outside:
         if mask.any():
             values[(slice(None),) * array_axis + (mask,)] = default_value
-    result = sitk.GetImageFromArray(values)
-    result.SetSpacing(grid.spacing)
-    result.SetOrigin(grid.origin)
-    result.SetDirection(grid.direction)
-    return result
+    return values
 
 
 def needs_resampling(image: sitk.Image, spacing: Sequence[float], tolerance: float = 0.02) -> bool:

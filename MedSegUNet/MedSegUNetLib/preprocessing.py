@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .bundle import Normalization, Preprocessing
-from .geometry import Grid, reoriented_grid, resample_onto, resampled_grid
+from .geometry import Grid, nearest_values_onto, reoriented_grid, resample_onto, resampled_grid
 from .sitkbuffer import writable_voxels
 
 
@@ -129,7 +129,7 @@ def restore_labels(labels_zyx: np.ndarray, network_grid: Grid, input_grid: Grid)
     )
     if np.any(stop <= start):
         return restored
-    part = resample_onto(predicted, input_grid.sub_grid(start, stop - start), sitk.sitkNearestNeighbor, default_value=0)
+    part = nearest_values_onto(predicted, input_grid.sub_grid(start, stop - start))
     box = tuple(slice(int(a), int(b)) for a, b in zip(start[::-1], stop[::-1]))  # (z, y, x)
-    writable_voxels(restored)[box] = sitk.GetArrayViewFromImage(part)  # in place: sitk.Paste would copy the whole image
+    writable_voxels(restored)[box] = part  # in place: sitk.Paste would copy the whole image
     return restored
