@@ -201,24 +201,30 @@ def test_a_cancel_while_inflating_stops_the_read_ahead_and_closes_the_file(tmp_p
 
     from MedSegUNetLib.errors import Cancelled
 
-    _pieces_of(monkeypatch, compressed=4096, inflated=8192)  # many pieces: the thread is mid-stream
+    import MedSegUNetLib.niftigz as niftigz
+
+    _pieces_of(monkeypatch, compressed=4096, inflated=8192)  # about 40 pieces ...
+    monkeypatch.setattr(niftigz, "READ_AHEAD", 16384)  # ... and the thread waits two ahead: it is mid-stream
     values = np.random.default_rng(4).integers(-1000, 1000, (40, 64, 64)).astype(np.int16)
     path = tmp_path / "ct.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(values), str(path), useCompression=True)
     threads, descriptors = threading.active_count(), len(os.listdir("/proc/self/fd"))
-    copies = {"n": 0}
-    real_frombuffer = np.frombuffer
 
-    def counting_frombuffer(data, dtype=float, *args, **kwargs):  # each inflated piece is copied through it
-        copies["n"] += 1
-        if copies["n"] == 3:
-            raise Cancelled("stopped by signal SIGTERM")
-        return real_frombuffer(data, dtype, *args, **kwargs)
+    class CancelledOnTheThirdPiece(np.ndarray):
+        """The image buffer, as if SIGTERM arrived while its third piece was being copied in."""
 
-    monkeypatch.setattr(np, "frombuffer", counting_frombuffer)
+        pieces = 0
+
+        def __setitem__(self, index, value):
+            type(self).pieces += 1
+            if type(self).pieces == 3:
+                raise Cancelled("stopped by signal SIGTERM")
+            super().__setitem__(index, value)
+
+    buffer = np.zeros(values.nbytes, np.uint8).view(CancelledOnTheThirdPiece)
     with pytest.raises(Cancelled):
-        read_voxels(path, values.shape[::-1], values.dtype, lambda: np.zeros(values.nbytes, np.uint8))
-    monkeypatch.setattr(np, "frombuffer", real_frombuffer)
+        read_voxels(path, values.shape[::-1], values.dtype, lambda: buffer)
+    assert CancelledOnTheThirdPiece.pieces == 3
     assert threading.active_count() == threads
     assert len(os.listdir("/proc/self/fd")) == descriptors
     np.testing.assert_array_equal(_fast(path), values)

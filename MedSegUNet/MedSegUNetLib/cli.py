@@ -55,8 +55,9 @@ def add_segment_parser(commands) -> None:
     parser.add_argument(
         "--precision",
         default="auto",
-        choices=["auto", "fp32", "bf16"],
-        help="auto: fp16 on a CUDA GPU, float32 elsewhere; bf16: on a GPU, or on a CPU with AVX512-BF16/AMX (faster there, outputs within Dice 0.99)",
+        choices=["auto", "fp32", "bf16"],  # inference.PRECISIONS, spelled out so that --help need not import torch
+        help="auto: fp16 on a CUDA GPU, float32 elsewhere; fp32: no reduced precision; bf16: on a GPU, or on a CPU "
+        "with AVX512-BF16/AMX (there only ~1.15x faster, and labels can differ slightly from float32)",
     )
     parser.add_argument("--series", help="DICOM series instance UID, when the folder holds several")
     parser.add_argument(

@@ -52,7 +52,8 @@ class ChannelsLast(torch.nn.Module):
 
 class PointwiseHead(torch.nn.Module):
     """A network's last 1x1x1 convolution reading channels-last features and writing standard-layout
-    scores, as a batched matrix product (the same sums in the same order as oneDNN's: equal outputs).
+    scores, as a batched matrix product (equal to the convolution's to rounding: the largest difference
+    on the shipped model was 0.0).
 
     MONAI adds each window's scores into a standard-layout buffer: from channels-last scores that
     strided add made the blending 2-3x slower (0.25 s against 0.08 s for a 512x512x300 CT's 24 windows),
