@@ -82,6 +82,41 @@ def test_json_progress_protocol(tmp_path, ct_chest, small_bundle):
     assert Grid.of(sitk.ReadImage(str(output))).matches(Grid.of(sitk.ReadImage(str(ct_chest))))
 
 
+@pytest.mark.parametrize("byte_order", ["<", ">"])
+def test_a_nifti_gz_resampled_as_it_is_read_segments_as_the_same_scan_read_whole(tmp_path, ct_chest, small_bundle, byte_order):
+    """A single .nii.gz CT goes to the network grid slice by slice while it inflates (never held at full
+    resolution); the same scan as NRRD is read whole first. The labels must be the same voxel for voxel
+    (an untrained network: its argmax flips at the slightest difference in its input), the progress the
+    same stages in the same order."""
+    import nibabel as nib
+
+    reference = sitk.ReadImage(str(ct_chest))
+    nifti = tmp_path / "chest.nii.gz"
+    sitk.WriteImage(reference, str(nifti), useCompression=True)
+    if byte_order == ">":  # the same voxels and geometry, stored big-endian
+        loaded = nib.load(str(nifti))
+        header = loaded.header.copy()
+        header.set_data_dtype(np.dtype(">i2"))
+        big = nib.Nifti1Image(np.asanyarray(loaded.dataobj).astype(">i2"), loaded.affine, header)
+        nib.save(big, str(nifti))
+        assert Grid.of(sitk.ReadImage(str(nifti))).matches(Grid.of(reference), tolerance=1e-6)
+    runs = {}
+    for name, source in (("whole", ct_chest), ("streamed", nifti)):
+        output = tmp_path / f"{name}.nii.gz"
+        result = run_cli("segment", str(source), "-m", str(small_bundle), "-o", str(output), "--progress", "json")
+        assert result.returncode == 0, result.stderr
+        runs[name] = ([json.loads(line) for line in result.stdout.splitlines()], sitk.ReadImage(str(output)))
+    for name, (records, _) in runs.items():
+        stages = [r["stage"] for r in records if not r.get("note")]
+        assert list(dict.fromkeys(stages)) == ["read", "preprocess", "predict", "restore", "write", "done"], name
+        streamed = any("as it is read" in r["message"] for r in records)
+        assert streamed == (name == "streamed"), name
+    whole, streamed = runs["whole"][1], runs["streamed"][1]
+    assert Grid.of(streamed).matches(Grid.of(whole), tolerance=1e-6)
+    assert sitk.GetArrayViewFromImage(whole).any()
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(streamed), sitk.GetArrayViewFromImage(whole))
+
+
 def test_console_script_runs(tmp_path, ct_chest, small_bundle):
     script = Path(sys.executable).parent / "medsegunet"
     assert script.exists(), "pip install -e . should have made the medsegunet script"

@@ -184,7 +184,7 @@ def test_nearest_resampling_of_axis_aligned_grids_is_itks(seed):
     """resample_onto's per-axis gather for grids that differ by scaling, shift and a signed permutation
     of axes gives ITK's nearest-neighbour result voxel for voxel: which voxel is nearest, the default
     value outside, the pixel type asked for."""
-    from MedSegUNetLib.geometry import _index_maps
+    from MedSegUNetLib.geometry import index_maps
 
     rng = np.random.default_rng(seed)
 
@@ -200,13 +200,13 @@ def test_nearest_resampling_of_axis_aligned_grids_is_itks(seed):
         image.SetOrigin(rng.uniform(-20, 20, 3).tolist())
         image.SetDirection(signed_permutation().ravel().tolist())
         target = Grid(tuple(int(n) for n in rng.integers(3, 25, 3)), tuple(rng.uniform(0.3, 3, 3)), tuple(rng.uniform(-25, 25, 3)), tuple(signed_permutation().ravel()))
-        assert _index_maps(Grid.of(image), target) is not None  # the gather is what runs here
+        assert index_maps(Grid.of(image), target) is not None  # the gather is what runs here
         fast = resample_onto(image, target, sitk.sitkNearestNeighbor, default_value=7, pixel_type=sitk.sitkInt16)
         itk = sitk.Resample(image, list(target.size), sitk.Transform(), sitk.sitkNearestNeighbor, target.origin, target.spacing, target.direction, 7, sitk.sitkInt16)
         assert fast.GetPixelID() == sitk.sitkInt16 and Grid.of(fast).matches(target, tolerance=1e-12)
         np.testing.assert_array_equal(sitk.GetArrayViewFromImage(fast), sitk.GetArrayViewFromImage(itk))
     oblique = Grid((5, 5, 5), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(oblique_direction(20.0, False).ravel()))
-    assert _index_maps(Grid.of(image), oblique) is None  # left to ITK
+    assert index_maps(Grid.of(image), oblique) is None  # left to ITK
 
 
 @pytest.mark.parametrize("angle, flip, code", [(0.0, False, "RAS"), (0.0, False, "PIR"), (20.0, True, "LPS")])

@@ -228,3 +228,73 @@ def test_a_cancel_while_inflating_stops_the_read_ahead_and_closes_the_file(tmp_p
     assert threading.active_count() == threads
     assert len(os.listdir("/proc/self/fd")) == descriptors
     np.testing.assert_array_equal(_fast(path), values)
+
+
+@pytest.mark.parametrize("byte_order", ["<", ">"])
+def test_slices_are_handed_out_whole_even_where_pieces_split_them(tmp_path, monkeypatch, byte_order):
+    """read_slices (segment's resampling while it reads) hands out every (y, x) slice once, in order, in
+    the file's byte order: pieces of 333 bytes end inside slices of 220 bytes and inside voxels."""
+    from MedSegUNetLib.niftigz import read_slices
+
+    values = np.random.default_rng(4).integers(-3000, 3000, (9, 10, 11)).astype(np.int16)
+    header = nib.Nifti1Header(endianness=byte_order)
+    header.set_data_dtype(byte_order + "i2")
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(values.transpose(2, 1, 0), np.eye(4), header), str(path))
+    _pieces_of(monkeypatch, compressed=101, inflated=333)
+    slices = []
+    assert read_slices(path, values.shape[::-1], np.dtype(np.int16), lambda s: slices.append((s.dtype, s.copy())))
+    assert len(slices) == values.shape[0]
+    assert all(dtype == np.dtype(byte_order + "i2") for dtype, _ in slices)
+    np.testing.assert_array_equal(np.stack([s for _, s in slices]).astype(np.int16), values)
+    kept = []  # a consumer may keep the arrays themselves: later pieces must not overwrite them
+    assert read_slices(path, values.shape[::-1], np.dtype(np.int16), kept.append)
+    np.testing.assert_array_equal(np.stack(kept).astype(np.int16), values)
+
+
+def test_a_truncated_stream_of_slices_is_reported(tmp_path):
+    from MedSegUNetLib.niftigz import read_slices
+
+    values = np.random.default_rng(5).integers(0, 100, (6, 7, 8)).astype(np.int16)
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(path), useCompression=True)
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(path.read_bytes()[:-30])
+    assert not read_slices(cut, values.shape[::-1], np.dtype(np.int16), lambda s: None)
+    assert not read_slices(path, (8, 7, 5), np.dtype(np.int16), lambda s: None), "another size than the header's"
+
+
+def test_stream_image_slices_applies_to_integer_nifti_gz_only(tmp_path):
+    """imageio.stream_image_slices: a plain integer .nii.gz is streamed with ITK's grid; floats (whose NaN
+    need the whole volume), other formats and a corrupt stream are left to read_image (None); a header
+    read_image refuses is refused with the same one-line error."""
+    from MedSegUNetLib.errors import MedSegError
+    from MedSegUNetLib.imageio import stream_image_slices
+
+    values = np.random.default_rng(6).integers(-1000, 1000, (5, 6, 7)).astype(np.int16)
+    image = sitk.GetImageFromArray(values)
+    image.SetSpacing((0.7, 0.8, 2.0))
+    image.SetOrigin((1.0, -2.0, 3.0))
+    image.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    paths = {}
+    for name, stored in (("ct.nii.gz", image), ("float.nii.gz", sitk.Cast(image, sitk.sitkFloat32)), ("ct.nrrd", image)):
+        paths[name] = tmp_path / name
+        sitk.WriteImage(stored, str(paths[name]), useCompression=True)
+    slices, grids = [], []
+
+    def start(grid):
+        grids.append(grid)
+        return slices.append
+
+    assert stream_image_slices(paths["ct.nii.gz"], start) == Grid.of(read_image(paths["ct.nii.gz"]).image) == grids[0]
+    np.testing.assert_array_equal(np.stack(slices), values)
+    assert stream_image_slices(paths["float.nii.gz"], start) is None
+    assert stream_image_slices(paths["ct.nrrd"], start) is None
+    assert stream_image_slices(tmp_path / "missing.nii.gz", start) is None
+    two_members = tmp_path / "two-members.nii.gz"  # a second gzip member after the voxels: not the plain case
+    two_members.write_bytes(paths["ct.nii.gz"].read_bytes() + gzip.compress(b"more"))
+    assert stream_image_slices(two_members, start) is None
+    flat = tmp_path / "flat.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(values[:1]), str(flat), useCompression=True)
+    with pytest.raises(MedSegError, match="2D image"):
+        stream_image_slices(flat, start)

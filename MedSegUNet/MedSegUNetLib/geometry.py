@@ -239,7 +239,7 @@ def resample_onto(
     source = Grid.of(image)
     if source.matches(grid, tolerance=1e-6):
         return image if image.GetPixelID() == pixel_type else sitk.Cast(image, pixel_type)
-    axes = _index_maps(source, grid) if interpolator == sitk.sitkNearestNeighbor else None
+    axes = index_maps(source, grid) if interpolator == sitk.sitkNearestNeighbor else None
     if axes is not None and image.GetNumberOfComponentsPerPixel() == 1:
         return _nearest_along_axes(image, grid, axes, default_value, pixel_type)
     return sitk.Resample(
@@ -255,7 +255,7 @@ def resample_onto(
     )
 
 
-def _index_maps(source: Grid, target: Grid) -> Optional[list]:
+def index_maps(source: Grid, target: Grid) -> Optional[list]:
     """Where each index axis of ``target`` lands in ``source`` when every target axis runs along one
     source axis (the grids differ by a scaling, a shift and a signed permutation of axes, as the network
     grid and the input grid do): per target axis, (source axis, continuous source index of each target
@@ -274,7 +274,7 @@ def nearest_values_onto(image: sitk.Image, grid: Grid, default_value: float = 0.
     """``image`` resampled onto ``grid`` by nearest neighbour, as a (z, y, x) array of its own type, for
     a caller that puts the values in place itself (restore_labels): no SimpleITK image is made around
     them on axis-aligned grids (one gather per axis), ITK's resampler otherwise."""
-    axes = _index_maps(Grid.of(image), grid)
+    axes = index_maps(Grid.of(image), grid)
     if axes is not None and image.GetNumberOfComponentsPerPixel() == 1:
         return _nearest_values(image, axes, default_value, image.GetPixelID())
     return sitk.GetArrayFromImage(resample_onto(image, grid, sitk.sitkNearestNeighbor, default_value))

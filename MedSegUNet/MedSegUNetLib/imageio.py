@@ -14,7 +14,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -24,7 +24,7 @@ from .bundle import Label
 from .errors import MedSegError
 from .geometry import Grid, ijk_array, ijk_to_lps
 from .memory import available_memory_bytes, describe_bytes
-from .niftigz import holds_voxels, read_voxels
+from .niftigz import holds_voxels, read_slices, read_voxels
 from .sitkbuffer import writable_voxels
 
 IMAGE_ENDINGS = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -157,20 +157,7 @@ def _check_information(reader, path: Path, max_voxels: int) -> None:
 
 
 def _read_file(path: Path, max_voxels: int) -> sitk.Image:
-    if not has_ending(path, IMAGE_ENDINGS):
-        raise MedSegError(f"unsupported file type; use one of {', '.join(IMAGE_ENDINGS)} or a DICOM folder", path)
-    if path.stat().st_size == 0:
-        raise MedSegError("is empty", path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        with _quiet_native_output():
-            reader.ReadImageInformation()
-    except RuntimeError as error:
-        if "Unknown PixelType" in str(error):
-            raise MedSegError("has an unknown or unsupported pixel type", path) from None
-        raise MedSegError("is not a readable image (bad or unrecognised header)", path) from None
-    _check_information(reader, path, max_voxels)
+    reader = _read_information(path, max_voxels)
     fast = _read_nifti_gz(path, reader)
     if fast is not None:
         return fast
@@ -185,12 +172,56 @@ def _read_file(path: Path, max_voxels: int) -> sitk.Image:
         raise MedSegError(f"image data is {reason}", path) from None
 
 
+def _read_information(path: Path, max_voxels: int) -> sitk.ImageFileReader:
+    """ITK's reader of ``path`` with the header read and checked (:func:`_check_information`), no voxel read."""
+    if not has_ending(path, IMAGE_ENDINGS):
+        raise MedSegError(f"unsupported file type; use one of {', '.join(IMAGE_ENDINGS)} or a DICOM folder", path)
+    if path.stat().st_size == 0:
+        raise MedSegError("is empty", path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with _quiet_native_output():
+            reader.ReadImageInformation()
+    except RuntimeError as error:
+        if "Unknown PixelType" in str(error):
+            raise MedSegError("has an unknown or unsupported pixel type", path) from None
+        raise MedSegError("is not a readable image (bad or unrecognised header)", path) from None
+    _check_information(reader, path, max_voxels)
+    return reader
+
+
+def stream_image_slices(
+    path, start: Callable[[Grid], Callable[[np.ndarray], None]], max_voxels: int = MAX_VOXELS
+) -> Optional[Grid]:
+    """Hand an image's (y, x) slices, k = 0, 1, ..., to the consumer ``start(grid)`` returns, while the
+    file is read, without ever holding the volume: for a plain integer ``.nii.gz`` (niftigz.read_slices),
+    the usual CT. The header is checked as :func:`read_image` checks it, with the same errors.
+
+    Returns the image's grid; None where this path does not apply (another format, floating-point voxels
+    whose NaN need the whole volume, a stream that does not inflate cleanly): the consumer's slices, if
+    any, are then to be discarded and the image read with :func:`read_image`, which reports any problem."""
+    path = Path(path)
+    if not has_ending(path, (".nii.gz",)) or not path.is_file():
+        return None
+    reader = _read_information(path, max_voxels)
+    if reader.GetPixelID() not in _INTEGER_TYPES:
+        return None
+    grid = Grid(tuple(reader.GetSize()), tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection()))
+    consume = start(grid)
+    return grid if read_slices(path, reader.GetSize(), _numpy_type(reader.GetPixelID()), consume) else None
+
+
+def _numpy_type(pixel_id: int) -> np.dtype:
+    return sitk.GetArrayViewFromImage(sitk.Image(1, 1, 1, pixel_id)).dtype
+
+
 def _read_nifti_gz(path: Path, reader: sitk.ImageFileReader) -> Optional[sitk.Image]:
     """A plain ``.nii.gz`` with its voxels inflated by ISA-L straight into the image (niftigz.py) and its
     geometry as ITK read it from the header; None where that reader does not apply (ITK then reads)."""
     if not has_ending(path, (".nii.gz",)):
         return None
-    expected = sitk.GetArrayViewFromImage(sitk.Image(1, 1, 1, reader.GetPixelID())).dtype
+    expected = _numpy_type(reader.GetPixelID())
     made: List[sitk.Image] = []  # allocated only once the header is known to be the plain case
 
     def allocate() -> np.ndarray:

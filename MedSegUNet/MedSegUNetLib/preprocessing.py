@@ -12,8 +12,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from .bundle import Normalization, Preprocessing
-from .geometry import Grid, nearest_values_onto, reoriented_grid, resample_onto, resampled_grid
+from .geometry import Grid, index_maps, nearest_values_onto, reoriented_grid, resample_onto, resampled_grid
 from .sitkbuffer import writable_voxels
+from .sliceresample import SliceResampler
 
 
 @dataclass
@@ -35,16 +36,42 @@ def network_grid(image: sitk.Image, preprocessing: Preprocessing) -> Grid:
     """The grid :func:`to_network_grid` resamples onto: the image's box, reoriented (an exact
     re-indexing) and divided into voxels of the bundle's spacing. Computed without touching a voxel,
     so that a volume too large for the memory can be refused before it is resampled."""
-    return resampled_grid(reoriented_grid(Grid.of(image), preprocessing.orientation), preprocessing.target_spacing)
+    return network_grid_of(Grid.of(image), preprocessing)
 
 
-def to_network_grid(image: sitk.Image, preprocessing: Preprocessing) -> sitk.Image:
-    """The image on its network grid as float32 (linear interpolation), in one resampling.
+def network_grid_of(input_grid: Grid, preprocessing: Preprocessing) -> Grid:
+    return resampled_grid(reoriented_grid(input_grid, preprocessing.orientation), preprocessing.target_spacing)
+
+
+def network_resampler(input_grid: Grid, preprocessing: Preprocessing) -> SliceResampler:
+    """The linear resampling of an image on ``input_grid`` onto its network grid, fed slice by slice
+    (sliceresample.py). Outside the input (the network grid's box is the input's, so at most a rounding
+    at its edges) the image's minimum: air on a CT.
 
     The reorientation is folded into the resampling (the same physical points are interpolated) rather
     than done first: on a 512x512x300 CT that saves a full-resolution copy and a quarter of a second."""
+    maps = index_maps(input_grid, network_grid_of(input_grid, preprocessing))
+    if maps is None:  # cannot happen: the network grid's axes are the input's, re-indexed and rescaled
+        raise AssertionError(f"the network grid of {input_grid.describe()} does not run along its axes")
+    return SliceResampler(input_grid.size, maps)
+
+
+def network_array(image: sitk.Image, preprocessing: Preprocessing) -> np.ndarray:
+    """The image on its network grid as a (z, y, x) float32 array (linear interpolation)."""
+    resampler = network_resampler(Grid.of(image), preprocessing)
+    for slice_yx in sitk.GetArrayViewFromImage(image):
+        resampler.add(slice_yx)
+    return resampler.result()
+
+
+def to_network_grid(image: sitk.Image, preprocessing: Preprocessing) -> sitk.Image:
+    """The image on its network grid as a float32 image: what training learns from and segment predicts on."""
+    on_grid = sitk.GetImageFromArray(network_array(image, preprocessing))
     grid = network_grid(image, preprocessing)
-    return resample_onto(image, grid, sitk.sitkLinear, default_value=_minimum(image), pixel_type=sitk.sitkFloat32)
+    on_grid.SetSpacing(grid.spacing)
+    on_grid.SetOrigin(grid.origin)
+    on_grid.SetDirection(grid.direction)
+    return on_grid
 
 
 def _minimum(image: sitk.Image) -> float:
@@ -94,16 +121,20 @@ def body_box(array_zyx: np.ndarray, spacing_zyx: Sequence[float], threshold: flo
 
 
 def prepare_channels(channels: Sequence[sitk.Image], preprocessing: Preprocessing) -> NetworkInput:
-    """All input channels on the first channel's network grid, normalized, stacked as (C, Z, Y, X).
-
-    For a CT model, ``body`` is the box around the first channel's body (from its HU, before normalization)."""
-    first = to_network_grid(channels[0], preprocessing)
-    grid = Grid.of(first)
-    arrays = [sitk.GetArrayFromImage(first)]
-    for channel in channels[1:]:
+    """All input channels on the first channel's network grid, normalized, stacked as (C, Z, Y, X)."""
+    grid = network_grid(channels[0], preprocessing)
+    arrays = [network_array(channels[0], preprocessing)]
+    for channel in channels[1:]:  # onto the first channel's grid, whatever their own (ITK: any geometry)
         on_grid = resample_onto(channel, grid, sitk.sitkLinear, default_value=_minimum(channel), pixel_type=sitk.sitkFloat32)
         arrays.append(sitk.GetArrayFromImage(on_grid))
-    body = body_box(arrays[0], first.GetSpacing()[::-1]) if preprocessing.normalization.kind == "ct" else None
+    return stack_network_input(arrays, grid, preprocessing)
+
+
+def stack_network_input(arrays: Sequence[np.ndarray], grid: Grid, preprocessing: Preprocessing) -> NetworkInput:
+    """The channels' (z, y, x) float32 arrays on the network ``grid``, normalized in place and stacked.
+
+    For a CT model, ``body`` is the box around the first channel's body (from its HU, before normalization)."""
+    body = body_box(arrays[0], grid.spacing[::-1]) if preprocessing.normalization.kind == "ct" else None
     stacked = np.stack([normalize(a.astype(np.float32, copy=False), preprocessing.normalization) for a in arrays])
     return NetworkInput(stacked, grid, body)
 

@@ -5,19 +5,20 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from .atomic import check_writable
-from .bundle import Bundle, load_bundle, read_bundle_metadata
+from .bundle import Bundle, BundleMeta, load_bundle, read_bundle_metadata
 from .errors import MedSegError
 from .geometry import Grid, xyz_to_zyx
-from .imageio import check_output_type, read_image, write_segmentation
+from .imageio import check_output_type, read_image, stream_image_slices, write_segmentation
 from .inference import PredictOptions, check_memory, count_windows, fit_window, network_precision, predict_labels, select_device
 from .postprocess import keep_largest_component
-from .preprocessing import NetworkInput, network_grid, prepare_channels, restore_labels
+from .preprocessing import NetworkInput, network_grid_of, network_resampler, prepare_channels, restore_labels, stack_network_input
+from .sliceresample import SliceResampler
 from .progress import Progress
 
 STAGES = ("read", "preprocess", "predict", "restore", "postprocess", "write", "done")
@@ -82,28 +83,31 @@ def segment_images(
     channels: Sequence[sitk.Image], bundle: Bundle, options: SegmentOptions, progress: Progress
 ) -> sitk.Image:
     """The label image (bundle label values) on the first channel's exact grid."""
-    network_input, input_grid = preprocess(channels, bundle, options, progress)
+    network_input, input_grid = preprocess(channels, bundle.meta, options, progress)
     return labels_on_input_grid(network_input, input_grid, bundle, options, progress)
 
 
 def preprocess(
-    channels: Sequence[sitk.Image], bundle: Bundle, options: SegmentOptions, progress: Progress
+    channels: Sequence[sitk.Image], meta: BundleMeta, options: SegmentOptions, progress: Progress
 ) -> Tuple[NetworkInput, Grid]:
     """The channels on the network's grid, and the grid the labels go back onto."""
-    meta = bundle.meta
     if len(channels) != len(meta.channels):
         raise MedSegError(
             f"the model takes {len(meta.channels)} input channel(s) ({', '.join(meta.channels)}), "
             f"{len(channels)} image(s) were given"
         )
     input_grid = Grid.of(channels[0])
-    # Refused here, with the estimate, rather than after resampling to a fine spacing has filled the memory.
-    network_size = network_grid(channels[0], meta.preprocessing).size
-    check_memory((len(channels), *xyz_to_zyx(network_size)), len(meta.labels) + 1)
+    _check_network_memory(input_grid, meta, len(channels))
     progress.update("preprocess", 0, 1, f"to {meta.preprocessing.orientation} at {meta.preprocessing.target_spacing} mm")
     network_input = prepare_channels(channels, meta.preprocessing)
     progress.update("preprocess", 1, 1, f"network grid {network_input.grid.describe()}{_describe_body(network_input, options)}")
     return network_input, input_grid
+
+
+def _check_network_memory(input_grid: Grid, meta: BundleMeta, channels: int = 1) -> None:
+    """Refused here, with the estimate, rather than after resampling to a fine spacing has filled the memory."""
+    network_size = network_grid_of(input_grid, meta.preprocessing).size
+    check_memory((channels, *xyz_to_zyx(network_size)), len(meta.labels) + 1)
 
 
 def labels_on_input_grid(
@@ -133,27 +137,61 @@ def run_segment(
     check_output_type(output)
     network_precision(options.predict.precision, select_device(options.predict.device))  # refused before any reading
     progress.update("read", 0, len(inputs) + 1, f"model {Path(bundle_path).name}")
-    read_bundle_metadata(bundle_path)  # a bad bundle (a pickle, bad metadata) fails before any image is read
+    meta = read_bundle_metadata(bundle_path)  # a bad bundle (a pickle, bad metadata) fails before any image is read
     # The weights load while the images are read: building the network imports MONAI (1-2 s from a cold
     # start), and reading is mostly out of Python's lock (inflating, copying, the kernel's fresh pages).
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medsegunet-bundle")
     try:
         loading = loader.submit(load_bundle, bundle_path)
-        channels = read_channels(inputs, options, progress)
+        network_input, input_grid = read_network_input(inputs, meta, options, progress)
         bundle = loading.result()
     finally:
         loader.shutdown(wait=False)  # a bad image is reported at once, not after the weights have loaded
     progress.update("read", len(inputs) + 1, len(inputs) + 1, f"model {Path(bundle_path).name}: {bundle.meta.network.cls}")
-    for path, channel in zip(inputs[1:], channels[1:]):
-        if not _same_physical_box(channels[0], channel):
-            progress.note(f"{Path(path).name} is on another grid than {Path(inputs[0]).name}: resampled onto it")
-    network_input, input_grid = preprocess(channels, bundle, options, progress)
-    del channels  # the full-resolution inputs are not needed any more: free them before predicting
     labels = labels_on_input_grid(network_input, input_grid, bundle, options, progress)
     progress.update("write", 0, 1, str(output))
     write_segmentation(output, labels, bundle.meta.labels)
     progress.update("write", 1, 1, str(output))
     return output
+
+
+def read_network_input(
+    inputs: Sequence[Path], meta: BundleMeta, options: SegmentOptions, progress: Progress
+) -> Tuple[NetworkInput, Grid]:
+    """The inputs on the network's grid, and the grid the labels go back onto.
+
+    A single plain ``.nii.gz`` (the usual CT) is resampled slice by slice while it inflates, never held
+    at full resolution (:func:`stream_network_input`); anything else is read whole, then resampled."""
+    streamed = stream_network_input(inputs[0], meta, options, progress) if len(inputs) == 1 == len(meta.channels) else None
+    if streamed is not None:
+        return streamed
+    channels = read_channels(inputs, options, progress)
+    for path, channel in zip(inputs[1:], channels[1:]):
+        if not _same_physical_box(channels[0], channel):
+            progress.note(f"{Path(path).name} is on another grid than {Path(inputs[0]).name}: resampled onto it")
+    return preprocess(channels, meta, options, progress)
+
+
+def stream_network_input(path: Path, meta: BundleMeta, options: SegmentOptions, progress: Progress) -> Optional[Tuple[NetworkInput, Grid]]:
+    """One input resampled onto the network grid as it is read (imageio.stream_image_slices); None
+    where the file is not read that way."""
+    resamplers: List[SliceResampler] = []
+
+    def start(input_grid: Grid) -> Callable[[np.ndarray], None]:
+        _check_network_memory(input_grid, meta)
+        progress.update("read", 0, 2, f"{Path(path).name}: {input_grid.describe()}, to the network grid as it is read")
+        resamplers.append(network_resampler(input_grid, meta.preprocessing))
+        return resamplers[0].add
+
+    input_grid = stream_image_slices(path, start)
+    if input_grid is None:
+        return None
+    progress.update("read", 1, 2, f"{Path(path).name}: {input_grid.describe()}")
+    grid = network_grid_of(input_grid, meta.preprocessing)
+    progress.update("preprocess", 0, 1, f"resampled to {meta.preprocessing.orientation} at {meta.preprocessing.target_spacing} mm while read")
+    on_grid = stack_network_input([resamplers[0].result()], grid, meta.preprocessing)
+    progress.update("preprocess", 1, 1, f"network grid {grid.describe()}{_describe_body(on_grid, options)}")
+    return on_grid, input_grid
 
 
 def read_channels(inputs: Sequence[Path], options: SegmentOptions, progress: Progress) -> List[sitk.Image]:
