@@ -30,6 +30,9 @@ def test_inference_benchmark_reports_and_outputs_agree(tmp_path):
     for side in ("ours", "baseline"):
         assert set(report[side]["stages_s"]) == {"read", "preprocess", "predict", "restore", "write"}
         assert report[side]["network_floor_s"] > 0 and report[side]["peak_rss_mb"] > 0 and report[side]["windows"] > 0
+        # the network's own time inside the run: part of the predict stage, never more
+        assert 0 < report[side]["network_in_pipeline_s"] < report[side]["stages_s"]["predict"]
+        assert 0 < report[side]["overhead_share_in_run"] < 1
     # equal settings: both on the model's own grid (on the benchmark volume each pipeline resamples with
     # its own grid convention, a sub-voxel shift that alone lowers the Dice: reported, not asserted)
     assert report["dice_ours_vs_baseline_on_model_grid"] > 0.99
