@@ -365,19 +365,35 @@ def test_engine_python_prefers_pythonslicer(tmp_path, monkeypatch):
         assert childprocess.engine_python() == str(launcher)
 
 
-def test_the_engine_runs_with_huge_pages_requested_on_linux():
-    """engine_environment asks glibc's malloc for transparent huge pages (about 10% faster on the CPU,
-    benchmarks/README.md), keeping whatever tunables the user set, never twice."""
-    from MedSegUNetLib.childprocess import HUGE_PAGES_TUNABLE, with_huge_pages
+def test_the_engine_runs_with_its_malloc_settings_on_linux():
+    """engine_environment sets glibc's malloc for the engine (huge pages, fixed mmap and trim thresholds:
+    benchmarks/README.md), keeping whatever tunables the user set, never twice; bin/medsegunet sets the same."""
+    from MedSegUNetLib.childprocess import MALLOC_TUNABLES, with_malloc_tunables
 
-    assert with_huge_pages("") == HUGE_PAGES_TUNABLE
-    assert with_huge_pages("glibc.malloc.arena_max=2") == f"glibc.malloc.arena_max=2:{HUGE_PAGES_TUNABLE}"
-    assert with_huge_pages("glibc.malloc.hugetlb=0") == "glibc.malloc.hugetlb=0"  # the user's choice stands
-    assert with_huge_pages(with_huge_pages("")) == HUGE_PAGES_TUNABLE
+    ours = ":".join(MALLOC_TUNABLES)
+    assert with_malloc_tunables("") == ours
+    assert with_malloc_tunables("glibc.malloc.arena_max=2") == f"glibc.malloc.arena_max=2:{ours}"
+    kept = with_malloc_tunables("glibc.malloc.hugetlb=0")  # the user's choice stands, the others are added
+    assert kept.split(":") == ["glibc.malloc.hugetlb=0", *MALLOC_TUNABLES[1:]]
+    assert with_malloc_tunables(with_malloc_tunables("")) == ours
     environment = engine_environment(MODULE_DIR, base={"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     seen = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('GLIBC_TUNABLES', ''))"],
                           env=environment, capture_output=True, text=True, check=True).stdout.strip()
     if sys.platform.startswith("linux"):
-        assert seen == f"glibc.malloc.arena_max=2:{HUGE_PAGES_TUNABLE}"
+        assert seen == f"glibc.malloc.arena_max=2:{ours}"
     else:
         assert seen == "glibc.malloc.arena_max=2"
+
+
+def test_bin_medsegunet_sets_the_engines_malloc_settings(tmp_path):
+    """The shell launcher's loop, run on its own: the same tunables, in order, the user's value kept."""
+    from MedSegUNetLib.childprocess import MALLOC_TUNABLES
+
+    script = (REPO / "bin" / "medsegunet").read_text(encoding="utf-8")
+    loop = script[script.index("for tunable in"):script.index("export GLIBC_TUNABLES")]
+    probe = tmp_path / "probe.sh"
+    probe.write_text(loop + 'printf "%s" "$GLIBC_TUNABLES"\n', encoding="utf-8")
+    for given, expected in (("", ":".join(MALLOC_TUNABLES)), ("glibc.malloc.hugetlb=0", ":".join(["glibc.malloc.hugetlb=0", *MALLOC_TUNABLES[1:]]))):
+        result = subprocess.run(["bash", str(probe)], env={"GLIBC_TUNABLES": given, "PATH": os.environ.get("PATH", "")},
+                                capture_output=True, text=True, check=True)
+        assert result.stdout == expected

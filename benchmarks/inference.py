@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "MedSegUNet"), str(REPO), str(Path(__file__).resolve().parent)]
 
 import volumes  # noqa: E402
-from children import HUGE_PAGES_CHOICES, child_environment  # noqa: E402
+from children import ENGINE_MALLOC_CHOICES, child_environment  # noqa: E402
 
 STAGES = ("read", "preprocess", "predict", "restore", "write")
 # The baseline's windows per batch: its faster setting on both devices (MONAI's default of 1 sends this
@@ -259,23 +259,23 @@ def worker(args) -> None:
 # --- the harness --------------------------------------------------------------------------------
 
 
-def spawn(kind: str, image: Path, bundle: Path, output: Path, device: str, floor: bool = True, huge_pages: str = "ours",
+def spawn(kind: str, image: Path, bundle: Path, output: Path, device: str, floor: bool = True, engine_malloc: str = "ours",
           precision: str = "auto") -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--image", str(image), "--bundle", str(bundle), "--output", str(output)]
     command += ["--device", device, "--precision", precision]
     command += [] if floor else ["--no-floor"]
-    environment = child_environment(kind, huge_pages)
+    environment = child_environment(kind, engine_malloc)
     result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=False, env=environment)
     if result.returncode != 0:
         raise SystemExit(f"{kind} run failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def whole_process_seconds(kind: str, image: Path, bundle: Path, output: Path, huge_pages: str = "ours", precision: str = "auto") -> float:
+def whole_process_seconds(kind: str, image: Path, bundle: Path, output: Path, engine_malloc: str = "ours", precision: str = "auto") -> float:
     """Wall time of one whole process, interpreter start and imports included: what each click on
     Segment in Slicer waits for (the panel starts the engine afresh). Ours is the real command line
     (``python -m MedSegUNetLib segment``); the baseline is its worker script, imports and all."""
-    environment = child_environment(kind, huge_pages)
+    environment = child_environment(kind, engine_malloc)
     if kind == "ours":
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "MedSegUNet"), environment.get("PYTHONPATH")]))
         command = [sys.executable, "-m", "MedSegUNetLib", "segment", str(image), "-m", str(bundle), "-o", str(output), "--device", "cpu", "--precision", precision, "--progress", "none"]
@@ -289,13 +289,13 @@ def whole_process_seconds(kind: str, image: Path, bundle: Path, output: Path, hu
     return seconds
 
 
-def whole_process_report(kinds: List[str], image: Path, bundle: Path, work: Path, repeats: int, huge_pages: str, precision: str) -> dict:
+def whole_process_report(kinds: List[str], image: Path, bundle: Path, work: Path, repeats: int, engine_malloc: str, precision: str) -> dict:
     seconds: Dict[str, List[float]] = {kind: [] for kind in kinds}
     for repeat in range(repeats):
         for kind in kinds if repeat % 2 == 0 else kinds[::-1]:
             output = work / f"whole-{kind}{repeat}" / "ct.nii.gz"
             output.parent.mkdir()
-            seconds[kind].append(whole_process_seconds(kind, image, bundle, output, huge_pages, precision))
+            seconds[kind].append(whole_process_seconds(kind, image, bundle, output, engine_malloc, precision))
             print(f"whole process {repeat + 1}/{repeats} {kind:>8}: {seconds[kind][-1]:.1f} s", file=sys.stderr)
     report = {f"{kind}_s": statistics.median(values) for kind, values in seconds.items()}
     report.update({f"{kind}_runs_s": values for kind, values in seconds.items()})
@@ -317,7 +317,7 @@ def harness(args) -> dict:
         for kind in kinds if repeat % 2 == 0 else kinds[::-1]:
             output = work / f"{kind}{repeat}" / "ct.nii.gz"
             output.parent.mkdir()
-            runs[kind].append(spawn(kind, image, bundle, output, args.device, huge_pages=args.huge_pages, precision=args.precision))
+            runs[kind].append(spawn(kind, image, bundle, output, args.device, engine_malloc=args.engine_malloc, precision=args.precision))
             last = runs[kind][-1]
             print(f"run {repeat + 1}/{args.repeats} {kind:>8}: {last['total']:.1f} s, {last['peak_rss_mb']:.0f} MB", file=sys.stderr)
     agreement = {}
@@ -325,12 +325,12 @@ def harness(args) -> dict:
         agreement["benchmark_volume"] = volumes.dice_between(work / "ours0" / "ct.nii.gz", work / "baseline0" / "ct.nii.gz")
         agreement["model_grid"] = agreement_on_model_grid(work, volume, bundle, args.device, args.precision)
     report = summarize(runs, agreement, volume, bundle, args.device)
-    report["huge_pages"] = args.huge_pages
+    report["engine_malloc"] = args.engine_malloc
     report["precision_ours"] = args.precision
     if args.whole_process:
         if args.device != "cpu":
             raise SystemExit("--whole-process runs on the CPU only")
-        report["whole_process"] = whole_process_report(kinds, image, bundle, work, args.whole_process, args.huge_pages, args.precision)
+        report["whole_process"] = whole_process_report(kinds, image, bundle, work, args.whole_process, args.engine_malloc, args.precision)
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -478,8 +478,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["ours"], help="run only `segment` (e.g. the 512x512x800 memory check)")
     parser.add_argument("--model", help="bundle to use (default: the shipped model)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both pipelines predict (default: cpu)")
-    parser.add_argument("--huge-pages", choices=HUGE_PAGES_CHOICES, default="ours",
-                        help="which pipelines run with malloc's huge pages on Linux (default: ours, as the engine is started)")
+    parser.add_argument("--engine-malloc", choices=ENGINE_MALLOC_CHOICES, default="ours",
+                        help="which pipelines run with the engine's malloc settings on Linux (huge pages, fixed mmap and trim thresholds: childprocess.MALLOC_TUNABLES; default: ours, as the engine is started)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="segment's --precision (default auto: float32 on the CPU, fp16 on CUDA, as the baseline)")
     parser.add_argument("--whole-process", type=int, default=0, metavar="N",

@@ -27,7 +27,7 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "MedSegUNet"), str(REPO), str(Path(__file__).resolve().parent)]
 
-from children import HUGE_PAGES_CHOICES, child_environment  # noqa: E402
+from children import ENGINE_MALLOC_CHOICES, child_environment  # noqa: E402
 
 STRUCTURES = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "aorta")
 
@@ -162,10 +162,10 @@ def worker(args) -> None:
     print(json.dumps(result))
 
 
-def spawn(kind: str, size: str, workers=None, device: str = "cpu", huge_pages: str = "ours") -> dict:
+def spawn(kind: str, size: str, workers=None, device: str = "cpu", engine_malloc: str = "ours") -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--size", size, "--device", device]
     command += ["--workers", str(workers)] if workers is not None and kind == "ours" else []
-    environment = child_environment(kind, huge_pages)
+    environment = child_environment(kind, engine_malloc)
     result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=False, env=environment)
     if result.returncode != 0:
         raise SystemExit(f"{kind} run failed:\n{result.stderr[-3000:]}")
@@ -177,7 +177,7 @@ def harness(args) -> dict:
     runs: Dict[str, List[dict]] = {"ours": [], "baseline": []}
     for repeat in range(args.repeats):
         for kind in ("ours", "baseline") if repeat % 2 == 0 else ("baseline", "ours"):
-            runs[kind].append(spawn(kind, size_name, args.workers, args.device, args.huge_pages))
+            runs[kind].append(spawn(kind, size_name, args.workers, args.device, args.engine_malloc))
             last = runs[kind][-1]
             print(f"run {repeat + 1}/{args.repeats} {kind:>8}: {last['steps_per_s']:.3f} steps/s, data wait {last['data_wait_share']:.1%}", file=sys.stderr)
 
@@ -185,7 +185,7 @@ def harness(args) -> dict:
         return {key: statistics.median(run[key] for run in runs[kind]) for key in ("steps_per_s", "data_wait_share", "peak_rss_mb")}
 
     size = SIZES[size_name]
-    report = {"size": size_name, "device": args.device, "workers_ours": args.workers, "patch": size.patch, "filters": size.filters, "steps": size.steps, "repeats": args.repeats, "huge_pages": args.huge_pages, "ours": side("ours"), "baseline": side("baseline")}
+    report = {"size": size_name, "device": args.device, "workers_ours": args.workers, "patch": size.patch, "filters": size.filters, "steps": size.steps, "repeats": args.repeats, "engine_malloc": args.engine_malloc, "ours": side("ours"), "baseline": side("baseline")}
     report["speedup_vs_monai_baseline"] = report["ours"]["steps_per_s"] / report["baseline"]["steps_per_s"]
     print(f"{'':18}{'ours':>10}{'baseline':>10}")
     print(f"{'steps/s':18}{report['ours']['steps_per_s']:>10.3f}{report['baseline']['steps_per_s']:>10.3f}")
@@ -202,8 +202,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps: a few minutes on 2 cores")
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--huge-pages", choices=HUGE_PAGES_CHOICES, default="ours",
-                        help="which loops run with malloc's huge pages on Linux (default: ours, as the engine is started)")
+    parser.add_argument("--engine-malloc", choices=ENGINE_MALLOC_CHOICES, default="ours",
+                        help="which loops run with the engine's malloc settings on Linux (childprocess.MALLOC_TUNABLES; default: ours, as the engine is started)")
     parser.add_argument("--json", help="write the report as JSON here")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both loops train (default: cpu)")
     parser.add_argument("--workers", type=int, help="crop worker processes for ours (default: what `medsegunet train` picks)")
