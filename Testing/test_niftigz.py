@@ -138,6 +138,14 @@ def test_a_stream_inflating_far_beyond_its_header_is_refused_in_bounded_memory(t
     assert peak < READ_AHEAD + 3 * INFLATED_PIECE + 2**20  # the read-ahead and a few pieces, not the 200 MB
 
 
+def _save_in_byte_order(values: np.ndarray, byte_order: str, path):
+    """``values`` (z, y, x) as a .nii.gz stored little- (``"<"``) or big-endian (``">"``), identity affine."""
+    header = nib.Nifti1Header(endianness=byte_order)
+    header.set_data_dtype(values.dtype.newbyteorder(byte_order))
+    nib.save(nib.Nifti1Image(values.transpose(2, 1, 0), np.eye(4), header), str(path))  # nibabel arrays are (x, y, z)
+    return path
+
+
 def _pieces_of(monkeypatch, compressed: int, inflated: int) -> None:
     """Make the streamed inflate hand out tiny pieces: with odd sizes they end inside voxels."""
     import MedSegUNetLib.niftigz as niftigz
@@ -154,10 +162,7 @@ def test_a_written_file_is_compared_piece_by_piece_even_where_pieces_split_voxel
     from MedSegUNetLib.niftigz import holds_voxels
 
     values = np.random.default_rng(2).integers(0, 40000, (9, 10, 11)).astype(np.uint16)
-    header = nib.Nifti1Header(endianness=byte_order)
-    header.set_data_dtype(byte_order + "u2")
-    path = tmp_path / "labels.nii.gz"
-    nib.save(nib.Nifti1Image(values.transpose(2, 1, 0), np.eye(4), header), str(path))
+    path = _save_in_byte_order(values, byte_order, tmp_path / "labels.nii.gz")
     _pieces_of(monkeypatch, compressed=101, inflated=333)
     from MedSegUNetLib.niftigz import _stream_voxels
 
@@ -237,10 +242,7 @@ def test_slices_are_handed_out_whole_even_where_pieces_split_them(tmp_path, monk
     from MedSegUNetLib.niftigz import read_slices
 
     values = np.random.default_rng(4).integers(-3000, 3000, (9, 10, 11)).astype(np.int16)
-    header = nib.Nifti1Header(endianness=byte_order)
-    header.set_data_dtype(byte_order + "i2")
-    path = tmp_path / "ct.nii.gz"
-    nib.save(nib.Nifti1Image(values.transpose(2, 1, 0), np.eye(4), header), str(path))
+    path = _save_in_byte_order(values, byte_order, tmp_path / "ct.nii.gz")
     _pieces_of(monkeypatch, compressed=101, inflated=333)
     slices = []
     assert read_slices(path, values.shape[::-1], np.dtype(np.int16), lambda s: slices.append((s.dtype, s.copy())))
