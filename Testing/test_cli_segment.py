@@ -438,17 +438,19 @@ class StagedRun:
 
 
 @pytest.mark.parametrize(
-    "stage,signal_number,old_output",
+    "stage,signal_number,old_output,streamed",
     [
-        ("read", signal.SIGTERM, True),
-        ("preprocess", signal.SIGTERM, True),
-        ("predict", signal.SIGTERM, True),
-        ("restore", signal.SIGTERM, True),
-        ("write", signal.SIGTERM, True),
-        ("predict", signal.SIGINT, False),
+        ("read", signal.SIGTERM, True, False),
+        ("preprocess", signal.SIGTERM, True, False),
+        ("predict", signal.SIGTERM, True, False),
+        ("restore", signal.SIGTERM, True, False),
+        ("write", signal.SIGTERM, True, False),
+        ("predict", signal.SIGINT, False, False),
+        ("read", signal.SIGTERM, True, True),  # a .nii.gz, resampled as it inflates
+        ("preprocess", signal.SIGTERM, True, True),
     ],
 )
-def test_signal_at_every_stage_cancels_cleanly(tmp_path, ct_chest, small_bundle, stage, signal_number, old_output):
+def test_signal_at_every_stage_cancels_cleanly(tmp_path, ct_chest, small_bundle, stage, signal_number, old_output, streamed):
     """SIGTERM (the panel's Cancel) or SIGINT (Ctrl-C) in any stage: exit 130, "cancelled" last, no new
     output and no temporary, an existing output untouched."""
     folder = tmp_path / "out"
@@ -456,7 +458,11 @@ def test_signal_at_every_stage_cancels_cleanly(tmp_path, ct_chest, small_bundle,
     output = folder / "result.seg.nrrd"
     if old_output:
         output.write_bytes(b"keep me")
-    run = StagedRun([str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--device", "cpu"], folder)
+    source = ct_chest
+    if streamed:
+        source = tmp_path / "chest.nii.gz"
+        sitk.WriteImage(sitk.ReadImage(str(ct_chest)), str(source), useCompression=True)
+    run = StagedRun([str(source), "-m", str(small_bundle), "-o", str(output), "--device", "cpu"], folder)
     run.read_until_stage(stage)
     if stage == "write":
         run.wait_for_temporary()  # the write ends with a rename: stop it while the temporary is being written

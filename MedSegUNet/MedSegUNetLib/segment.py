@@ -18,8 +18,8 @@ from .imageio import check_output_type, read_image, stream_image_slices, write_s
 from .inference import PredictOptions, check_memory, count_windows, fit_window, network_precision, predict_labels, select_device
 from .postprocess import keep_largest_component
 from .preprocessing import NetworkInput, network_grid_of, network_resampler, prepare_channels, restore_labels, stack_network_input
-from .sliceresample import SliceResampler
 from .progress import Progress
+from .sliceresample import SliceResampler
 
 STAGES = ("read", "preprocess", "predict", "restore", "postprocess", "write", "done")
 
