@@ -6,7 +6,7 @@ and a target plane needs only the two source slices around it. So the input can 
 is still being read (a ``.nii.gz`` as it inflates, niftigz.read_slices), and its full-resolution copy
 is never held: on a 512x512x300 CT that is 157 MB of memory the kernel need not supply, and the
 resampling runs on the core the single-threaded inflate leaves idle. ITK's resampler needs the whole
-image first; this gives its values (to float32 rounding, Testing/test_geometry.py checks it against
+image first; this gives its values (to float32 rounding, Testing/test_sliceresample.py checks it against
 ``sitk.Resample``) and is the one resampling onto the network grid, for segment and for training alike.
 """
 
