@@ -229,6 +229,17 @@ def make_bad_input(kind: str, folder: Path) -> Path:
         sitk.WriteImage(_image(np.random.rand(40, 40, 40).astype(np.float32)), str(path), useCompression=False)
         path.write_bytes(path.read_bytes()[:-20000])
         return path
+    if kind in ("truncated-nii-gz", "corrupt-nii-gz"):  # a CT read (and resampled) as it inflates
+        path = folder / f"{kind}.nii.gz"
+        # large enough that ITK's header read does not reach the damage (it reports a small file itself)
+        sitk.WriteImage(_image(np.random.default_rng(0).integers(-1000, 1000, (64, 128, 128)).astype(np.int16)), str(path), useCompression=True)
+        data = bytearray(path.read_bytes())
+        if kind == "truncated-nii-gz":
+            data = data[: len(data) // 2]
+        else:
+            data[len(data) * 3 // 4] ^= 0xFF
+        path.write_bytes(bytes(data))
+        return path
     if kind == "2d":
         path = folder / "flat.nrrd"
         sitk.WriteImage(_image(np.zeros((40, 40), np.float32)), str(path))
@@ -262,6 +273,8 @@ BAD_INPUTS = {
     "empty": "is empty",
     "text": "not a readable image",
     "truncated": "truncated or corrupt",
+    "truncated-nii-gz": "truncated or corrupt",
+    "corrupt-nii-gz": "truncated or corrupt",
     "2d": "2D image",
     "4d": "4D image",
     "vector": "3 components",

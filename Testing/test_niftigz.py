@@ -93,9 +93,44 @@ def test_what_the_fast_reader_does_not_cover_is_left_to_itk(tmp_path):
     for name in ("scaled", "members"):
         _assert_read_as_itk_reads(tmp_path / f"{name}.nii.gz")
     assert sitk.GetArrayViewFromImage(read_image(tmp_path / "scaled.nii.gz").image)[3, 4, 5] == values[3, 4, 5] * 0.5 - 10
-    truncated = tmp_path / "truncated.nii.gz"
-    truncated.write_bytes(plain.read_bytes()[:-20])
-    assert _fast(truncated) is None
+    # An uncompressed file named .nii.gz: ITK reads it as it is (zlib passes non-gzip data through).
+    (tmp_path / "uncompressed.nii.gz").write_bytes(raw)
+    assert _fast(tmp_path / "uncompressed.nii.gz") is None
+    _assert_read_as_itk_reads(tmp_path / "uncompressed.nii.gz")
+
+
+@pytest.mark.parametrize("damage", ["cut in the voxels", "cut in the trailer", "a flipped byte", "a short member"])
+def test_a_cut_short_or_corrupt_nifti_gz_is_refused_where_itk_would_fill_in_zeros(tmp_path, damage):
+    """ITK reads a .nii.gz cut short without complaint, the missing voxels as zeros; the ISA-L reader
+    checks the stream to its end (length, CRC-32) and read_image reports the file instead."""
+    from MedSegUNetLib.errors import MedSegError
+    from MedSegUNetLib.niftigz import CorruptStream
+
+    # large enough that zlib in ITK's header read does not reach the damage (it does in a small file)
+    values = np.random.default_rng(7).integers(-1000, 1000, (64, 128, 128)).astype(np.int16)
+    plain = tmp_path / "plain.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(plain), useCompression=True)
+    data = bytearray(plain.read_bytes())
+    if damage == "cut in the voxels":
+        data = data[: len(data) // 2]
+        itk = sitk.GetArrayViewFromImage(_itk(_write(tmp_path / "itk.nii.gz", data)))
+        assert itk.shape == values.shape and (itk != values).any(), "ITK fills in silently: what this guards against"
+    elif damage == "cut in the trailer":
+        data = data[:-4]  # every voxel there, the length check gone
+    elif damage == "a flipped byte":
+        data[len(data) * 3 // 4] ^= 0xFF
+    else:  # one complete gzip member holding fewer voxels than the header says
+        data = bytearray(gzip.compress(gzip.decompress(bytes(data))[:-100]))
+    bad = _write(tmp_path / "bad.nii.gz", data)
+    with pytest.raises(CorruptStream):
+        _fast(bad)
+    with pytest.raises(MedSegError, match="truncated or corrupt"):
+        read_image(bad)
+
+
+def _write(path, data) -> object:
+    path.write_bytes(bytes(data))
+    return path
 
 
 @pytest.mark.parametrize("affine", [
@@ -262,7 +297,11 @@ def test_a_truncated_stream_of_slices_is_reported(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(values), str(path), useCompression=True)
     cut = tmp_path / "cut.nii.gz"
     cut.write_bytes(path.read_bytes()[:-30])
-    assert not read_slices(cut, values.shape[::-1], np.dtype(np.int16), lambda s: None)
+    from MedSegUNetLib.niftigz import CorruptStream, holds_voxels
+
+    with pytest.raises(CorruptStream):  # was False (then ITK read it, zeros for what is missing)
+        read_slices(cut, values.shape[::-1], np.dtype(np.int16), lambda s: None)
+    assert not holds_voxels(cut, values), "a written file cut short fails its check"
     assert not read_slices(path, (8, 7, 5), np.dtype(np.int16), lambda s: None), "another size than the header's"
 
 

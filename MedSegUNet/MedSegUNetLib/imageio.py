@@ -24,7 +24,7 @@ from .bundle import Label
 from .errors import MedSegError
 from .geometry import Grid, ijk_array, ijk_to_lps
 from .memory import available_memory_bytes, describe_bytes
-from .niftigz import holds_voxels, read_slices, read_voxels
+from .niftigz import CorruptStream, holds_voxels, read_slices, read_voxels
 from .sitkbuffer import writable_voxels
 
 IMAGE_ENDINGS = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
@@ -200,7 +200,8 @@ def stream_image_slices(
 
     Returns the image's grid; None where this path does not apply (another format, floating-point voxels
     whose NaN need the whole volume, a stream that does not inflate cleanly): the consumer's slices, if
-    any, are then to be discarded and the image read with :func:`read_image`, which reports any problem."""
+    any, are then to be discarded and the image read with :func:`read_image`. A cut-short or corrupt
+    stream raises the error :func:`read_image` raises for it."""
     path = Path(path)
     if not has_ending(path, (".nii.gz",)) or not path.is_file():
         return None
@@ -209,7 +210,16 @@ def stream_image_slices(
         return None
     grid = Grid(tuple(reader.GetSize()), tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection()))
     consume = start(grid)
-    return grid if read_slices(path, reader.GetSize(), _numpy_type(reader.GetPixelID()), consume) else None
+    with _corrupt_stream_reported(path):
+        return grid if read_slices(path, reader.GetSize(), _numpy_type(reader.GetPixelID()), consume) else None
+
+
+@contextlib.contextmanager
+def _corrupt_stream_reported(path: Path):
+    try:
+        yield
+    except CorruptStream:
+        raise MedSegError("image data is truncated or corrupt", path) from None
 
 
 def _numpy_type(pixel_id: int) -> np.dtype:
@@ -229,8 +239,9 @@ def _read_nifti_gz(path: Path, reader: sitk.ImageFileReader) -> Optional[sitk.Im
         # filled in place: letting GetImageFromArray copy a filled array would cost a second pass over fresh memory
         return writable_voxels(made[0]).reshape(-1).view(np.uint8)
 
-    if not read_voxels(path, reader.GetSize(), expected, allocate):
-        return None
+    with _corrupt_stream_reported(path):
+        if not read_voxels(path, reader.GetSize(), expected, allocate):
+            return None
     image = made[0]
     image.SetSpacing(reader.GetSpacing())
     image.SetOrigin(reader.GetOrigin())

@@ -69,15 +69,21 @@ class _Differs(Exception):
     """Raised by a consumer to stop the inflate: the stream holds other voxels than expected."""
 
 
+class CorruptStream(Exception):
+    """A plain NIfTI-1 header inflated, but the voxels behind it do not: the stream is cut short (a
+    truncated download or copy), or fails zlib's checks (corrupt data, a wrong CRC-32). ITK's reader
+    would not say so: it fills what is missing with zeros and reports success."""
+
+
 def _stream_voxels(path: Path, size_xyz: Sequence[int], expected: np.dtype, consume: Callable[[np.dtype, int, bytes], None]) -> bool:
     """Inflate the ``.nii.gz`` at ``path`` and hand its voxel bytes, in order and as they come, to
     ``consume(file_dtype, offset, piece)``: ``file_dtype`` is the voxels' type with the file's byte order.
     The first call comes only once the header is known to be the plain case and to agree with what ITK
     reported (``size_xyz``, ``expected`` type), so a consumer can allocate then.
 
-    False where this reader does not apply, and for a stream that does not inflate cleanly to exactly
-    header + voxels (truncated, corrupt, several gzip members, trailing data): ITK then reads the file
-    and reports the problem. The file is never held whole, compressed or not."""
+    False where this reader does not apply (not the plain case, several gzip members, trailing data):
+    ITK then reads the file. Raises :class:`CorruptStream` once a plain header has inflated and the voxels
+    behind it are cut short or corrupt. The file is never held whole, compressed or not."""
     inflater, error = gzip_inflater()
     head = bytearray()
     layout, total, written = None, 0, 0
@@ -100,15 +106,22 @@ def _stream_voxels(path: Path, size_xyz: Sequence[int], expected: np.dtype, cons
                     consume(layout[0], written, output)
                 written += len(output)
         except error:
-            return False
-    return layout is not None and head is None and written == total and inflater.eof and not inflater.unused_data
+            if layout is None:  # not gzip data at all (ITK also reads an uncompressed file named .nii.gz)
+                return False
+            raise CorruptStream from None
+    if layout is None or (inflater.eof and inflater.unused_data):
+        return False  # another gzip member follows (bgzip, pigz) or trailing bytes: ITK reads through them
+    if head is None and written == total and inflater.eof:
+        return True
+    raise CorruptStream  # the stream, or its one gzip member, ends before the voxels its header promises
 
 
 def read_voxels(path: Path, size_xyz: Sequence[int], expected: np.dtype, allocate: Callable[[], np.ndarray]) -> bool:
     """Inflate the voxels of the ``.nii.gz`` at ``path`` into ``allocate()`` (called once the header is
     known to be the plain case and to agree with ``size_xyz`` and ``expected``; it returns a writable
     flat uint8 array of exactly the voxels' bytes), in the native byte order. Each piece is copied into
-    place as it is inflated. False where this reader does not apply (see :func:`_stream_voxels`)."""
+    place as it is inflated. False where this reader does not apply; :class:`CorruptStream` for a plain
+    file whose voxels are cut short or corrupt (see :func:`_stream_voxels`)."""
     target: List[np.ndarray] = []
     order: List[np.dtype] = []
 
@@ -129,8 +142,8 @@ def read_slices(path: Path, size_xyz: Sequence[int], expected: np.dtype, consume
     """Inflate the ``.nii.gz`` at ``path`` and hand each of its (y, x) slices, k = 0, 1, ..., to
     ``consume`` as soon as it is whole: a read-only array in the file's byte order, valid only during the
     call. The volume is never held whole (slices that do not straddle two pieces are not even copied).
-    False where this reader does not apply (see :func:`_stream_voxels`); ``consume`` may then have seen
-    some slices, which the caller must discard."""
+    False where this reader does not apply, :class:`CorruptStream` for a cut-short or corrupt stream (see
+    :func:`_stream_voxels`); ``consume`` may then have seen some slices, which the caller must discard."""
     shape = (int(size_xyz[1]), int(size_xyz[0]))
     pending = bytearray()  # the start of a slice whose end is in the next piece
 
@@ -170,5 +183,5 @@ def holds_voxels(path: Path, voxels: np.ndarray) -> bool:
 
     try:
         return _stream_voxels(path, voxels.shape[::-1], voxels.dtype, compare)
-    except _Differs:
+    except (_Differs, CorruptStream):
         return False
