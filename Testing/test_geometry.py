@@ -175,7 +175,7 @@ def test_network_grid_in_one_resampling_equals_reorienting_first(chest):
     grid = resampled_grid(Grid.of(oriented), preprocessing.target_spacing)
     two_passes = resample_onto(oriented, grid, sitk.sitkLinear, default_value=float(sitk.GetArrayViewFromImage(chest).min()))
     assert one_pass.GetPixelID() == sitk.sitkFloat32
-    assert Grid.of(one_pass).matches(grid, tolerance=1e-9) and network_grid(chest, preprocessing) == Grid.of(one_pass)
+    assert Grid.of(one_pass).matches(grid, tolerance=1e-9) and network_grid(Grid.of(chest), preprocessing) == Grid.of(one_pass)
     np.testing.assert_allclose(sitk.GetArrayFromImage(one_pass), sitk.GetArrayFromImage(two_passes), atol=0.01)
 
 

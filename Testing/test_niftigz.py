@@ -363,7 +363,7 @@ def test_a_ct_resampled_as_it_inflates_is_never_held_whole(tmp_path, monkeypatch
     made = []
 
     def start(grid):
-        made.append(network_resampler(grid, preprocessing))
+        made.append(network_resampler(grid, preprocessing)[0])
         return made[0].add
 
     tracemalloc.start()

@@ -66,8 +66,9 @@ def test_network_array_is_itks_resampling_onto_the_network_grid(angle, code):
     radians = np.deg2rad(angle)
     image.SetDirection((np.cos(radians), 0.0, np.sin(radians), 0.0, 1.0, 0.0, -np.sin(radians), 0.0, np.cos(radians)))
     preprocessing = Preprocessing(target_spacing=(2.1, 1.7, 3.3), patch_size=(16, 16, 16), orientation=code)
-    grid = network_grid(image, preprocessing)
-    ours = network_array(image, preprocessing)
+    grid = network_grid(Grid.of(image), preprocessing)
+    ours, its_grid = network_array(image, preprocessing)
+    assert its_grid == grid
     np.testing.assert_allclose(ours, _itk_linear(image, grid, float(sitk.GetArrayViewFromImage(image).min())), rtol=1e-6, atol=1e-3)
     assert ours.shape == grid.size[::-1]
 
@@ -123,7 +124,7 @@ def test_a_streamed_volume_is_never_held_whole():
     preprocessing = Preprocessing(target_spacing=(3.0, 3.0, 3.0), patch_size=(16, 16, 16), orientation="RAS")
     tracemalloc.start()
     try:
-        resampler = network_resampler(source, preprocessing)
+        resampler, _ = network_resampler(source, preprocessing)
         for k in range(source.size[2]):
             resampler.add(np.full((256, 256), float(k), np.float32))
         result = resampler.result()

@@ -32,42 +32,39 @@ BODY_HU = -500.0
 BODY_MARGIN_MM = 12.0
 
 
-def network_grid(image: sitk.Image, preprocessing: Preprocessing) -> Grid:
-    """The grid :func:`to_network_grid` resamples onto: the image's box, reoriented (an exact
-    re-indexing) and divided into voxels of the bundle's spacing. Computed without touching a voxel,
-    so that a volume too large for the memory can be refused before it is resampled."""
-    return network_grid_of(Grid.of(image), preprocessing)
-
-
-def network_grid_of(input_grid: Grid, preprocessing: Preprocessing) -> Grid:
+def network_grid(input_grid: Grid, preprocessing: Preprocessing) -> Grid:
+    """The grid an image on ``input_grid`` is resampled onto: its box, reoriented (an exact re-indexing)
+    and divided into voxels of the bundle's spacing. Computed without touching a voxel, so that a volume
+    too large for the memory can be refused before it is resampled."""
     return resampled_grid(reoriented_grid(input_grid, preprocessing.orientation), preprocessing.target_spacing)
 
 
-def network_resampler(input_grid: Grid, preprocessing: Preprocessing) -> SliceResampler:
+def network_resampler(input_grid: Grid, preprocessing: Preprocessing) -> Tuple[SliceResampler, Grid]:
     """The linear resampling of an image on ``input_grid`` onto its network grid, fed slice by slice
-    (sliceresample.py). Outside the input (the network grid's box is the input's, so at most a rounding
+    (sliceresample.py), and that grid. Outside the input (the network grid's box is the input's, so at most a rounding
     at its edges) the image's minimum: air on a CT.
 
     The reorientation is folded into the resampling (the same physical points are interpolated) rather
     than done first: on a 512x512x300 CT that saves a full-resolution copy and a quarter of a second."""
-    maps = index_maps(input_grid, network_grid_of(input_grid, preprocessing))
+    grid = network_grid(input_grid, preprocessing)
+    maps = index_maps(input_grid, grid)
     if maps is None:  # cannot happen: the network grid's axes are the input's, re-indexed and rescaled
         raise AssertionError(f"the network grid of {input_grid.describe()} does not run along its axes")
-    return SliceResampler(input_grid.size, maps)
+    return SliceResampler(input_grid.size, maps), grid
 
 
-def network_array(image: sitk.Image, preprocessing: Preprocessing) -> np.ndarray:
-    """The image on its network grid as a (z, y, x) float32 array (linear interpolation)."""
-    resampler = network_resampler(Grid.of(image), preprocessing)
+def network_array(image: sitk.Image, preprocessing: Preprocessing) -> Tuple[np.ndarray, Grid]:
+    """The image on its network grid as a (z, y, x) float32 array (linear interpolation), and that grid."""
+    resampler, grid = network_resampler(Grid.of(image), preprocessing)
     for slice_yx in sitk.GetArrayViewFromImage(image):
         resampler.add(slice_yx)
-    return resampler.result()
+    return resampler.result(), grid
 
 
 def to_network_grid(image: sitk.Image, preprocessing: Preprocessing) -> sitk.Image:
     """The image on its network grid as a float32 image: what training learns from and segment predicts on."""
-    on_grid = sitk.GetImageFromArray(network_array(image, preprocessing))
-    grid = network_grid(image, preprocessing)
+    array, grid = network_array(image, preprocessing)
+    on_grid = sitk.GetImageFromArray(array)
     on_grid.SetSpacing(grid.spacing)
     on_grid.SetOrigin(grid.origin)
     on_grid.SetDirection(grid.direction)
@@ -122,8 +119,8 @@ def body_box(array_zyx: np.ndarray, spacing_zyx: Sequence[float], threshold: flo
 
 def prepare_channels(channels: Sequence[sitk.Image], preprocessing: Preprocessing) -> NetworkInput:
     """All input channels on the first channel's network grid, normalized, stacked as (C, Z, Y, X)."""
-    grid = network_grid(channels[0], preprocessing)
-    arrays = [network_array(channels[0], preprocessing)]
+    first, grid = network_array(channels[0], preprocessing)
+    arrays = [first]
     for channel in channels[1:]:  # onto the first channel's grid, whatever their own (ITK: any geometry)
         on_grid = resample_onto(channel, grid, sitk.sitkLinear, default_value=_minimum(channel), pixel_type=sitk.sitkFloat32)
         arrays.append(sitk.GetArrayFromImage(on_grid))

@@ -17,7 +17,7 @@ from .geometry import Grid, xyz_to_zyx
 from .imageio import check_output_type, read_image, stream_image_slices, write_segmentation
 from .inference import PredictOptions, check_memory, count_windows, fit_window, network_precision, predict_labels, select_device
 from .postprocess import keep_largest_component
-from .preprocessing import NetworkInput, network_grid_of, network_resampler, prepare_channels, restore_labels, stack_network_input
+from .preprocessing import NetworkInput, network_grid, network_resampler, prepare_channels, restore_labels, stack_network_input
 from .progress import Progress
 from .sliceresample import SliceResampler
 
@@ -106,7 +106,7 @@ def preprocess(
 
 def _check_network_memory(input_grid: Grid, meta: BundleMeta, channels: int = 1) -> None:
     """Refused here, with the estimate, rather than after resampling to a fine spacing has filled the memory."""
-    network_size = network_grid_of(input_grid, meta.preprocessing).size
+    network_size = network_grid(input_grid, meta.preprocessing).size
     check_memory((channels, *xyz_to_zyx(network_size)), len(meta.labels) + 1)
 
 
@@ -175,21 +175,21 @@ def read_network_input(
 def stream_network_input(path: Path, meta: BundleMeta, options: SegmentOptions, progress: Progress) -> Optional[Tuple[NetworkInput, Grid]]:
     """One input resampled onto the network grid as it is read (imageio.stream_image_slices); None
     where the file is not read that way."""
-    resamplers: List[SliceResampler] = []
+    made: List[Tuple[SliceResampler, Grid]] = []  # made once the header is read
 
     def start(input_grid: Grid) -> Callable[[np.ndarray], None]:
         _check_network_memory(input_grid, meta)
         progress.update("read", 0, 2, f"{Path(path).name}: {input_grid.describe()}, to the network grid as it is read")
-        resamplers.append(network_resampler(input_grid, meta.preprocessing))
-        return resamplers[0].add
+        made.append(network_resampler(input_grid, meta.preprocessing))
+        return made[0][0].add
 
     input_grid = stream_image_slices(path, start)
     if input_grid is None:
         return None
     progress.update("read", 1, 2, f"{Path(path).name}: {input_grid.describe()}")
-    grid = network_grid_of(input_grid, meta.preprocessing)
+    resampler, grid = made[0]
     progress.update("preprocess", 0, 1, f"resampled to {meta.preprocessing.orientation} at {meta.preprocessing.target_spacing} mm while read")
-    on_grid = stack_network_input([resamplers[0].result()], grid, meta.preprocessing)
+    on_grid = stack_network_input([resampler.result()], grid, meta.preprocessing)
     progress.update("preprocess", 1, 1, f"network grid {grid.describe()}{_describe_body(on_grid, options)}")
     return on_grid, input_grid
 
