@@ -96,7 +96,8 @@ MALLOC_TUNABLES = (
     # Blocks up to 32 MB (a window's activations are up to 14 MB) from the heap from the first window on,
     # and up to 64 MB of freed heap kept for the next window. By default malloc maps such blocks afresh,
     # raises its threshold after the first window and grows the heap over the next ones: those windows
-    # ran 1.5-2x slower (fresh pages, huge-page compaction). 11-15% less time per segment, ~+15 MB peak.
+    # ran 1.5-2x slower (fresh pages, huge-page compaction). In-process A/B runs: 3-15% less time per
+    # segment, varying with the host's load; no difference measurable in whole processes; +10-17 MB peak.
     "glibc.malloc.mmap_threshold=33554432",
     "glibc.malloc.trim_threshold=67108864",
 )
