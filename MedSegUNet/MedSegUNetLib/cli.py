@@ -79,7 +79,8 @@ def _add_progress_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_segment_command(args: argparse.Namespace, progress) -> dict:
+def run_segment_command(args: argparse.Namespace, progress, preloaded=None) -> dict:
+    """``segment``; ``preloaded`` (a standby.LoadedModel) serves the job when it holds the job's model."""
     from .inference import PredictOptions
     from .segment import SegmentOptions, run_segment
 
@@ -93,11 +94,64 @@ def run_segment_command(args: argparse.Namespace, progress) -> dict:
         series=args.series,
         crop_to_body=args.body_crop,
     )
-    output = run_segment(args.inputs, args.model, args.output, options, progress)
+    bundle = preloaded.bundle if preloaded is not None and preloaded.serves(args.model) else None
+    output = run_segment(args.inputs, args.model, args.output, options, progress, preloaded=bundle)
     progress.close()
     if args.progress != "json":
         print(f"wrote {output}")
     return {"message": f"wrote {output}", "output": str(output)}
+
+
+# --- standby: the engine started before the click ----------------------------------------------------
+
+
+def add_standby_parser(commands) -> None:
+    parser = commands.add_parser(
+        "standby",
+        help="load a model and wait for one segment job on stdin (the Slicer panel starts it ahead of a click)",
+        description='Import the libraries, load the model and run one window through it, then read one line '
+        '{"segment": [ARG, ...]} from stdin and run it as `segment ARG...` would. End of input or --idle-minutes '
+        "without a job: exit 0, nothing written.",
+    )
+    parser.add_argument("-m", "--model", required=True, type=Path, help="model bundle (.safetensors) to load ahead")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--batch-size", type=int, default=None, help="windows per batch to warm up for")
+    parser.add_argument("--idle-minutes", type=float, default=10.0, help="exit when no job came in this long (10)")
+    _add_progress_argument(parser)
+    parser.set_defaults(handler=run_standby_command)
+
+
+def run_standby_command(args: argparse.Namespace, progress) -> dict:
+    from .standby import load_and_warm, wait_for_job
+
+    if args.idle_minutes <= 0:
+        raise MedSegError("--idle-minutes must be positive")
+    loaded = load_and_warm(args.model, args.device, args.precision, args.batch_size, progress)
+    arguments = wait_for_job(sys.stdin.fileno(), args.idle_minutes * 60)
+    if arguments is None:
+        return {"message": "no job came: nothing done"}
+    job = parse_standby_job(arguments, args.progress)
+    return run_segment_command(job, progress, preloaded=loaded)
+
+
+def parse_standby_job(arguments: Sequence[str], progress_kind: str) -> argparse.Namespace:
+    """The job's arguments as ``segment`` takes them; argparse's complaint as one MedSegError line."""
+    import contextlib
+    import io
+
+    complaint = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(complaint):
+            job = build_parser().parse_args(["segment", *arguments])
+    except SystemExit:
+        lines = [line for line in complaint.getvalue().splitlines() if line.strip()]
+        complaint_line = lines[-1].split(": error: ", 1)[-1] if lines else "bad arguments"
+        raise MedSegError(f"standby job: {complaint_line}") from None
+    if job.progress not in ("auto", progress_kind):
+        raise MedSegError(f"standby job: --progress {job.progress} differs from the standby's --progress {progress_kind}")
+    job.progress = progress_kind  # the standby's reporter reports the job
+    return job
 
 
 # --- info and create-bundle ------------------------------------------------------------------------
@@ -194,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_segment_parser(commands)
+    add_standby_parser(commands)
     add_info_parser(commands)
     add_create_bundle_parser(commands)
     add_devices_parser(commands)

@@ -129,30 +129,48 @@ def labels_on_input_grid(
 
 
 def run_segment(
-    inputs: Sequence[Path], bundle_path: Path, output: Path, options: SegmentOptions, progress: Progress
+    inputs: Sequence[Path],
+    bundle_path: Path,
+    output: Path,
+    options: SegmentOptions,
+    progress: Progress,
+    preloaded: Optional[Bundle] = None,
 ) -> Path:
-    """The whole ``segment`` command: every check that can fail early runs before the long work."""
+    """The whole ``segment`` command: every check that can fail early runs before the long work.
+
+    ``preloaded``: the bundle at ``bundle_path``, already loaded (the standby engine's)."""
     output = Path(output)
     check_writable(output)
     check_output_type(output)
     network_precision(options.predict.precision, select_device(options.predict.device))  # refused before any reading
     progress.update("read", 0, len(inputs) + 1, f"model {Path(bundle_path).name}")
-    meta = read_bundle_metadata(bundle_path)  # a bad bundle (a pickle, bad metadata) fails before any image is read
-    # The weights load while the images are read: building the network imports MONAI (1-2 s from a cold
-    # start), and reading is mostly out of Python's lock (inflating, copying, the kernel's fresh pages).
-    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medsegunet-bundle")
-    try:
-        loading = loader.submit(load_bundle, bundle_path)
-        network_input, input_grid = read_network_input(inputs, meta, options, progress)
-        bundle = loading.result()
-    finally:
-        loader.shutdown(wait=False)  # a bad image is reported at once, not after the weights have loaded
+    if preloaded is not None:
+        network_input, input_grid = read_network_input(inputs, preloaded.meta, options, progress)
+        bundle = preloaded
+    else:
+        network_input, input_grid, bundle = _read_while_loading(inputs, bundle_path, options, progress)
     progress.update("read", len(inputs) + 1, len(inputs) + 1, f"model {Path(bundle_path).name}: {bundle.meta.network.cls}")
     labels = labels_on_input_grid(network_input, input_grid, bundle, options, progress)
     progress.update("write", 0, 1, str(output))
     write_segmentation(output, labels, bundle.meta.labels)
     progress.update("write", 1, 1, str(output))
     return output
+
+
+def _read_while_loading(
+    inputs: Sequence[Path], bundle_path: Path, options: SegmentOptions, progress: Progress
+) -> Tuple[NetworkInput, Grid, Bundle]:
+    """The inputs on the network grid and the bundle, the weights loading in a thread meanwhile."""
+    meta = read_bundle_metadata(bundle_path)  # a bad bundle (a pickle, bad metadata) fails before any image is read
+    # Building the network imports MONAI (1-2 s from a cold start), and reading is mostly out of Python's
+    # lock (inflating, copying, the kernel's fresh pages).
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medsegunet-bundle")
+    try:
+        loading = loader.submit(load_bundle, bundle_path)
+        network_input, input_grid = read_network_input(inputs, meta, options, progress)
+        return network_input, input_grid, loading.result()
+    finally:
+        loader.shutdown(wait=False)  # a bad image is reported at once, not after the weights have loaded
 
 
 def read_network_input(
