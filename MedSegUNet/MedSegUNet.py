@@ -35,18 +35,21 @@ from MedSegUNetLib.childprocess import (
     SUCCEEDED,
     ChildProcess,
     SegmentRequest,
+    StandbyEngine,
     TrainRequest,
     devices_command,
     devices_from_names,
     engine_environment,
     engine_python,
     parse_devices,
+    segment_arguments,
     segment_command,
     train_command,
 )
 
 MODULE_DIR = Path(__file__).resolve().parent
 USER_MODELS_KEY = "MedSegUNet/UserModels"  # qt.QSettings: the bundles the user added or trained
+KEEP_READY_KEY = "MedSegUNet/KeepEngineReady"  # qt.QSettings: start the next engine before the click
 # What the engine needs in Slicer's Python; a test keeps these equal to pyproject.toml's dependencies.
 TORCH_REQUIREMENT = "torch>=2.3,<3"
 ENGINE_REQUIREMENTS = [
@@ -141,6 +144,7 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.addItem("Auto", "auto")
         self.ui.deviceComboBox.addItem("CPU", "cpu")
         self.ui.progressBar.hide()
+        self.ui.keepReadyCheckBox.checked = self.logic.keepEngineReady()
         self.refreshModels()
         self.initializeParameterNode()
 
@@ -149,6 +153,8 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.retrainButton.connect("clicked(bool)", self.onRetrainButton)
         self.ui.addModelButton.connect("clicked(bool)", self.onAddModel)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.keepReadyCheckBox.connect("toggled(bool)", self.onKeepReadyToggled)
         self.ui.showLogButton.connect("clicked(bool)", self.onShowLog)
         self.ui.refreshCasesButton.connect("clicked(bool)", self.refreshCases)
         self.ui.addScenesButton.connect("clicked(bool)", self.onAddScenes)
@@ -160,6 +166,7 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.timer.stop()
         if self.logic:
             self.logic.cancel()
+            self.logic.stopStandby()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -169,6 +176,7 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         missing = self.logic.dependenciesMissing()
         if missing and not self.logic.busy():
             self.ui.statusLabel.text = f"Not installed yet: {', '.join(missing)}. Segment offers to install them."
+        self.prepareEngine()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -250,6 +258,24 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             except Exception as error:  # an unreadable bundle must not break the panel
                 self.ui.modelInfoLabel.text = f"Cannot read {model.name}: {error}"
         self.updateButtons()
+        self.prepareEngine()
+
+    def onDeviceChanged(self, index: int = 0) -> None:
+        self.prepareEngine()
+
+    def onKeepReadyToggled(self, keep: bool) -> None:
+        self.logic.setKeepEngineReady(keep)
+        self.prepareEngine()
+
+    def prepareEngine(self) -> None:
+        """The engine for the next Segment, started now with the selected model and device (while the
+        panel is shown and nothing runs; the logic decides whether one is wanted)."""
+        if self.logic is None or not self.parent.isEntered:
+            return
+        try:
+            self.logic.prepareStandby(self.currentModel(), self.ui.deviceComboBox.currentData)
+        except Exception:  # Segment starts a fresh engine then: never worse than without one
+            logging.exception("MedSegUNet: could not start the engine ahead")
 
     def probeDevices(self) -> None:
         """GPUs for the device list: from torch if Slicer already imported it, else a quick child process."""
@@ -342,6 +368,7 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = f"Failed: {message}"
             slicer.util.errorDisplay(f"MedSegUNet {kind} failed:\n{message}", detailedText=self.logic.logText())
         self.updateButtons()
+        self.prepareEngine()  # for the next click
 
     def onShowLog(self) -> None:
         slicer.util.infoDisplay("Output of the most recent MedSegUNet run:", "MedSegUNet log", detailedText=self.logic.logText() or "(empty)")
@@ -464,6 +491,8 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         self.pending: dict = {}
         self.lastLog = ""
         self.userModelsKey = USER_MODELS_KEY  # the self-test uses a key of its own
+        self.standby: Optional[StandbyEngine] = None  # the engine waiting for the next Segment
+        self.lastRunWasReady = False  # the last Segment ran on the waiting engine
         self.trainedModelsRoot: Optional[Path] = None  # default: beside Slicer's settings
 
     def getParameterNode(self):
@@ -627,17 +656,56 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
 
     # --- Segment ---
 
-    def segmentCommand(self, inputPath: Path, model: Path, outputPath: Path, device: str, overlap: float, tta: bool, largest: bool) -> List[str]:
-        """The exact command line Segment runs (tested outside Slicer on a real file)."""
-        return segment_command(SegmentRequest([inputPath], model, outputPath, device or "auto", overlap, tta, largest))
+    @staticmethod
+    def segmentRequest(inputPath: Path, model: Path, outputPath: Path, device: str, overlap: float, tta: bool, largest: bool) -> SegmentRequest:
+        """What Segment asks of the engine: its command line, or the waiting engine's job (tested outside Slicer)."""
+        return SegmentRequest([inputPath], model, outputPath, device or "auto", overlap, tta, largest)
 
     def startSegment(self, volumeNode, model: Path, device: str, overlap: float, tta: bool, largest: bool) -> None:
         self.ensureIdle()
         folder = self.newWorkFolder()
         inputPath = self.writeVolume(volumeNode, folder / "input.nrrd")
-        outputPath = folder / "result.seg.nrrd"
-        command = self.segmentCommand(inputPath, model, outputPath, device, overlap, tta, largest)
-        self.startRun("segment", command, device, volumeNode=volumeNode, outputPath=outputPath, model=model)
+        request = self.segmentRequest(inputPath, model, folder / "result.seg.nrrd", device, overlap, tta, largest)
+        pending = dict(volumeNode=volumeNode, outputPath=request.output, model=model)
+        standby, self.standby = self.standby, None
+        run = standby.take(request) if standby is not None else None
+        self.lastRunWasReady = run is not None
+        if run is None:
+            if standby is not None:
+                standby.stop()  # another model or device: it would only hold memory
+            self.startRun("segment", segment_command(request), device, **pending)
+        else:
+            self.run, self.pending, self.runKind = run, pending, "segment"
+            logging.info("MedSegUNet: segment on the waiting engine: %s", " ".join(segment_arguments(request)))
+
+    # --- the engine kept ready for the next Segment ---
+
+    def keepEngineReady(self) -> bool:
+        value = qt.QSettings().value(KEEP_READY_KEY, True)
+        return value not in (False, "false", "0", 0)  # QSettings hands back strings from an .ini file
+
+    def setKeepEngineReady(self, keep: bool) -> None:
+        qt.QSettings().setValue(KEEP_READY_KEY, bool(keep))
+        if not keep:
+            self.stopStandby()
+
+    def prepareStandby(self, model: Optional[Path], device: Optional[str]) -> bool:
+        """Start the engine for the next Segment with this model and device (StandbyEngine in childprocess.py),
+        unless one that fits is waiting, a run is going (it would slow the run down), the setting is off or
+        the engine's libraries are not installed yet. True when one fits now."""
+        if model and self.standby is not None and self.standby.fits(model, device):
+            return True
+        self.stopStandby()
+        if not model or not self.keepEngineReady() or self.busy() or self.dependenciesMissing():
+            return False
+        self.standby = StandbyEngine(model, device, engine_environment(MODULE_DIR, device=device))
+        logging.info("MedSegUNet: engine started ahead for %s on %s", model.name, device or "auto")
+        return True
+
+    def stopStandby(self) -> None:
+        if self.standby is not None:
+            self.standby.stop()
+            self.standby = None
 
     # --- Retrain ---
 
@@ -848,6 +916,7 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
             self.test_dependencies_and_model,
             self.test_segment_fills_a_segmentation_on_the_volume_grid,
             self.test_panel_segments_in_the_background,
+            self.test_the_engine_kept_ready_segments_as_a_fresh_one,
             self.test_cancel_ends_the_run_and_adds_nothing,
             self.test_retrain_registers_a_new_model,
         ):
@@ -968,6 +1037,7 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
             widget.initializeParameterNode()
             self.segmentThroughThePanel(widget, volume)
         finally:
+            widget.logic.stopStandby()  # one may have been started for the test's model after the run
             widget.logic.userModelsKey = USER_MODELS_KEY
             widget.refreshModels()
 
@@ -991,6 +1061,59 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
         self.assertTrue(widget.ui.statusLabel.text.startswith("Done"), widget.ui.statusLabel.text)
         self.assertIsNotNone(parameters.outputSegmentation)
         self.assertIn("segment", widget.logic.logText().splitlines()[0])  # Show log has the command line
+
+    def test_the_engine_kept_ready_segments_as_a_fresh_one(self):
+        self.delayDisplay("Segment on the engine started ahead")
+        import signal
+
+        if hasattr(signal, "SIGPIPE"):  # a job written to an engine that just died must not end Slicer
+            self.assertEqual(signal.getsignal(signal.SIGPIPE), signal.SIG_IGN)
+        volume, _ = self.syntheticVolume()
+        logic = self.newLogic()
+        kept = logic.keepEngineReady()
+        try:
+            logic.setKeepEngineReady(True)
+            self.assertTrue(logic.prepareStandby(self.model(), "cpu"))
+            waiting = logic.standby
+            self.assertTrue(logic.prepareStandby(self.model(), "cpu"))
+            self.assertIs(logic.standby, waiting)  # it fits: not started again
+            kind, state, message = logic.segmentAndWait(volume, self.model(), "cpu")
+            self.assertEqual((kind, state), ("segment", SUCCEEDED), f"{message}\n{logic.logText()}")
+            self.assertTrue(logic.lastRunWasReady)
+            self.assertIsNone(logic.standby)  # one job per engine
+            self.assertIn("standby", logic.logText().splitlines()[0])
+            ready = self.segmentArrays(logic, volume)
+
+            logic.setKeepEngineReady(False)
+            self.assertFalse(logic.prepareStandby(self.model(), "cpu"))
+            self.assertIsNone(logic.standby)
+            kind, state, message = logic.segmentAndWait(volume, self.model(), "cpu")
+            self.assertEqual(state, SUCCEEDED, message)
+            self.assertFalse(logic.lastRunWasReady)
+            fresh = self.segmentArrays(logic, volume)
+            self.assertEqual(sorted(ready), sorted(fresh))
+            for name in fresh:
+                self.assertTrue((ready[name] == fresh[name]).all(), f"segment {name} differs between the two engines")
+
+            # Another device: the waiting engine is replaced, and the old one ends.
+            logic.setKeepEngineReady(True)
+            logic.prepareStandby(self.model(), "cpu")
+            first = logic.standby
+            logic.prepareStandby(self.model(), "auto")
+            self.assertIsNot(logic.standby, first)
+            self.assertNotEqual(first.process.wait(timeout=60), RUNNING)
+        finally:
+            logic.stopStandby()
+            logic.setKeepEngineReady(kept)
+
+    def segmentArrays(self, logic, volume) -> dict:
+        node = logic.getParameterNode().outputSegmentation
+        segmentation = node.GetSegmentation()
+        arrays = {}
+        for index in range(segmentation.GetNumberOfSegments()):
+            array = slicer.util.arrayFromSegmentBinaryLabelmap(node, segmentation.GetNthSegmentID(index), volume)
+            arrays[segmentation.GetNthSegment(index).GetName()] = array.copy()  # the node is written again next
+        return arrays
 
     def test_cancel_ends_the_run_and_adds_nothing(self):
         self.delayDisplay("Cancel")

@@ -27,13 +27,16 @@ from MedSegUNetLib.childprocess import (
     SUCCEEDED,
     ChildProcess,
     SegmentRequest,
+    StandbyEngine,
     TrainRequest,
     devices_command,
     engine_environment,
     parse_devices,
     parse_record,
+    segment_arguments,
     segment_command,
     split_device,
+    standby_command,
     train_command,
 )
 
@@ -128,8 +131,9 @@ def spawning_script(pid_file: Path, then: str) -> str:
 
 def test_the_segment_command_the_panel_builds_runs_on_a_real_file(tmp_path, ct_chest, small_bundle):
     output = tmp_path / "result.seg.nrrd"
-    command = logic_method("segmentCommand")(None, ct_chest, small_bundle, output, "cpu", 0.25, False, True)
-    assert command == segment_command(SegmentRequest([ct_chest], small_bundle, output, device="cpu", overlap=0.25))
+    request = logic_method("segmentRequest")(ct_chest, small_bundle, output, "cpu", 0.25, False, True)
+    assert request == SegmentRequest([ct_chest], small_bundle, output, device="cpu", overlap=0.25)
+    command = segment_command(request)
     assert command == [
         sys.executable, "-m", "MedSegUNetLib", "segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output),
         "--device", "cpu", "--overlap", "0.25", "--no-tta", "--largest-component", "--progress", "json",
@@ -321,6 +325,80 @@ def test_cancelling_a_real_segment_run_leaves_no_output(tmp_path, ct_chest, smal
     assert process.process.returncode == 130  # the engine's own clean exit, not a SIGKILL
     assert list(tmp_path.iterdir()) == []  # no output, no temporary
     assert any('"stage": "cancelled"' in line for line in process.log_lines)
+
+
+# --- the standby engine: started before the click ------------------------------------------------------
+
+
+def test_a_standby_engine_takes_the_panel_s_job_and_segments_as_a_fresh_engine_does(tmp_path, ct_chest, small_bundle):
+    import numpy as np
+    import SimpleITK as sitk
+
+    fresh = ChildProcess(segment_command(SegmentRequest([ct_chest], small_bundle, tmp_path / "fresh.seg.nrrd", device="cpu"),
+                                         python=sys.executable), engine_environment(MODULE_DIR))
+    assert fresh.wait(timeout=300) == SUCCEEDED, fresh.log_text()
+
+    standby = StandbyEngine(small_bundle, "cpu", engine_environment(MODULE_DIR), python=sys.executable)
+    assert standby.process.command == standby_command(small_bundle, "cpu", python=sys.executable)
+    assert standby.process.command[3:] == ["standby", "-m", str(small_bundle), "--device", "cpu", "--progress", "json"]
+    assert standby.fits(Path(os.path.relpath(small_bundle)), "cpu") and not standby.fits(small_bundle, "auto")
+    assert not standby.fits(tmp_path / "other.safetensors", "cpu")
+    wait_for_records(standby.process)  # the engine is starting: the job may come at any time
+    request = SegmentRequest([ct_chest], small_bundle, tmp_path / "result.seg.nrrd", device="cpu")
+    run = standby.take(request)
+    assert run is standby.process and not standby.fits(small_bundle, "cpu")
+    assert standby.take(request) is None  # one job per engine
+    standby.stop()  # the panel's clean-up: a taken engine is a run, not stopped here
+    records = run_to_end(run)
+    assert run.state == SUCCEEDED, run.log_text()
+    steps = [r["stage"] for r in records if r["stage"] != "standby"]
+    assert steps[0] == "read" and steps[-1] == "done" and run.result["output"] == str(tmp_path / "result.seg.nrrd")
+    assert '"segment": [' not in run.log_text()  # the job is not echoed; the log starts with the standby command
+    read = lambda name: sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name)))  # noqa: E731
+    assert np.array_equal(read("result.seg.nrrd"), read("fresh.seg.nrrd"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.seg.nrrd", "result.seg.nrrd"]
+
+
+def test_the_job_line_holds_the_fresh_command_s_arguments():
+    request = SegmentRequest([Path("in.nrrd")], Path("m.safetensors"), Path("o.seg.nrrd"), device="cuda:1", overlap=0.3)
+    assert segment_command(request, python="P") == ["P", "-m", "MedSegUNetLib", "segment", *segment_arguments(request), "--progress", "json"]
+    assert standby_command(Path("m.safetensors"), "cuda:1", python="P") == [
+        "P", "-m", "MedSegUNetLib", "standby", "-m", "m.safetensors", "--device", "cuda", "--progress", "json"]
+
+
+def test_a_standby_engine_that_has_ended_takes_no_job(tmp_path, ct_chest, small_bundle):
+    standby = StandbyEngine(small_bundle, "cpu", engine_environment(MODULE_DIR), python=sys.executable)
+    standby.stop()
+    assert standby.process.wait(timeout=60) in (CANCELLED, SUCCEEDED)
+    assert not standby.fits(small_bundle, "cpu")
+    assert standby.take(SegmentRequest([ct_chest], small_bundle, tmp_path / "o.seg.nrrd", device="cpu")) is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_job_to_an_engine_that_died_is_refused_not_lost(tmp_path, ct_chest, small_bundle):
+    """The engine gone between fits() and the write (killed, crashed): take() says so, so the panel
+    starts a fresh engine instead of waiting on a dead one."""
+    standby = StandbyEngine(small_bundle, "cpu", engine_environment(MODULE_DIR), python=sys.executable)
+    standby.process.process.kill()
+    standby.process.process.wait(timeout=30)
+    assert standby.take(SegmentRequest([ct_chest], small_bundle, tmp_path / "o.seg.nrrd", device="cpu")) is None
+    dead = ChildProcess([sys.executable, "-c", "pass"], stdin=True)
+    dead.process.wait(timeout=30)
+    with pytest.raises(OSError):
+        dead.send_last_line("x" * 200000)  # more than a pipe holds: the write meets the closed end
+    assert dead.process.stdin.closed
+
+
+@posix_only
+def test_cancelling_a_job_of_a_standby_engine_leaves_no_output(tmp_path, ct_chest, small_bundle):
+    standby = StandbyEngine(small_bundle, "cpu", engine_environment(MODULE_DIR), python=sys.executable)
+    run = standby.take(SegmentRequest([ct_chest], small_bundle, tmp_path / "result.seg.nrrd", device="cpu", tta=True))
+    while not any(r["stage"] == "predict" for r in run.poll()):
+        assert run.state == RUNNING, run.log_text()
+        time.sleep(0.05)
+    run.cancel()
+    assert run.wait(timeout=60) == CANCELLED and run.process.returncode == 130
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- retrain -------------------------------------------------------------------------------------------------

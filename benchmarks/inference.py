@@ -6,7 +6,9 @@ Both pipelines run the same bundle (the shipped model) on the same CT-like volum
 CT, see volumes.py), each run in its own child process, alternating ours/baseline, so that each peak
 resident memory is that run's alone and a background load hits both alike. Reported: wall time per
 stage, total and peak RSS (medians over the repeats), their ratios, the Dice between the two outputs,
-and the network-only time for the windows each pipeline ran (the floor).
+and the network-only time for the windows each pipeline ran (the floor). A third side, *ready*, is
+`segment` on the engine the Slicer panel starts ahead of the click (`medsegunet standby`: the model
+loaded and its first window run before the clock).
 """
 
 from __future__ import annotations
@@ -63,8 +65,11 @@ class TimedNetwork:
             self.seconds += time.perf_counter() - start
 
 
-def run_ours(image: Path, bundle: Path, output: Path, device: str = "cpu", precision: str = "auto") -> dict:
-    """`medsegunet segment` through its real command line; stages timed from its own progress reports."""
+def run_ours(image: Path, bundle: Path, output: Path, device: str = "cpu", precision: str = "auto", ready: bool = False) -> dict:
+    """`medsegunet segment` through its real command line; stages timed from its own progress reports.
+
+    ``ready``: as the standby engine runs its job (standby.py): the bundle loaded and one window run
+    in this thread before the clock starts, the job parsed and run by the same functions."""
     # Libraries imported before the clock starts, as the baseline's are (its image library, nibabel,
     # comes with monai.transforms): the clock holds the pipeline's work, and the project's own imports.
     import monai.inferers  # noqa: F401
@@ -73,7 +78,8 @@ def run_ours(image: Path, bundle: Path, output: Path, device: str = "cpu", preci
 
     from MedSegUNetLib import inference
     from MedSegUNetLib import progress as progress_module
-    from MedSegUNetLib.cli import main
+    from MedSegUNetLib.cli import main, parse_standby_job, run_segment_command
+    from MedSegUNetLib.standby import load_and_warm
 
     stamps: List[tuple] = []
     windows = {}
@@ -93,11 +99,15 @@ def run_ours(image: Path, bundle: Path, output: Path, device: str = "cpu", preci
                 windows["count"] = total
 
     progress_module.make_progress = lambda kind: Timing()
+    arguments = [str(image), "-m", str(bundle), "-o", str(output), "--device", device, "--precision", precision]
+    loaded = load_and_warm(bundle, device, precision, None, progress_module.Progress()) if ready else None
+    timed.clear()  # the warm-up's network
     start = time.perf_counter()
-    code = main(["segment", str(image), "-m", str(bundle), "-o", str(output), "--device", device, "--precision", precision, "--progress", "none"])
+    if ready:
+        run_segment_command(parse_standby_job(arguments, "none"), Timing(), preloaded=loaded)
+    elif main(["segment", *arguments, "--progress", "none"]) != 0:
+        raise SystemExit("segment failed")
     end = time.perf_counter()
-    if code != 0:
-        raise SystemExit(f"segment failed with exit code {code}")
     stages: Dict[str, float] = {}
     previous_stage, previous_time = "read", start
     for stage, stamp in stamps + [("end", end)]:
@@ -246,13 +256,13 @@ def _chunks(items: list, size: int) -> list:
 
 def worker(args) -> None:
     image, bundle, output = Path(args.image), Path(args.bundle), Path(args.output)
-    if args.worker == "ours":
-        result = run_ours(image, bundle, output, args.device, args.precision)
-    else:
+    if args.worker == "baseline":
         result = run_baseline(image, bundle, output, args.device)
+    else:
+        result = run_ours(image, bundle, output, args.device, args.precision, ready=args.worker == "ready")
     result["peak_rss_mb"] = peak_rss_mb()  # before the floor's own allocations
     if not args.no_floor:
-        result["network_floor"] = network_floor(image, bundle, result["windows"], args.worker == "ours", args.device, args.precision)
+        result["network_floor"] = network_floor(image, bundle, result["windows"], args.worker != "baseline", args.device, args.precision)
     print(json.dumps(result))
 
 
@@ -264,11 +274,37 @@ def spawn(kind: str, image: Path, bundle: Path, output: Path, device: str, floor
     command = [sys.executable, __file__, "--worker", kind, "--image", str(image), "--bundle", str(bundle), "--output", str(output)]
     command += ["--device", device, "--precision", precision]
     command += [] if floor else ["--no-floor"]
-    environment = child_environment(kind, engine_malloc)
+    environment = child_environment("ours" if kind == "ready" else kind, engine_malloc)
     result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=False, env=environment)
     if result.returncode != 0:
         raise SystemExit(f"{kind} run failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def ready_engine_seconds(image: Path, bundle: Path, output: Path, engine_malloc: str = "ours", precision: str = "auto") -> Dict[str, float]:
+    """The real standby engine (``python -m MedSegUNetLib standby``, as the panel starts it ahead): the
+    time from its start to its "ready" record (spent before the click), and from the job written to its
+    stdin to its exit (what the click waits for)."""
+    environment = child_environment("ours", engine_malloc)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "MedSegUNet"), environment.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "MedSegUNetLib", "standby", "-m", str(bundle), "--device", "cpu", "--precision", precision, "--progress", "json"]
+    job = [str(image), "-m", str(bundle), "-o", str(output), "--device", "cpu", "--precision", precision]
+    with tempfile.TemporaryFile() as errors:
+        start = time.perf_counter()
+        engine = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, env=environment)
+        for line in engine.stdout:
+            if json.loads(line).get("message", "").startswith("ready"):
+                break
+        ready = time.perf_counter()
+        engine.stdin.write(json.dumps({"segment": job}).encode() + b"\n")
+        engine.stdin.close()
+        engine.stdout.read()
+        code = engine.wait()
+        end = time.perf_counter()
+        if code != 0:
+            errors.seek(0)
+            raise SystemExit(f"standby engine failed:\n{errors.read().decode('utf-8', 'replace')[-3000:]}")
+    return {"start": ready - start, "job": end - ready}
 
 
 def whole_process_seconds(kind: str, image: Path, bundle: Path, output: Path, engine_malloc: str = "ours", precision: str = "auto") -> float:
@@ -290,18 +326,35 @@ def whole_process_seconds(kind: str, image: Path, bundle: Path, output: Path, en
 
 
 def whole_process_report(kinds: List[str], image: Path, bundle: Path, work: Path, repeats: int, engine_malloc: str, precision: str) -> dict:
+    """Each kind as a whole process; "ready" as the standby engine: the job's time, its start apart."""
     seconds: Dict[str, List[float]] = {kind: [] for kind in kinds}
+    ready_start: List[float] = []
     for repeat in range(repeats):
-        for kind in kinds if repeat % 2 == 0 else kinds[::-1]:
+        for kind in rotated(kinds, repeat):
             output = work / f"whole-{kind}{repeat}" / "ct.nii.gz"
             output.parent.mkdir()
-            seconds[kind].append(whole_process_seconds(kind, image, bundle, output, engine_malloc, precision))
+            if kind == "ready":
+                timing = ready_engine_seconds(image, bundle, output, engine_malloc, precision)
+                seconds[kind].append(timing["job"])
+                ready_start.append(timing["start"])
+            else:
+                seconds[kind].append(whole_process_seconds(kind, image, bundle, output, engine_malloc, precision))
             print(f"whole process {repeat + 1}/{repeats} {kind:>8}: {seconds[kind][-1]:.1f} s", file=sys.stderr)
     report = {f"{kind}_s": statistics.median(values) for kind, values in seconds.items()}
     report.update({f"{kind}_runs_s": values for kind, values in seconds.items()})
+    if ready_start:
+        report["ready_start_s"] = statistics.median(ready_start)  # spent before the click
     if "baseline" in seconds:
         report["speedup_vs_monai_baseline"] = report["baseline_s"] / report["ours_s"]
+        if "ready" in seconds:
+            report["speedup_ready_vs_monai_baseline"] = report["baseline_s"] / report["ready_s"]
     return report
+
+
+def rotated(kinds: List[str], repeat: int) -> List[str]:
+    """The order of one round: each kind first in turn, so that a slow minute hits every kind alike."""
+    shift = repeat % len(kinds)
+    return kinds[shift:] + kinds[:shift]
 
 
 def harness(args) -> dict:
@@ -311,16 +364,18 @@ def harness(args) -> dict:
         raise SystemExit(f"no model at {bundle} (build it with Resources/Models/build-abdomen-ct.sh, or pass --model)")
     work = Path(tempfile.mkdtemp(prefix="medsegunet-bench-"))
     image = volumes.write_volume(work / "ct.nii.gz", volume)
-    kinds = ["ours"] if args.only == "ours" else ["ours", "baseline"]
+    kinds = ["ours"] if args.only == "ours" else ["ours", "ready", "baseline"]
     runs: Dict[str, List[dict]] = {kind: [] for kind in kinds}
     for repeat in range(args.repeats):
-        for kind in kinds if repeat % 2 == 0 else kinds[::-1]:
+        for kind in rotated(kinds, repeat):
             output = work / f"{kind}{repeat}" / "ct.nii.gz"
             output.parent.mkdir()
             runs[kind].append(spawn(kind, image, bundle, output, args.device, engine_malloc=args.engine_malloc, precision=args.precision))
             last = runs[kind][-1]
             print(f"run {repeat + 1}/{args.repeats} {kind:>8}: {last['total']:.1f} s, {last['peak_rss_mb']:.0f} MB", file=sys.stderr)
     agreement = {}
+    if "ready" in runs:  # the same engine code on a warm engine: the same labels, voxel for voxel
+        agreement["ready_equals_ours"] = volumes.same_voxels(work / "ours0" / "ct.nii.gz", work / "ready0" / "ct.nii.gz")
     if "baseline" in runs:
         agreement["benchmark_volume"] = volumes.dice_between(work / "ours0" / "ct.nii.gz", work / "baseline0" / "ct.nii.gz")
         agreement["model_grid"] = agreement_on_model_grid(work, volume, bundle, args.device, args.precision)
@@ -385,12 +440,17 @@ def summarize(runs, agreement, volume, bundle, device: str = "cpu") -> dict:
         "repeats": len(runs["ours"]),
         "ours": side("ours"),
     }
+    if "ready" in runs:
+        report["ready"] = side("ready")
+        report["ready_labels_equal_ours"] = agreement["ready_equals_ours"]
     if "baseline" in runs:
         report["baseline"] = side("baseline")
         report["speedup_vs_monai_baseline"] = report["baseline"]["total_s"] / report["ours"]["total_s"]
         report["peak_rss_ratio_vs_monai_baseline"] = report["ours"]["peak_rss_mb"] / report["baseline"]["peak_rss_mb"]
         report["dice_ours_vs_baseline"] = agreement["benchmark_volume"]
         report["dice_ours_vs_baseline_on_model_grid"] = agreement["model_grid"]
+        if "ready" in runs:
+            report["speedup_ready_vs_monai_baseline"] = report["baseline"]["total_s"] / report["ready"]["total_s"]
     return report
 
 
@@ -415,7 +475,7 @@ def _lines(path: str) -> List[str]:
 
 
 def print_table(report: dict) -> None:
-    volume, sides = report["volume"], [k for k in ("ours", "baseline") if k in report]
+    volume, sides = report["volume"], [k for k in ("ours", "ready", "baseline") if k in report]
     print(f"volume {'x'.join(map(str, volume['size']))} at {volume['spacing']} mm, model {report['model']}, "
           f"{report['machine']['cpus']} CPUs ({report['machine']['cpu']}), {report['machine'].get('gpu', 'no GPU')} used: "
           f"{report['machine']['device']}, medians of {report['repeats']} runs, segment --precision {report.get('precision_ours', 'auto')}")
@@ -432,12 +492,18 @@ def print_table(report: dict) -> None:
         print(f"peak RSS ratio        {report['peak_rss_ratio_vs_monai_baseline']:>12.2f}")
         print(f"Dice ours vs baseline {report['dice_ours_vs_baseline']:>12.4f}  (each resampling with its own grid convention)")
         print(f"  on the model's grid {report['dice_ours_vs_baseline_on_model_grid']:>12.4f}  (no resampling: the pipelines' own differences)")
+    if "ready" in report:
+        print(f"ready: labels equal ours: {report['ready_labels_equal_ours']}  (ready = segment on the engine started ahead: model loaded, first window run)")
+        if "baseline" in report:
+            print(f"speedup ready vs baseline {report['speedup_ready_vs_monai_baseline']:>8.2f} x")
     whole = report.get("whole_process")
     if whole:
         sides_s = "".join(f"{whole[f'{k}_s']:>12.2f}" for k in sides)
         print(f"whole process (s)     {sides_s}  (interpreter start and imports included)")
         if "speedup_vs_monai_baseline" in whole:
             print(f"  speedup             {whole['speedup_vs_monai_baseline']:>12.2f} x")
+        if "ready_s" in whole:
+            print(f"  ready: the job on a started standby engine; its start, before the click: {whole['ready_start_s']:.2f} s")
 
 
 def plot(report: dict, path: Path) -> None:
@@ -449,7 +515,8 @@ def plot(report: dict, path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(7, 2.8), dpi=100)
     colors = dict(zip(STAGES, ("#9ecae1", "#6baed6", "#fd8d3c", "#74c476", "#bcbddc")))
-    for row, kind in enumerate(("baseline", "ours")):
+    kinds = [kind for kind in ("baseline", "ours", "ready") if kind in report]
+    for row, kind in enumerate(kinds):
         left = 0.0
         for stage in STAGES:
             seconds = report[kind]["stages_s"][stage]
@@ -457,9 +524,10 @@ def plot(report: dict, path: Path) -> None:
             left += seconds
         axis.plot([report[kind]["network_floor_s"]] * 2, [row - 0.4, row + 0.4], color="black", linewidth=2, label="network floor" if row == 0 else None)
         axis.text(left, row, f" {left:.1f} s, {report[kind]['peak_rss_mb'] / 1024:.2f} GB", va="center")
-    axis.set_yticks([0, 1], ["MONAI baseline", "medsegunet segment"])
+    names = {"baseline": "MONAI baseline", "ours": "medsegunet segment", "ready": "segment, engine ready"}
+    axis.set_yticks(range(len(kinds)), [names[kind] for kind in kinds])
     axis.set_xlabel("wall time (s), median")
-    axis.set_xlim(0, max(report[k]["total_s"] for k in ("ours", "baseline")) * 1.35)
+    axis.set_xlim(0, max(report[k]["total_s"] for k in kinds) * 1.35)
     volume = report["volume"]
     where = report["machine"].get("gpu") or f"{report['machine']['cpus']} CPU cores"
     axis.set_title(f"{'x'.join(map(str, volume['size']))} CT, {where}: "
@@ -486,7 +554,7 @@ def main() -> None:
                         help="also time N whole processes of each, interpreter start and imports included (CPU)")
     parser.add_argument("--json", help="write the report as JSON here")
     parser.add_argument("--plot", help="write the time-per-stage plot (PNG) here")
-    parser.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ours", "ready", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--no-floor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
     parser.add_argument("--bundle", help=argparse.SUPPRESS)

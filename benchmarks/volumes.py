@@ -112,3 +112,12 @@ def dice_between(a: Path, b: Path, labels: Optional[Sequence[int]] = None) -> fl
         total = np.count_nonzero(p) + np.count_nonzero(q)
         scores.append(2 * np.count_nonzero(p & q) / total if total else 1.0)
     return float(np.mean(scores)) if scores else 1.0
+
+
+def same_voxels(a: Path, b: Path) -> bool:
+    """Two labelmap files hold the same labels on the same grid, voxel for voxel."""
+    import SimpleITK as sitk
+
+    x, y = sitk.ReadImage(str(a)), sitk.ReadImage(str(b))
+    same_grid = x.GetSize() == y.GetSize() and np.allclose(x.GetSpacing(), y.GetSpacing()) and np.allclose(x.GetOrigin(), y.GetOrigin())
+    return bool(same_grid and np.array_equal(sitk.GetArrayViewFromImage(x), sitk.GetArrayViewFromImage(y)))

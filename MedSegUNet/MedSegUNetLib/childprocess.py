@@ -126,12 +126,21 @@ class SegmentRequest:
 
 def segment_command(request: SegmentRequest, python: Optional[str] = None) -> List[str]:
     """``PythonSlicer -m MedSegUNetLib segment ... --progress json``, exactly as the panel runs it."""
+    return [python or engine_python(), "-m", "MedSegUNetLib", "segment", *segment_arguments(request), "--progress", "json"]
+
+
+def segment_arguments(request: SegmentRequest) -> List[str]:
+    """The ``segment`` arguments of a request (a fresh engine's command line, or a standby engine's job)."""
     device, _ = split_device(request.device)
-    command = [python or engine_python(), "-m", "MedSegUNetLib", "segment", *map(str, request.inputs)]
-    command += ["-m", str(request.model), "-o", str(request.output), "--device", device]
-    command += ["--overlap", f"{request.overlap:g}", "--tta" if request.tta else "--no-tta"]
-    command += ["--largest-component" if request.largest_component else "--no-largest-component"]
-    return command + ["--progress", "json"]
+    arguments = [*map(str, request.inputs), "-m", str(request.model), "-o", str(request.output), "--device", device]
+    arguments += ["--overlap", f"{request.overlap:g}", "--tta" if request.tta else "--no-tta"]
+    return arguments + ["--largest-component" if request.largest_component else "--no-largest-component"]
+
+
+def standby_command(model: Path, device: str, python: Optional[str] = None) -> List[str]:
+    """``PythonSlicer -m MedSegUNetLib standby -m MODEL ...``: an engine that waits for one job (standby.py)."""
+    engine_device, _ = split_device(device)
+    return [python or engine_python(), "-m", "MedSegUNetLib", "standby", "-m", str(model), "--device", engine_device, "--progress", "json"]
 
 
 @dataclass
@@ -191,7 +200,9 @@ class ChildProcess:
     Background threads read stdout and stderr; they only parse, queue and log. Everything public is
     meant for the UI thread and returns at once, except :meth:`wait` (tests and scripts)."""
 
-    def __init__(self, command: Sequence[str], environment: Optional[Dict[str, str]] = None, cwd: Optional[Path] = None):
+    def __init__(
+        self, command: Sequence[str], environment: Optional[Dict[str, str]] = None, cwd: Optional[Path] = None, stdin: bool = False
+    ):
         self.command = [str(part) for part in command]
         self.records: "queue.Queue[dict]" = queue.Queue()
         self.log_lines: Deque[str] = collections.deque(maxlen=LOG_LINES_KEPT)
@@ -203,7 +214,7 @@ class ChildProcess:
         self._exited_at: Optional[float] = None
         self._lock = threading.Lock()
         self.process = subprocess.Popen(
-            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=environment,
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, env=environment,
             cwd=str(cwd) if cwd else None, text=True, encoding="utf-8", errors="replace", bufsize=1, **_new_group_options(),
         )
         self._readers = [
@@ -292,6 +303,25 @@ class ChildProcess:
                 head.append(f"[{self.lines_dropped} earlier lines not kept]")
             return "\n".join(head + list(self.log_lines))
 
+    def send_last_line(self, line: str) -> None:
+        """Write one line to the child's stdin (started with ``stdin=True``) and close it: the child reads
+        to the end of input. OSError (BrokenPipeError) when the child has gone."""
+        if self.process.stdin is None or self.process.stdin.closed:
+            raise OSError("the engine's input is closed")
+        try:
+            self.process.stdin.write(line.rstrip("\n") + "\n")
+            self.process.stdin.flush()
+        finally:
+            self.close_input()
+
+    def close_input(self) -> None:
+        """End of input for the child; a child already gone is no error."""
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+
     def cancel(self, grace_seconds: float = 5.0) -> None:
         """End the whole process tree; returns at once (a thread escalates to SIGKILL after the grace)."""
         with self._lock:
@@ -345,6 +375,54 @@ class ChildProcess:
             os.killpg(self.process.pid, which)  # the child leads its own session and process group
         except (ProcessLookupError, PermissionError):
             pass  # already gone
+
+
+class StandbyEngine:
+    """An engine started before the click (``medsegunet standby``): Python started, torch and MONAI
+    imported, the model loaded and its first window run, waiting for one segment job.
+
+    The panel keeps one for the selected model and device; Segment hands it the job when it fits
+    (:meth:`take`), and starts the next one once the run has ended. It costs the engine's memory while
+    it waits (about 0.5 GB on the CPU; a GPU's context); the engine ends itself after 10 idle minutes."""
+
+    def __init__(self, model: Path, device: str, environment: Optional[Dict[str, str]] = None, python: Optional[str] = None):
+        self.model, self.device = Path(model), device or "auto"
+        self.process = ChildProcess(standby_command(self.model, self.device, python), environment, stdin=True)
+        self.taken = False  # it has its job: it is a run now, and takes no other
+
+    def fits(self, model: Path, device: str) -> bool:
+        """Still waiting (or still starting) for a job, for this model file and this device."""
+        return not self.taken and self.process.state == RUNNING and self.device == (device or "auto") and _same_file(self.model, model)
+
+    def take(self, request: SegmentRequest) -> Optional[ChildProcess]:
+        """The engine, given ``request`` as its job, as the run to follow; None if it cannot take it
+        (ended meanwhile: the caller starts a fresh engine). Its records so far are not the job's."""
+        if not self.fits(request.model, request.device):
+            return None
+        self.process.poll()  # "loading", "ready": stay in the log only
+        self.taken = True
+        try:
+            self.process.send_last_line(json.dumps({"segment": segment_arguments(request)}))
+        except OSError:
+            self.process.cancel()
+            return None
+        return self.process
+
+    def stop(self) -> None:
+        """End of input: the engine exits by itself; a SIGTERM too, for one still importing. Not for
+        one that was taken: that is a run, cancelled as runs are."""
+        if self.taken:
+            return
+        self.taken = True
+        self.process.close_input()
+        self.process.cancel()
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return Path(first).samefile(second)
+    except OSError:
+        return False
 
 
 def parse_record(line: str) -> Optional[dict]:
