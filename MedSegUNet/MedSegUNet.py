@@ -752,6 +752,7 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
     def startTrain(self, segmentationNodes, sceneFiles: List[Path], init: Optional[Path], minutes: Optional[float], device: str, maxSteps: Optional[int] = None) -> None:
         """Save the checked pairs as a scene, then train in a child process; the bundle lands in the models folder."""
         self.ensureIdle()
+        self.stopStandby()  # training wants the memory; the panel starts another engine when it ends
         folder = self.newWorkFolder()
         scene = self.saveAnnotatedScene(segmentationNodes, folder)
         data = ([scene] if scene else []) + [Path(p) for p in sceneFiles]
@@ -1144,7 +1145,17 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
         slicer.util.updateSegmentBinaryLabelmapFromArray((array > 0).astype(np.uint8), segmentationNode, segmentId, volume)
         logic = self.newLogic()
         self.assertIn((volume, segmentationNode), logic.annotatedPairs())
-        kind, state, message = logic.trainAndWait([segmentationNode], init=self.model(), maxSteps=2)
+        kept = logic.keepEngineReady()
+        try:
+            logic.setKeepEngineReady(True)
+            self.assertTrue(logic.prepareStandby(self.model(), "cpu"))
+            waiting = logic.standby
+            kind, state, message = logic.trainAndWait([segmentationNode], init=self.model(), maxSteps=2)
+            self.assertIsNone(logic.standby)  # training took its memory back
+            self.assertNotEqual(waiting.process.state, RUNNING)
+        finally:
+            logic.stopStandby()
+            logic.setKeepEngineReady(kept)
         self.assertEqual((kind, state), ("train", SUCCEEDED), f"{message}\n{logic.logText()}")
         bundle = Path(message)
         self.assertTrue(bundle.is_file())
