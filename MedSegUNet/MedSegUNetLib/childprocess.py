@@ -93,13 +93,16 @@ MALLOC_TUNABLES = (
     # Transparent huge pages for malloc's memory (most systems hand them out only on request): every large
     # buffer faults in 2 MB at a time instead of 4 kB, and the convolutions miss the TLB less: ~10% faster.
     "glibc.malloc.hugetlb=1",
-    # Blocks up to 32 MB (a window's activations are up to 14 MB) from the heap from the first window on,
-    # and up to 64 MB of freed heap kept for the next window. By default malloc maps such blocks afresh,
-    # raises its threshold after the first window and grows the heap over the next ones: those windows
-    # ran 1.5-2x slower (fresh pages, huge-page compaction). In-process A/B runs: 3-15% less time per
-    # segment, varying with the host's load; no difference measurable in whole processes; +10-17 MB peak.
+    # Blocks up to 32 MB (a window's activations are up to 14 MB) from the heap from the first window on:
+    # by default malloc maps such blocks afresh, raises its threshold after the first window and grows
+    # the heap over the next ones (windows 2-4 ran 1.5-2x slower).
     "glibc.malloc.mmap_threshold=33554432",
-    "glibc.malloc.trim_threshold=67108864",
+    # Up to 256 MB of freed heap kept, so one window's activations (~125 MB at their peak) find the last
+    # window's pages still mapped. With 64 MB kept, each window handed ~80 MB back and faulted it in
+    # again, and the first windows after the read stalled while the kernel assembled huge pages
+    # (compaction): 1.7-2x slower. Whole processes, 4 alternated each: 7.5 -> 7.1 s (512x512x300) and
+    # 6.6 -> 5.9 s (320x320x120), the same peak RSS (benchmarks/README.md).
+    "glibc.malloc.trim_threshold=268435456",
 )
 
 
