@@ -176,7 +176,7 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         missing = self.logic.dependenciesMissing()
         if missing and not self.logic.busy():
             self.ui.statusLabel.text = f"Not installed yet: {', '.join(missing)}. Segment offers to install them."
-        self.prepareEngine()
+        self.prepareEngine(entering=True)  # isEntered may not be set yet while enter() runs
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -267,10 +267,10 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.setKeepEngineReady(keep)
         self.prepareEngine()
 
-    def prepareEngine(self) -> None:
+    def prepareEngine(self, entering: bool = False) -> None:
         """The engine for the next Segment, started now with the selected model and device (while the
         panel is shown and nothing runs; the logic decides whether one is wanted)."""
-        if self.logic is None or not self.parent.isEntered:
+        if self.logic is None or not (entering or self.parent.isEntered):
             return
         try:
             self.logic.prepareStandby(self.currentModel(), self.ui.deviceComboBox.currentData)
