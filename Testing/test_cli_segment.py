@@ -537,3 +537,23 @@ def test_thin_slab_runs_windows_no_deeper_than_the_slab(tmp_path, ct_chest, smal
     predict = [json.loads(line) for line in result.stdout.splitlines() if '"predict"' in line]
     assert f"windows of 32x32x{depth} voxels" in predict[0]["message"], predict[0]
     assert Grid.of(sitk.ReadImage(str(output))).matches(Grid.of(sitk.ReadImage(str(slab))))
+
+
+def test_segment_skips_monai_s_plotting_and_signal_imports(tmp_path, ct_chest, small_bundle):
+    """leanimports: segment (and standby) keep MONAI from importing matplotlib and scipy.signal (about
+    1 s and 49 MB of the engine's start) and work without them; other commands import them as usual."""
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MODULE_DIR), str(REPO)]))
+    output = tmp_path / "o.seg.nrrd"
+    probe = (
+        "import sys\nfrom MedSegUNetLib.cli import main\n"
+        f"code = main(sys.argv[1:])\n"
+        "skipped = [name for name in ('matplotlib', 'scipy.signal') if name in sys.modules and sys.modules[name] is None]\n"
+        "print(code, 'monai' in sys.modules, ','.join(skipped))\n"
+        "import matplotlib\n"  # fails where skipped
+    )
+    segment = subprocess.run([sys.executable, "-c", probe, "segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--progress", "none"],
+                             capture_output=True, text=True, env=environment, timeout=300)
+    assert segment.stdout.splitlines()[-1] == "0 True matplotlib,scipy.signal", segment.stderr
+    assert "ModuleNotFoundError: import of matplotlib halted" in segment.stderr and output.is_file()
+    info = subprocess.run([sys.executable, "-c", probe, "info", str(small_bundle)], capture_output=True, text=True, env=environment, timeout=300)
+    assert info.returncode == 0 and info.stdout.splitlines()[-1].startswith("0 ") and info.stdout.splitlines()[-1].endswith(" "), info.stderr

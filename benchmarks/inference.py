@@ -72,6 +72,10 @@ def run_ours(image: Path, bundle: Path, output: Path, device: str = "cpu", preci
     in this thread before the clock starts, the job parsed and run by the same functions."""
     # Libraries imported before the clock starts, as the baseline's are (its image library, nibabel,
     # comes with monai.transforms): the clock holds the pipeline's work, and the project's own imports.
+    # First what the command line does before MONAI is imported (leanimports.py).
+    from MedSegUNetLib.leanimports import skip_unused_imports
+
+    skip_unused_imports()
     import monai.inferers  # noqa: F401
     import SimpleITK  # noqa: F401
     import torch  # noqa: F401

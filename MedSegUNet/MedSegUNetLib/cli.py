@@ -277,6 +277,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     install_signal_handlers()
+    if args.command in ("segment", "standby"):
+        from .leanimports import skip_unused_imports
+
+        skip_unused_imports()  # before anything imports MONAI
     from .progress import make_progress
 
     progress_kind = getattr(args, "progress", "none")
