@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from typing import Dict
 
@@ -25,3 +26,19 @@ def child_environment(kind: str, engine_malloc: str = "ours") -> Dict[str, str]:
     if wanted and sys.platform.startswith("linux"):
         environment["GLIBC_TUNABLES"] = with_malloc_tunables(environment.get("GLIBC_TUNABLES", ""))
     return environment
+
+
+def own_peak_rss_mb() -> float:
+    """This process's own peak resident memory (MB): VmHWM on Linux.
+
+    Not ``ru_maxrss``: Linux carries the parent's peak across the exec into the child's ``ru_maxrss``
+    (a child of a 760 MB harness reported at least 760 MB whatever it held itself)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, kB elsewhere

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -30,16 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "MedSegUNet"), str(REPO), str(Path(__file__).resolve().parent)]
 
 import volumes  # noqa: E402
-from children import ENGINE_MALLOC_CHOICES, child_environment  # noqa: E402
+from children import ENGINE_MALLOC_CHOICES, child_environment, own_peak_rss_mb  # noqa: E402
 
 STAGES = ("read", "preprocess", "predict", "restore", "write")
 # The baseline's windows per batch: its faster setting on both devices (MONAI's default of 1 sends this
 # network's small convolutions to PyTorch's slow CPU path, 2.5x slower; segment avoids that path itself).
 BASELINE_WINDOWS_PER_BATCH = 2
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # --- the workers (each runs in its own process) ----------------------------------------------------
@@ -264,7 +259,7 @@ def worker(args) -> None:
         result = run_baseline(image, bundle, output, args.device)
     else:
         result = run_ours(image, bundle, output, args.device, args.precision, ready=args.worker == "ready")
-    result["peak_rss_mb"] = peak_rss_mb()  # before the floor's own allocations
+    result["peak_rss_mb"] = own_peak_rss_mb()  # before the floor's own allocations
     if not args.no_floor:
         result["network_floor"] = network_floor(image, bundle, result["windows"], args.worker != "baseline", args.device, args.precision)
     print(json.dumps(result))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "MedSegUNet"), str(REPO), str(Path(__file__).resolve().parent)]
 
-from children import ENGINE_MALLOC_CHOICES, child_environment  # noqa: E402
+from children import ENGINE_MALLOC_CHOICES, child_environment, own_peak_rss_mb  # noqa: E402
 
 STRUCTURES = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "aorta")
 
@@ -158,7 +157,7 @@ def worker(args) -> None:
     with tempfile.TemporaryDirectory(prefix="medsegunet-train-bench-") as work:
         work = Path(work)
         result = run_ours(size, work, args.workers, args.device) if args.worker == "ours" else run_baseline(size, work, args.device)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    result["peak_rss_mb"] = own_peak_rss_mb()
     print(json.dumps(result))
 
 

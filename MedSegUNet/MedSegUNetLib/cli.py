@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 from .errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, Cancelled, MedSegError
 
 PROGRAM = "medsegunet"
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+PRECISIONS = ["auto", "fp32", "bf16"]  # inference.PRECISIONS, spelled out so that --help need not import torch
 
 
 def _raise_cancelled(signum, frame) -> None:
@@ -42,7 +44,7 @@ def add_segment_parser(commands) -> None:
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="one image per model input channel")
     parser.add_argument("-m", "--model", required=True, type=Path, help="model bundle (.safetensors)")
     parser.add_argument("-o", "--output", required=True, type=Path, help="OUTPUT.seg.nrrd, .nrrd, .nii.gz or .nii")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 0.95] (0.5)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False, help="mirroring TTA (8x time)")
     parser.add_argument(
@@ -55,7 +57,7 @@ def add_segment_parser(commands) -> None:
     parser.add_argument(
         "--precision",
         default="auto",
-        choices=["auto", "fp32", "bf16"],  # inference.PRECISIONS, spelled out so that --help need not import torch
+        choices=PRECISIONS,
         help="auto: fp16 on a CUDA GPU, float32 elsewhere; fp32: no reduced precision; bf16: on a GPU, or on a CPU "
         "with AVX512-BF16/AMX (there only ~1.15x faster, and labels can differ slightly from float32)",
     )
@@ -114,8 +116,8 @@ def add_standby_parser(commands) -> None:
         "without a job: exit 0, nothing written.",
     )
     parser.add_argument("-m", "--model", required=True, type=Path, help="model bundle (.safetensors) to load ahead")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--batch-size", type=int, default=None, help="windows per batch to warm up for")
     parser.add_argument("--idle-minutes", type=float, default=10.0, help="exit when no job came in this long (10)")
     _add_progress_argument(parser)
