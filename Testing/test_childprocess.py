@@ -353,7 +353,8 @@ def test_a_standby_engine_takes_the_panel_s_job_and_segments_as_a_fresh_engine_d
     assert run.state == SUCCEEDED, run.log_text()
     steps = [r["stage"] for r in records if r["stage"] != "standby"]
     assert steps[0] == "read" and steps[-1] == "done" and run.result["output"] == str(tmp_path / "result.seg.nrrd")
-    assert '"segment": [' not in run.log_text()  # the job is not echoed; the log starts with the standby command
+    log = run.log_text().splitlines()  # the standby command, then its output, the job among it
+    assert log[0].split()[3] == "standby" and f'job: {{"segment": ["{ct_chest}"' in "\n".join(log)
     read = lambda name: sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name)))  # noqa: E731
     assert np.array_equal(read("result.seg.nrrd"), read("fresh.seg.nrrd"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.seg.nrrd", "result.seg.nrrd"]

@@ -386,7 +386,7 @@ class StandbyEngine:
 
     The panel keeps one for the selected model and device; Segment hands it the job when it fits
     (:meth:`take`), and starts the next one once the run has ended. It costs the engine's memory while
-    it waits (about 0.5 GB on the CPU; a GPU's context); the engine ends itself after 10 idle minutes."""
+    it waits (about 0.55 GB resident on the CPU; a GPU's context); the engine ends itself after 10 idle minutes."""
 
     def __init__(self, model: Path, device: str, environment: Optional[Dict[str, str]] = None, python: Optional[str] = None):
         self.model, self.device = Path(model), device or "auto"
@@ -404,11 +404,13 @@ class StandbyEngine:
             return None
         self.process.poll()  # "loading", "ready": stay in the log only
         self.taken = True
+        job = json.dumps({"segment": segment_arguments(request)})
         try:
-            self.process.send_last_line(json.dumps({"segment": segment_arguments(request)}))
+            self.process.send_last_line(job)
         except OSError:
             self.process.cancel()
             return None
+        self.process._log(f"job: {job}")  # Show log: what this engine was asked to do
         return self.process
 
     def stop(self) -> None:
