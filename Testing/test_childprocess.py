@@ -391,6 +391,28 @@ def test_a_job_to_an_engine_that_died_is_refused_not_lost(tmp_path, ct_chest, sm
 
 
 @posix_only
+def test_a_job_written_to_a_dead_engine_does_not_kill_a_host_that_kept_sigpipe_s_default():
+    """Slicer embeds Python and may leave SIGPIPE at its default (which ends the writing process): the
+    write must still come back as an OSError, in a process that lives on."""
+    script = textwrap.dedent(
+        f"""
+        import signal, sys
+        sys.path[:0] = [{str(MODULE_DIR)!r}]
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as an embedding application may leave it
+        from MedSegUNetLib.childprocess import ChildProcess
+        dead = ChildProcess([sys.executable, "-c", "pass"], stdin=True)
+        dead.process.wait(timeout=30)
+        try:
+            dead.send_last_line("x" * 200000)
+        except OSError as error:
+            print("refused", type(error).__name__, signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ["refused", "BrokenPipeError", "True"], (result.returncode, result.stderr)
+
+
+@posix_only
 def test_cancelling_a_job_of_a_standby_engine_leaves_no_output(tmp_path, ct_chest, small_bundle):
     standby = StandbyEngine(small_bundle, "cpu", engine_environment(MODULE_DIR), python=sys.executable)
     run = standby.take(SegmentRequest([ct_chest], small_bundle, tmp_path / "result.seg.nrrd", device="cpu", tta=True))

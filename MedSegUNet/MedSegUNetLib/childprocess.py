@@ -311,6 +311,7 @@ class ChildProcess:
         to the end of input. OSError (BrokenPipeError) when the child has gone."""
         if self.process.stdin is None or self.process.stdin.closed:
             raise OSError("the engine's input is closed")
+        _ignore_sigpipe()
         try:
             self.process.stdin.write(line.rstrip("\n") + "\n")
             self.process.stdin.flush()
@@ -421,6 +422,17 @@ class StandbyEngine:
         self.taken = True
         self.process.close_input()
         self.process.cancel()
+
+
+def _ignore_sigpipe() -> None:
+    """A write to a child that died a moment ago must raise BrokenPipeError, not end this process.
+
+    Python ignores SIGPIPE from its start, but an application embedding it (Slicer) may have left the
+    default, which kills the writer. Set only from the main thread (Python's rule), only over the default
+    (a handler someone installed stays)."""
+    if hasattr(signal, "SIGPIPE") and threading.current_thread() is threading.main_thread():
+        if signal.getsignal(signal.SIGPIPE) == signal.SIG_DFL:
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
 
 def _same_file(first: Path, second: Path) -> bool:
