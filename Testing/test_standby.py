@@ -187,6 +187,18 @@ def test_a_bad_model_fails_at_once_without_waiting_for_a_job(tmp_path):
     assert code == 1 and records[-1]["stage"] == "error" and "model.safetensors" in records[-1]["message"], stderr
 
 
+@pytest.mark.parametrize(
+    "extra,message",
+    [(["--idle-minutes", "0"], "--idle-minutes must be positive"), (["--idle-minutes", "nan"], "--idle-minutes must be positive"),
+     (["--batch-size", "0"], "--batch-size must be at least 1")],
+)
+def test_bad_standby_options_fail_at_once(small_bundle, extra, message):
+    engine = StandbyEngine(small_bundle, *extra)
+    code, records, stderr = engine.finish(timeout=120)  # stdin stays open: it must not wait on it
+    assert code == 1 and stderr.strip() == f"medsegunet: error: {message}", stderr
+    assert [r["stage"] for r in records] == ["error"]  # refused before the model is loaded
+
+
 def test_sigterm_while_waiting_cancels(small_bundle):
     engine = StandbyEngine(small_bundle)
     engine.read_until("standby", "ready")

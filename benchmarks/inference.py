@@ -30,6 +30,7 @@ sys.path[:0] = [str(REPO / "MedSegUNet"), str(REPO), str(Path(__file__).resolve(
 
 import volumes  # noqa: E402
 from children import ENGINE_MALLOC_CHOICES, child_environment, own_peak_rss_mb  # noqa: E402
+from MedSegUNetLib.childprocess import parse_record  # noqa: E402
 
 STAGES = ("read", "preprocess", "predict", "restore", "write")
 # The baseline's windows per batch: its faster setting on both devices (MONAI's default of 1 sends this
@@ -291,16 +292,20 @@ def ready_engine_seconds(image: Path, bundle: Path, output: Path, engine_malloc:
     with tempfile.TemporaryFile() as errors:
         start = time.perf_counter()
         engine = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, env=environment)
+        is_ready = False
         for line in engine.stdout:
-            if json.loads(line).get("message", "").startswith("ready"):
+            record = parse_record(line.decode("utf-8", "replace"))
+            if record and record["stage"] == "standby" and str(record.get("message", "")).startswith("ready"):
+                is_ready = True
                 break
         ready = time.perf_counter()
-        engine.stdin.write(json.dumps({"segment": job}).encode() + b"\n")
+        if is_ready:  # else it has ended: its error is reported below
+            engine.stdin.write(json.dumps({"segment": job}).encode() + b"\n")
         engine.stdin.close()
         engine.stdout.read()
         code = engine.wait()
         end = time.perf_counter()
-        if code != 0:
+        if code != 0 or not is_ready:
             errors.seek(0)
             raise SystemExit(f"standby engine failed:\n{errors.read().decode('utf-8', 'replace')[-3000:]}")
     return {"start": ready - start, "job": end - ready}

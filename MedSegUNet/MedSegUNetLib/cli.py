@@ -88,8 +88,7 @@ def run_segment_command(args: argparse.Namespace, progress, preloaded=None) -> d
 
     if not 0.0 <= args.overlap <= 0.95:
         raise MedSegError(f"--overlap must be between 0 and 0.95, not {args.overlap}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise MedSegError("--batch-size must be at least 1")
+    _check_batch_size(args.batch_size)
     options = SegmentOptions(
         predict=PredictOptions(args.overlap, args.tta, args.batch_size, args.device, args.precision),
         largest_component=args.largest_component,
@@ -124,10 +123,16 @@ def add_standby_parser(commands) -> None:
     parser.set_defaults(handler=run_standby_command)
 
 
+def _check_batch_size(batch_size: Optional[int]) -> None:
+    if batch_size is not None and batch_size < 1:
+        raise MedSegError("--batch-size must be at least 1")
+
+
 def run_standby_command(args: argparse.Namespace, progress) -> dict:
     from .standby import load_and_warm, wait_for_job
 
-    if args.idle_minutes <= 0:
+    _check_batch_size(args.batch_size)
+    if not args.idle_minutes > 0:  # NaN too
         raise MedSegError("--idle-minutes must be positive")
     loaded = load_and_warm(args.model, args.device, args.precision, args.batch_size, progress)
     arguments = wait_for_job(sys.stdin.fileno(), args.idle_minutes * 60)
