@@ -83,16 +83,19 @@ def test_json_progress_protocol(tmp_path, ct_chest, small_bundle):
 
 
 @pytest.mark.parametrize("byte_order", ["<", ">"])
-def test_a_nifti_gz_resampled_as_it_is_read_segments_as_the_same_scan_read_whole(tmp_path, ct_chest, small_bundle, byte_order):
+def test_a_nifti_gz_or_nrrd_resampled_as_it_is_read_segments_as_the_same_scan_read_whole(tmp_path, ct_chest, small_bundle, byte_order):
     """A single .nii.gz CT goes to the network grid slice by slice while it inflates (never held at full
-    resolution); the same scan as NRRD is read whole first. The labels must be the same voxel for voxel
-    (an untrained network: its argmax flips at the slightest difference in its input), the progress the
-    same stages in the same order."""
+    resolution), and so does an NRRD, gzip (as Slicer saves scenes) or raw (as the Slicer panel hands its
+    volume to the engine); the same scan as MetaImage is read whole first. The labels must be the same
+    voxel for voxel (an untrained network: its argmax flips at the slightest difference in its input),
+    the progress the same stages in the same order."""
     import nibabel as nib
 
     reference = sitk.ReadImage(str(ct_chest))
-    nifti = tmp_path / "chest.nii.gz"
+    nifti, whole = tmp_path / "chest.nii.gz", tmp_path / "chest.mha"
     sitk.WriteImage(reference, str(nifti), useCompression=True)
+    sitk.WriteImage(reference, str(whole), useCompression=True)
+    sources = {"whole": whole, "streamed": nifti}
     if byte_order == ">":  # the same voxels and geometry, stored big-endian
         loaded = nib.load(str(nifti))
         header = loaded.header.copy()
@@ -100,8 +103,13 @@ def test_a_nifti_gz_resampled_as_it_is_read_segments_as_the_same_scan_read_whole
         big = nib.Nifti1Image(np.asanyarray(loaded.dataobj).astype(">i2"), loaded.affine, header)
         nib.save(big, str(nifti))
         assert Grid.of(sitk.ReadImage(str(nifti))).matches(Grid.of(reference), tolerance=1e-6)
+    else:
+        raw = tmp_path / "chest-raw.nrrd"
+        sitk.WriteImage(reference, str(raw), useCompression=False)
+        assert b"encoding: gzip" in ct_chest.read_bytes()[:1000] and b"encoding: raw" in raw.read_bytes()[:1000]
+        sources.update({"streamed gzip nrrd": ct_chest, "streamed raw nrrd": raw})
     runs = {}
-    for name, source in (("whole", ct_chest), ("streamed", nifti)):
+    for name, source in sources.items():
         output = tmp_path / f"{name}.nii.gz"
         result = run_cli("segment", str(source), "-m", str(small_bundle), "-o", str(output), "--progress", "json")
         assert result.returncode == 0, result.stderr
@@ -110,11 +118,12 @@ def test_a_nifti_gz_resampled_as_it_is_read_segments_as_the_same_scan_read_whole
         stages = [r["stage"] for r in records if not r.get("note")]
         assert list(dict.fromkeys(stages)) == ["read", "preprocess", "predict", "restore", "write", "done"], name
         streamed = any("as it is read" in r["message"] for r in records)
-        assert streamed == (name == "streamed"), name
-    whole, streamed = runs["whole"][1], runs["streamed"][1]
-    assert Grid.of(streamed).matches(Grid.of(whole), tolerance=1e-6)
-    assert sitk.GetArrayViewFromImage(whole).any()
-    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(streamed), sitk.GetArrayViewFromImage(whole))
+        assert streamed == name.startswith("streamed"), name
+    whole_labels = runs["whole"][1]
+    assert sitk.GetArrayViewFromImage(whole_labels).any()
+    for name, (_, labels) in runs.items():
+        assert Grid.of(labels).matches(Grid.of(whole_labels), tolerance=1e-6), name
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(whole_labels), err_msg=name)
 
 
 def test_console_script_runs(tmp_path, ct_chest, small_bundle):

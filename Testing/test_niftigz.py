@@ -307,7 +307,8 @@ def test_a_truncated_stream_of_slices_is_reported(tmp_path):
 
 def test_stream_image_slices_applies_to_integer_nifti_gz_only(tmp_path):
     """imageio.stream_image_slices: a plain integer .nii.gz is streamed with ITK's grid; floats (whose NaN
-    need the whole volume), other formats and a corrupt stream are left to read_image (None); a header
+    need the whole volume), other formats (but NRRD: test_nrrdvoxels.py) and a corrupt stream are left to
+    read_image (None); a header
     read_image refuses is refused with the same one-line error."""
     from MedSegUNetLib.errors import MedSegError
     from MedSegUNetLib.imageio import stream_image_slices
@@ -318,7 +319,7 @@ def test_stream_image_slices_applies_to_integer_nifti_gz_only(tmp_path):
     image.SetOrigin((1.0, -2.0, 3.0))
     image.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
     paths = {}
-    for name, stored in (("ct.nii.gz", image), ("float.nii.gz", sitk.Cast(image, sitk.sitkFloat32)), ("ct.nrrd", image)):
+    for name, stored in (("ct.nii.gz", image), ("float.nii.gz", sitk.Cast(image, sitk.sitkFloat32)), ("ct.mha", image)):
         paths[name] = tmp_path / name
         sitk.WriteImage(stored, str(paths[name]), useCompression=True)
     slices, grids = [], []
@@ -330,7 +331,7 @@ def test_stream_image_slices_applies_to_integer_nifti_gz_only(tmp_path):
     assert stream_image_slices(paths["ct.nii.gz"], start) == Grid.of(read_image(paths["ct.nii.gz"]).image) == grids[0]
     np.testing.assert_array_equal(np.stack(slices), values)
     assert stream_image_slices(paths["float.nii.gz"], start) is None
-    assert stream_image_slices(paths["ct.nrrd"], start) is None
+    assert stream_image_slices(paths["ct.mha"], start) is None
     assert stream_image_slices(tmp_path / "missing.nii.gz", start) is None
     two_members = tmp_path / "two-members.nii.gz"  # a second gzip member after the voxels: not the plain case
     two_members.write_bytes(paths["ct.nii.gz"].read_bytes() + gzip.compress(b"more"))
