@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,11 +31,21 @@ def engine(*args: str, limit_bytes: int = None, address_space: int = None) -> su
     )
 
 
-@pytest.mark.parametrize("ending", [".seg.nrrd", ".nii.gz"])
-def test_disk_full_while_writing_keeps_the_old_output_and_leaves_no_partial_file(tmp_path, ct_chest, small_bundle, ending):
+@pytest.mark.parametrize("ending, limit", [(".seg.nrrd", 200), (".seg.nrrd", 20000), (".nii.gz", 200)])
+def test_disk_full_while_writing_keeps_the_old_output_and_leaves_no_partial_file(tmp_path, ct_chest, small_bundle, ending, limit):
+    """The disk fills in the header (200 bytes), or in the middle of the .seg.nrrd's voxel data."""
+    if limit > 200:  # the whole file is larger than the limit, its header smaller
+        whole = tmp_path / "whole" / f"result{ending}"
+        whole.parent.mkdir()
+        process = engine("segment", str(ct_chest), "-m", str(small_bundle), "-o", str(whole), "--device", "cpu")
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+        written = whole.read_bytes()
+        assert written.index(b"\n\n") < limit < len(written)
+        shutil.rmtree(whole.parent)
     output = tmp_path / f"result{ending}"
     output.write_bytes(b"the user's earlier result")
-    process = engine("segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--device", "cpu", limit_bytes=200)
+    process = engine("segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--device", "cpu", limit_bytes=limit)
     stdout, stderr = process.communicate(timeout=300)
     assert_clean_failure(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), output.name)
     assert output.read_bytes() == b"the user's earlier result"
