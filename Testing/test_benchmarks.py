@@ -46,6 +46,18 @@ def test_inference_benchmark_reports_and_outputs_agree(tmp_path):
     assert whole["ready_start_s"] > 0 and whole["ready_s"] > 0
 
 
+def test_inference_benchmark_on_the_slicer_panels_files(tmp_path):
+    """--panel: the volume as the uncompressed .nrrd the panel writes, ours' result the .seg.nrrd it loads."""
+    report = run_benchmark("inference.py", tmp_path / "inference.json", "--panel")
+    assert report["files"].startswith("panel")
+    assert report["ready_labels_equal_ours"] is True  # both .seg.nrrd files, read back as labelmaps
+    assert report["dice_ours_vs_baseline_on_model_grid"] > 0.99
+    # the .seg.nrrd (ours) against the baseline's NIfTI on the benchmark volume: the same grid, so a Dice
+    assert 0.5 < report["dice_ours_vs_baseline"] <= 1
+    for side in ("ours", "ready"):
+        assert report[side]["stages_s"]["read"] > 0 and report[side]["stages_s"]["write"] > 0
+
+
 def test_training_benchmark_reports(tmp_path):
     report = run_benchmark("training.py", tmp_path / "training.json")
     assert report["speedup_vs_monai_baseline"] > 0

@@ -1,6 +1,6 @@
 """Inference benchmark: `medsegunet segment` end to end against the pipeline a MONAI user would write.
 
-    python benchmarks/inference.py [--quick | --size tiny|quick|full|huge] [--repeats N] [--whole-process N] [--json FILE] [--plot PNG]
+    python benchmarks/inference.py [--quick | --size tiny|quick|full|huge] [--repeats N] [--whole-process N] [--panel] [--json FILE] [--plot PNG]
 
 Both pipelines run the same bundle (the shipped model) on the same CT-like volume (made from the sample
 CT, see volumes.py), each run in its own child process, alternating ours/baseline, so that each peak
@@ -8,7 +8,9 @@ resident memory is that run's alone and a background load hits both alike. Repor
 stage, total and peak RSS (medians over the repeats), their ratios, the Dice between the two outputs,
 and the network-only time for the windows each pipeline ran (the floor). A third side, *ready*, is
 `segment` on the engine the Slicer panel starts ahead of the click (`medsegunet standby`: the model
-loaded and its first window run before the clock).
+loaded and its first window run before the clock). With ``--panel`` the files are the Slicer panel's: the
+volume as an uncompressed ``.nrrd`` (as the panel writes it for the engine) and ours' result a
+``.seg.nrrd`` (what the panel loads); the baseline reads the same ``.nrrd`` and writes its usual NIfTI.
 """
 
 from __future__ import annotations
@@ -178,7 +180,7 @@ def run_baseline(image: Path, bundle_path: Path, output: Path, device: str = "cp
     restored = post(data)["pred"]
     t4 = time.perf_counter()
     writer = SaveImage(output_dir=str(output.parent), output_postfix="", separate_folder=False, output_dtype=np.uint8, resample=False)
-    writer(restored, meta_data=restored.meta, filename=str(output).replace(".nii.gz", ""))
+    writer(restored, meta_data=restored.meta, filename=str(output)[: -len(".nii.gz")])
     end = time.perf_counter()
     stages = {"read": t1 - start, "preprocess": t2 - t1, "predict": t3 - t2, "restore": t4 - t3, "write": end - t4}
     windows = count_windows(zyx.shape[2:], prep.patch_size[::-1], settings.overlap)
@@ -329,13 +331,20 @@ def whole_process_seconds(kind: str, image: Path, bundle: Path, output: Path, en
     return seconds
 
 
-def whole_process_report(kinds: List[str], image: Path, bundle: Path, work: Path, repeats: int, engine_malloc: str, precision: str) -> dict:
+def output_name(kind: str, panel: bool) -> str:
+    """The file each side writes: with --panel, ours (and ready) write the .seg.nrrd the Slicer panel loads;
+    the baseline always writes its NIfTI labelmap (SaveImage)."""
+    return "ct.seg.nrrd" if panel and kind != "baseline" else "ct.nii.gz"
+
+
+def whole_process_report(kinds: List[str], image: Path, bundle: Path, work: Path, repeats: int, engine_malloc: str, precision: str,
+                         panel: bool = False) -> dict:
     """Each kind as a whole process; "ready" as the standby engine: the job's time, its start apart."""
     seconds: Dict[str, List[float]] = {kind: [] for kind in kinds}
     ready_start: List[float] = []
     for repeat in range(repeats):
         for kind in rotated(kinds, repeat):
-            output = work / f"whole-{kind}{repeat}" / "ct.nii.gz"
+            output = work / f"whole-{kind}{repeat}" / output_name(kind, panel)
             output.parent.mkdir()
             if kind == "ready":
                 timing = ready_engine_seconds(image, bundle, output, engine_malloc, precision)
@@ -367,29 +376,33 @@ def harness(args) -> dict:
     if not bundle.exists():
         raise SystemExit(f"no model at {bundle} (build it with Resources/Models/build-abdomen-ct.sh, or pass --model)")
     work = Path(tempfile.mkdtemp(prefix="medsegunet-bench-"))
-    image = volumes.write_volume(work / "ct.nii.gz", volume)
+    # the Slicer panel hands the engine an uncompressed NRRD (MedSegUNet.py, writeVolume)
+    image = volumes.write_volume(work / "ct.nrrd", volume, compressed=False) if args.panel else volumes.write_volume(work / "ct.nii.gz", volume)
     kinds = ["ours"] if args.only == "ours" else ["ours", "ready", "baseline"]
     runs: Dict[str, List[dict]] = {kind: [] for kind in kinds}
     for repeat in range(args.repeats):
         for kind in rotated(kinds, repeat):
-            output = work / f"{kind}{repeat}" / "ct.nii.gz"
+            output = work / f"{kind}{repeat}" / output_name(kind, args.panel)
             output.parent.mkdir()
             runs[kind].append(spawn(kind, image, bundle, output, args.device, engine_malloc=args.engine_malloc, precision=args.precision))
             last = runs[kind][-1]
             print(f"run {repeat + 1}/{args.repeats} {kind:>8}: {last['total']:.1f} s, {last['peak_rss_mb']:.0f} MB", file=sys.stderr)
     agreement = {}
     if "ready" in runs:  # the same engine code on a warm engine: the same labels, voxel for voxel
-        agreement["ready_equals_ours"] = volumes.same_voxels(work / "ours0" / "ct.nii.gz", work / "ready0" / "ct.nii.gz")
+        ours_output = output_name("ours", args.panel)
+        agreement["ready_equals_ours"] = volumes.same_voxels(work / "ours0" / ours_output, work / "ready0" / ours_output)
     if "baseline" in runs:
-        agreement["benchmark_volume"] = volumes.dice_between(work / "ours0" / "ct.nii.gz", work / "baseline0" / "ct.nii.gz")
+        agreement["benchmark_volume"] = volumes.dice_between(work / "ours0" / output_name("ours", args.panel), work / "baseline0" / "ct.nii.gz")
         agreement["model_grid"] = agreement_on_model_grid(work, volume, bundle, args.device, args.precision)
     report = summarize(runs, agreement, volume, bundle, args.device)
     report["engine_malloc"] = args.engine_malloc
     report["precision_ours"] = args.precision
+    report["files"] = ("panel: uncompressed .nrrd in; ours .seg.nrrd out, baseline .nii.gz out" if args.panel
+                       else "nii.gz in, nii.gz out")
     if args.whole_process:
         if args.device != "cpu":
             raise SystemExit("--whole-process runs on the CPU only")
-        report["whole_process"] = whole_process_report(kinds, image, bundle, work, args.whole_process, args.engine_malloc, args.precision)
+        report["whole_process"] = whole_process_report(kinds, image, bundle, work, args.whole_process, args.engine_malloc, args.precision, args.panel)
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -482,7 +495,8 @@ def print_table(report: dict) -> None:
     volume, sides = report["volume"], [k for k in ("ours", "ready", "baseline") if k in report]
     print(f"volume {'x'.join(map(str, volume['size']))} at {volume['spacing']} mm, model {report['model']}, "
           f"{report['machine']['cpus']} CPUs ({report['machine']['cpu']}), {report['machine'].get('gpu', 'no GPU')} used: "
-          f"{report['machine']['device']}, medians of {report['repeats']} runs, segment --precision {report.get('precision_ours', 'auto')}")
+          f"{report['machine']['device']}, medians of {report['repeats']} runs, segment --precision {report.get('precision_ours', 'auto')}, "
+          f"files: {report.get('files', 'nii.gz in, nii.gz out')}")
     print(f"{'':22}" + "".join(f"{k:>12}" for k in sides))
     for stage in STAGES:
         print(f"  {stage:<20}" + "".join(f"{report[k]['stages_s'][stage]:>12.2f}" for k in sides))
@@ -556,6 +570,8 @@ def main() -> None:
                         help="segment's --precision (default auto: float32 on the CPU, fp16 on CUDA, as the baseline)")
     parser.add_argument("--whole-process", type=int, default=0, metavar="N",
                         help="also time N whole processes of each, interpreter start and imports included (CPU)")
+    parser.add_argument("--panel", action="store_true",
+                        help="the Slicer panel's files: the volume as uncompressed .nrrd, ours' result as .seg.nrrd (the baseline writes .nii.gz)")
     parser.add_argument("--json", help="write the report as JSON here")
     parser.add_argument("--plot", help="write the time-per-stage plot (PNG) here")
     parser.add_argument("--worker", choices=["ours", "ready", "baseline"], help=argparse.SUPPRESS)

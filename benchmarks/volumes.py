@@ -90,10 +90,10 @@ def ct_like(volume: VolumeSize, source: Path, seed: int = 0, orientation: str = 
     return result if orientation == "LPS" else sitk.DICOMOrient(result, orientation)
 
 
-def write_volume(path: Path, volume: VolumeSize, source: Optional[Path] = None, orientation: str = "LPS") -> Path:
+def write_volume(path: Path, volume: VolumeSize, source: Optional[Path] = None, orientation: str = "LPS", compressed: bool = True) -> Path:
     import SimpleITK as sitk
 
-    sitk.WriteImage(ct_like(volume, source or source_ct(), orientation=orientation), str(path), useCompression=True)
+    sitk.WriteImage(ct_like(volume, source or source_ct(), orientation=orientation), str(path), useCompression=compressed)
     return path
 
 
