@@ -105,3 +105,40 @@ def engine_baseline(tmp_path_factory):
 def address_space_limit(engine_baseline, headroom: int = 3 * 2**30) -> int:
     """An RLIMIT_AS that leaves the engine ``headroom`` bytes to allocate after its imports."""
     return engine_baseline[0] + headroom
+
+
+def streamed_onto_a_coarse_grid(path: Path, compressed: bool):
+    """A 600x256x256 int16 CT (78 MB; its body's HU follow z) written to ``path``, then read the way segment
+    reads a single image (imageio.stream_image_slices into the network grid's resampler) under
+    tracemalloc: (the 3 mm result, the peak of Python-visible memory, the volume's bytes)."""
+    import tracemalloc
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from MedSegUNetLib.bundle import Preprocessing
+    from MedSegUNetLib.imageio import stream_image_slices
+    from MedSegUNetLib.preprocessing import network_resampler
+
+    values = np.full((600, 256, 256), -1000, np.int16)
+    values[:, 64:192, 48:208] = np.arange(600, dtype=np.int16)[:, None, None]
+    image = sitk.GetImageFromArray(values)
+    image.SetSpacing((0.8, 0.8, 0.5))
+    sitk.WriteImage(image, str(path), useCompression=compressed)
+    preprocessing = Preprocessing(target_spacing=(3.0, 3.0, 3.0), patch_size=(16, 16, 16), orientation="LPS")
+    made = []
+
+    def start(grid):
+        made.append(network_resampler(grid, preprocessing)[0])
+        return made[0].add
+
+    tracemalloc.start()
+    try:
+        assert stream_image_slices(path, start) is not None
+        result = made[0].result()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.shape == (100, 68, 68)
+    np.testing.assert_allclose(result[:, 34, 34], (np.arange(100) + 0.5) * 6 - 0.5, atol=1e-3)  # 6 slices per plane
+    return result, peak, values.nbytes

@@ -345,36 +345,11 @@ def test_stream_image_slices_applies_to_integer_nifti_gz_only(tmp_path):
 def test_a_ct_resampled_as_it_inflates_is_never_held_whole(tmp_path, monkeypatch):
     """segment's read of a single .nii.gz (stream_network_input): the 78 MB volume goes to the network grid
     slice by slice; what is held at once is the read-ahead, a few pieces and slices, and the coarse grid."""
-    import tracemalloc
-
     import MedSegUNetLib.niftigz as niftigz
-    from MedSegUNetLib.bundle import Preprocessing
-    from MedSegUNetLib.imageio import stream_image_slices
-    from MedSegUNetLib.preprocessing import network_resampler
+    from conftest import streamed_onto_a_coarse_grid
 
-    values = np.full((600, 256, 256), -1000, np.int16)
-    values[:, 64:192, 48:208] = np.arange(600, dtype=np.int16)[:, None, None]  # a body whose HU follows z
-    image = sitk.GetImageFromArray(values)
-    image.SetSpacing((0.8, 0.8, 0.5))
-    path = tmp_path / "ct.nii.gz"
-    sitk.WriteImage(image, str(path), useCompression=True)
     monkeypatch.setattr(niftigz, "READ_AHEAD", 4 * 2**20)
     monkeypatch.setattr(niftigz, "INFLATED_PIECE", 2**20)
-    preprocessing = Preprocessing(target_spacing=(3.0, 3.0, 3.0), patch_size=(16, 16, 16), orientation="LPS")
-    made = []
-
-    def start(grid):
-        made.append(network_resampler(grid, preprocessing)[0])
-        return made[0].add
-
-    tracemalloc.start()
-    try:
-        assert stream_image_slices(path, start) is not None
-        result = made[0].result()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert result.shape == (100, 68, 68)
-    np.testing.assert_allclose(result[:, 34, 34], (np.arange(100) + 0.5) * 6 - 0.5, atol=1e-3)  # 6 slices per plane
+    result, peak, volume_bytes = streamed_onto_a_coarse_grid(tmp_path / "ct.nii.gz", compressed=True)
     # the read-ahead's bytes, the pieces on their way (inflated, queued, being cut), the coarse grid
-    assert peak < niftigz.READ_AHEAD + 4 * niftigz.INFLATED_PIECE + result.nbytes + 2**20 < values.nbytes / 5
+    assert peak < niftigz.READ_AHEAD + 4 * niftigz.INFLATED_PIECE + result.nbytes + 2**20 < volume_bytes / 5

@@ -159,33 +159,10 @@ def test_cut_short_or_corrupt_data_is_reported_not_zero_filled(tmp_path):
 def test_a_raw_ct_resampled_as_it_is_read_is_never_held_whole(tmp_path, monkeypatch):
     """What the Slicer panel hands the engine: a raw .nrrd goes to the network grid slice by slice; held at
     once are the read-ahead, a few pieces and slices, and the coarse grid, never the 78 MB volume."""
-    import tracemalloc
-
     import MedSegUNetLib.nrrdvoxels as nrrdvoxels
-    from MedSegUNetLib.bundle import Preprocessing
-    from MedSegUNetLib.preprocessing import network_resampler
+    from conftest import streamed_onto_a_coarse_grid
 
-    values = np.full((600, 256, 256), -1000, np.int16)
-    values[:, 64:192, 48:208] = np.arange(600, dtype=np.int16)[:, None, None]
-    image = sitk.GetImageFromArray(values)
-    image.SetSpacing((0.8, 0.8, 0.5))
-    path = tmp_path / "ct.nrrd"
-    sitk.WriteImage(image, str(path), useCompression=False)
     monkeypatch.setattr(nrrdvoxels, "READ_AHEAD", 4 * 2**20)
     monkeypatch.setattr(nrrdvoxels, "RAW_PIECE", 2**20)
-    preprocessing = Preprocessing(target_spacing=(3.0, 3.0, 3.0), patch_size=(16, 16, 16), orientation="LPS")
-    made = []
-
-    def start(grid):
-        made.append(network_resampler(grid, preprocessing)[0])
-        return made[0].add
-
-    tracemalloc.start()
-    try:
-        assert stream_image_slices(path, start) is not None
-        result = made[0].result()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    np.testing.assert_allclose(result[:, 34, 34], (np.arange(100) + 0.5) * 6 - 0.5, atol=1e-3)
-    assert peak < nrrdvoxels.READ_AHEAD + 4 * nrrdvoxels.RAW_PIECE + result.nbytes + 2**20 < values.nbytes / 5
+    result, peak, volume_bytes = streamed_onto_a_coarse_grid(tmp_path / "ct.nrrd", compressed=False)
+    assert peak < nrrdvoxels.READ_AHEAD + 4 * nrrdvoxels.RAW_PIECE + result.nbytes + 2**20 < volume_bytes / 5
