@@ -548,7 +548,8 @@ def plot(report: dict, path: Path) -> None:
     axis.set_xlim(0, max(report[k]["total_s"] for k in kinds) * 1.35)
     volume = report["volume"]
     where = report["machine"].get("gpu") or f"{report['machine']['cpus']} CPU cores"
-    axis.set_title(f"{'x'.join(map(str, volume['size']))} CT, {where}: "
+    files = " (the Slicer panel's files: .nrrd in, .seg.nrrd out)\n" if report.get("files", "").startswith("panel") else ""
+    axis.set_title(f"{'x'.join(map(str, volume['size']))} CT{files}{', ' if not files else ''}{where}: "
                    f"{report['speedup_vs_monai_baseline']:.2f}x faster, {report['peak_rss_ratio_vs_monai_baseline']:.2f}x memory", fontsize=10)
     axis.legend(ncol=6, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
     figure.tight_layout()
