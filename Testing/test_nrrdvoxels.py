@@ -112,6 +112,7 @@ def test_what_the_reader_does_not_cover_is_left_to_itk(tmp_path):
         "ascii.nrrd": (header.replace("encoding: raw", "encoding: ascii"), " ".join(map(str, values.reshape(-1))).encode()),
         "trailing.nrrd": (header, data + b"\0\0"),  # ITK reads the voxels it needs
         "two-members.nrrd": (header.replace("encoding: raw", "encoding: gzip"), gzip.compress(data[:100]) + gzip.compress(data[100:])),
+        "not-gzip.nrrd": (header.replace("encoding: raw", "encoding: gzip"), data),  # ITK reads it as raw
     }
     for name, (text, payload) in variants.items():
         (tmp_path / name).write_bytes(text.encode() + payload)

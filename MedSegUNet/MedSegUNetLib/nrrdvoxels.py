@@ -21,6 +21,7 @@ from .niftigz import READ_AHEAD, CorruptStream, _inflated, gzip_inflater, slices
 from .readahead import ReadAhead
 
 RAW_PIECE = 1 << 22  # bytes read at a time from a raw file
+GZIP_MAGIC = b"\x1f\x8b"
 # NRRD type names (the format's own list) of the integer types: only integer volumes are streamed
 _INTEGER_TYPES = {
     "i1": ("signed char", "int8", "int8_t"),
@@ -87,6 +88,9 @@ def stream_voxels(path: Path, size_xyz: Sequence[int], expected: np.dtype, consu
     with open(path, "rb") as file:
         if not compressed and os.fstat(file.fileno()).st_size != offset + total:
             return False
+        file.seek(offset)
+        if compressed and file.read(2) != GZIP_MAGIC:
+            return False  # "gzip" data that is not gzip at all: ITK reads it as it is, so it is left to ITK
         file.seek(offset)
         pieces = _inflated(file, inflater) if compressed else _raw_pieces(file, total)
         with ReadAhead(pieces, READ_AHEAD) as ahead:
