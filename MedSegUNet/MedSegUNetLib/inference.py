@@ -77,7 +77,8 @@ def select_device(name: str) -> torch.device:
 
 
 def prediction_memory_bytes(shape_czyx: Sequence[int], classes: int) -> int:
-    """What the stitched prediction holds at once: the input, MONAI's per-class output and weight maps."""
+    """What the stitched prediction holds at once: the input, the per-class score sums (stitching.py) and
+    the argmax's running maximum and indices."""
     voxels = int(np.prod(shape_czyx[1:], dtype=np.int64))
     return voxels * (4 * shape_czyx[0] + 4 * classes + 4 + 1)
 
@@ -192,34 +193,27 @@ def _sliding_window(
     progress: Progress,
 ) -> np.ndarray:
     """Class index per voxel of a (C, Z, Y, X) array, on ``device``."""
-    from monai.inferers import SlidingWindowInferer
+    from .stitching import blended_scores
 
     total = count_windows(array.shape[1:], patch_size_zyx, options.overlap)
     done = 0
-    stitch_on = stitching_device(device, array.shape, output_classes(network))
+    classes = output_classes(network)
+    stitch_on = stitching_device(device, array.shape, classes)
 
     def advance(count: int) -> None:
         nonlocal done
         done = min(done + count, total)
         progress.update("predict", done, total, f"window {done}/{total} on {device.type}")
 
-    inferer = SlidingWindowInferer(
-        roi_size=list(patch_size_zyx),
-        sw_batch_size=batch_size,
-        overlap=options.overlap,
-        mode="gaussian",
-        padding_mode="constant",
-        cval=float(array.min()),
-        sw_device=device,
-        device=stitch_on,
-    )
     dtype = network_precision(options.precision, device)
     predictor = WindowPredictor(prepare_network(network, device, dtype), options.tta, advance)
     window_xyz = "x".join(str(n) for n in reversed(list(patch_size_zyx)))
     progress.update("predict", 0, total, f"{total} windows of {window_xyz} voxels on {device.type}")
     with torch.inference_mode(), _autocast(device, dtype):
-        scores = inferer(torch.from_numpy(array)[None].to(stitch_on), predictor)
-        return class_indices(scores[0]).cpu().numpy()
+        volume = torch.from_numpy(array).to(stitch_on)
+        declared = getattr(network, "out_channels", None)  # None: sized from the first window's scores
+        scores = blended_scores(predictor, volume, patch_size_zyx, declared, options.overlap, batch_size, device, float(array.min()))
+        return class_indices(scores).cpu().numpy()
 
 
 def stitching_device(device: torch.device, shape_czyx: Sequence[int], classes: int) -> torch.device:

@@ -1,0 +1,99 @@
+"""The window blending (stitching.py) must give MONAI's sliding_window_inference scores up to the per-voxel
+weight sum it leaves out, and so the same argmax; every buffer is made before the first window."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+
+from MedSegUNetLib.inference import PredictOptions, class_indices, count_windows, predict_labels
+from MedSegUNetLib.progress import Progress
+from MedSegUNetLib.stitching import blended_scores, summed_weights, window_slices
+
+
+def _network(classes: int = 3, seed: int = 0) -> torch.nn.Module:
+    """A small random network whose scores depend on each window's content and position in it."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.InstanceNorm3d(4), torch.nn.ReLU(), torch.nn.Conv3d(4, classes, 3, padding=1)
+    ).eval()
+
+
+CASES = [
+    ((40, 50, 60), (16, 16, 16), 0.5, 1),
+    ((10, 70, 33), (16, 32, 32), 0.25, 2),  # thinner than the window along z: padded as MONAI pads
+    ((16, 16, 16), (16, 16, 16), 0.5, 1),  # one window, exactly
+    ((23, 9, 41), (16, 16, 16), 0.6, 3),  # thinner along y, a last batch of fewer windows
+]
+
+
+@pytest.mark.parametrize("shape,window,overlap,batch", CASES)
+def test_scores_divided_by_the_summed_weights_are_monais(shape, window, overlap, batch):
+    network = _network()
+    volume = torch.from_numpy(np.random.default_rng(sum(shape)).normal(size=(1, *shape)).astype(np.float32))
+    fill = float(volume.min())
+    with torch.inference_mode():
+        monai_scores = sliding_window_inference(volume[None], list(window), batch, network, overlap=overlap, mode="gaussian",
+                                                padding_mode="constant", cval=fill)[0]
+        calls = []
+
+        def predict(windows):
+            calls.append(windows.shape[0])
+            return network(windows)
+
+        ours = blended_scores(predict, volume, window, 3, overlap, batch, torch.device("cpu"), fill)
+    assert ours.shape == monai_scores.shape == (3, *shape)
+    assert sum(calls) == count_windows(shape, window, overlap) == len(window_slices([max(n, w) for n, w in zip(shape, window)], window, overlap))
+    assert max(calls) <= batch
+    weights = summed_weights([max(n, w) for n, w in zip(shape, window)], window, overlap)
+    crop = tuple(slice((max(w - n, 0)) // 2, (max(w - n, 0)) // 2 + n) for n, w in zip(shape, window))
+    weights = weights[crop]
+    assert float(weights.min()) > 0  # every voxel seen by a window with a positive weight
+    torch.testing.assert_close(ours / weights, monai_scores, rtol=1e-5, atol=1e-5)
+    # the argmax of the weighted sums is the argmax of MONAI's averages, voxel for voxel
+    assert torch.equal(class_indices(ours), class_indices(monai_scores))
+
+
+def test_predict_labels_is_monais_argmax_with_tta_and_batches():
+    network = _network(classes=4, seed=1)
+    array = np.random.default_rng(3).normal(size=(1, 30, 37, 29)).astype(np.float32)
+    for tta, batch in ((False, 1), (False, 2), (True, 2)):
+        labels = predict_labels(network, array, (16, 16, 16), PredictOptions(tta=tta, sw_batch_size=batch, device="cpu"), Progress())
+        flips = [()] + ([(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if tta else [])
+
+        def averaged(windows):
+            return sum(torch.flip(network(torch.flip(windows, f) if f else windows), f) if f else network(windows) for f in flips) / len(flips)
+
+        with torch.inference_mode():
+            reference = sliding_window_inference(torch.from_numpy(array)[None], [16, 16, 16], batch, averaged, overlap=0.5,
+                                                 mode="gaussian", padding_mode="constant", cval=float(array.min()))[0]
+        np.testing.assert_array_equal(labels, class_indices(reference).numpy(), err_msg=f"tta={tta} batch={batch}")
+
+
+def test_buffers_are_made_before_the_first_window_and_each_output_freed_before_the_next():
+    """What keeps the heap the same from window to window (stitching.py says why): nothing of the
+    stitching is allocated between two windows, and no window's scores outlive the next call."""
+    import weakref
+
+    network = _network()
+    volume = torch.zeros((1, 24, 24, 24))
+    alive_at_call = []
+    outputs = []
+
+    def predict(windows):
+        alive_at_call.append(sum(ref() is not None for ref in outputs))
+        output = network(windows)
+        outputs.append(weakref.ref(output))
+        return output
+
+    with torch.inference_mode():
+        blended_scores(predict, volume, (16, 16, 16), 3, 0.5, 1, torch.device("cpu"), 0.0)
+    assert len(alive_at_call) == 8 and alive_at_call == [0] * 8
+
+
+def test_a_network_with_other_output_is_refused_with_the_shapes():
+    with pytest.raises(ValueError, match=r"scores of shape \(1, 2, 16, 16, 16\).*3 classes"):
+        blended_scores(lambda w: torch.zeros((w.shape[0], 2, *w.shape[2:])), torch.zeros((1, 20, 20, 20)), (16, 16, 16), 3, 0.5, 1,
+                       torch.device("cpu"), 0.0)
