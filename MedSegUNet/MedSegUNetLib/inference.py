@@ -1,4 +1,5 @@
-"""The prediction loop: device choice, sliding windows with Gaussian blending, mirroring TTA, fallbacks.
+"""The prediction loop: device choice, sliding windows with Gaussian blending (stitching.py), mirroring
+TTA, fallbacks.
 
 ``segment`` and training's validation both call :func:`predict_labels`, so validation Dice measures
 exactly what users get.
@@ -164,7 +165,8 @@ class WindowPredictor:
     """The network's scores (logits) for a batch of windows, averaged over mirrorings when TTA is on.
 
     Logits, not probabilities, are blended across windows and mirrorings, as nnU-Net does and as
-    MONAI's ``sliding_window_inference`` does with a bare network: the argmax is taken once, at the end,
+    MONAI's ``sliding_window_inference`` does with a bare network (stitching.py blends them with its
+    weights): the argmax is taken once, at the end,
     and no softmax pass over every window is needed (on the CPU that pass cost 4% of a whole segment)."""
 
     def __init__(self, network: torch.nn.Module, tta: bool, on_windows: Callable[[int], None]):
