@@ -102,6 +102,22 @@ def test_a_name_beyond_ascii_is_written_as_utf8_as_slicer_reads_it(tmp_path):
     assert [itk.GetMetaData(f"Segment{i}_Name") for i in range(2)] == ["foie, lésion", "肾"]
 
 
+def test_names_beyond_ascii_come_back_whole_to_training_and_evaluate(tmp_path):
+    """slicerio (through pynrrd) drops non-ASCII characters from names ("lésion" -> "lsion"): the scene
+    reader of training and evaluate's segment matching take them from the header as UTF-8."""
+    from MedSegUNetLib.evaluate import _segmentation_masks
+    from MedSegUNetLib.segnrrd import segment_names
+    from training.scenes import read_segments
+
+    labels = [Label(1, "foie, lésion", (1.0, 0.0, 0.0)), Label(4, "肾", (0.0, 1.0, 0.0))]
+    path = write_segmentation(tmp_path / "utf8.seg.nrrd", _label_image(), labels)
+    assert slicerio.read_segmentation(str(path), skip_voxels=True)["segments"][0]["name"] == "foie, lsion"  # why
+    assert segment_names(path) == {"Segment_1": "foie, lésion", "Segment_4": "肾"}
+    assert [segment.name for segment in read_segments(path)] == ["foie, lésion", "肾"]
+    assert sorted(_segmentation_masks(path).display.values()) == ["foie, lésion", "肾"]
+    assert segment_names(tmp_path / "missing.seg.nrrd") == {}
+
+
 def test_a_label_image_of_another_type_is_cast_and_a_larger_one_compresses(tmp_path):
     image = sitk.Cast(_label_image(), sitk.sitkInt32)
     path = write_segmentation(tmp_path / "cast.seg.nrrd", image, _labels())

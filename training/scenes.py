@@ -24,6 +24,7 @@ import SimpleITK as sitk
 
 from MedSegUNetLib.errors import MedSegError
 from MedSegUNetLib.geometry import Grid, image_from_ijk_array, resample_onto
+from MedSegUNetLib.segnrrd import segment_names
 
 
 class SceneError(MedSegError):
@@ -223,6 +224,7 @@ def read_segments(path: Path) -> List[SegmentInfo]:
         segmentation = slicerio.read_segmentation(str(path), skip_voxels=True)
     except Exception as error:
         raise SceneError(f"is not a readable segmentation ({error})", path) from None
+    names = segment_names(path)  # UTF-8, where slicerio drops every non-ASCII character
     segments = []
     for segment in segmentation.get("segments", []):
         tags = segment.get("tags") or {}
@@ -230,7 +232,8 @@ def read_segments(path: Path) -> List[SegmentInfo]:
         if not terminology and segment.get("terminology"):
             terminology = slicerio.segmentation.terminology_entry_to_string(segment["terminology"])
         color = tuple(float(c) for c in segment.get("color", (0.5, 0.5, 0.5)))
-        segments.append(SegmentInfo(segment["name"], int(segment["labelValue"]), int(segment.get("layer", 0)), color, terminology))
+        name = names.get(str(segment.get("id")), segment["name"])
+        segments.append(SegmentInfo(name, int(segment["labelValue"]), int(segment.get("layer", 0)), color, terminology))
     return segments
 
 

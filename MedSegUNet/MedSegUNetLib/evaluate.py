@@ -32,6 +32,7 @@ from .atomic import atomic_path, check_writable
 from .errors import MedSegError
 from .geometry import Grid, image_from_ijk_array
 from .imageio import SEGMENTATION_ENDING, has_ending, read_labelmap
+from .segnrrd import segment_names
 
 IMAGE_ENDINGS = (SEGMENTATION_ENDING, ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
@@ -74,8 +75,9 @@ def _segmentation_masks(path: Path) -> Masks:
     layers = voxels if voxels.ndim == 4 else voxels[np.newaxis]
     grid_image = image_from_ijk_array(np.zeros(layers.shape[1:], np.uint8), segmentation["ijkToLPS"])
     masks, display, values = {}, {}, {}
+    names = segment_names(path)  # UTF-8, where slicerio drops every non-ASCII character
     for segment in segmentation.get("segments", []):
-        name = str(segment.get("name", segment.get("id")))
+        name = names.get(str(segment.get("id")), str(segment.get("name", segment.get("id"))))
         key = " ".join(name.split()).casefold()
         if key in masks:
             raise MedSegError(f"has two segments named '{name}'", path)

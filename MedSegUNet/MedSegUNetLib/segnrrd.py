@@ -25,6 +25,7 @@ from .errors import MedSegError
 from .geometry import ijk_to_lps
 from .niftigz import gzip_deflater
 
+HEADER_LIMIT = 1 << 22  # bytes searched for the end of a .seg.nrrd header (Slicer's are a few KB)
 DEFLATED_PIECE = 1 << 22  # voxel bytes handed to the compressor at a time (no copy: a view of the image)
 EMPTY_EXTENT = [0, -1, 0, -1, 0, -1]  # how Slicer writes the extent of a segment without a voxel
 EXTENT_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -129,3 +130,25 @@ def write_segmentation_nrrd(path: Path, label_image: sitk.Image, labels: Sequenc
             file.write(deflater.compress(flat[start : start + DEFLATED_PIECE]))
         file.write(deflater.flush())
     return path
+
+
+def segment_names(path: Path) -> Dict[str, str]:
+    """Segment ID -> name, as written in the ``.seg.nrrd`` header at ``path``, decoded as UTF-8 (as Slicer
+    writes and reads them). pynrrd, under slicerio's reader, decodes headers as ASCII and drops every
+    other character ("lésion" -> "lsion"): readers take the names from here. Empty for a header that
+    cannot be read (the caller's slicerio read reports that)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(HEADER_LIMIT)
+    except OSError:
+        return {}
+    end = head.find(b"\n\n")
+    lines = head[: end if end >= 0 else len(head)].decode("utf-8", "replace").splitlines()
+    fields = dict(line.split(":=", 1) for line in lines if ":=" in line)
+    names = {}
+    for key, value in fields.items():
+        if key.startswith("Segment") and key.endswith("_ID"):
+            name = fields.get(key[: -len("_ID")] + "_Name")
+            if name is not None:
+                names[value.strip()] = name.strip()
+    return names
