@@ -1,5 +1,5 @@
 """The window blending (stitching.py) must give MONAI's sliding_window_inference scores up to the per-voxel
-weight sum it leaves out, and so the same argmax; every buffer is made before the first window."""
+weight sum it leaves out, and so the same argmax; no window's scores outlive the next window's call."""
 
 from __future__ import annotations
 
@@ -72,9 +72,9 @@ def test_predict_labels_is_monais_argmax_with_tta_and_batches():
         np.testing.assert_array_equal(labels, class_indices(reference).numpy(), err_msg=f"tta={tta} batch={batch}")
 
 
-def test_buffers_are_made_before_the_first_window_and_each_output_freed_before_the_next():
-    """What keeps the heap the same from window to window (stitching.py says why): nothing of the
-    stitching is allocated between two windows, and no window's scores outlive the next call."""
+def test_each_windows_scores_are_freed_before_the_next_call():
+    """Part of what keeps the heap the same from window to window (stitching.py says why): when the
+    network is called, no earlier window's scores are still held."""
     import weakref
 
     network = _network()

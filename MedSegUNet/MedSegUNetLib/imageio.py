@@ -206,7 +206,7 @@ def stream_image_slices(
     are then to be discarded and the image read with :func:`read_image`. A cut-short or corrupt stream
     raises the error :func:`read_image` raises for it."""
     path = Path(path)
-    read_slices = _SLICE_READERS.get(next((e for e in _SLICE_READERS if has_ending(path, (e,))), ""))
+    read_slices = next((reader for ending, reader in _SLICE_READERS.items() if has_ending(path, (ending,))), None)
     if read_slices is None or not path.is_file():
         return None
     reader = _read_information(path, max_voxels)
@@ -396,9 +396,9 @@ def write_segmentation(path, label_image: sitk.Image, labels: Sequence[Label]) -
     """Write ``label_image`` (label values of ``labels``) as ``.seg.nrrd`` (segnrrd.py) or as a plain labelmap."""
     path = Path(path)
     check_output_type(path)
-    if has_ending(path, (SEGMENTATION_ENDING,)):
-        return write_segmentation_nrrd(path, label_image, labels)
     image = _as_pixel_type(label_image, labelmap_pixel_type(labels))
+    if has_ending(path, (SEGMENTATION_ENDING,)):
+        return write_segmentation_nrrd(path, image, labels)
     with atomic_path(path) as temporary:
         sitk.WriteImage(image, str(temporary), useCompression=True)
         _verify_written(temporary, image, path)

@@ -67,7 +67,7 @@ def _voxel_layout(header: bytes) -> Optional[Tuple[np.dtype, Tuple[int, ...], in
     return np.dtype(order + _DATATYPES[datatype]), tuple(dims[1:4]), int(vox_offset)
 
 
-def _inflated(file, inflater) -> Iterator[bytes]:
+def inflated_pieces(file, inflater) -> Iterator[bytes]:
     """The inflated stream of ``file`` in pieces of at most INFLATED_PIECE bytes."""
     while chunk := file.read(COMPRESSED_CHUNK):
         while chunk:
@@ -97,7 +97,7 @@ def _stream_voxels(path: Path, size_xyz: Sequence[int], expected: np.dtype, cons
     inflater, error = gzip_inflater()
     head = bytearray()
     layout, total, written = None, 0, 0
-    with open(path, "rb") as file, ReadAhead(_inflated(file, inflater), READ_AHEAD) as pieces:
+    with open(path, "rb") as file, ReadAhead(inflated_pieces(file, inflater), READ_AHEAD) as pieces:
         try:
             for output in pieces:
                 if head is not None:

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .niftigz import READ_AHEAD, CorruptStream, _inflated, gzip_inflater, slices_of
+from .niftigz import READ_AHEAD, CorruptStream, gzip_inflater, inflated_pieces, slices_of
 from .readahead import ReadAhead
 
 RAW_PIECE = 1 << 22  # bytes read at a time from a raw file
@@ -92,7 +92,7 @@ def stream_voxels(path: Path, size_xyz: Sequence[int], expected: np.dtype, consu
         if compressed and file.read(2) != GZIP_MAGIC:
             return False  # "gzip" data that is not gzip at all: ITK reads it as it is, so it is left to ITK
         file.seek(offset)
-        pieces = _inflated(file, inflater) if compressed else _raw_pieces(file, total)
+        pieces = inflated_pieces(file, inflater) if compressed else _raw_pieces(file, total)
         with ReadAhead(pieces, READ_AHEAD) as ahead:
             try:
                 for piece in ahead:

@@ -114,12 +114,11 @@ def header_text(image: sitk.Image, labels: Sequence[Label], extents: Dict[int, L
     return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 
-def write_segmentation_nrrd(path: Path, label_image: sitk.Image, labels: Sequence[Label]) -> Path:
-    """``label_image`` (label values of ``labels``) as a ``.seg.nrrd``; on any failure (a full disk: Python
-    reports every failed write) the previous file at ``path`` is left as it was."""
+def write_segmentation_nrrd(path: Path, image: sitk.Image, labels: Sequence[Label]) -> Path:
+    """``image`` (label values of ``labels``, of :func:`labelmap_pixel_type`: imageio.write_segmentation
+    casts) as a ``.seg.nrrd``; on any failure (a full disk: Python reports every failed write) the previous
+    file at ``path`` is left as it was."""
     path = Path(path)
-    pixel_type = labelmap_pixel_type(labels)
-    image = label_image if label_image.GetPixelID() == pixel_type else sitk.Cast(label_image, pixel_type)
     voxels = sitk.GetArrayViewFromImage(image)  # (k, j, i): i runs fastest, as in NRRD; valid while image lives
     header = header_text(image, labels, segment_extents(voxels, labels), path)
     flat = np.ascontiguousarray(voxels).reshape(-1).view(np.uint8)
