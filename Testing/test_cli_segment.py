@@ -566,3 +566,34 @@ def test_segment_skips_monai_s_plotting_and_signal_imports(tmp_path, ct_chest, s
     assert "ModuleNotFoundError: import of matplotlib halted" in segment.stderr and output.is_file()
     info = subprocess.run([sys.executable, "-c", probe, "info", str(small_bundle)], capture_output=True, text=True, env=environment, timeout=300)
     assert info.returncode == 0 and info.stdout.splitlines()[-1].startswith("0 ") and info.stdout.splitlines()[-1].endswith(" "), info.stderr
+
+
+def test_engine_commands_exit_without_the_teardown_and_lose_no_output(tmp_path, ct_chest, small_bundle):
+    """cli.exit_now: segment (and standby, devices) end the process once their output is flushed, skipping
+    the interpreter's 0.5 s teardown the panel would wait for; the exit handlers never run. Nothing is
+    lost: the last line printed without a flush to a pipe arrives, and so does a failure's one line.
+    Other commands exit normally (the same probe sees their exit handlers run)."""
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MODULE_DIR), str(REPO)]))
+    environment.pop("PYTHONUNBUFFERED", None)  # stdout to a pipe then buffers whole blocks, as it does by default
+    probe = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('teardown ran', flush=True))\n"
+        "from MedSegUNetLib.cli import entry\n"
+        "sys.argv[0] = 'medsegunet'\n"
+        "entry()\n"
+    )
+
+    def run(*arguments: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", probe, *arguments], capture_output=True, text=True, env=environment, timeout=300)
+
+    output = tmp_path / "out.seg.nrrd"
+    segment = run("segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--progress", "lines")
+    assert segment.returncode == 0, segment.stderr
+    assert segment.stdout.splitlines()[-1] == f"wrote {output}", segment.stdout  # print() without a flush
+    assert "teardown ran" not in segment.stdout and output.is_file()
+    missing = tmp_path / "missing.nrrd"
+    failed = run("segment", str(missing), "-m", str(small_bundle), "-o", str(tmp_path / "o.seg.nrrd"), "--progress", "json")
+    assert_clean_failure(failed, str(missing))
+    assert json.loads(failed.stdout.splitlines()[-1])["stage"] == "error" and "teardown ran" not in failed.stdout
+    info = run("info", str(small_bundle))
+    assert info.returncode == 0 and info.stdout.splitlines()[-1] == "teardown ran", info.stdout

@@ -1,7 +1,8 @@
 """The ``medsegunet`` command line (also ``python -m MedSegUNetLib``; Slicer runs it with PythonSlicer).
 
 Expected failures print one line, ``medsegunet: error: FILE: problem``, and exit 1; a usage error
-exits 2; SIGINT/SIGTERM end the run cleanly with exit 130 and no output file.
+exits 2; SIGINT/SIGTERM end the run cleanly with exit 130 and no output file. The engine's commands
+(segment, standby, devices) end their process as soon as their output is flushed (:func:`exit_now`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 from .errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, Cancelled, MedSegError
 
@@ -69,7 +70,7 @@ def add_segment_parser(commands) -> None:
         help="CT models: run the network only on the box around the body, air is background (default on)",
     )
     _add_progress_argument(parser)
-    parser.set_defaults(handler=run_segment_command)
+    parser.set_defaults(handler=run_segment_command, exit_at_once=True)
 
 
 def _add_progress_argument(parser: argparse.ArgumentParser) -> None:
@@ -120,7 +121,7 @@ def add_standby_parser(commands) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="windows per batch to warm up for")
     parser.add_argument("--idle-minutes", type=float, default=10.0, help="exit when no job came in this long (10)")
     _add_progress_argument(parser)
-    parser.set_defaults(handler=run_standby_command)
+    parser.set_defaults(handler=run_standby_command, exit_at_once=True)
 
 
 def _check_batch_size(batch_size: Optional[int]) -> None:
@@ -227,7 +228,7 @@ def run_create_bundle_command(args: argparse.Namespace, progress) -> dict:
 
 def add_devices_parser(commands) -> None:
     parser = commands.add_parser("devices", help="list the compute devices torch can use here (JSON)")
-    parser.set_defaults(handler=run_devices_command, progress="none")
+    parser.set_defaults(handler=run_devices_command, progress="none", exit_at_once=True)
 
 
 def run_devices_command(args: argparse.Namespace, progress) -> dict:
@@ -279,7 +280,34 @@ def tolerate_ascii_console() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def entry() -> None:
+    """The program (``medsegunet``, ``python -m MedSegUNetLib``)."""
+    sys.exit(main(exit_at_once=True))
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` without the interpreter's teardown.
+
+    With torch, MONAI and SimpleITK imported that teardown (unloading their modules) takes about 0.5 s,
+    and the Slicer panel loads a result only once the engine has exited: half a second of every click.
+    Nothing is lost by skipping it: the engine's files are written, checked and renamed into place by
+    then (atomic.py), its worker threads have finished or only load what is no longer needed, and the
+    exit handlers its libraries register (logging's flush, multiprocessing's, torch's) have nothing to
+    do; what stdout and stderr still buffer is flushed here. Training keeps the normal exit (its
+    data-loader workers and process group are ended by the teardown)."""
+    for name in ("SIGTERM", "SIGINT"):  # a Cancel arriving now must not turn a finished run into a traceback
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # the reader has gone (the panel closed the pipe): there is no one left to tell
+    os._exit(code)
+
+
+def main(argv: Optional[Sequence[str]] = None, exit_at_once: bool = False) -> int:
+    """Run one command; its exit code. ``exit_at_once`` (the program's entry, never an in-process caller):
+    a command that asks for it (``exit_at_once`` among its parser's defaults) ends the process here."""
     tolerate_ascii_console()
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -293,6 +321,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     progress_kind = getattr(args, "progress", "none")
     quiet_rank = os.environ.get("RANK", "0") != "0" and progress_kind != "json"  # torchrun: one log, rank 0's
     progress = make_progress("none" if quiet_rank else progress_kind)
+    code = run_command(args, progress, progress_kind)
+    if exit_at_once and getattr(args, "exit_at_once", False):
+        exit_now(code)
+    return code
+
+
+def run_command(args: argparse.Namespace, progress, progress_kind: str) -> int:
+    """The parsed command run, its expected failures reported as one line; the exit code."""
     try:
         result = args.handler(args, progress) or {}
         if progress_kind == "json" and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
