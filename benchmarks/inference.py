@@ -377,7 +377,7 @@ def harness(args) -> dict:
         raise SystemExit(f"no model at {bundle} (build it with Resources/Models/build-abdomen-ct.sh, or pass --model)")
     work = Path(tempfile.mkdtemp(prefix="medsegunet-bench-"))
     # the Slicer panel hands the engine an uncompressed NRRD (MedSegUNet.py, writeVolume)
-    image = volumes.write_volume(work / "ct.nrrd", volume, compressed=False) if args.panel else volumes.write_volume(work / "ct.nii.gz", volume)
+    image = volumes.write_volume(work / ("ct.nrrd" if args.panel else "ct.nii.gz"), volume, compressed=not args.panel)
     kinds = ["ours"] if args.only == "ours" else ["ours", "ready", "baseline"]
     runs: Dict[str, List[dict]] = {kind: [] for kind in kinds}
     for repeat in range(args.repeats):
@@ -548,8 +548,8 @@ def plot(report: dict, path: Path) -> None:
     axis.set_xlim(0, max(report[k]["total_s"] for k in kinds) * 1.35)
     volume = report["volume"]
     where = report["machine"].get("gpu") or f"{report['machine']['cpus']} CPU cores"
-    files = " (the Slicer panel's files: .nrrd in, .seg.nrrd out)\n" if report.get("files", "").startswith("panel") else ""
-    axis.set_title(f"{'x'.join(map(str, volume['size']))} CT{files}{', ' if not files else ''}{where}: "
+    files = " (the Slicer panel's files: .nrrd in, .seg.nrrd out)\n" if report.get("files", "").startswith("panel") else ", "
+    axis.set_title(f"{'x'.join(map(str, volume['size']))} CT{files}{where}: "
                    f"{report['speedup_vs_monai_baseline']:.2f}x faster, {report['peak_rss_ratio_vs_monai_baseline']:.2f}x memory", fontsize=10)
     axis.legend(ncol=6, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
     figure.tight_layout()
