@@ -2,7 +2,7 @@
 
 Thin glue between Slicer and the engine (MedSegUNetLib, run as a child process with PythonSlicer):
 nodes become files, files become nodes, progress is read without blocking the UI. All process handling
-(command lines, progress reading, cancel of the whole process tree) is MedSegUNetLib.childprocess's,
+(command lines, progress reading, cancel of the whole process tree) is MedSegUNetLib.host.childprocess's,
 which is plain Python tested outside Slicer. Nothing here imports torch, MONAI or numpy at module level:
 Slicer starts as fast with this module as without it.
 """
@@ -19,16 +19,16 @@ from typing import Annotated, List, Optional, Tuple
 import qt
 import slicer
 import vtk
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
-from MedSegUNetLib.childprocess import (
+from MedSegUNetLib.host.childprocess import (
     CANCELLED,
     FAILED,
     RUNNING,
@@ -527,7 +527,7 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def describeModel(path: Path) -> str:
         """Labels, spacing and provenance, read from the bundle's header (no torch needed)."""
-        from MedSegUNetLib.bundle import describe, read_bundle_metadata
+        from MedSegUNetLib.model.bundle import describe, read_bundle_metadata
 
         meta = read_bundle_metadata(path)
         text = describe(meta)
@@ -809,7 +809,7 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
 
     def segmentsToReplace(self, segmentationNode, model: Path) -> List[str]:
         """Segments of an existing output that Segment would replace (same name as a model structure)."""
-        from MedSegUNetLib.bundle import read_bundle_metadata
+        from MedSegUNetLib.model.bundle import read_bundle_metadata
 
         names = {label.name.casefold() for label in read_bundle_metadata(model).labels}
         return [name for name in self.segmentNames(segmentationNode) if name.casefold() in names]
@@ -992,7 +992,7 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Dependencies and the model")
         logic = self.newLogic()
         self.assertEqual(logic.dependenciesMissing(), [], "install the dependencies (the panel offers it) before the self-test")
-        from MedSegUNetLib.bundle import read_bundle_metadata
+        from MedSegUNetLib.model.bundle import read_bundle_metadata
 
         description = logic.describeModel(self.model())
         for label in read_bundle_metadata(self.model()).labels:
@@ -1000,7 +1000,7 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
 
     def test_segment_fills_a_segmentation_on_the_volume_grid(self):
         self.delayDisplay("Segment")
-        from MedSegUNetLib.bundle import read_bundle_metadata
+        from MedSegUNetLib.model.bundle import read_bundle_metadata
 
         volume, array = self.syntheticVolume()
         logic = self.newLogic()
@@ -1132,7 +1132,7 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Retrain with a small budget")
         import numpy as np
 
-        from MedSegUNetLib.bundle import read_bundle_metadata
+        from MedSegUNetLib.model.bundle import read_bundle_metadata
 
         volume, array = self.syntheticVolume()
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "annotation")

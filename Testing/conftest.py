@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +35,8 @@ def chest_segmentation() -> Path:
 
 
 def make_small_bundle(path: Path, names=("ribs", "spine"), spacing=(6.0, 6.0, 6.0), patch=(32, 32, 16), seed=0) -> Path:
-    from MedSegUNetLib.bundle import Normalization, Preprocessing, create_bundle, save_bundle
-    from MedSegUNetLib.labels import default_labels
+    from MedSegUNetLib.core.labels import default_labels
+    from MedSegUNetLib.model.bundle import Normalization, Preprocessing, create_bundle, save_bundle
 
     preprocessing = Preprocessing(spacing, patch, "RAS", Normalization("ct", (-1000.0, 1000.0)))
     bundle = create_bundle(default_labels(list(names)), preprocessing, ["CT"], name=path.stem, seed=seed, base_filters=4)
@@ -51,12 +50,20 @@ def small_bundle(tmp_path_factory) -> Path:
     return make_small_bundle(tmp_path_factory.mktemp("bundle") / "small.safetensors")
 
 
+TRAINING_COMMANDS = ("train", "sample-data", "demo")
+
+
+def program(command: str) -> str:
+    """The module that runs ``command`` as Slicer's panel does: the engine's, or the whole program (training)."""
+    return "training" if command in TRAINING_COMMANDS else "MedSegUNetLib"
+
+
 def run_cli(*args: str, timeout: float = 300, env=None, **kwargs) -> subprocess.CompletedProcess:
-    """``python -m MedSegUNetLib ARGS`` exactly as the Slicer panel starts it."""
+    """``python -m MedSegUNetLib ARGS`` (``-m training`` for training's commands), as the Slicer panel starts it."""
     environment = dict(os.environ if env is None else env)
     environment["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR), str(REPO), environment.get("PYTHONPATH", "")])
     return subprocess.run(
-        [sys.executable, "-m", "MedSegUNetLib", *args],
+        [sys.executable, "-m", program(args[0]), *args],
         capture_output=True,
         text=True, encoding="utf-8", errors="replace",
         timeout=timeout,
@@ -94,7 +101,7 @@ def engine_baseline(tmp_path_factory):
     for variable in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR"):
         environment.pop(variable, None)
     probe = (
-        "import MedSegUNetLib.cli, MedSegUNetLib.segment, training.cli, training.scenes, monai.networks.nets, matplotlib.pyplot\n"
+        "import MedSegUNetLib.cli, MedSegUNetLib.commands.segment, training.cli, training.scenes, monai.networks.nets, matplotlib.pyplot\n"
         "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmPeak:')][0])"
     )
     result = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True,
@@ -116,9 +123,9 @@ def streamed_onto_a_coarse_grid(path: Path, compressed: bool):
     import numpy as np
     import SimpleITK as sitk
 
-    from MedSegUNetLib.bundle import Preprocessing
-    from MedSegUNetLib.imageio import stream_image_slices
-    from MedSegUNetLib.preprocessing import network_resampler
+    from MedSegUNetLib.imageio.images import stream_image_slices
+    from MedSegUNetLib.model.bundle import Preprocessing
+    from MedSegUNetLib.prediction.preprocessing import network_resampler
 
     values = np.full((600, 256, 256), -1000, np.int16)
     values[:, 64:192, 48:208] = np.arange(600, dtype=np.int16)[:, None, None]

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from MedSegUNetLib.bundle import Bundle, Normalization, Preprocessing, create_bundle
-from MedSegUNetLib.geometry import Grid
-from MedSegUNetLib.labels import default_labels
-from MedSegUNetLib.preprocessing import BODY_MARGIN_MM, NetworkInput, body_box
-from MedSegUNetLib.progress import Progress
-from MedSegUNetLib.segment import SegmentOptions, _body_if_it_pays, predict_in_body
+from MedSegUNetLib.commands.segment import SegmentOptions, _body_if_it_pays, predict_in_body
+from MedSegUNetLib.core.geometry import Grid
+from MedSegUNetLib.core.labels import default_labels
+from MedSegUNetLib.core.progress import Progress
+from MedSegUNetLib.model.bundle import Bundle, Normalization, Preprocessing, create_bundle
+from MedSegUNetLib.prediction.preprocessing import BODY_MARGIN_MM, NetworkInput, body_box
 
 
 def test_body_box_keeps_every_dense_voxel_with_a_margin():

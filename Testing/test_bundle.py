@@ -10,8 +10,10 @@ import sys
 
 import pytest
 import torch
+from conftest import MODULE_DIR, make_small_bundle
 
-from MedSegUNetLib.bundle import (
+from MedSegUNetLib.core.errors import Cancelled, MedSegError
+from MedSegUNetLib.model.bundle import (
     METADATA_KEY,
     BundleMeta,
     Label,
@@ -22,10 +24,7 @@ from MedSegUNetLib.bundle import (
     read_bundle_metadata,
     save_bundle,
 )
-from MedSegUNetLib.errors import Cancelled, MedSegError
-from MedSegUNetLib.network import NetworkSpec
-
-from conftest import MODULE_DIR, make_small_bundle
+from MedSegUNetLib.model.network import NetworkSpec
 
 TERMINOLOGY = (
     "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure~"
@@ -70,7 +69,7 @@ def test_metadata_is_read_without_torch(tmp_path):
     path = make_small_bundle(tmp_path / "m.safetensors", names=("liver", "spleen"))
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['monai'] = None\n"
-        "from MedSegUNetLib.bundle import read_bundle_metadata\n"
+        "from MedSegUNetLib.model.bundle import read_bundle_metadata\n"
         f"meta = read_bundle_metadata({str(path)!r})\n"
         "print([l.name for l in meta.labels])"
     )
@@ -238,11 +237,11 @@ def test_failed_save_leaves_the_old_bundle(tmp_path, small_bundle):
 
 def test_a_cancel_while_loading_stays_a_cancel(small_bundle, monkeypatch):
     """A signal that lands while MONAI builds the network is a cancel (exit 130), not "a bad bundle"."""
-    import MedSegUNetLib.network
+    import MedSegUNetLib.model.network
 
     def interrupted(spec):
         raise Cancelled("stopped by signal SIGTERM")
 
-    monkeypatch.setattr(MedSegUNetLib.network, "build_network", interrupted)
+    monkeypatch.setattr(MedSegUNetLib.model.network, "build_network", interrupted)
     with pytest.raises(Cancelled):
         load_bundle(small_bundle)

@@ -1,4 +1,4 @@
-"""The panel's process handling (MedSegUNetLib.childprocess) with real child processes, no Slicer.
+"""The panel's process handling (MedSegUNetLib.host.childprocess) with real child processes, no Slicer.
 
 The commands are built by the same functions MedSegUNetLogic calls (segment_command, train_command,
 devices_command) and run on real files; progress is read by polling, as the panel's QTimer does.
@@ -18,9 +18,10 @@ import typing
 from pathlib import Path
 
 import pytest
+from conftest import MODULE_DIR, REPO
 
-from MedSegUNetLib import childprocess
-from MedSegUNetLib.childprocess import (
+from MedSegUNetLib.host import childprocess
+from MedSegUNetLib.host.childprocess import (
     CANCELLED,
     FAILED,
     RUNNING,
@@ -39,8 +40,6 @@ from MedSegUNetLib.childprocess import (
     standby_command,
     train_command,
 )
-
-from conftest import MODULE_DIR, REPO
 
 posix_only = pytest.mark.skipif(os.name == "nt", reason="process groups and /proc are POSIX")
 MODULE_FILE = MODULE_DIR / "MedSegUNet.py"
@@ -270,10 +269,9 @@ def test_cancel_ends_the_whole_process_tree(tmp_path):
     grandchild = int((tmp_path / "pid").read_text())
     assert alive(grandchild)
     started = time.monotonic()
-    process.cancel(grace_seconds=2)
-    assert time.monotonic() - started < 0.5  # Cancel returns at once: the UI thread never waits
-    assert process.wait(timeout=30) == CANCELLED
-    assert time.monotonic() - started < 15
+    process.cancel(grace_seconds=60)
+    assert time.monotonic() - started < 30  # Cancel returns without waiting for the child or its grace period
+    assert process.wait(timeout=30) == CANCELLED  # SIGTERM ended it, long before the grace period
     assert wait_gone(grandchild)
     assert living_members_of_group(process.process.pid) == []  # nothing is left in the run's process group
 
@@ -399,7 +397,7 @@ def test_a_job_written_to_a_dead_engine_does_not_kill_a_host_that_kept_sigpipe_s
         import signal, sys
         sys.path[:0] = [{str(MODULE_DIR)!r}]
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as an embedding application may leave it
-        from MedSegUNetLib.childprocess import ChildProcess
+        from MedSegUNetLib.host.childprocess import ChildProcess
         dead = ChildProcess([sys.executable, "-c", "pass"], stdin=True)
         dead.process.wait(timeout=30)
         try:
@@ -429,7 +427,7 @@ def test_cancelling_a_job_of_a_standby_engine_leaves_no_output(tmp_path, ct_ches
 
 def test_the_train_command_the_panel_builds_writes_a_bundle(tmp_path, ct_chest, chest_segmentation, small_bundle):
     """What Retrain does: the pairs saved as a scene, `training train` fine-tuning the selected model."""
-    from MedSegUNetLib.bundle import read_bundle_metadata
+    from MedSegUNetLib.model.bundle import read_bundle_metadata
     from training.scene_writer import ScenePair, write_mrml_scene
 
     scene = write_mrml_scene(tmp_path / "scene", "annotations", [ScenePair("ct", ct_chest, chest_segmentation, "seg")])
@@ -469,7 +467,7 @@ def test_engine_python_prefers_pythonslicer(tmp_path, monkeypatch):
 def test_the_engine_runs_with_its_malloc_settings_on_linux():
     """engine_environment sets glibc's malloc for the engine (huge pages, fixed mmap and trim thresholds:
     benchmarks/README.md), keeping whatever tunables the user set, never twice; bin/medsegunet sets the same."""
-    from MedSegUNetLib.childprocess import MALLOC_TUNABLES, with_malloc_tunables
+    from MedSegUNetLib.host.childprocess import MALLOC_TUNABLES, with_malloc_tunables
 
     ours = ":".join(MALLOC_TUNABLES)
     assert with_malloc_tunables("") == ours
@@ -488,7 +486,7 @@ def test_the_engine_runs_with_its_malloc_settings_on_linux():
 
 def test_bin_medsegunet_sets_the_engines_malloc_settings(tmp_path):
     """The shell launcher's loop, run on its own: the same tunables, in order, the user's value kept."""
-    from MedSegUNetLib.childprocess import MALLOC_TUNABLES
+    from MedSegUNetLib.host.childprocess import MALLOC_TUNABLES
 
     script = (REPO / "bin" / "medsegunet").read_text(encoding="utf-8")
     loop = script[script.index("for tunable in"):script.index("export GLIBC_TUNABLES")]

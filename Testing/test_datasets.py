@@ -9,19 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import MODULE_DIR, REPO, assert_clean_failure, run_cli
 
-from MedSegUNetLib.bundle import load_bundle
-from MedSegUNetLib.errors import MedSegError
+from MedSegUNetLib.core.errors import MedSegError
+from MedSegUNetLib.model.bundle import load_bundle
 from training.data import split
 from training.datasets import read_pair
 from training.scene_writer import ScenePair, write_mrb
 from training.scenes import read_segments, segments_labelmap
-
-from conftest import MODULE_DIR, REPO, assert_clean_failure, run_cli
 
 SMALL = ["--spacing", "6", "6", "6", "--patch-size", "32", "32", "16", "--filters", "4"]
 

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
-
-from MedSegUNetLib.bundle import read_bundle_metadata
-from MedSegUNetLib.geometry import Grid
-from MedSegUNetLib.imageio import read_image
-from MedSegUNetLib.models import find_model
-from training.scenes import read_scene
-
 from conftest import run_cli
+
+from MedSegUNetLib.core.geometry import Grid
+from MedSegUNetLib.imageio.images import read_image
+from MedSegUNetLib.model.bundle import read_bundle_metadata
+from MedSegUNetLib.model.shipped import find_model
+from training.scenes import read_scene
 
 SHIPPED = find_model("abdomen-ct")
 STRUCTURES = ["spleen", "kidney_right", "kidney_left", "liver", "stomach", "aorta"]

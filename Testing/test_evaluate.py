@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from MedSegUNetLib.bundle import Label
-from MedSegUNetLib.evaluate import evaluate_pair, evaluate_paths, score_masks
-from MedSegUNetLib.imageio import write_segmentation
-
 from conftest import assert_clean_failure, run_cli
+
+from MedSegUNetLib.commands.evaluate import evaluate_pair, evaluate_paths, score_masks
+from MedSegUNetLib.core.labels import Label
+from MedSegUNetLib.imageio.images import write_segmentation
 
 
 def labelmap(array_zyx: np.ndarray, spacing_xyz=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)) -> sitk.Image:

@@ -12,8 +12,7 @@ import sys
 
 import pytest
 import slicerio
-
-from conftest import MODULE_DIR, REPO, address_space_limit, assert_clean_failure, make_small_bundle
+from conftest import MODULE_DIR, REPO, address_space_limit, assert_clean_failure, make_small_bundle, program
 
 
 def engine(*args: str, limit_bytes: int = None, address_space: int = None) -> subprocess.Popen:
@@ -26,7 +25,7 @@ def engine(*args: str, limit_bytes: int = None, address_space: int = None) -> su
 
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MODULE_DIR), str(REPO)]))
     return subprocess.Popen(
-        [sys.executable, "-m", "MedSegUNetLib", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", program(args[0]), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         encoding="utf-8", errors="replace", env=environment, preexec_fn=limit_file_size,
     )
 
@@ -111,8 +110,8 @@ def test_a_written_nifti_is_checked_whole_before_it_replaces_anything(tmp_path, 
     import numpy as np
     import SimpleITK as sitk
 
-    from MedSegUNetLib.imageio import _nifti_gz_holds
-    from MedSegUNetLib.niftigz import gzip_inflater
+    from MedSegUNetLib.imageio.gzip_stream import gzip_inflater
+    from MedSegUNetLib.imageio.images import _nifti_gz_holds
 
     if inflater == "zlib":
         monkeypatch.setitem(sys.modules, "isal", None)  # as if ISA-L were not installed

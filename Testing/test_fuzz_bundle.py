@@ -8,8 +8,8 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from MedSegUNetLib.bundle import METADATA_KEY, load_bundle, read_bundle_metadata
-from MedSegUNetLib.errors import MedSegError
+from MedSegUNetLib.core.errors import MedSegError
+from MedSegUNetLib.model.bundle import METADATA_KEY, load_bundle, read_bundle_metadata
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

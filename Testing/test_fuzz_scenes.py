@@ -4,15 +4,14 @@ and nothing is written outside the work folder."""
 from __future__ import annotations
 
 import io
+import shutil
 import zipfile
 from pathlib import Path
-
-import shutil
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from MedSegUNetLib.errors import MedSegError
+from MedSegUNetLib.core.errors import MedSegError
 from training.scene_writer import ScenePair, scene_xml
 from training.scenes import read_scene
 

@@ -15,8 +15,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from MedSegUNetLib.bundle import Bundle, Normalization, Preprocessing, create_bundle
-from MedSegUNetLib.geometry import (
+from MedSegUNetLib.commands.segment import SegmentOptions, segment_images
+from MedSegUNetLib.core.geometry import (
     Grid,
     grid_from_ijk_to_lps,
     ijk_array,
@@ -28,10 +28,10 @@ from MedSegUNetLib.geometry import (
     resample_onto,
     resampled_grid,
 )
-from MedSegUNetLib.inference import PredictOptions
-from MedSegUNetLib.labels import default_labels
-from MedSegUNetLib.progress import Progress
-from MedSegUNetLib.segment import SegmentOptions, segment_images
+from MedSegUNetLib.core.labels import default_labels
+from MedSegUNetLib.core.progress import Progress
+from MedSegUNetLib.model.bundle import Bundle, Normalization, Preprocessing, create_bundle
+from MedSegUNetLib.prediction.inference import PredictOptions
 
 THRESHOLD_HU = 200.0  # bone in CTChest4
 
@@ -167,7 +167,7 @@ def test_reoriented_grid_is_the_grid_reorient_gives(code, angle, flip):
 
 def test_network_grid_in_one_resampling_equals_reorienting_first(chest):
     """to_network_grid folds the reorientation into its resampling: the same values as doing both."""
-    from MedSegUNetLib.preprocessing import network_grid, to_network_grid
+    from MedSegUNetLib.prediction.preprocessing import network_grid, to_network_grid
 
     preprocessing = Preprocessing(target_spacing=(1.7, 2.2, 3.1), patch_size=(32, 32, 32), orientation="RAS")
     one_pass = to_network_grid(sitk.Cast(chest, sitk.sitkInt16), preprocessing)  # int16 in, float32 out
@@ -184,7 +184,7 @@ def test_nearest_resampling_of_axis_aligned_grids_is_itks(seed):
     """resample_onto's per-axis gather for grids that differ by scaling, shift and a signed permutation
     of axes gives ITK's nearest-neighbour result voxel for voxel: which voxel is nearest, the default
     value outside, the pixel type asked for."""
-    from MedSegUNetLib.geometry import index_maps
+    from MedSegUNetLib.core.geometry import index_maps
 
     rng = np.random.default_rng(seed)
 
@@ -213,7 +213,7 @@ def test_nearest_resampling_of_axis_aligned_grids_is_itks(seed):
 def test_restoring_only_the_labelled_box_equals_resampling_everything(angle, flip, code):
     """restore_labels resamples only the part of the input grid a label can reach: the result must be
     voxel for voxel what one nearest-neighbour resampling of the whole grid gives."""
-    from MedSegUNetLib.preprocessing import restore_labels
+    from MedSegUNetLib.prediction.preprocessing import restore_labels
 
     # Finer than the network grid, so that every network voxel is some input voxel's nearest.
     input_grid = Grid((160, 150, 90), (0.8, 0.9, 1.5), (-60.0, 20.0, 100.0), tuple(oblique_direction(angle, flip).ravel()))
@@ -389,9 +389,9 @@ def test_all_orientation_codes_are_valid_targets(chest):
 
 
 def test_writing_into_a_fresh_image_through_its_voxel_view():
-    """sitkbuffer.writable_voxels: a (z, y, x) view of the image's own buffer, of its type; what is
+    """writable_image.writable_voxels: a (z, y, x) view of the image's own buffer, of its type; what is
     written there is what SimpleITK reads back (restore_labels and the .nii.gz reader fill images so)."""
-    from MedSegUNetLib.sitkbuffer import writable_voxels
+    from MedSegUNetLib.core.writable_image import writable_voxels
 
     for pixel_type, dtype in ((sitk.sitkUInt8, np.uint8), (sitk.sitkInt16, np.int16), (sitk.sitkFloat32, np.float32)):
         image = sitk.Image([7, 5, 3], pixel_type)

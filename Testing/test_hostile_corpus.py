@@ -28,10 +28,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
-from conftest import MODULE_DIR, REPO, address_space_limit
+from conftest import MODULE_DIR, REPO, address_space_limit, program
 from test_cli_segment import make_bad_input, write_dicom_series
-
 
 
 @dataclass
@@ -327,7 +325,7 @@ def run_sandboxed(name: str, hostile: Hostile, base: Path, fixtures: dict) -> Ou
     for variable in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR"):
         environment.pop(variable, None)
     limit_kib = fixtures["address_space"] // 1024
-    command = ["/bin/sh", "-c", 'ulimit -v "$0" && exec "$@"', str(limit_kib), sys.executable, "-m", "MedSegUNetLib", *argv]
+    command = ["/bin/sh", "-c", 'ulimit -v "$0" && exec "$@"', str(limit_kib), sys.executable, "-m", program(argv[0]), *argv]
     result = subprocess.run(
         command, cwd=work, env=environment, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300
     )

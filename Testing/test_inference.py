@@ -7,22 +7,21 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from MedSegUNetLib.bundle import Normalization
-from MedSegUNetLib.errors import MedSegError
-from MedSegUNetLib.inference import (
+from MedSegUNetLib.core.errors import MedSegError
+from MedSegUNetLib.core.progress import Progress
+from MedSegUNetLib.model.bundle import Normalization
+from MedSegUNetLib.prediction.inference import (
     PredictOptions,
     WindowPredictor,
     class_indices,
-    count_windows,
-    fit_window,
     mirror_axes,
     predict_labels,
     select_device,
     with_memory_fallback,
 )
-from MedSegUNetLib.postprocess import keep_largest_component
-from MedSegUNetLib.preprocessing import normalize
-from MedSegUNetLib.progress import Progress
+from MedSegUNetLib.prediction.postprocess import keep_largest_component
+from MedSegUNetLib.prediction.preprocessing import normalize
+from MedSegUNetLib.prediction.stitching import count_windows, fit_window
 
 
 class Recorder(Progress):
@@ -153,7 +152,7 @@ def test_keep_largest_component_per_label():
 
 
 def test_too_large_volume_is_refused_up_front_with_the_estimate():
-    from MedSegUNetLib.inference import check_memory, prediction_memory_bytes
+    from MedSegUNetLib.prediction.inference import check_memory, prediction_memory_bytes
 
     shape = (1, 800, 512, 512)
     needed = prediction_memory_bytes(shape, 5)
@@ -187,10 +186,10 @@ def test_the_cpu_network_is_an_equivalent_copy_and_the_original_is_untouched():
     """On the CPU the engine predicts with a copy whose instance norms run as group norms, channels-last:
     the same function (scores equal to rounding), while the network it came from (training's) keeps its
     own modules, weights and layout."""
-    from MedSegUNetLib.bundle import Preprocessing, create_bundle
-    from MedSegUNetLib.cpunetwork import ChannelNorm, PointwiseHead
-    from MedSegUNetLib.inference import prepare_network
-    from MedSegUNetLib.labels import default_labels
+    from MedSegUNetLib.core.labels import default_labels
+    from MedSegUNetLib.model.bundle import Preprocessing, create_bundle
+    from MedSegUNetLib.model.cpu_network import ChannelNorm, PointwiseHead
+    from MedSegUNetLib.prediction.inference import prepare_network
 
     network = create_bundle(default_labels(["a", "b"]), Preprocessing((2.0, 2.0, 2.0), (32, 32, 16)), base_filters=4).network
     generator = torch.Generator().manual_seed(0)
@@ -220,9 +219,9 @@ def test_the_cpu_network_is_an_equivalent_copy_and_the_original_is_untouched():
 def test_precision_choices(monkeypatch):
     """auto: fp16 autocast on CUDA, float32 elsewhere; fp32 everywhere; bf16 on CUDA, and on a CPU only
     where oneDNN runs bf16 (else a clear refusal); never on MPS."""
-    import MedSegUNetLib.inference as inference
-    from MedSegUNetLib.errors import MedSegError
-    from MedSegUNetLib.inference import network_precision
+    import MedSegUNetLib.prediction.inference as inference
+    from MedSegUNetLib.core.errors import MedSegError
+    from MedSegUNetLib.prediction.inference import network_precision
 
     cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
     assert network_precision("auto", cpu) is None and network_precision("auto", mps) is None
@@ -245,10 +244,10 @@ def test_the_bf16_cpu_copy_scores_as_float32_does_where_the_cpu_runs_bf16():
     within bf16's rounding of float32's.
     Where the CPU cannot run oneDNN's bf16 convolutions PyTorch refuses the copy outright, which is why
     --precision bf16 checks cpu_runs_bf16 first."""
-    from MedSegUNetLib.bundle import Preprocessing, create_bundle
-    from MedSegUNetLib.cpunetwork import ChannelNorm
-    from MedSegUNetLib.inference import cpu_runs_bf16, prepare_network
-    from MedSegUNetLib.labels import default_labels
+    from MedSegUNetLib.core.labels import default_labels
+    from MedSegUNetLib.model.bundle import Preprocessing, create_bundle
+    from MedSegUNetLib.model.cpu_network import ChannelNorm
+    from MedSegUNetLib.prediction.inference import cpu_runs_bf16, prepare_network
 
     network = create_bundle(default_labels(["a", "b"]), Preprocessing((2.0, 2.0, 2.0), (32, 32, 16)), base_filters=4).network
     windows = torch.randn(1, 1, 16, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -275,7 +274,7 @@ def test_the_bf16_cpu_copy_scores_as_float32_does_where_the_cpu_runs_bf16():
 def test_pointwise_head_is_the_convolution_in_the_standard_layout(bias, batch):
     """The last 1x1x1 convolution as a matrix product: the Conv3d's scores (bias or none) from
     channels-last features, handed back in the standard layout MONAI blends into."""
-    from MedSegUNetLib.cpunetwork import PointwiseHead
+    from MedSegUNetLib.model.cpu_network import PointwiseHead
 
     generator = torch.Generator().manual_seed(batch)
     conv = torch.nn.Conv3d(8, 7, kernel_size=1, bias=bias)
@@ -295,8 +294,8 @@ def test_a_unet_copy_scores_in_the_standard_layout_too():
     """A network without DynUNet's 1x1x1 output block keeps its last layer: ChannelsLast copies its scores."""
     from monai.networks.nets import UNet
 
-    from MedSegUNetLib.cpunetwork import PointwiseHead
-    from MedSegUNetLib.inference import prepare_network
+    from MedSegUNetLib.model.cpu_network import PointwiseHead
+    from MedSegUNetLib.prediction.inference import prepare_network
 
     network = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,))
     windows = torch.randn(1, 1, 8, 16, 16)
@@ -314,7 +313,7 @@ def test_a_unet_copy_scores_in_the_standard_layout_too():
 def test_onednn_upsample_is_the_transposed_convolution(kernel, batch):
     """The reshuffled 1x1x1 convolution computes what ConvTranspose3d computes (bias included), for
     channels-last and standard input, and hands back channels-last."""
-    from MedSegUNetLib.cpunetwork import OneDnnUpsample
+    from MedSegUNetLib.model.cpu_network import OneDnnUpsample
 
     generator = torch.Generator().manual_seed(batch)
     transposed = torch.nn.ConvTranspose3d(6, 5, kernel_size=kernel, stride=kernel, bias=True)
@@ -337,10 +336,10 @@ def test_one_window_runs_on_onednn_only():
     slow im2col path, which the plain network takes for small windows (2.5x slower per window)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from MedSegUNetLib.bundle import Preprocessing, create_bundle
-    from MedSegUNetLib.cpunetwork import OneDnnConv, OneDnnUpsample, direct_convolutions_available
-    from MedSegUNetLib.inference import prepare_network, windows_per_batch
-    from MedSegUNetLib.labels import default_labels
+    from MedSegUNetLib.core.labels import default_labels
+    from MedSegUNetLib.model.bundle import Preprocessing, create_bundle
+    from MedSegUNetLib.model.cpu_network import OneDnnConv, OneDnnUpsample, direct_convolutions_available
+    from MedSegUNetLib.prediction.inference import prepare_network, windows_per_batch
 
     assert direct_convolutions_available(), "this PyTorch build has no oneDNN: the CPU copy would keep the slow path"
     assert windows_per_batch(torch.device("cpu")) == 1
@@ -365,10 +364,10 @@ def test_without_onednn_the_cpu_keeps_torch_convolutions_and_two_windows(monkeyp
     """A PyTorch build without oneDNN (some ARM builds): the CPU copy keeps PyTorch's own convolutions
     (still with the channels-last group norms) and predicts two windows at a time, where the dispatcher
     does not fall back to its slow path."""
-    from MedSegUNetLib.bundle import Preprocessing, create_bundle
-    from MedSegUNetLib.cpunetwork import ChannelNorm, OneDnnConv, OneDnnUpsample
-    from MedSegUNetLib.inference import prepare_network, windows_per_batch
-    from MedSegUNetLib.labels import default_labels
+    from MedSegUNetLib.core.labels import default_labels
+    from MedSegUNetLib.model.bundle import Preprocessing, create_bundle
+    from MedSegUNetLib.model.cpu_network import ChannelNorm, OneDnnConv, OneDnnUpsample
+    from MedSegUNetLib.prediction.inference import prepare_network, windows_per_batch
 
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     assert windows_per_batch(torch.device("cpu")) == 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import zipfile
 from pathlib import Path
 
@@ -11,13 +10,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+from conftest import slicerio_data
 
-from MedSegUNetLib.geometry import Grid
-from training.labels import build_label_table
+from MedSegUNetLib.core.geometry import Grid
+from training.label_table import build_label_table
 from training.scene_writer import ScenePair, write_mrb, write_mrml_scene
 from training.scenes import SceneError, ZipLimits, extract_mrb, load_case_arrays, read_scene
-
-from conftest import slicerio_data
 
 ODD_NAME = "CT chest 100% #4 – éè"
 
@@ -126,7 +124,7 @@ def test_terminology_matches_differently_named_segments():
 
 
 def test_fine_tuning_keeps_model_labels_and_appends_new_ones(chest_segmentation):
-    from MedSegUNetLib.bundle import Label
+    from MedSegUNetLib.core.labels import Label
     from training.scenes import Case, SegmentInfo
 
     initial = [Label(1, "spleen", (0, 1, 0)), Label(2, "liver", (1, 0, 0))]

@@ -1,4 +1,4 @@
-"""Static checks of the Slicer module against Slicer's real API (../shared/slicer-api), without Slicer.
+"""Static checks of the Slicer module against Slicer's real API (Testing/data/slicer-api), without Slicer.
 
 MedSegUNet.py imports slicer, qt and vtk, which exist only inside Slicer, so it is read as source (ast),
 never imported. Every checker is also run on a bad snippet, so that a checker that cannot fail is caught.
@@ -16,12 +16,13 @@ from functools import lru_cache
 from typing import Dict, List, Optional, Set, Tuple
 
 import pytest
-
 from conftest import REPO
 
 MODULE_FILE = REPO / "MedSegUNet" / "MedSegUNet.py"
 UI_FILE = REPO / "MedSegUNet" / "Resources" / "UI" / "MedSegUNet.ui"
-API_FOLDER = REPO.parent / "shared" / "slicer-api"
+ENGINE = REPO / "MedSegUNet" / "MedSegUNetLib"
+TRAINING = REPO / "training"
+API_FOLDER = REPO / "Testing" / "data" / "slicer-api"
 API_VERSIONS = ["slicer_api_v5.8.1.json", "slicer_api_v5.12.3.json"]  # the oldest supported, the newest
 
 # Qt 5 QtWidgets classes a .ui may use besides Slicer's own (the API file's ui_custom_widgets).
@@ -55,7 +56,7 @@ BINDABLE = {
 def api(name: str) -> dict:
     path = API_FOLDER / name
     if not path.exists():
-        pytest.fail(f"{path} is missing: the shared Slicer API data must sit beside the repository")
+        pytest.fail(f"{path} is missing: the Slicer API snapshots are part of the repository")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -610,38 +611,36 @@ def test_slicer_starts_without_torch_or_monai():
     """Neither the module nor what it imports at load time imports torch, MONAI or numpy-heavy engine parts."""
     heavy = {"torch", "monai", "SimpleITK", "numpy", "scipy", "training", "slicerio", "nrrd", "safetensors"}
     assert module_level_imports(module_tree()) & heavy == set()
-    light = REPO / "MedSegUNet" / "MedSegUNetLib"
-    for name in ("childprocess.py", "__init__.py"):  # what MedSegUNet.py imports at load time
-        assert module_level_imports(ast.parse((light / name).read_text(encoding="utf-8"))) & heavy == set(), name
+    for name in ("host/childprocess.py", "host/__init__.py", "__init__.py"):  # what MedSegUNet.py imports at load time
+        assert module_level_imports(ast.parse((ENGINE / name).read_text(encoding="utf-8"))) & heavy == set(), name
     lib_imports = {n.module for n in module_tree().body if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("MedSegUNetLib")}
-    assert lib_imports == {"MedSegUNetLib.childprocess"}
+    assert lib_imports == {"MedSegUNetLib.host.childprocess"}
     assert module_level_imports(module_tree("try:\n    import torch\nexcept ImportError:\n    pass")) & heavy == {"torch"}
 
 
 def test_the_panel_reads_bundles_without_torch():
     """describeModel and segmentsToReplace read bundles in Slicer's own process: bundle.py must not need torch."""
-    lib = REPO / "MedSegUNet" / "MedSegUNetLib"
-    for name in ("bundle.py", "network.py", "atomic.py", "errors.py", "labels.py"):
-        path = lib / name
-        if path.exists():
-            assert module_level_imports(ast.parse(path.read_text(encoding="utf-8"))) & {"torch", "monai", "numpy"} == set(), name
+    for name in ("model/bundle.py", "model/network.py", "core/atomic.py", "core/errors.py", "core/labels.py",
+                 "model/__init__.py", "core/__init__.py"):
+        assert module_level_imports(ast.parse((ENGINE / name).read_text(encoding="utf-8"))) & {"torch", "monai", "numpy"} == set(), name
 
 
 def cmake_listed_files(cmake: str) -> Set[str]:
-    return set(re.findall(r"(?:MedSegUNetLib|training)/[A-Za-z0-9_]+\.py", cmake))
+    return set(re.findall(r"(?:MedSegUNetLib|training)/(?:[A-Za-z0-9_]+/)*[A-Za-z0-9_]+\.py", cmake))
 
 
 def test_cmake_installs_every_engine_and_training_file_and_nothing_stale():
     cmake = (REPO / "MedSegUNet" / "CMakeLists.txt").read_text(encoding="utf-8").replace("${MODULE_NAME}", "MedSegUNet")
     listed = cmake_listed_files(cmake)
-    existing = {f"MedSegUNetLib/{p.name}" for p in (REPO / "MedSegUNet" / "MedSegUNetLib").glob("*.py")}
-    existing |= {f"training/{p.name}" for p in (REPO / "training").glob("*.py")}
+    existing = {f"MedSegUNetLib/{p.relative_to(ENGINE).as_posix()}" for p in ENGINE.rglob("*.py")}
+    existing |= {f"training/{p.relative_to(TRAINING).as_posix()}" for p in TRAINING.rglob("*.py")}
     assert existing - listed == set(), "not installed by MedSegUNet/CMakeLists.txt"
     assert listed - existing == set(), "listed in MedSegUNet/CMakeLists.txt but gone (the build would fail)"
     for resource in ("Resources/UI/MedSegUNet.ui", "Resources/Icons/MedSegUNet.png"):
         assert resource in cmake and (REPO / "MedSegUNet" / resource).is_file(), resource
     assert "slicer_add_python_unittest" in cmake and "Resources/Models/*.safetensors" in cmake
-    assert cmake_listed_files("MedSegUNetLib/new_file.py training/x.py MedSegUNetLib/README.md") == {"MedSegUNetLib/new_file.py", "training/x.py"}
+    assert cmake_listed_files("MedSegUNetLib/new_file.py training/x.py MedSegUNetLib/core/y.py MedSegUNetLib/README.md") == {
+        "MedSegUNetLib/new_file.py", "training/x.py", "MedSegUNetLib/core/y.py"}
     top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     for field in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                   "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", 'EXTENSION_DEPENDS "PyTorch"', "find_package(Slicer",
@@ -725,8 +724,9 @@ def test_the_extension_configures_and_lays_out_the_module_as_installed(configure
     assert (build / "module-name.txt").read_text() == "MedSegUNet"
     assert (build / "python-unittests.txt").read_text().split() == ["MedSegUNet.py"]
     assert (modules / "MedSegUNet.py").is_file() and (modules / "Resources" / "UI" / "MedSegUNet.ui").is_file()
-    for folder, name in ((REPO / "MedSegUNet" / "MedSegUNetLib", "MedSegUNetLib"), (REPO / "training", "training")):
-        assert {p.name for p in folder.glob("*.py")} == {p.name for p in (modules / name).glob("*.py")}, name
+    for folder, name in ((ENGINE, "MedSegUNetLib"), (TRAINING, "training")):
+        installed = modules / name
+        assert {p.relative_to(folder) for p in folder.rglob("*.py")} == {p.relative_to(installed) for p in installed.rglob("*.py")}, name
     for bundle in list((REPO / "Resources" / "Models").glob("*.safetensors")) + list((REPO / "MedSegUNet" / "Resources" / "Models").glob("*.safetensors")):
         assert (modules / "Resources" / "Models" / bundle.name).is_file(), bundle.name
 
@@ -736,7 +736,7 @@ def test_the_installed_layout_runs_segment_and_train(configured_extension, tmp_p
     import subprocess
     import sys
 
-    from MedSegUNetLib.childprocess import engine_environment
+    from MedSegUNetLib.host.childprocess import engine_environment
 
     modules = configured_extension / "lib" / "Slicer-5.8" / "qt-scripted-modules"
     environment = engine_environment(modules, base={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})

@@ -10,19 +10,18 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
-from MedSegUNetLib.bundle import load_bundle
-from MedSegUNetLib.errors import MedSegError
-from MedSegUNetLib.inference import PredictOptions
-from MedSegUNetLib.standby import JOB_LINE_LIMIT, LoadedModel, file_identity, parse_job, warm_up
-
 from conftest import MODULE_DIR, REPO, files_in, make_small_bundle, run_cli
+
+from MedSegUNetLib.commands.standby import JOB_LINE_LIMIT, LoadedModel, file_identity, parse_job, warm_up
+from MedSegUNetLib.core.errors import MedSegError
+from MedSegUNetLib.model.bundle import load_bundle
+from MedSegUNetLib.prediction.inference import PredictOptions
 
 
 class StandbyEngine:

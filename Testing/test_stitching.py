@@ -8,9 +8,9 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-from MedSegUNetLib.inference import PredictOptions, class_indices, count_windows, predict_labels
-from MedSegUNetLib.progress import Progress
-from MedSegUNetLib.stitching import blended_scores, summed_weights, window_slices
+from MedSegUNetLib.core.progress import Progress
+from MedSegUNetLib.prediction.inference import PredictOptions, class_indices, predict_labels
+from MedSegUNetLib.prediction.stitching import blended_scores, count_windows, summed_weights, window_slices
 
 
 def _network(classes: int = 3, seed: int = 0) -> torch.nn.Module:

@@ -16,13 +16,12 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 import torch
-
-from MedSegUNetLib.bundle import load_bundle, read_bundle_metadata
-from MedSegUNetLib.labels import default_labels
-from MedSegUNetLib.imageio import write_segmentation
-from training.scene_writer import ScenePair, write_mrb, write_mrml_scene
-
 from conftest import MODULE_DIR, REPO, run_cli
+
+from MedSegUNetLib.core.labels import default_labels
+from MedSegUNetLib.imageio.images import write_segmentation
+from MedSegUNetLib.model.bundle import load_bundle, read_bundle_metadata
+from training.scene_writer import ScenePair, write_mrb, write_mrml_scene
 
 SMALL = ["--spacing", "6", "6", "6", "--patch-size", "32", "32", "16", "--filters", "8", "--progress", "json"]
 
@@ -106,7 +105,8 @@ def test_learning_is_proven_on_a_synthetic_case(tmp_path):
 
 
 def test_fine_tune_keeps_labels_and_adds_new_ones(tmp_path, chest_scenes):
-    from MedSegUNetLib.bundle import Label, Normalization, Preprocessing, create_bundle, save_bundle
+    from MedSegUNetLib.core.labels import Label
+    from MedSegUNetLib.model.bundle import Normalization, Preprocessing, create_bundle, save_bundle
 
     start = create_bundle(
         [Label(1, "left lung", (0.1, 0.2, 0.3)), Label(2, "Liver", (0.5, 0.1, 0.1))],

@@ -7,7 +7,7 @@ import resource
 import sys
 from typing import Dict
 
-from MedSegUNetLib.childprocess import with_malloc_tunables
+from MedSegUNetLib.host.childprocess import with_malloc_tunables
 
 ENGINE_MALLOC_CHOICES = ("ours", "both", "none")
 

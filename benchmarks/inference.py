@@ -32,7 +32,8 @@ sys.path[:0] = [str(REPO / "MedSegUNet"), str(REPO), str(Path(__file__).resolve(
 
 import volumes  # noqa: E402
 from children import ENGINE_MALLOC_CHOICES, child_environment, own_peak_rss_mb  # noqa: E402
-from MedSegUNetLib.childprocess import parse_record  # noqa: E402
+
+from MedSegUNetLib.host.childprocess import parse_record  # noqa: E402
 
 STAGES = ("read", "preprocess", "predict", "restore", "write")
 # The baseline's windows per batch: its faster setting on both devices (MONAI's default of 1 sends this
@@ -70,18 +71,18 @@ def run_ours(image: Path, bundle: Path, output: Path, device: str = "cpu", preci
     in this thread before the clock starts, the job parsed and run by the same functions."""
     # Libraries imported before the clock starts, as the baseline's are (its image library, nibabel,
     # comes with monai.transforms): the clock holds the pipeline's work, and the project's own imports.
-    # First what the command line does before MONAI is imported (leanimports.py).
-    from MedSegUNetLib.leanimports import skip_unused_imports
+    # First what the command line does before MONAI is imported (skipped_imports.py).
+    from MedSegUNetLib.commands.skipped_imports import skip_unused_imports
 
     skip_unused_imports()
     import monai.inferers  # noqa: F401
     import SimpleITK  # noqa: F401
     import torch  # noqa: F401
 
-    from MedSegUNetLib import inference
-    from MedSegUNetLib import progress as progress_module
     from MedSegUNetLib.cli import main, parse_standby_job, run_segment_command
-    from MedSegUNetLib.standby import load_and_warm
+    from MedSegUNetLib.commands.standby import load_and_warm
+    from MedSegUNetLib.core import progress as progress_module
+    from MedSegUNetLib.prediction import inference
 
     stamps: List[tuple] = []
     windows = {}
@@ -139,8 +140,9 @@ def run_baseline(image: Path, bundle_path: Path, output: Path, device: str = "cp
         Spacingd,
     )
 
-    from MedSegUNetLib.bundle import load_bundle
-    from MedSegUNetLib.inference import PredictOptions, count_windows
+    from MedSegUNetLib.model.bundle import load_bundle
+    from MedSegUNetLib.prediction.inference import PredictOptions
+    from MedSegUNetLib.prediction.stitching import count_windows
 
     stages = {}
     start = time.perf_counter()
@@ -196,10 +198,11 @@ def network_floor(image: Path, bundle_path: Path, windows: int, engine: bool, de
     Run in the same process right after its pipeline, so that both see the same machine load."""
     import torch
 
-    from MedSegUNetLib.bundle import load_bundle
-    from MedSegUNetLib.imageio import read_image
-    from MedSegUNetLib.inference import PredictOptions, fit_window, network_precision, prepare_network, windows_per_batch
-    from MedSegUNetLib.preprocessing import prepare_channels
+    from MedSegUNetLib.imageio.images import read_image
+    from MedSegUNetLib.model.bundle import load_bundle
+    from MedSegUNetLib.prediction.inference import PredictOptions, network_precision, prepare_network, windows_per_batch
+    from MedSegUNetLib.prediction.preprocessing import prepare_channels
+    from MedSegUNetLib.prediction.stitching import fit_window
 
     bundle = load_bundle(bundle_path)
     batch_size = windows_per_batch(torch.device(device)) if engine else BASELINE_WINDOWS_PER_BATCH
@@ -244,7 +247,7 @@ def scan_windows(volume, patch_zyx, count: int, overlap: float) -> list:
     import torch.nn.functional as F
     from monai.data.utils import dense_patch_slices
 
-    from MedSegUNetLib.inference import scan_interval
+    from MedSegUNetLib.prediction.stitching import scan_interval
 
     pad = [max(p - n, 0) for p, n in zip(patch_zyx, volume.shape[1:])]
     volume = F.pad(volume, [x for p in reversed(pad) for x in (0, p)], value=float(volume.min()))
@@ -418,7 +421,7 @@ def agreement_on_model_grid(work: Path, volume: volumes.VolumeSize, bundle: Path
     On the benchmark volume both resample, each with its own grid convention (MONAI keeps the first
     voxel's centre, `segment` the volume's outer box): a sub-voxel shift that alone moves the Dice of
     small structures. Here neither resamples, so what is left are the pipelines' own differences."""
-    from MedSegUNetLib.bundle import read_bundle_metadata
+    from MedSegUNetLib.model.bundle import read_bundle_metadata
 
     spacing = read_bundle_metadata(bundle).preprocessing.target_spacing
     size = tuple(int(round(n * s / t)) for n, s, t in zip(volume.size, volume.spacing, spacing))

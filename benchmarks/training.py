@@ -50,7 +50,7 @@ def prepared_sample(size: TrainSize, output: Path, device: str = "cpu"):
     from training.config import TrainConfig, plan
     from training.data import fingerprint, load_all, prepare
     from training.datasets import read_pair
-    from training.labels import build_label_table
+    from training.label_table import build_label_table
     from training.sampledata import fetch_sources, read_class_maps
 
     sources = fetch_sources(log=lambda message: print(message, file=sys.stderr))
@@ -92,7 +92,7 @@ def rate(stamps: List[float], waits: List[float]) -> dict:
 
 def run_ours(size: TrainSize, work: Path, workers=None, device: str = "cpu") -> dict:
     """``training.loop.Run`` as `medsegunet train` runs it; steps timed from its own progress reports."""
-    from MedSegUNetLib.progress import Progress
+    from MedSegUNetLib.core.progress import Progress
     from training import loop
 
     config, the_plan, labels, case = prepared_sample(size, work / "run", device)
@@ -121,9 +121,8 @@ def run_baseline(size: TrainSize, work: Path, device: str = "cpu") -> dict:
     from monai.data import DataLoader, Dataset
     from monai.losses import DiceCELoss
 
-    from MedSegUNetLib.bundle import create_bundle
+    from MedSegUNetLib.model.bundle import create_bundle
     from training.data import train_transforms
-
     from training.loop import amp_dtype
 
     config, the_plan, labels, case = prepared_sample(size, work / "run", device)

@@ -1,8 +1,6 @@
-"""``python -m training train ...``: the same command as ``medsegunet train ...``."""
+"""``python -m training COMMAND ...``: the ``medsegunet`` program (Slicer's Retrain runs ``-m training train``)."""
 
-import sys
-
-from MedSegUNetLib.cli import main
+from training.program import entry
 
 if __name__ == "__main__":  # not again in a spawned crop worker (macOS, Windows)
-    sys.exit(main(sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train", *sys.argv[1:]]))
+    entry()

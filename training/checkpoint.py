@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict
 
 import torch
 
-from MedSegUNetLib.atomic import atomic_path
-from MedSegUNetLib.errors import MedSegError
+from MedSegUNetLib.core.atomic import atomic_path
+from MedSegUNetLib.core.errors import MedSegError
 
 CHECKPOINT = "checkpoint.safetensors"
 

@@ -8,20 +8,11 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from MedSegUNetLib.errors import MedSegError
-
-
-def add_parsers(commands) -> None:
-    from . import demo, sampledata
-
-    add_train_parser(commands)
-    sampledata.add_parser(commands)
-    demo.add_parser(commands)
+from MedSegUNetLib.cli import add_progress_argument
+from MedSegUNetLib.core.errors import MedSegError
 
 
 def add_train_parser(commands) -> None:
-    from MedSegUNetLib.cli import _add_progress_argument
-
     parser = commands.add_parser(
         "train",
         help="train or fine-tune a model from Slicer scenes (.mrb/.mrml)",
@@ -59,7 +50,7 @@ def add_train_parser(commands) -> None:
     parser.add_argument("--workers", type=_non_negative, metavar="N",
                         help="processes that make the augmented crops ahead of the steps (default: all cores but one "
                         "on a GPU, up to 8; one on a CPU with 2+ cores; 0: in the training process)")
-    _add_progress_argument(parser)
+    add_progress_argument(parser)
     parser.set_defaults(handler=run_train_command)
 
 
@@ -115,8 +106,8 @@ def config_from(args: argparse.Namespace):
 
 
 def run_train_command(args: argparse.Namespace, progress) -> dict:
-    from MedSegUNetLib.inference import select_device
-    from MedSegUNetLib.progress import Progress
+    from MedSegUNetLib.core.progress import Progress
+    from MedSegUNetLib.prediction.inference import select_device
 
     from .distributed import init_world
 
@@ -128,12 +119,12 @@ def run_train_command(args: argparse.Namespace, progress) -> dict:
 
 
 def train(args: argparse.Namespace, progress, world) -> dict:
-    from MedSegUNetLib.bundle import read_bundle_metadata
-    from MedSegUNetLib.geometry import Grid
+    from MedSegUNetLib.core.geometry import Grid
+    from MedSegUNetLib.model.bundle import read_bundle_metadata
 
     from .config import plan
     from .data import fingerprint, load_all, prepare, split
-    from .labels import build_label_table
+    from .label_table import build_label_table
     from .loop import Run
 
     config = config_from(args)

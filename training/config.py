@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from MedSegUNetLib.bundle import Normalization, Preprocessing
+from MedSegUNetLib.model.bundle import Normalization, Preprocessing
 
 
 @dataclass

@@ -8,12 +8,12 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from MedSegUNetLib.bundle import Preprocessing
-from MedSegUNetLib.geometry import Grid, reorient, resample_onto, xyz_to_zyx
-from MedSegUNetLib.preprocessing import normalize, to_network_grid
+from MedSegUNetLib.core.geometry import Grid, reorient, resample_onto, xyz_to_zyx
+from MedSegUNetLib.model.bundle import Preprocessing
+from MedSegUNetLib.prediction.preprocessing import normalize, to_network_grid
 
 from .config import Fingerprint
-from .labels import LabelTable
+from .label_table import LabelTable
 from .scenes import Case, load_case_arrays
 
 

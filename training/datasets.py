@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from MedSegUNetLib.errors import MedSegError
-from MedSegUNetLib.labels import palette_color
+from MedSegUNetLib.core.errors import MedSegError
+from MedSegUNetLib.core.labels import palette_color
 
 from .scenes import Case, SegmentInfo
 
@@ -137,10 +137,10 @@ def read_dataset_folder(folder: Path) -> Dataset:
 
 def read_pair(text: str) -> Case:
     """``IMAGE:LABEL`` (a labelmap file); its labels are named ``label_<value>``."""
-    import SimpleITK as sitk
     import numpy as np
+    import SimpleITK as sitk
 
-    from MedSegUNetLib.imageio import read_labelmap
+    from MedSegUNetLib.imageio.images import read_labelmap
 
     image_text, _, label_text = text.rpartition(":")
     image, label = Path(image_text), Path(label_text)

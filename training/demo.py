@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
-
-from MedSegUNetLib.errors import MedSegError
+from typing import Dict, List
 
 from .sampledata import SOURCE_NOTE, cache_folder, write_samples
 
@@ -36,7 +34,7 @@ def add_parser(commands) -> None:
 
 
 def resolve_model(name: str) -> Path:
-    from MedSegUNetLib.models import find_model
+    from MedSegUNetLib.model.shipped import find_model
 
     path = Path(name)
     return path if path.suffix == ".safetensors" and path.exists() else find_model(name)
@@ -69,9 +67,9 @@ def _existing(folder: Path, name: str, role: str):
 
 def segment_and_evaluate(model: Path, heldout, output: Path, tag: str, device: str, progress) -> dict:
     """Segment the held-out scan, evaluate by segment name, draw the overlay. Returns the metrics report."""
-    from MedSegUNetLib.evaluate import evaluate_paths, write_reports
-    from MedSegUNetLib.inference import PredictOptions
-    from MedSegUNetLib.segment import SegmentOptions, run_segment
+    from MedSegUNetLib.commands.evaluate import evaluate_paths, write_reports
+    from MedSegUNetLib.commands.segment import SegmentOptions, run_segment
+    from MedSegUNetLib.prediction.inference import PredictOptions
 
     prediction = output / f"{HELDOUT_SAMPLE}-{tag}.seg.nrrd"
     started = time.perf_counter()
@@ -87,9 +85,8 @@ def segment_and_evaluate(model: Path, heldout, output: Path, tag: str, device: s
 
 
 def draw(heldout, prediction: Path, path: Path, title: str) -> Path:
-    import SimpleITK as sitk
 
-    from MedSegUNetLib.imageio import read_image
+    from MedSegUNetLib.imageio.images import read_image
 
     from .overlay import write_overlay_png
     from .scenes import read_segments
@@ -106,7 +103,7 @@ def draw(heldout, prediction: Path, path: Path, title: str) -> Path:
 
 
 def _as_labels(segments):
-    from MedSegUNetLib.bundle import Label
+    from MedSegUNetLib.core.labels import Label
 
     return [Label(index, s.name, tuple(s.color)) for index, s in enumerate(segments, start=1)]
 
@@ -137,7 +134,7 @@ def print_table(reports: List[dict], titles: List[str]) -> None:
 
 
 def run_demo_command(args: argparse.Namespace, progress) -> dict:
-    from MedSegUNetLib.progress import make_progress
+    from MedSegUNetLib.core.progress import make_progress
 
     model = resolve_model(args.model)
     args.output.mkdir(parents=True, exist_ok=True)
@@ -159,12 +156,14 @@ def run_demo_command(args: argparse.Namespace, progress) -> dict:
 
 def retrain(model: Path, training_sample, folder: Path, minutes: float, device: str) -> Path:
     """Fine-tune ``model`` on the training scene with a time budget (what Slicer's Retrain runs)."""
-    from MedSegUNetLib.bundle import read_bundle_metadata
-    from MedSegUNetLib.cli import build_parser
-    from MedSegUNetLib.progress import make_progress
+    from MedSegUNetLib.core.progress import make_progress
+    from MedSegUNetLib.model.bundle import read_bundle_metadata
+    from .cli import add_train_parser
 
     names = ",".join(label.name for label in read_bundle_metadata(model).labels)  # the model's structures only
-    arguments = build_parser().parse_args(
+    parser = argparse.ArgumentParser(prog="medsegunet")
+    add_train_parser(parser.add_subparsers(dest="command"))
+    arguments = parser.parse_args(
         ["train", str(training_sample.scene), "-o", str(folder), "--init", str(model), "--labels", names,
          "--max-minutes", str(minutes), "--device", device, "--validate-every", "100"]
     )

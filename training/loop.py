@@ -11,12 +11,13 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from MedSegUNetLib.bundle import BundleMeta, Label, create_bundle, default_provenance, load_bundle, save_bundle
-from MedSegUNetLib.errors import Cancelled
-from MedSegUNetLib.inference import PredictOptions, predict_labels, select_device
-from MedSegUNetLib.network import build_network
-from MedSegUNetLib.progress import Progress
-from MedSegUNetLib.geometry import xyz_to_zyx
+from MedSegUNetLib.core.errors import Cancelled
+from MedSegUNetLib.core.geometry import xyz_to_zyx
+from MedSegUNetLib.core.labels import Label
+from MedSegUNetLib.core.progress import Progress
+from MedSegUNetLib.model.bundle import BundleMeta, create_bundle, default_provenance, load_bundle, save_bundle
+from MedSegUNetLib.model.network import build_network
+from MedSegUNetLib.prediction.inference import PredictOptions, predict_labels, select_device
 
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Plan, TrainConfig

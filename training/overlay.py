@@ -12,9 +12,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from MedSegUNetLib.atomic import atomic_path
-from MedSegUNetLib.bundle import Label
-from MedSegUNetLib.geometry import reorient
+from MedSegUNetLib.core.atomic import atomic_path
+from MedSegUNetLib.core.geometry import reorient
+from MedSegUNetLib.core.labels import Label
 
 
 def _center_of(mask: np.ndarray, fallback: Sequence[int]) -> Tuple[int, int, int]:

@@ -26,9 +26,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from MedSegUNetLib.bundle import Label
-from MedSegUNetLib.errors import MedSegError
-from MedSegUNetLib.labels import palette_color
+from MedSegUNetLib.core.errors import MedSegError
+from MedSegUNetLib.core.labels import Label, palette_color
 
 PACKAGE, VERSION = "totalsegmentator", "2.18.0"
 SDIST = f"{PACKAGE}-{VERSION}.tar.gz"
@@ -197,8 +196,8 @@ class WrittenSample:
 
 
 def write_sample(sample: Sample, sources: Path, output: Path, class_maps: Dict[str, Dict[int, str]]) -> WrittenSample:
-    from MedSegUNetLib.geometry import Grid, resample_onto
-    from MedSegUNetLib.imageio import read_image, write_segmentation
+    from MedSegUNetLib.core.geometry import Grid, resample_onto
+    from MedSegUNetLib.imageio.images import read_image, write_segmentation
 
     from .scene_writer import ScenePair, write_mrb
 

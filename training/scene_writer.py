@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import List, Sequence
 from xml.sax.saxutils import quoteattr
 
-from MedSegUNetLib.atomic import atomic_path
+from MedSegUNetLib.core.atomic import atomic_path
 
 
 @dataclass

@@ -22,9 +22,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from MedSegUNetLib.errors import MedSegError
-from MedSegUNetLib.geometry import Grid, image_from_ijk_array, resample_onto
-from MedSegUNetLib.segnrrd import segment_names
+from MedSegUNetLib.core.errors import MedSegError
+from MedSegUNetLib.core.geometry import Grid, image_from_ijk_array, resample_onto
+from MedSegUNetLib.imageio.segmentation_nrrd import segment_names
 
 
 class SceneError(MedSegError):
@@ -239,7 +239,7 @@ def read_segments(path: Path) -> List[SegmentInfo]:
 
 def load_case_arrays(case: Case) -> Tuple[sitk.Image, sitk.Image]:
     """The image (as read_image gives it) and a labelmap on its exact grid where segment ``i`` has value ``i + 1``."""
-    from MedSegUNetLib.imageio import read_image
+    from MedSegUNetLib.imageio.images import read_image
 
     image = read_image(case.image_path).image
     if case.label_path.name.lower().endswith(".seg.nrrd"):
@@ -249,7 +249,7 @@ def load_case_arrays(case: Case) -> Tuple[sitk.Image, sitk.Image]:
 
 def values_labelmap(path: Path, segments: List[SegmentInfo], reference: sitk.Image) -> sitk.Image:
     """A labelmap file (MSD / nnU-Net / plain pairs) renumbered so that segment ``i`` is ``i + 1``."""
-    from MedSegUNetLib.imageio import read_labelmap
+    from MedSegUNetLib.imageio.images import read_labelmap
 
     label = read_labelmap(path)
     if not Grid.of(label).same_voxels(Grid.of(reference)):

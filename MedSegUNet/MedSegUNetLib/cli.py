@@ -1,4 +1,6 @@
-"""The ``medsegunet`` command line (also ``python -m MedSegUNetLib``; Slicer runs it with PythonSlicer).
+"""The engine's program, ``python -m MedSegUNetLib`` (Slicer's panel runs it with PythonSlicer): segment,
+standby, info, create-bundle, devices, evaluate. The ``medsegunet`` program adds training's commands on top
+(training/program.py) through :func:`build_parser`'s ``extra`` and :func:`main`'s ``build``.
 
 Expected failures print one line, ``medsegunet: error: FILE: problem``, and exit 1; a usage error
 exits 2; SIGINT/SIGTERM end the run cleanly with exit 130 and no output file. The engine's commands
@@ -13,9 +15,10 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
-from .errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, Cancelled, MedSegError
+from MedSegUNetLib import __version__
+from MedSegUNetLib.core.errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, Cancelled, MedSegError
 
 PROGRAM = "medsegunet"
 DEVICES = ["auto", "cpu", "cuda", "mps"]
@@ -60,7 +63,7 @@ def add_segment_parser(commands) -> None:
         default="auto",
         choices=PRECISIONS,
         help="auto: fp16 on a CUDA GPU, float32 elsewhere; fp32: no reduced precision; bf16: on a GPU, or on a CPU "
-        "with AVX512-BF16/AMX (there only ~1.15x faster, and labels can differ slightly from float32)",
+        "with AVX512-BF16/AMX (there only slightly faster, and labels can differ slightly from float32)",
     )
     parser.add_argument("--series", help="DICOM series instance UID, when the folder holds several")
     parser.add_argument(
@@ -69,11 +72,11 @@ def add_segment_parser(commands) -> None:
         default=True,
         help="CT models: run the network only on the box around the body, air is background (default on)",
     )
-    _add_progress_argument(parser)
+    add_progress_argument(parser)
     parser.set_defaults(handler=run_segment_command, exit_at_once=True)
 
 
-def _add_progress_argument(parser: argparse.ArgumentParser) -> None:
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--progress",
         default="auto",
@@ -84,8 +87,8 @@ def _add_progress_argument(parser: argparse.ArgumentParser) -> None:
 
 def run_segment_command(args: argparse.Namespace, progress, preloaded=None) -> dict:
     """``segment``; ``preloaded`` (a standby.LoadedModel) serves the job when it holds the job's model."""
-    from .inference import PredictOptions
-    from .segment import SegmentOptions, run_segment
+    from MedSegUNetLib.commands.segment import SegmentOptions, run_segment
+    from MedSegUNetLib.prediction.inference import PredictOptions
 
     if not 0.0 <= args.overlap <= 0.95:
         raise MedSegError(f"--overlap must be between 0 and 0.95, not {args.overlap}")
@@ -120,7 +123,7 @@ def add_standby_parser(commands) -> None:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--batch-size", type=int, default=None, help="windows per batch to warm up for")
     parser.add_argument("--idle-minutes", type=float, default=10.0, help="exit when no job came in this long (10)")
-    _add_progress_argument(parser)
+    add_progress_argument(parser)
     parser.set_defaults(handler=run_standby_command, exit_at_once=True)
 
 
@@ -130,7 +133,7 @@ def _check_batch_size(batch_size: Optional[int]) -> None:
 
 
 def run_standby_command(args: argparse.Namespace, progress) -> dict:
-    from .standby import load_and_warm, wait_for_job
+    from MedSegUNetLib.commands.standby import load_and_warm, wait_for_job
 
     _check_batch_size(args.batch_size)
     if not args.idle_minutes > 0:  # NaN too
@@ -173,7 +176,7 @@ def add_info_parser(commands) -> None:
 
 
 def run_info_command(args: argparse.Namespace, progress) -> dict:
-    from .bundle import describe, read_bundle_metadata
+    from MedSegUNetLib.model.bundle import describe, read_bundle_metadata
 
     meta = read_bundle_metadata(args.bundle)
     print(json.dumps(json.loads(meta.to_json()), indent=2) if args.json else describe(meta))
@@ -197,9 +200,9 @@ def add_create_bundle_parser(commands) -> None:
 
 
 def run_create_bundle_command(args: argparse.Namespace, progress) -> dict:
-    from .atomic import check_writable
-    from .bundle import Normalization, Preprocessing, create_bundle, save_bundle
-    from .labels import default_labels
+    from MedSegUNetLib.core.atomic import check_writable
+    from MedSegUNetLib.core.labels import default_labels
+    from MedSegUNetLib.model.bundle import Normalization, Preprocessing, create_bundle, save_bundle
 
     names = [name.strip() for name in args.labels.split(",") if name.strip()]
     if not names:
@@ -223,9 +226,6 @@ def run_create_bundle_command(args: argparse.Namespace, progress) -> dict:
     return {"output": str(args.output)}
 
 
-# --- commands of the training package, reached through the same program ----------------------------
-
-
 def add_devices_parser(commands) -> None:
     parser = commands.add_parser("devices", help="list the compute devices torch can use here (JSON)")
     parser.set_defaults(handler=run_devices_command, progress="none", exit_at_once=True)
@@ -241,18 +241,12 @@ def run_devices_command(args: argparse.Namespace, progress) -> dict:
     return {}
 
 
-def add_training_parsers(commands) -> None:
-    try:
-        from training.cli import add_parsers
-    except ImportError:
-        return  # the engine alone (Slicer without the training package): no train, sample-data, demo
-    add_parsers(commands)
+AddParsers = Callable[[Any], None]  # adds commands to an argparse subparsers object
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra: Sequence[AddParsers] = ()) -> argparse.ArgumentParser:
+    """The engine's commands, then those that each of ``extra`` adds."""
     parser = argparse.ArgumentParser(prog=PROGRAM, description="MedSegUNet: U-Net segmentation for 3D Slicer and the command line")
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_segment_parser(commands)
@@ -260,10 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_info_parser(commands)
     add_create_bundle_parser(commands)
     add_devices_parser(commands)
-    from .evaluate import add_parser as add_evaluate_parser
+    from MedSegUNetLib.commands.evaluate import add_parser as add_evaluate_parser
 
     add_evaluate_parser(commands)
-    add_training_parsers(commands)
+    for add_parsers in extra:
+        add_parsers(commands)
     return parser
 
 
@@ -288,8 +283,8 @@ def entry() -> None:
 def exit_now(code: int) -> NoReturn:
     """End the process with ``code`` without the interpreter's teardown.
 
-    With torch, MONAI and SimpleITK imported that teardown (unloading their modules) takes about 0.5 s,
-    and the Slicer panel loads a result only once the engine has exited: half a second of every click.
+    With torch, MONAI and SimpleITK imported that teardown (unloading their modules) takes a good part
+    of a second, and the Slicer panel loads a result only once the engine has exited.
     Nothing is lost by skipping it: the engine's files are written, checked and renamed into place by
     then (atomic.py), its worker threads have finished or only load what is no longer needed, and the
     exit handlers its libraries register (logging's flush, multiprocessing's, torch's) have nothing to
@@ -305,33 +300,39 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-def main(argv: Optional[Sequence[str]] = None, exit_at_once: bool = False) -> int:
-    """Run one command; its exit code. ``exit_at_once`` (the program's entry, never an in-process caller):
-    a command that asks for it (``exit_at_once`` among its parser's defaults) ends the process here."""
+def main(
+    argv: Optional[Sequence[str]] = None,
+    exit_at_once: bool = False,
+    build: Callable[[], argparse.ArgumentParser] = build_parser,
+    quiet: bool = False,
+) -> int:
+    """Run one command of the program ``build`` makes; its exit code. ``exit_at_once`` (the program's
+    entry, never an in-process caller): a command that asks for it (``exit_at_once`` among its parser's
+    defaults) ends the process here. ``quiet``: no progress and no final record (one process of several
+    that run one job, e.g. a torchrun rank other than 0); errors are still reported."""
     tolerate_ascii_console()
-    parser = build_parser()
+    parser = build()
     args = parser.parse_args(argv)
     install_signal_handlers()
     if args.command in ("segment", "standby"):
-        from .leanimports import skip_unused_imports
+        from MedSegUNetLib.commands.skipped_imports import skip_unused_imports
 
         skip_unused_imports()  # before anything imports MONAI
-    from .progress import make_progress
+    from MedSegUNetLib.core.progress import make_progress
 
     progress_kind = getattr(args, "progress", "none")
-    quiet_rank = os.environ.get("RANK", "0") != "0" and progress_kind != "json"  # torchrun: one log, rank 0's
-    progress = make_progress("none" if quiet_rank else progress_kind)
-    code = run_command(args, progress, progress_kind)
+    progress = make_progress("none" if quiet else progress_kind)
+    code = run_command(args, progress, progress_kind, report_done=not quiet)
     if exit_at_once and getattr(args, "exit_at_once", False):
         exit_now(code)
     return code
 
 
-def run_command(args: argparse.Namespace, progress, progress_kind: str) -> int:
+def run_command(args: argparse.Namespace, progress, progress_kind: str, report_done: bool = True) -> int:
     """The parsed command run, its expected failures reported as one line; the exit code."""
     try:
         result = args.handler(args, progress) or {}
-        if progress_kind == "json" and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        if progress_kind == "json" and report_done:
             progress.update("done", 1, 1, **{"message": "finished", **result})
         return EXIT_OK
     except MedSegError as error:

@@ -1,0 +1,106 @@
+"""Sliding windows over a volume (where they go, how many, how large), and their scores blended with
+MONAI's Gaussian weights into one buffer.
+
+The windows are MONAI's (``dense_patch_slices`` at the scan interval of ``sliding_window_inference``,
+the volume padded to the window where thinner, as MONAI pads it) and so are the weights
+(``compute_importance_map``, Gaussian, sigma 0.125 of the window). Why not MONAI's inferer itself: the
+scores here only ever feed an argmax, which a positive per-voxel scale does not change, so the weighted
+sums need no division by the summed weights (MONAI's last pass over every class of every voxel, and the
+weight map it keeps); each window is added with one fused multiply-add, in place; and every buffer is
+made before the first window, so that each window's network call finds the same free memory as the one
+before it (MONAI makes its buffers after the first window and keeps each window's scores alive during
+the next window's call, so on the CPU the second window had to grow the heap into fresh pages).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def scan_interval(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> List[int]:
+    """The step between windows along each axis, by MONAI's rule (one window where the image is no
+    larger than it: MONAI pads it to the window)."""
+    return [roi if image <= roi else max(int(roi * (1 - overlap)), 1) for image, roi in zip(image_size, roi_size)]
+
+
+def count_windows(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> int:
+    """How many windows MONAI's sliding window visits (its padding and scan-interval rules)."""
+    total = 1
+    for image, roi, step in zip(image_size, roi_size, scan_interval(image_size, roi_size, overlap)):
+        total *= math.ceil((max(image, roi) - roi) / step) + 1
+    return total
+
+
+def fit_window(patch_zyx: Sequence[int], shape_zyx: Sequence[int], divisor_zyx: Sequence[int]) -> List[int]:
+    """The window, shrunk along any axis where the volume is thinner than the patch (to the volume's size
+    rounded up to what the network's strides accept).
+
+    A thin slab (e.g. 20 slices) in a deep window would be mostly padding: the instance norms would
+    then see statistics the network never saw in training, and the work is wasted on padding."""
+    return [min(p, -(-n // d) * d) for p, n, d in zip(patch_zyx, shape_zyx, divisor_zyx)]
+
+
+def window_slices(shape_zyx: Sequence[int], window_zyx: Sequence[int], overlap: float) -> List[Tuple[slice, ...]]:
+    """Where MONAI's sliding window puts its windows in a volume of ``shape_zyx`` (already padded to the
+    window where thinner)."""
+    from monai.data.utils import dense_patch_slices
+
+    return dense_patch_slices(list(shape_zyx), list(window_zyx), scan_interval(shape_zyx, window_zyx, overlap))
+
+
+def _padding(shape_zyx: Sequence[int], window_zyx: Sequence[int]) -> List[Tuple[int, int]]:
+    """(before, after) per spatial axis: half of what the window lacks on each side, as MONAI pads."""
+    return [(max(w - n, 0) // 2, max(w - n, 0) - max(w - n, 0) // 2) for n, w in zip(shape_zyx, window_zyx)]
+
+
+def blended_scores(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    volume: torch.Tensor,
+    window_zyx: Sequence[int],
+    classes: Optional[int],
+    overlap: float,
+    batch_size: int,
+    window_device: torch.device,
+    fill_value: float,
+) -> torch.Tensor:
+    """The Gaussian-weighted sums of ``predict``'s (B, classes, *window) scores over the windows of
+    ``volume`` (C, Z, Y, X), as a (classes, Z, Y, X) float32 tensor on ``volume``'s device. Windows go to
+    ``predict`` on ``window_device``, ``batch_size`` at a time; where the volume is thinner than the window
+    it is padded with ``fill_value``. Not normalized: divide by :func:`summed_weights` for MONAI's average.
+    ``classes``: what the network declares (its ``out_channels``); None sizes the buffer from the first
+    window's scores instead (a network that does not say), made after that window's call then."""
+    from monai.data.utils import compute_importance_map
+
+    padding = _padding(volume.shape[1:], window_zyx)
+    if any(before or after for before, after in padding):
+        flat = [amount for pair in reversed(padding) for amount in pair]  # F.pad wants the last axis first
+        volume = F.pad(volume[None], flat, mode="constant", value=fill_value)[0]
+    weight = compute_importance_map(tuple(window_zyx), mode="gaussian", device=volume.device)
+    scores = None if classes is None else torch.zeros((classes, *volume.shape[1:]), dtype=torch.float32, device=volume.device)
+    slices = window_slices(volume.shape[1:], window_zyx, overlap)
+    for start in range(0, len(slices), batch_size):
+        batch = slices[start : start + batch_size]
+        windows = torch.stack([volume[(slice(None), *where)] for where in batch]).to(window_device)
+        output = predict(windows)
+        del windows
+        if scores is None:
+            scores = torch.zeros((output.shape[1], *volume.shape[1:]), dtype=torch.float32, device=volume.device)
+        if tuple(output.shape) != (len(batch), scores.shape[0], *window_zyx):
+            raise ValueError(f"the network gave scores of shape {tuple(output.shape)} for {len(batch)} window(s) of "
+                             f"{list(window_zyx)}, {scores.shape[0]} classes")
+        output = output.to(scores.device)
+        for index, where in enumerate(batch):
+            scores[(slice(None), *where)].addcmul_(output[index], weight)
+        del output  # before the next window's call: it finds the memory this one freed
+    crop = tuple(slice(before, size - after) for (before, after), size in zip(padding, volume.shape[1:]))
+    return scores[(slice(None), *crop)]
+
+
+def summed_weights(shape_zyx: Sequence[int], window_zyx: Sequence[int], overlap: float) -> torch.Tensor:
+    """The sum of the windows' weights at each voxel of a volume of ``shape_zyx``: what MONAI divides by."""
+    ones = torch.zeros((1, *shape_zyx), dtype=torch.float32)
+    return blended_scores(lambda windows: torch.ones((windows.shape[0], 1, *window_zyx)), ones, window_zyx, 1, overlap, 1, torch.device("cpu"), 0.0)[0]

@@ -1,0 +1,96 @@
+"""One label table across cases: segments are matched by name or terminology, never by label value.
+
+Two scenes that painted "Liver" with value 3 and "liver" with value 1 train one class. A model being
+fine-tuned keeps its labels (order and values); structures new to it are appended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from MedSegUNetLib.core.labels import Label
+
+from .scenes import Case, SegmentInfo
+
+
+def name_key(name: str) -> str:
+    return " ".join(name.split()).casefold()
+
+
+def terminology_key(terminology: Optional[str]) -> Optional[tuple]:
+    """The codes that identify a structure: category, type, modifier, region, region modifier.
+
+    Scheme and code value only (meanings and context names vary between terminology files)."""
+    if not terminology:
+        return None
+    parts = terminology.split("~")
+    if len(parts) < 3:
+        return None
+    codes = []
+    for index in (1, 2, 3, 5, 6):
+        fields = parts[index].split("^") if index < len(parts) else []
+        codes.append(tuple(fields[:2]) if len(fields) >= 2 and fields[1] else None)
+    return tuple(codes) if codes[1] else None
+
+
+@dataclass
+class LabelTable:
+    labels: List[Label] = field(default_factory=list)
+    # per case name: segment position (1-based, as load_case_arrays writes it) -> class index (1-based)
+    case_maps: Dict[str, Dict[int, int]] = field(default_factory=dict)
+    missing: Dict[str, List[str]] = field(default_factory=dict)  # label name -> cases without it
+
+    def lookup_table(self, case: Case) -> np.ndarray:
+        """Array mapping the case's merged labelmap values to class indices (0 stays background)."""
+        mapping = self.case_maps[case.name]
+        table = np.zeros(len(case.segments) + 1, dtype=np.uint8 if len(self.labels) < 256 else np.uint16)
+        for position, class_index in mapping.items():
+            table[position] = class_index
+        return table
+
+    def report(self) -> List[str]:
+        return [f"'{name}' is missing from {', '.join(cases)}" for name, cases in self.missing.items() if cases]
+
+
+def _find(labels: List[Label], segment: SegmentInfo) -> Optional[int]:
+    wanted_term = terminology_key(segment.terminology)
+    for index, label in enumerate(labels):
+        if name_key(label.name) == name_key(segment.name):
+            return index
+        if wanted_term is not None and terminology_key(label.terminology) == wanted_term:
+            return index
+    return None
+
+
+def build_label_table(
+    cases: Sequence[Case], initial: Optional[Sequence[Label]] = None, only: Optional[Sequence[str]] = None
+) -> LabelTable:
+    """``only``: train just these structures (by name); every other segment counts as background."""
+    table = LabelTable(labels=list(initial or []))
+    wanted = {name_key(name) for name in only} if only else None
+    if wanted is not None:
+        found = {name_key(segment.name) for case in cases for segment in case.segments}
+        absent = sorted(name for name in only if name_key(name) not in found)
+        if absent:
+            raise ValueError(f"--labels names segments that no case has: {', '.join(absent)}")
+    next_value = max((label.value for label in table.labels), default=0) + 1
+    for case in cases:
+        mapping: Dict[int, int] = {}
+        for position, segment in enumerate(case.segments, start=1):
+            if wanted is not None and name_key(segment.name) not in wanted and _find(table.labels, segment) is None:
+                continue
+            index = _find(table.labels, segment)
+            if index is None:
+                table.labels.append(Label(next_value, segment.name, tuple(segment.color), segment.terminology))
+                next_value += 1
+                index = len(table.labels) - 1
+            if index + 1 in mapping.values():
+                raise ValueError(f"{case.name}: two segments match '{table.labels[index].name}'")
+            mapping[position] = index + 1
+        table.case_maps[case.name] = mapping
+    for index, label in enumerate(table.labels, start=1):
+        table.missing[label.name] = [case.name for case in cases if index not in table.case_maps[case.name].values()]
+    return table
