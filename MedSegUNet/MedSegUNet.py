@@ -217,8 +217,11 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.retrainButton.text = "Cancel" if busy == "train" else "Retrain"
         self.ui.segmentButton.enabled = (busy == "segment" and not self.cancelling) or (not busy and ready)
         self.ui.retrainButton.enabled = (busy == "train" and not self.cancelling) or not busy
-        self.ui.segmentButton.toolTip = "Ends the background run." if busy == "segment" else (
-            "Run the model in a background process." if ready else "Select an input volume and a model first.")
+        self.ui.segmentButton.toolTip = (
+            "Ends the background run."
+            if busy == "segment"
+            else ("Run the model in a background process." if ready else "Select an input volume and a model first.")
+        )
 
     # --- models and devices ---
 
@@ -240,7 +243,9 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onModelChanged()
 
     def onAddModel(self) -> None:
-        path = qt.QFileDialog.getOpenFileName(self.parent, "Add a MedSegUNet model", "", "Model bundles (*.safetensors)")
+        path = qt.QFileDialog.getOpenFileName(
+            self.parent, "Add a MedSegUNet model", "", "Model bundles (*.safetensors)"
+        )
         if not path:
             return
         with slicer.util.tryWithErrorDisplay("This file is not a MedSegUNet model bundle.", waitCursor=True):
@@ -311,8 +316,12 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
             self.logic.startSegment(
-                parameters.inputVolume, model, self.ui.deviceComboBox.currentData, parameters.overlap,
-                parameters.useTTA, parameters.largestComponent,
+                parameters.inputVolume,
+                model,
+                self.ui.deviceComboBox.currentData,
+                parameters.overlap,
+                parameters.useTTA,
+                parameters.largestComponent,
             )
             self.showRunning("Writing the volume and starting the model...")
 
@@ -359,7 +368,9 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.hide()
         if state == SUCCEEDED and kind == "train":
             self.refreshModels(select=Path(message))
-            self.ui.statusLabel.text = f"New model '{modelLabel(Path(message))}' trained and selected in the model list."
+            self.ui.statusLabel.text = (
+                f"New model '{modelLabel(Path(message))}' trained and selected in the model list."
+            )
         elif state == SUCCEEDED:
             self.ui.statusLabel.text = message
         elif state == CANCELLED:
@@ -371,7 +382,11 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.prepareEngine()  # for the next click
 
     def onShowLog(self) -> None:
-        slicer.util.infoDisplay("Output of the most recent MedSegUNet run:", "MedSegUNet log", detailedText=self.logic.logText() or "(empty)")
+        slicer.util.infoDisplay(
+            "Output of the most recent MedSegUNet run:",
+            "MedSegUNet log",
+            detailedText=self.logic.logText() or "(empty)",
+        )
 
     # --- Retrain ---
 
@@ -379,11 +394,15 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """This scene's annotated pairs (new ones checked), then the scene files added before; checks are kept."""
         listed = self.ui.casesListWidget
         entries = [listed.item(i) for i in range(listed.count)]
-        checked = {e.data(qt.Qt.UserRole) or e.data(qt.Qt.UserRole + 1): e.checkState() == qt.Qt.Checked for e in entries}
+        checked = {
+            e.data(qt.Qt.UserRole) or e.data(qt.Qt.UserRole + 1): e.checkState() == qt.Qt.Checked for e in entries
+        }
         files = [e.data(qt.Qt.UserRole) for e in entries if e.data(qt.Qt.UserRole)]
         listed.clear()
         for volume, segmentation in self.logic.annotatedPairs():
-            entry = self.addCaseItem(f"{volume.GetName()}  +  {segmentation.GetName()}", checked.get(segmentation.GetID(), True))
+            entry = self.addCaseItem(
+                f"{volume.GetName()}  +  {segmentation.GetName()}", checked.get(segmentation.GetID(), True)
+            )
             entry.setData(qt.Qt.UserRole + 1, segmentation.GetID())
         for path in files:
             self.addFileItem(path, checked[path])
@@ -401,7 +420,9 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         entry.setToolTip(path)
 
     def onAddScenes(self) -> None:
-        paths = qt.QFileDialog.getOpenFileNames(self.parent, "Annotated Slicer scenes", "", "Slicer scenes (*.mrb *.mrml)")
+        paths = qt.QFileDialog.getOpenFileNames(
+            self.parent, "Annotated Slicer scenes", "", "Slicer scenes (*.mrb *.mrml)"
+        )
         for path in paths:
             self.addFileItem(path)
 
@@ -429,7 +450,9 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         segmentations, files = self.checkedCases()
         if not segmentations and not files:
-            slicer.util.warningDisplay("Check at least one annotated case: a volume with its segmentation, or a scene file.")
+            slicer.util.warningDisplay(
+                "Check at least one annotated case: a volume with its segmentation, or a scene file."
+            )
             return
         parameters = self._parameterNode
         init = None if parameters.retrainFromScratch else self.currentModel()
@@ -439,8 +462,14 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.ensureDependencies():
             return
         with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
-            self.logic.startTrain(segmentations, files, init, parameters.retrainMinutes, self.ui.deviceComboBox.currentData,
-                                  parameters.retrainSteps or None)
+            self.logic.startTrain(
+                segmentations,
+                files,
+                init,
+                parameters.retrainMinutes,
+                self.ui.deviceComboBox.currentData,
+                parameters.retrainSteps or None,
+            )
             self.showRunning("Saving the annotated cases and starting training...")
 
     # --- dependencies ---
@@ -460,7 +489,9 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.installDependencies(missing)
         still = self.logic.dependenciesMissing()
         if still:
-            slicer.util.errorDisplay(f"Still missing after the installation: {', '.join(still)}. Restart Slicer and try again.")
+            slicer.util.errorDisplay(
+                f"Still missing after the installation: {', '.join(still)}. Restart Slicer and try again."
+            )
             return False
         self.probeDevices()
         return True
@@ -553,8 +584,13 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
                 import PyTorchUtils
 
                 # The panel asked already; PyTorchUtils chooses the build that fits the GPU driver.
-                versions = TORCH_REQUIREMENT[len("torch"):]
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=versions) is None:
+                versions = TORCH_REQUIREMENT[len("torch") :]
+                if (
+                    PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                        askConfirmation=False, torchVersionRequirement=versions
+                    )
+                    is None
+                ):
                     raise RuntimeError("PyTorch was not installed")
             else:
                 slicer.util.pip_install([TORCH_REQUIREMENT])
@@ -571,7 +607,11 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         torch = sys.modules.get("torch")
         if torch is None:
             return None
-        cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        cuda = (
+            [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available()
+            else []
+        )
         mps = getattr(torch.backends, "mps", None)
         return devices_from_names(cuda, bool(mps and mps.is_available()))
 
@@ -657,7 +697,9 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
     # --- Segment ---
 
     @staticmethod
-    def segmentRequest(inputPath: Path, model: Path, outputPath: Path, device: str, overlap: float, tta: bool, largest: bool) -> SegmentRequest:
+    def segmentRequest(
+        inputPath: Path, model: Path, outputPath: Path, device: str, overlap: float, tta: bool, largest: bool
+    ) -> SegmentRequest:
         """What Segment asks of the engine: its command line, or the waiting engine's job (tested outside Slicer)."""
         return SegmentRequest([inputPath], model, outputPath, device or "auto", overlap, tta, largest)
 
@@ -709,7 +751,15 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
 
     # --- Retrain ---
 
-    def trainCommand(self, data: List[Path], output: Path, init: Optional[Path], minutes: Optional[float], device: str, maxSteps: Optional[int] = None) -> List[str]:
+    def trainCommand(
+        self,
+        data: List[Path],
+        output: Path,
+        init: Optional[Path],
+        minutes: Optional[float],
+        device: str,
+        maxSteps: Optional[int] = None,
+    ) -> List[str]:
         """The exact command line Retrain runs (tested outside Slicer)."""
         return train_command(TrainRequest(data, output, init, minutes, maxSteps, device or "auto"))
 
@@ -728,7 +778,9 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
             if volume is None:
                 raise ValueError(f"segmentation '{segmentationNode.GetName()}' has no reference volume")
             if segmentationNode.GetTransformNodeID() != volume.GetTransformNodeID():
-                raise ValueError(f"'{segmentationNode.GetName()}' and '{volume.GetName()}' are under different transforms: harden them first")
+                raise ValueError(
+                    f"'{segmentationNode.GetName()}' and '{volume.GetName()}' are under different transforms: harden them first"
+                )
             image = self.writeVolume(volume, folder / f"volume{index}.nrrd")
             labels = self.writeLabelmapSegmentation(segmentationNode, volume, folder / f"segmentation{index}.seg.nrrd")
             pairs.append(ScenePair(volume.GetName(), image, labels, segmentationNode.GetName()))
@@ -749,7 +801,15 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         finally:
             slicer.mrmlScene.RemoveNode(copy)
 
-    def startTrain(self, segmentationNodes, sceneFiles: List[Path], init: Optional[Path], minutes: Optional[float], device: str, maxSteps: Optional[int] = None) -> None:
+    def startTrain(
+        self,
+        segmentationNodes,
+        sceneFiles: List[Path],
+        init: Optional[Path],
+        minutes: Optional[float],
+        device: str,
+        maxSteps: Optional[int] = None,
+    ) -> None:
         """Save the checked pairs as a scene, then train in a child process; the bundle lands in the models folder."""
         self.ensureIdle()
         self.stopStandby()  # training wants the memory; the panel starts another engine when it ends
@@ -857,8 +917,15 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
 
     # --- blocking forms, for the self-test and scripts ---
 
-    def segmentAndWait(self, volumeNode, model: Path, device: str = "cpu", timeoutSeconds: float = 600,
-                       cancelAfterFirstProgress: bool = False, tta: bool = False):
+    def segmentAndWait(
+        self,
+        volumeNode,
+        model: Path,
+        device: str = "cpu",
+        timeoutSeconds: float = 600,
+        cancelAfterFirstProgress: bool = False,
+        tta: bool = False,
+    ):
         self.startSegment(volumeNode, model, device, 0.25, tta, True)
         return self.waitForEnd(timeoutSeconds, cancelAfterFirstProgress)
 
@@ -944,8 +1011,26 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
         path = Path(slicer.app.temporaryPath) / "MedSegUNetTest" / "selftest.safetensors"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            command = [engine_python(), "-m", "MedSegUNetLib", "create-bundle", "-o", str(path), "--labels", "organ,rim",
-                       "--spacing", "3", "3", "3", "--patch-size", "32", "32", "16", "--filters", "4"]
+            command = [
+                engine_python(),
+                "-m",
+                "MedSegUNetLib",
+                "create-bundle",
+                "-o",
+                str(path),
+                "--labels",
+                "organ,rim",
+                "--spacing",
+                "3",
+                "3",
+                "3",
+                "--patch-size",
+                "32",
+                "32",
+                "16",
+                "--filters",
+                "4",
+            ]
             run = ChildProcess(command, engine_environment(MODULE_DIR))
             self.assertEqual(run.wait(timeout=300), SUCCEEDED, run.log_text())
         return path
@@ -975,7 +1060,9 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
         imageToWorld, ijkToRAS = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
         labelmap.GetImageToWorldMatrix(imageToWorld)
         volumeNode.GetIJKToRASMatrix(ijkToRAS)
-        relative = np.linalg.inv(slicer.util.arrayFromVTKMatrix(ijkToRAS)) @ slicer.util.arrayFromVTKMatrix(imageToWorld)
+        relative = np.linalg.inv(slicer.util.arrayFromVTKMatrix(ijkToRAS)) @ slicer.util.arrayFromVTKMatrix(
+            imageToWorld
+        )
         np.testing.assert_allclose(relative[:3, :3], np.eye(3), atol=1e-4)
         np.testing.assert_allclose(relative[:3, 3], np.round(relative[:3, 3]), atol=1e-3)
 
@@ -991,7 +1078,9 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
     def test_dependencies_and_model(self):
         self.delayDisplay("Dependencies and the model")
         logic = self.newLogic()
-        self.assertEqual(logic.dependenciesMissing(), [], "install the dependencies (the panel offers it) before the self-test")
+        self.assertEqual(
+            logic.dependenciesMissing(), [], "install the dependencies (the panel offers it) before the self-test"
+        )
         from MedSegUNetLib.model.bundle import read_bundle_metadata
 
         description = logic.describeModel(self.model())
@@ -1139,7 +1228,9 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
         segmentationNode.CreateDefaultDisplayNodes()
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volume)
         segmentId = segmentationNode.GetSegmentation().AddEmptySegment("organ")
-        slicer.util.updateSegmentBinaryLabelmapFromArray((array > 0).astype(np.uint8), segmentationNode, segmentId, volume)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(
+            (array > 0).astype(np.uint8), segmentationNode, segmentId, volume
+        )
         logic = self.newLogic()
         self.assertIn((volume, segmentationNode), logic.annotatedPairs())
         kept = logic.keepEngineReady()

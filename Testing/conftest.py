@@ -39,7 +39,9 @@ def make_small_bundle(path: Path, names=("ribs", "spine"), spacing=(6.0, 6.0, 6.
     from MedSegUNetLib.model.bundle import Normalization, Preprocessing, create_bundle, save_bundle
 
     preprocessing = Preprocessing(spacing, patch, "RAS", Normalization("ct", (-1000.0, 1000.0)))
-    bundle = create_bundle(default_labels(list(names)), preprocessing, ["CT"], name=path.stem, seed=seed, base_filters=4)
+    bundle = create_bundle(
+        default_labels(list(names)), preprocessing, ["CT"], name=path.stem, seed=seed, base_filters=4
+    )
     save_bundle(path, bundle.meta, bundle.network)
     return path
 
@@ -65,7 +67,9 @@ def run_cli(*args: str, timeout: float = 300, env=None, **kwargs) -> subprocess.
     return subprocess.run(
         [sys.executable, "-m", program(args[0]), *args],
         capture_output=True,
-        text=True, encoding="utf-8", errors="replace",
+        text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=timeout,
         env=environment,
         **kwargs,
@@ -104,8 +108,16 @@ def engine_baseline(tmp_path_factory):
         "import MedSegUNetLib.cli, MedSegUNetLib.commands.segment, training.cli, training.scenes, monai.networks.nets, matplotlib.pyplot\n"
         "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmPeak:')][0])"
     )
-    result = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True,
-                            encoding="utf-8", errors="replace", timeout=300, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=environment,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=300,
+        check=True,
+    )
     return int(result.stdout.strip()), home
 
 

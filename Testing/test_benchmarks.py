@@ -17,7 +17,17 @@ pytestmark = pytest.mark.slow
 
 
 def run_benchmark(script: str, report: Path, *extra: str) -> dict:
-    command = [sys.executable, str(REPO / "benchmarks" / script), "--size", "tiny", "--repeats", "1", "--json", str(report), *extra]
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / script),
+        "--size",
+        "tiny",
+        "--repeats",
+        "1",
+        "--json",
+        str(report),
+        *extra,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(report.read_text(encoding="utf-8"))

@@ -34,7 +34,9 @@ TERMINOLOGY = (
 
 def full_meta_bundle():
     labels = [Label(1, "liver", (0.86, 0.45, 0.39), TERMINOLOGY), Label(5, "spleen", (0.62, 0.35, 0.66))]
-    preprocessing = Preprocessing((1.5, 1.5, 3.0), (64, 64, 32), "LPS", Normalization("ct", (-200.0, 300.0), 50.0, 80.0))
+    preprocessing = Preprocessing(
+        (1.5, 1.5, 3.0), (64, 64, 32), "LPS", Normalization("ct", (-200.0, 300.0), 50.0, 80.0)
+    )
     bundle = create_bundle(labels, preprocessing, ["CT"], name="abdomen", seed=3, base_filters=4)
     bundle.meta.provenance["metrics"] = {"dice_liver": 0.93}
     return bundle
@@ -56,10 +58,19 @@ def test_round_trip_keeps_everything(tmp_path):
 def test_unet_bundles_load_too(tmp_path):
     spec = NetworkSpec(
         "UNet",
-        {"spatial_dims": 3, "in_channels": 2, "out_channels": 3, "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1},
+        {
+            "spatial_dims": 3,
+            "in_channels": 2,
+            "out_channels": 3,
+            "channels": [4, 8, 16],
+            "strides": [2, 2],
+            "num_res_units": 1,
+        },
     )
     preprocessing = Preprocessing((1.0, 1.0, 1.0), (32, 32, 32), "RAS", Normalization("zscore", None, nonzero=True))
-    bundle = create_bundle([Label(1, "a", (1, 0, 0)), Label(2, "b", (0, 1, 0))], preprocessing, ["T1", "T2"], network=spec)
+    bundle = create_bundle(
+        [Label(1, "a", (1, 0, 0)), Label(2, "b", (0, 1, 0))], preprocessing, ["T1", "T2"], network=spec
+    )
     path = save_bundle(tmp_path / "mr.safetensors", bundle.meta, bundle.network)
     assert load_bundle(path).meta.channels == ["T1", "T2"]
 
@@ -73,7 +84,14 @@ def test_metadata_is_read_without_torch(tmp_path):
         f"meta = read_bundle_metadata({str(path)!r})\n"
         "print([l.name for l in meta.labels])"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, encoding="utf-8", errors="replace", env={"PYTHONPATH": str(MODULE_DIR)})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        env={"PYTHONPATH": str(MODULE_DIR)},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['liver', 'spleen']"
 
@@ -88,9 +106,13 @@ def test_create_bundle_is_deterministic_and_leaves_global_rng_alone(tmp_path):
     b = create_bundle([Label(1, "x", (1, 0, 0))], preprocessing, seed=7, base_filters=4)
     c = create_bundle([Label(1, "x", (1, 0, 0))], preprocessing, seed=8, base_filters=4)
     assert torch.equal(before, after)
-    for (name, wa), wb, wc in zip(a.network.state_dict().items(), b.network.state_dict().values(), c.network.state_dict().values()):
+    for (name, wa), wb, wc in zip(
+        a.network.state_dict().items(), b.network.state_dict().values(), c.network.state_dict().values()
+    ):
         assert torch.equal(wa, wb), name
-    assert any(not torch.equal(wa, wc) for wa, wc in zip(a.network.state_dict().values(), c.network.state_dict().values()))
+    assert any(
+        not torch.equal(wa, wc) for wa, wc in zip(a.network.state_dict().values(), c.network.state_dict().values())
+    )
 
 
 # --- what is refused -------------------------------------------------------------------------------

@@ -134,8 +134,23 @@ def test_the_segment_command_the_panel_builds_runs_on_a_real_file(tmp_path, ct_c
     assert request == SegmentRequest([ct_chest], small_bundle, output, device="cpu", overlap=0.25)
     command = segment_command(request)
     assert command == [
-        sys.executable, "-m", "MedSegUNetLib", "segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output),
-        "--device", "cpu", "--overlap", "0.25", "--no-tta", "--largest-component", "--progress", "json",
+        sys.executable,
+        "-m",
+        "MedSegUNetLib",
+        "segment",
+        str(ct_chest),
+        "-m",
+        str(small_bundle),
+        "-o",
+        str(output),
+        "--device",
+        "cpu",
+        "--overlap",
+        "0.25",
+        "--no-tta",
+        "--largest-component",
+        "--progress",
+        "json",
     ]
     process = ChildProcess(command, engine_environment(MODULE_DIR), cwd=tmp_path)
     records = run_to_end(process)
@@ -154,12 +169,21 @@ def test_the_segment_command_the_panel_builds_runs_on_a_real_file(tmp_path, ct_c
 
 
 def test_options_reach_the_command_line():
-    request = SegmentRequest([Path("a.nrrd"), Path("b.nrrd")], Path("m.safetensors"), Path("o.seg.nrrd"),
-                             device="cuda:1", overlap=0.6, tta=True, largest_component=False)
+    request = SegmentRequest(
+        [Path("a.nrrd"), Path("b.nrrd")],
+        Path("m.safetensors"),
+        Path("o.seg.nrrd"),
+        device="cuda:1",
+        overlap=0.6,
+        tta=True,
+        largest_component=False,
+    )
     command = segment_command(request, python="PythonSlicer")
     assert command[:6] == ["PythonSlicer", "-m", "MedSegUNetLib", "segment", "a.nrrd", "b.nrrd"]
     assert command[command.index("--device") + 1] == "cuda"  # the GPU is picked by CUDA_VISIBLE_DEVICES
-    assert "--tta" in command and "--no-largest-component" in command and command[command.index("--overlap") + 1] == "0.6"
+    assert (
+        "--tta" in command and "--no-largest-component" in command and command[command.index("--overlap") + 1] == "0.6"
+    )
     assert engine_environment(MODULE_DIR, base={}, device="cuda:1")["CUDA_VISIBLE_DEVICES"] == "1"
     assert "CUDA_VISIBLE_DEVICES" not in engine_environment(MODULE_DIR, base={}, device="auto")
     assert split_device("MPS") == ("mps", None)
@@ -167,12 +191,30 @@ def test_options_reach_the_command_line():
         split_device("tpu")
     with pytest.raises(ValueError):
         segment_command(SegmentRequest([Path("a")], Path("m"), Path("o"), device="cuda:x"))
-    train = train_command(TrainRequest([Path("s.mrb")], Path("out"), init=None, max_minutes=2.5, max_steps=0), python="P")
-    assert train == ["P", "-m", "training", "train", "s.mrb", "-o", "out", "--max-minutes", "2.5", "--device", "auto", "--progress", "json"]
+    train = train_command(
+        TrainRequest([Path("s.mrb")], Path("out"), init=None, max_minutes=2.5, max_steps=0), python="P"
+    )
+    assert train == [
+        "P",
+        "-m",
+        "training",
+        "train",
+        "s.mrb",
+        "-o",
+        "out",
+        "--max-minutes",
+        "2.5",
+        "--device",
+        "auto",
+        "--progress",
+        "json",
+    ]
 
 
 def test_a_failing_run_surfaces_the_engines_one_line_message(tmp_path, small_bundle):
-    command = segment_command(SegmentRequest([tmp_path / "missing.nrrd"], small_bundle, tmp_path / "o.seg.nrrd"), python=sys.executable)
+    command = segment_command(
+        SegmentRequest([tmp_path / "missing.nrrd"], small_bundle, tmp_path / "o.seg.nrrd"), python=sys.executable
+    )
     process = ChildProcess(command, engine_environment(MODULE_DIR))
     records = run_to_end(process)
     assert process.state == FAILED and process.process.returncode == 1
@@ -186,15 +228,19 @@ def test_a_failing_run_surfaces_the_engines_one_line_message(tmp_path, small_bun
 def test_a_bundle_that_is_not_a_bundle_fails_with_one_line(tmp_path, ct_chest):
     fake = tmp_path / "fake.safetensors"
     fake.write_bytes(b"\x80\x04K\x01.")  # a pickle, not a safetensors file
-    process = ChildProcess(segment_command(SegmentRequest([ct_chest], fake, tmp_path / "o.seg.nrrd", device="cpu"), python=sys.executable),
-                           engine_environment(MODULE_DIR))
+    process = ChildProcess(
+        segment_command(SegmentRequest([ct_chest], fake, tmp_path / "o.seg.nrrd", device="cpu"), python=sys.executable),
+        engine_environment(MODULE_DIR),
+    )
     run_to_end(process)
     assert process.state == FAILED
     assert "fake.safetensors" in process.error_message and "\n" not in process.error_message
 
 
 def test_a_crash_without_a_message_still_says_something():
-    process = ChildProcess([sys.executable, "-c", "import sys; print('halfway'); sys.stderr.write('Traceback: boom\\n'); sys.exit(3)"])
+    process = ChildProcess(
+        [sys.executable, "-c", "import sys; print('halfway'); sys.stderr.write('Traceback: boom\\n'); sys.exit(3)"]
+    )
     run_to_end(process, timeout=60)
     assert process.state == FAILED and process.error_message == "Traceback: boom"
 
@@ -214,13 +260,16 @@ def test_the_devices_command_lists_what_torch_sees():
     line = next(line for line in process.log_lines if line.startswith("{"))
     import torch
 
-    expected = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    expected = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
     assert [label for label, _ in parse_devices(process.log_lines) if label.startswith("GPU")] == [
         f"GPU {i}: {name}" for i, name in enumerate(expected)
     ]
     assert json.loads(line)["cuda"] == expected
-    assert parse_devices(['noise', '{"torch": "2", "cuda": ["A100", "H100"], "mps": false}']) == [
-        ("GPU 0: A100", "cuda:0"), ("GPU 1: H100", "cuda:1")
+    assert parse_devices(["noise", '{"torch": "2", "cuda": ["A100", "H100"], "mps": false}']) == [
+        ("GPU 0: A100", "cuda:0"),
+        ("GPU 1: H100", "cuda:1"),
     ]
     assert parse_devices(['{"torch": "2", "cuda": [], "mps": true}']) == [("Apple GPU (MPS)", "mps")]
     assert parse_devices(["Traceback ...", "ModuleNotFoundError: No module named 'torch'"]) == []
@@ -278,7 +327,7 @@ def test_cancel_ends_the_whole_process_tree(tmp_path):
 
 @posix_only
 def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path):
-    then = "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('{\"stage\": \"x\", \"done\": 0, \"total\": 1, \"message\": \"\"}', flush=True); time.sleep(120)"
+    then = 'signal.signal(signal.SIGTERM, signal.SIG_IGN); print(\'{"stage": "x", "done": 0, "total": 1, "message": ""}\', flush=True); time.sleep(120)'
     process = ChildProcess([sys.executable, "-c", spawning_script(tmp_path / "pid", then)])
     while not any(r["stage"] == "x" for r in process.poll()):
         assert process.state == RUNNING, process.log_text()
@@ -304,7 +353,9 @@ def test_a_grandchild_left_holding_the_pipes_does_not_hang_the_panel(tmp_path):
 
 
 def test_cancel_after_the_end_changes_nothing():
-    process = ChildProcess([sys.executable, "-c", "print('{\"stage\": \"done\", \"done\": 1, \"total\": 1, \"message\": \"ok\"}')"])
+    process = ChildProcess(
+        [sys.executable, "-c", 'print(\'{"stage": "done", "done": 1, "total": 1, "message": "ok"}\')']
+    )
     assert process.wait(timeout=60) == SUCCEEDED
     process.cancel()
     assert process.state == SUCCEEDED and not process.cancelled and process.result["message"] == "ok"
@@ -332,8 +383,12 @@ def test_a_standby_engine_takes_the_panel_s_job_and_segments_as_a_fresh_engine_d
     import numpy as np
     import SimpleITK as sitk
 
-    fresh = ChildProcess(segment_command(SegmentRequest([ct_chest], small_bundle, tmp_path / "fresh.seg.nrrd", device="cpu"),
-                                         python=sys.executable), engine_environment(MODULE_DIR))
+    fresh = ChildProcess(
+        segment_command(
+            SegmentRequest([ct_chest], small_bundle, tmp_path / "fresh.seg.nrrd", device="cpu"), python=sys.executable
+        ),
+        engine_environment(MODULE_DIR),
+    )
     assert fresh.wait(timeout=300) == SUCCEEDED, fresh.log_text()
 
     standby = StandbyEngine(small_bundle, "cpu", engine_environment(MODULE_DIR), python=sys.executable)
@@ -360,9 +415,27 @@ def test_a_standby_engine_takes_the_panel_s_job_and_segments_as_a_fresh_engine_d
 
 def test_the_job_line_holds_the_fresh_command_s_arguments():
     request = SegmentRequest([Path("in.nrrd")], Path("m.safetensors"), Path("o.seg.nrrd"), device="cuda:1", overlap=0.3)
-    assert segment_command(request, python="P") == ["P", "-m", "MedSegUNetLib", "segment", *segment_arguments(request), "--progress", "json"]
+    assert segment_command(request, python="P") == [
+        "P",
+        "-m",
+        "MedSegUNetLib",
+        "segment",
+        *segment_arguments(request),
+        "--progress",
+        "json",
+    ]
     assert standby_command(Path("m.safetensors"), "cuda:1", python="P") == [
-        "P", "-m", "MedSegUNetLib", "standby", "-m", "m.safetensors", "--device", "cuda", "--progress", "json"]
+        "P",
+        "-m",
+        "MedSegUNetLib",
+        "standby",
+        "-m",
+        "m.safetensors",
+        "--device",
+        "cuda",
+        "--progress",
+        "json",
+    ]
 
 
 def test_a_standby_engine_that_has_ended_takes_no_job(tmp_path, ct_chest, small_bundle):
@@ -407,7 +480,10 @@ def test_a_job_written_to_a_dead_engine_does_not_kill_a_host_that_kept_sigpipe_s
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.split() == ["refused", "BrokenPipeError", "True"], (result.returncode, result.stderr)
+    assert result.returncode == 0 and result.stdout.split() == ["refused", "BrokenPipeError", "True"], (
+        result.returncode,
+        result.stderr,
+    )
 
 
 @posix_only
@@ -432,7 +508,9 @@ def test_the_train_command_the_panel_builds_writes_a_bundle(tmp_path, ct_chest, 
 
     scene = write_mrml_scene(tmp_path / "scene", "annotations", [ScenePair("ct", ct_chest, chest_segmentation, "seg")])
     command = logic_method("trainCommand")(None, [scene], tmp_path / "model", small_bundle, None, "cpu", 2)
-    assert command == train_command(TrainRequest([scene], tmp_path / "model", init=small_bundle, max_steps=2, device="cpu"))
+    assert command == train_command(
+        TrainRequest([scene], tmp_path / "model", init=small_bundle, max_steps=2, device="cpu")
+    )
     assert command[1:4] == ["-m", "training", "train"] and command[command.index("--init") + 1] == str(small_bundle)
     process = ChildProcess(command, engine_environment(MODULE_DIR))
     records = run_to_end(process, timeout=600)
@@ -476,8 +554,13 @@ def test_the_engine_runs_with_its_malloc_settings_on_linux():
     assert kept.split(":") == ["glibc.malloc.hugetlb=0", *MALLOC_TUNABLES[1:]]
     assert with_malloc_tunables(with_malloc_tunables("")) == ours
     environment = engine_environment(MODULE_DIR, base={"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
-    seen = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('GLIBC_TUNABLES', ''))"],
-                          env=environment, capture_output=True, text=True, check=True).stdout.strip()
+    seen = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.environ.get('GLIBC_TUNABLES', ''))"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     if sys.platform.startswith("linux"):
         assert seen == f"glibc.malloc.arena_max=2:{ours}"
     else:
@@ -489,10 +572,18 @@ def test_bin_medsegunet_sets_the_engines_malloc_settings(tmp_path):
     from MedSegUNetLib.host.childprocess import MALLOC_TUNABLES
 
     script = (REPO / "bin" / "medsegunet").read_text(encoding="utf-8")
-    loop = script[script.index("for tunable in"):script.index("export GLIBC_TUNABLES")]
+    loop = script[script.index("for tunable in") : script.index("export GLIBC_TUNABLES")]
     probe = tmp_path / "probe.sh"
     probe.write_text(loop + 'printf "%s" "$GLIBC_TUNABLES"\n', encoding="utf-8")
-    for given, expected in (("", ":".join(MALLOC_TUNABLES)), ("glibc.malloc.hugetlb=0", ":".join(["glibc.malloc.hugetlb=0", *MALLOC_TUNABLES[1:]]))):
-        result = subprocess.run(["bash", str(probe)], env={"GLIBC_TUNABLES": given, "PATH": os.environ.get("PATH", "")},
-                                capture_output=True, text=True, check=True)
+    for given, expected in (
+        ("", ":".join(MALLOC_TUNABLES)),
+        ("glibc.malloc.hugetlb=0", ":".join(["glibc.malloc.hugetlb=0", *MALLOC_TUNABLES[1:]])),
+    ):
+        result = subprocess.run(
+            ["bash", str(probe)],
+            env={"GLIBC_TUNABLES": given, "PATH": os.environ.get("PATH", "")},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert result.stdout == expected

@@ -83,7 +83,9 @@ def test_json_progress_protocol(tmp_path, ct_chest, small_bundle):
 
 
 @pytest.mark.parametrize("byte_order", ["<", ">"])
-def test_a_nifti_gz_or_nrrd_resampled_as_it_is_read_segments_as_the_same_scan_read_whole(tmp_path, ct_chest, small_bundle, byte_order):
+def test_a_nifti_gz_or_nrrd_resampled_as_it_is_read_segments_as_the_same_scan_read_whole(
+    tmp_path, ct_chest, small_bundle, byte_order
+):
     """A single .nii.gz CT goes to the network grid slice by slice while it inflates (never held at full
     resolution), and so does an NRRD, gzip (as Slicer saves scenes) or raw (as the Slicer panel hands its
     volume to the engine); the same scan as MetaImage is read whole first. The labels must be the same
@@ -123,13 +125,17 @@ def test_a_nifti_gz_or_nrrd_resampled_as_it_is_read_segments_as_the_same_scan_re
     assert sitk.GetArrayViewFromImage(whole_labels).any()
     for name, (_, labels) in runs.items():
         assert Grid.of(labels).matches(Grid.of(whole_labels), tolerance=1e-6), name
-        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(whole_labels), err_msg=name)
+        np.testing.assert_array_equal(
+            sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(whole_labels), err_msg=name
+        )
 
 
 def test_console_script_runs(tmp_path, ct_chest, small_bundle):
     script = Path(sys.executable).parent / "medsegunet"
     assert script.exists(), "pip install -e . should have made the medsegunet script"
-    result = subprocess.run([str(script), "info", str(small_bundle)], capture_output=True, text=True, encoding="utf-8", errors="replace")
+    result = subprocess.run(
+        [str(script), "info", str(small_bundle)], capture_output=True, text=True, encoding="utf-8", errors="replace"
+    )
     assert result.returncode == 0, result.stderr
     assert "ribs" in result.stdout and "DynUNet" in result.stdout
 
@@ -170,7 +176,9 @@ def write_dicom_series(image: sitk.Image, folder: Path, series_uid: str) -> None
             "0020|000d": "1.2.826.0.1.3680043.2.1125.9",
             "0020|000e": series_uid,
             "0020|0032": "\\".join(f"{p:.6f}" for p in position),
-            "0020|0037": "\\".join(f"{d:.6f}" for d in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])),
+            "0020|0037": "\\".join(
+                f"{d:.6f}" for d in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])
+            ),
             "0020|0013": str(k + 1),
             "0008|0018": f"{series_uid}.{k + 1}",
             "0018|0050": f"{image.GetSpacing()[2]:.6f}",
@@ -190,7 +198,23 @@ def test_dicom_folder_with_two_series_lists_them(tmp_path, ct_chest, small_bundl
     assert main(["segment", str(folder), "-m", str(small_bundle), "-o", str(output), "--progress", "none"]) == 1
     error = capsys.readouterr().err
     assert "2 DICOM series" in error and "1.2.3.4.1" in error and "1.2.3.4.2" in error and "--series" in error
-    assert main(["segment", str(folder), "-m", str(small_bundle), "-o", str(output), "--series", "1.2.3.4.2", "--progress", "none"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(folder),
+                "-m",
+                str(small_bundle),
+                "-o",
+                str(output),
+                "--series",
+                "1.2.3.4.2",
+                "--progress",
+                "none",
+            ]
+        )
+        == 0
+    )
     assert output.exists()
 
 
@@ -241,7 +265,11 @@ def make_bad_input(kind: str, folder: Path) -> Path:
     if kind in ("truncated-nii-gz", "corrupt-nii-gz"):  # a CT read (and resampled) as it inflates
         path = folder / f"{kind}.nii.gz"
         # large enough that ITK's header read does not reach the damage (it reports a small file itself)
-        sitk.WriteImage(_image(np.random.default_rng(0).integers(-1000, 1000, (64, 128, 128)).astype(np.int16)), str(path), useCompression=True)
+        sitk.WriteImage(
+            _image(np.random.default_rng(0).integers(-1000, 1000, (64, 128, 128)).astype(np.int16)),
+            str(path),
+            useCompression=True,
+        )
         data = bytearray(path.read_bytes())
         if kind == "truncated-nii-gz":
             data = data[: len(data) // 2]
@@ -329,7 +357,9 @@ def test_bad_input_in_a_real_process_has_no_traceback_and_keeps_old_output(tmp_p
 )
 def test_bad_bundle_is_refused(tmp_path, ct_chest, make_bundle, message):
     bundle = make_bundle(tmp_path)
-    result = run_cli("segment", str(ct_chest), "-m", str(bundle), "-o", str(tmp_path / "o.seg.nrrd"), "--progress", "none")
+    result = run_cli(
+        "segment", str(ct_chest), "-m", str(bundle), "-o", str(tmp_path / "o.seg.nrrd"), "--progress", "none"
+    )
     assert_clean_failure(result, bundle.name, message)
     assert not (tmp_path / "o.seg.nrrd").exists()
 
@@ -341,7 +371,11 @@ def _write(path: Path, content: bytes) -> Path:
 
 @pytest.mark.parametrize(
     "output,message",
-    [("missing_folder/out.seg.nrrd", "output folder does not exist"), ("out.png", "unsupported output type"), (".", "existing folder")],
+    [
+        ("missing_folder/out.seg.nrrd", "output folder does not exist"),
+        ("out.png", "unsupported output type"),
+        (".", "existing folder"),
+    ],
 )
 def test_bad_output_is_refused_before_work(tmp_path, ct_chest, small_bundle, output, message, capsys):
     code = main(["segment", str(ct_chest), "-m", str(small_bundle), "-o", str(tmp_path / output), "--progress", "none"])
@@ -349,15 +383,31 @@ def test_bad_output_is_refused_before_work(tmp_path, ct_chest, small_bundle, out
     assert message in capsys.readouterr().err
 
 
-def test_bf16_on_a_cpu_without_bf16_instructions_is_refused_before_any_reading(tmp_path, small_bundle, monkeypatch, capsys):
+def test_bf16_on_a_cpu_without_bf16_instructions_is_refused_before_any_reading(
+    tmp_path, small_bundle, monkeypatch, capsys
+):
     """--precision bf16 where oneDNN cannot run bf16: one line, exit 1, before the input is even looked
     at (the input here does not exist: its error would come first otherwise)."""
     import MedSegUNetLib.prediction.inference as inference
 
     monkeypatch.setattr(inference, "cpu_runs_bf16", lambda: False)
     output = tmp_path / "o.nii.gz"
-    code = main(["segment", str(tmp_path / "missing.nii.gz"), "-m", str(small_bundle), "-o", str(output),
-                 "--device", "cpu", "--precision", "bf16", "--progress", "none"])
+    code = main(
+        [
+            "segment",
+            str(tmp_path / "missing.nii.gz"),
+            "-m",
+            str(small_bundle),
+            "-o",
+            str(output),
+            "--device",
+            "cpu",
+            "--precision",
+            "bf16",
+            "--progress",
+            "none",
+        ]
+    )
     assert code == 1
     error = capsys.readouterr().err
     assert "--precision bf16 needs a CPU with bf16 instructions" in error and "missing.nii.gz" not in error
@@ -365,7 +415,19 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_refused_before_any_reading(t
 
 
 def test_wrong_channel_count_is_refused(tmp_path, ct_chest, small_bundle, capsys):
-    code = main(["segment", str(ct_chest), str(ct_chest), "-m", str(small_bundle), "-o", str(tmp_path / "o.nrrd"), "--progress", "none"])
+    code = main(
+        [
+            "segment",
+            str(ct_chest),
+            str(ct_chest),
+            "-m",
+            str(small_bundle),
+            "-o",
+            str(tmp_path / "o.nrrd"),
+            "--progress",
+            "none",
+        ]
+    )
     assert code == 1
     assert "1 input channel" in capsys.readouterr().err
     assert not (tmp_path / "o.nrrd").exists()
@@ -383,7 +445,9 @@ def test_partial_nan_is_replaced_and_reported(tmp_path, small_bundle):
     array[3:5, 3:5, 3:5] = np.nan
     path = tmp_path / "some_nan.mha"
     sitk.WriteImage(_image(array), str(path))
-    result = run_cli("segment", str(path), "-m", str(small_bundle), "-o", str(tmp_path / "o.seg.nrrd"), "--progress", "json")
+    result = run_cli(
+        "segment", str(path), "-m", str(small_bundle), "-o", str(tmp_path / "o.seg.nrrd"), "--progress", "json"
+    )
     assert result.returncode == 0, result.stderr
     notes = [json.loads(line)["message"] for line in result.stdout.splitlines() if json.loads(line).get("note")]
     assert any("8 NaN/Inf voxels replaced" in note for note in notes)
@@ -409,7 +473,9 @@ class StagedRun:
         environment = dict(os.environ, PYTHONPATH=f"{MODULE_DIR}{os.pathsep}{REPO}")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "MedSegUNetLib", "segment", *arguments, "--progress", "json"],
-            stdout=write_end, stderr=subprocess.PIPE, env=environment,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env=environment,
         )
         os.close(write_end)
         self.buffer = b""
@@ -498,7 +564,9 @@ def run_into_stage(arguments, folder: Path, stage: str, old_output: bool, tries:
         ("preprocess", signal.SIGTERM, True, True),
     ],
 )
-def test_signal_at_every_stage_cancels_cleanly(tmp_path, ct_chest, small_bundle, stage, signal_number, old_output, streamed):
+def test_signal_at_every_stage_cancels_cleanly(
+    tmp_path, ct_chest, small_bundle, stage, signal_number, old_output, streamed
+):
     """SIGTERM (the panel's Cancel) or SIGINT (Ctrl-C) in any stage: exit 130, "cancelled" last, no new
     output and no temporary, an existing output untouched."""
     folder = tmp_path / "out"
@@ -588,12 +656,39 @@ def test_segment_skips_monai_s_plotting_and_signal_imports(tmp_path, ct_chest, s
         "print(code, 'monai' in sys.modules, ','.join(skipped))\n"
         "import matplotlib\n"  # fails where skipped
     )
-    segment = subprocess.run([sys.executable, "-c", probe, "segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--progress", "none"],
-                             capture_output=True, text=True, env=environment, timeout=300)
+    segment = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            probe,
+            "segment",
+            str(ct_chest),
+            "-m",
+            str(small_bundle),
+            "-o",
+            str(output),
+            "--progress",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
     assert segment.stdout.splitlines()[-1] == "0 True matplotlib,scipy.signal", segment.stderr
     assert "ModuleNotFoundError: import of matplotlib halted" in segment.stderr and output.is_file()
-    info = subprocess.run([sys.executable, "-c", probe, "info", str(small_bundle)], capture_output=True, text=True, env=environment, timeout=300)
-    assert info.returncode == 0 and info.stdout.splitlines()[-1].startswith("0 ") and info.stdout.splitlines()[-1].endswith(" "), info.stderr
+    info = subprocess.run(
+        [sys.executable, "-c", probe, "info", str(small_bundle)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
+    assert (
+        info.returncode == 0
+        and info.stdout.splitlines()[-1].startswith("0 ")
+        and info.stdout.splitlines()[-1].endswith(" ")
+    ), info.stderr
 
 
 def test_engine_commands_exit_without_the_teardown_and_lose_no_output(tmp_path, ct_chest, small_bundle):
@@ -612,7 +707,9 @@ def test_engine_commands_exit_without_the_teardown_and_lose_no_output(tmp_path, 
     )
 
     def run(*arguments: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", probe, *arguments], capture_output=True, text=True, env=environment, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-c", probe, *arguments], capture_output=True, text=True, env=environment, timeout=300
+        )
 
     output = tmp_path / "out.seg.nrrd"
     segment = run("segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--progress", "lines")
@@ -620,7 +717,9 @@ def test_engine_commands_exit_without_the_teardown_and_lose_no_output(tmp_path, 
     assert segment.stdout.splitlines()[-1] == f"wrote {output}", segment.stdout  # print() without a flush
     assert "teardown ran" not in segment.stdout and output.is_file()
     missing = tmp_path / "missing.nrrd"
-    failed = run("segment", str(missing), "-m", str(small_bundle), "-o", str(tmp_path / "o.seg.nrrd"), "--progress", "json")
+    failed = run(
+        "segment", str(missing), "-m", str(small_bundle), "-o", str(tmp_path / "o.seg.nrrd"), "--progress", "json"
+    )
     assert_clean_failure(failed, str(missing))
     assert json.loads(failed.stdout.splitlines()[-1])["stage"] == "error" and "teardown ran" not in failed.stdout
     info = run("info", str(small_bundle))

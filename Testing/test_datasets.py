@@ -47,7 +47,13 @@ def msd_folder(root: Path, chest_files, cases=("chest_001", "chest_002")) -> Pat
         shutil.copyfile(label, folder / "labelsTr" / f"{case}.nii.gz")
         training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
     labels = {"0": "background", **{str(i): n for i, n in enumerate(names, start=1)}}
-    description = {"name": "Chest", "modality": {"0": "CT"}, "labels": labels, "numTraining": len(cases), "training": training}
+    description = {
+        "name": "Chest",
+        "modality": {"0": "CT"},
+        "labels": labels,
+        "numTraining": len(cases),
+        "training": training,
+    }
     (folder / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
     return folder
 
@@ -110,10 +116,16 @@ def test_image_label_pairs(tmp_path, chest_files):
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda d: d["training"].append({"image": "../../etc/passwd", "label": "./labelsTr/chest_001.nii.gz"}), "leaves the dataset folder"),
+        (
+            lambda d: d["training"].append({"image": "../../etc/passwd", "label": "./labelsTr/chest_001.nii.gz"}),
+            "leaves the dataset folder",
+        ),
         (lambda d: d["labels"].update({"3": ["1", "2"]}), "is a region"),
         (lambda d: d.update(modality={"0": "FLAIR", "1": "T1w"}), "only single-channel"),
-        (lambda d: d["training"].append({"image": "./imagesTr/nope.nii.gz", "label": "./labelsTr/chest_001.nii.gz"}), "does not exist"),
+        (
+            lambda d: d["training"].append({"image": "./imagesTr/nope.nii.gz", "label": "./labelsTr/chest_001.nii.gz"}),
+            "does not exist",
+        ),
         (lambda d: d.pop("labels"), "has no 'labels'"),
     ],
 )
@@ -157,7 +169,21 @@ def test_same_seed_same_model_other_seed_other_model(tmp_path, chest_files):
     runs = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         out = tmp_path / name
-        result = run_cli("train", f"{image}:{label}", "-o", str(out), "--max-steps", "2", "--validate-every", "2", "--seed", str(seed), "--device", "cpu", *SMALL)
+        result = run_cli(
+            "train",
+            f"{image}:{label}",
+            "-o",
+            str(out),
+            "--max-steps",
+            "2",
+            "--validate-every",
+            "2",
+            "--seed",
+            str(seed),
+            "--device",
+            "cpu",
+            *SMALL,
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         runs[name] = weights(out / "last.safetensors")
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
@@ -169,10 +195,33 @@ def test_torchrun_two_gloo_ranks_one_bundle_different_data(tmp_path, chest_files
     out = tmp_path / "ddp"
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MODULE_DIR), str(REPO)]), OMP_NUM_THREADS="1")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training", "train", str(msd), "-o", str(out), "--max-steps", "4",
-        "--validate-every", "4", "--val-fraction", "0.25", "--device", "cpu", "--progress", "json", *SMALL,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "training",
+        "train",
+        str(msd),
+        "-o",
+        str(out),
+        "--max-steps",
+        "4",
+        "--validate-every",
+        "4",
+        "--val-fraction",
+        "0.25",
+        "--device",
+        "cpu",
+        "--progress",
+        "json",
+        *SMALL,
     ]
-    result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", env=environment, timeout=900)
+    result = subprocess.run(
+        command, capture_output=True, text=True, encoding="utf-8", errors="replace", env=environment, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((out / "distributed" / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["batches"] for r in ranks] == [4, 4]

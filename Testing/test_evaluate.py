@@ -55,7 +55,10 @@ def test_cube_shifted_by_one_voxel_along_a_2_5_mm_axis(tmp_path):
     assert evaluate_pair(prediction, reference, tolerance_mm=3.0)["labels"][0]["nsd"] == pytest.approx(1.0)
     # the same shift along an axis of 1 mm spacing is a 1 mm error
     spacing_y = (1.0, 1.0, 2.5)
-    row = evaluate_pair(write(labelmap(cube(shift_x=1), spacing_y), tmp_path / "p2.nii.gz"), write(labelmap(cube(), spacing_y), tmp_path / "r2.nii.gz"))["labels"][0]
+    row = evaluate_pair(
+        write(labelmap(cube(shift_x=1), spacing_y), tmp_path / "p2.nii.gz"),
+        write(labelmap(cube(), spacing_y), tmp_path / "r2.nii.gz"),
+    )["labels"][0]
     assert row["hd95_mm"] == pytest.approx(1.0) and row["nsd"] == pytest.approx(1.0)
 
 
@@ -65,7 +68,12 @@ def test_empty_masks_follow_the_stated_convention():
     both = score_masks(empty, empty, (1, 1, 1), 2.0)
     assert (both["dice"], both["hd95_mm"], both["nsd"], both["note"]) == (1.0, 0.0, 1.0, "both empty")
     missed = score_masks(empty, full, (1, 1, 1), 2.0)
-    assert missed["dice"] == 0.0 and math.isinf(missed["hd95_mm"]) and missed["nsd"] == 0.0 and missed["note"] == "empty prediction"
+    assert (
+        missed["dice"] == 0.0
+        and math.isinf(missed["hd95_mm"])
+        and missed["nsd"] == 0.0
+        and missed["note"] == "empty prediction"
+    )
     assert missed["volume_difference_ml"] == pytest.approx(-8 / 1000)
     invented = score_masks(full, empty, (1, 1, 1), 2.0)
     assert invented["note"] == "empty reference" and invented["dice"] == 0.0
@@ -75,9 +83,15 @@ def test_segmentations_are_matched_by_name_not_value(tmp_path):
     two = cube()
     two[2:4, 2:4, 2:4] = 2
     grid = labelmap(two)
-    prediction = write_segmentation(tmp_path / "p.seg.nrrd", grid, [Label(1, "Liver", (1, 0, 0)), Label(2, "spleen", (0, 1, 0))])
+    prediction = write_segmentation(
+        tmp_path / "p.seg.nrrd", grid, [Label(1, "Liver", (1, 0, 0)), Label(2, "spleen", (0, 1, 0))]
+    )
     swapped = np.where(two == 1, 7, np.where(two == 2, 5, 0))
-    reference = write_segmentation(tmp_path / "r.seg.nrrd", labelmap(swapped), [Label(5, "Spleen", (0, 1, 0)), Label(7, "liver", (1, 0, 0)), Label(9, "aorta", (1, 1, 0))])
+    reference = write_segmentation(
+        tmp_path / "r.seg.nrrd",
+        labelmap(swapped),
+        [Label(5, "Spleen", (0, 1, 0)), Label(7, "liver", (1, 0, 0)), Label(9, "aorta", (1, 1, 0))],
+    )
     report = evaluate_pair(prediction, reference)
     assert {row["label"]: row["dice"] for row in report["labels"]} == {"Liver": 1.0, "spleen": 1.0}
     assert any("aorta" in note for note in report["notes"])  # reference-only labels are listed, not scored
@@ -89,7 +103,9 @@ def test_segmentations_are_matched_by_name_not_value(tmp_path):
 
 def test_a_cropped_prediction_on_the_same_lattice_is_placed_not_resampled(tmp_path):
     reference = labelmap(cube(), (1.5, 1.5, 3.0), origin=(10.0, -4.0, 7.0))
-    cropped = sitk.RegionOfInterest(labelmap(cube(shift_x=1), (1.5, 1.5, 3.0), origin=(10.0, -4.0, 7.0)), [14, 14, 16], [4, 3, 2])
+    cropped = sitk.RegionOfInterest(
+        labelmap(cube(shift_x=1), (1.5, 1.5, 3.0), origin=(10.0, -4.0, 7.0)), [14, 14, 16], [4, 3, 2]
+    )
     row = evaluate_pair(write(cropped, tmp_path / "p.nrrd"), write(reference, tmp_path / "r.nrrd"))["labels"][0]
     assert row["dice"] == pytest.approx(0.9) and row["hd95_mm"] == pytest.approx(1.5)
 
@@ -105,7 +121,9 @@ def test_a_cropped_prediction_on_the_same_lattice_is_placed_not_resampled(tmp_pa
 def test_a_prediction_on_another_grid_is_a_clear_error(tmp_path, change, message):
     prediction = labelmap(cube())
     change(prediction)
-    result = run_cli("evaluate", str(write(prediction, tmp_path / "p.nii.gz")), str(write(labelmap(cube()), tmp_path / "r.nii.gz")))
+    result = run_cli(
+        "evaluate", str(write(prediction, tmp_path / "p.nii.gz")), str(write(labelmap(cube()), tmp_path / "r.nii.gz"))
+    )
     assert_clean_failure(result, "p.nii.gz", "another grid", message)
 
 
@@ -116,7 +134,15 @@ def test_folders_csv_and_json(tmp_path):
     for name, shift in (("case_a", 0), ("case_b", 1)):
         write(labelmap(cube(shift_x=shift)), predictions / f"{name}.nii.gz")
         write(labelmap(cube()), references / f"{name}.nrrd")  # another file type, the same case name
-    result = run_cli("evaluate", str(predictions), str(references), "--csv", str(tmp_path / "m.csv"), "--json", str(tmp_path / "m.json"))
+    result = run_cli(
+        "evaluate",
+        str(predictions),
+        str(references),
+        "--csv",
+        str(tmp_path / "m.csv"),
+        "--json",
+        str(tmp_path / "m.json"),
+    )
     assert result.returncode == 0, result.stderr
     assert "case_a" in result.stdout and "mean" in result.stdout
     report = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
@@ -135,7 +161,15 @@ def test_infinite_distances_are_null_in_json_and_inf_in_csv(tmp_path):
     prediction = write(labelmap(other), tmp_path / "p.nii.gz")
     report = evaluate_paths(prediction, reference)
     assert report["cases"][0]["labels"][0]["note"] == "not in the reference"
-    result = run_cli("evaluate", str(prediction), str(reference), "--csv", str(tmp_path / "m.csv"), "--json", str(tmp_path / "m.json"))
+    result = run_cli(
+        "evaluate",
+        str(prediction),
+        str(reference),
+        "--csv",
+        str(tmp_path / "m.csv"),
+        "--json",
+        str(tmp_path / "m.json"),
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))["cases"][0]["labels"][0]["hd95_mm"] is None
     assert list(csv.DictReader((tmp_path / "m.csv").open(encoding="utf-8")))[0]["hd95_mm"] == "inf"

@@ -25,13 +25,21 @@ def engine(*args: str, limit_bytes: int = None, address_space: int = None) -> su
 
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MODULE_DIR), str(REPO)]))
     return subprocess.Popen(
-        [sys.executable, "-m", program(args[0]), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        encoding="utf-8", errors="replace", env=environment, preexec_fn=limit_file_size,
+        [sys.executable, "-m", program(args[0]), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        env=environment,
+        preexec_fn=limit_file_size,
     )
 
 
 @pytest.mark.parametrize("ending, limit", [(".seg.nrrd", 200), (".seg.nrrd", 20000), (".nii.gz", 200)])
-def test_disk_full_while_writing_keeps_the_old_output_and_leaves_no_partial_file(tmp_path, ct_chest, small_bundle, ending, limit):
+def test_disk_full_while_writing_keeps_the_old_output_and_leaves_no_partial_file(
+    tmp_path, ct_chest, small_bundle, ending, limit
+):
     """The disk fills in the header (200 bytes), or in the middle of the .seg.nrrd's voxel data."""
     if limit > 200:  # the whole file is larger than the limit, its header smaller
         whole = tmp_path / "whole" / f"result{ending}"
@@ -44,7 +52,9 @@ def test_disk_full_while_writing_keeps_the_old_output_and_leaves_no_partial_file
         shutil.rmtree(whole.parent)
     output = tmp_path / f"result{ending}"
     output.write_bytes(b"the user's earlier result")
-    process = engine("segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--device", "cpu", limit_bytes=limit)
+    process = engine(
+        "segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--device", "cpu", limit_bytes=limit
+    )
     stdout, stderr = process.communicate(timeout=300)
     assert_clean_failure(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), output.name)
     assert output.read_bytes() == b"the user's earlier result"
@@ -53,7 +63,9 @@ def test_disk_full_while_writing_keeps_the_old_output_and_leaves_no_partial_file
 
 def test_concurrent_runs_into_one_folder_do_not_corrupt_each_other(tmp_path, ct_chest, small_bundle):
     outputs = [tmp_path / "same.seg.nrrd", tmp_path / "same.seg.nrrd", tmp_path / "other.seg.nrrd"]
-    processes = [engine("segment", str(ct_chest), "-m", str(small_bundle), "-o", str(o), "--device", "cpu") for o in outputs]
+    processes = [
+        engine("segment", str(ct_chest), "-m", str(small_bundle), "-o", str(o), "--device", "cpu") for o in outputs
+    ]
     for process in processes:
         _, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, stderr
@@ -70,8 +82,19 @@ def test_volume_too_large_for_the_memory_is_refused_up_front_with_the_estimate(t
     resampling, not after filling the memory, and count the limit as what is available."""
     fine = make_small_bundle(tmp_path / "fine.safetensors", spacing=(0.3, 0.3, 0.3))
     output = tmp_path / "out.seg.nrrd"
-    process = engine("segment", str(ct_chest), "-m", str(fine), "-o", str(output), "--device", "cpu", "--progress", "json",
-                     address_space=address_space_limit(engine_baseline))
+    process = engine(
+        "segment",
+        str(ct_chest),
+        "-m",
+        str(fine),
+        "-o",
+        str(output),
+        "--device",
+        "cpu",
+        "--progress",
+        "json",
+        address_space=address_space_limit(engine_baseline),
+    )
     stdout, stderr = process.communicate(timeout=300)
     line = assert_clean_failure(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
     assert "the volume needs about 37.4 GiB of memory at the model's spacing (1300x1300x1133 voxels, 3 classes)" in line
@@ -89,17 +112,36 @@ def test_unwritable_output_folder_is_refused_before_any_work(tmp_path, ct_chest,
     folder = tmp_path / "read-only"
     folder.mkdir()
     folder.chmod(0o555)
-    if os.geteuid() == 0:  # root writes through permissions: emulate a folder even root may not write (a read-only mount)
+    if (
+        os.geteuid() == 0
+    ):  # root writes through permissions: emulate a folder even root may not write (a read-only mount)
         real_access = os.access
-        monkeypatch.setattr(os, "access", lambda path, mode, **kw: not (mode & os.W_OK and Path(path) == folder) and real_access(path, mode, **kw))
+        monkeypatch.setattr(
+            os,
+            "access",
+            lambda path, mode, **kw: not (mode & os.W_OK and Path(path) == folder) and real_access(path, mode, **kw),
+        )
     try:
-        code = main(["segment", str(ct_chest), "-m", str(small_bundle), "-o", str(folder / "out.seg.nrrd"), "--progress", "json"])
+        code = main(
+            [
+                "segment",
+                str(ct_chest),
+                "-m",
+                str(small_bundle),
+                "-o",
+                str(folder / "out.seg.nrrd"),
+                "--progress",
+                "json",
+            ]
+        )
     finally:
         folder.chmod(0o755)
     captured = capsys.readouterr()
     assert code == 1
     assert captured.err.strip() == f"medsegunet: error: {folder}: output folder is not writable"
-    assert [json.loads(line)["stage"] for line in captured.out.splitlines()] == ["error"], "refused before reading anything"
+    assert [json.loads(line)["stage"] for line in captured.out.splitlines()] == ["error"], (
+        "refused before reading anything"
+    )
     assert list(folder.iterdir()) == []
 
 

@@ -30,9 +30,13 @@ def test_random_bytes(tmp_path_factory, content):
 
 
 @FUZZ
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-                    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-                    max_leaves=20))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+        max_leaves=20,
+    )
+)
 def test_random_metadata_documents(tmp_path_factory, document):
     header = json.dumps({"__metadata__": {METADATA_KEY: json.dumps(document)}}).encode()
     path = tmp_path_factory.mktemp("fuzz") / "b.safetensors"

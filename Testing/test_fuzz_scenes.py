@@ -18,7 +18,9 @@ from training.scenes import read_scene
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 from conftest import slicerio_data
 
-SAMPLE_XML = scene_xml([ScenePair("ct", Path("ct.nrrd"), Path("s.seg.nrrd"), "seg")])  # names Data/ct.nrrd, Data/seg.seg.nrrd
+SAMPLE_XML = scene_xml(
+    [ScenePair("ct", Path("ct.nrrd"), Path("s.seg.nrrd"), "seg")]
+)  # names Data/ct.nrrd, Data/seg.seg.nrrd
 
 
 def expect_clean(path, workdir) -> None:
@@ -47,7 +49,12 @@ def test_mutated_mrml_text(tmp_path_factory, data):
     for _ in range(data.draw(st.integers(1, 4))):
         start = data.draw(st.integers(0, len(text)))
         end = data.draw(st.integers(start, min(len(text), start + 40)))
-        insert = data.draw(st.sampled_from(['"', "<", ">", "&amp;", "&x;", "../", "/etc/passwd", "%2e%2e/", "referenceImageGeometryRef:", ";", ""]) | st.text(max_size=12))
+        insert = data.draw(
+            st.sampled_from(
+                ['"', "<", ">", "&amp;", "&x;", "../", "/etc/passwd", "%2e%2e/", "referenceImageGeometryRef:", ";", ""]
+            )
+            | st.text(max_size=12)
+        )
         text = text[:start] + insert + text[end:]
     folder = tmp_path_factory.mktemp("scene")
     (folder / "Data").mkdir()  # real data files, so that mutations reach the readers behind the XML

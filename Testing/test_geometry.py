@@ -173,9 +173,13 @@ def test_network_grid_in_one_resampling_equals_reorienting_first(chest):
     one_pass = to_network_grid(sitk.Cast(chest, sitk.sitkInt16), preprocessing)  # int16 in, float32 out
     oriented = reorient(chest, "RAS")
     grid = resampled_grid(Grid.of(oriented), preprocessing.target_spacing)
-    two_passes = resample_onto(oriented, grid, sitk.sitkLinear, default_value=float(sitk.GetArrayViewFromImage(chest).min()))
+    two_passes = resample_onto(
+        oriented, grid, sitk.sitkLinear, default_value=float(sitk.GetArrayViewFromImage(chest).min())
+    )
     assert one_pass.GetPixelID() == sitk.sitkFloat32
-    assert Grid.of(one_pass).matches(grid, tolerance=1e-9) and network_grid(Grid.of(chest), preprocessing) == Grid.of(one_pass)
+    assert Grid.of(one_pass).matches(grid, tolerance=1e-9) and network_grid(Grid.of(chest), preprocessing) == Grid.of(
+        one_pass
+    )
     np.testing.assert_allclose(sitk.GetArrayFromImage(one_pass), sitk.GetArrayFromImage(two_passes), atol=0.01)
 
 
@@ -199,10 +203,25 @@ def test_nearest_resampling_of_axis_aligned_grids_is_itks(seed):
         image.SetSpacing(rng.uniform(0.5, 3, 3).tolist())
         image.SetOrigin(rng.uniform(-20, 20, 3).tolist())
         image.SetDirection(signed_permutation().ravel().tolist())
-        target = Grid(tuple(int(n) for n in rng.integers(3, 25, 3)), tuple(rng.uniform(0.3, 3, 3)), tuple(rng.uniform(-25, 25, 3)), tuple(signed_permutation().ravel()))
+        target = Grid(
+            tuple(int(n) for n in rng.integers(3, 25, 3)),
+            tuple(rng.uniform(0.3, 3, 3)),
+            tuple(rng.uniform(-25, 25, 3)),
+            tuple(signed_permutation().ravel()),
+        )
         assert index_maps(Grid.of(image), target) is not None  # the gather is what runs here
         fast = resample_onto(image, target, sitk.sitkNearestNeighbor, default_value=7, pixel_type=sitk.sitkInt16)
-        itk = sitk.Resample(image, list(target.size), sitk.Transform(), sitk.sitkNearestNeighbor, target.origin, target.spacing, target.direction, 7, sitk.sitkInt16)
+        itk = sitk.Resample(
+            image,
+            list(target.size),
+            sitk.Transform(),
+            sitk.sitkNearestNeighbor,
+            target.origin,
+            target.spacing,
+            target.direction,
+            7,
+            sitk.sitkInt16,
+        )
         assert fast.GetPixelID() == sitk.sitkInt16 and Grid.of(fast).matches(target, tolerance=1e-12)
         np.testing.assert_array_equal(sitk.GetArrayViewFromImage(fast), sitk.GetArrayViewFromImage(itk))
     oblique = Grid((5, 5, 5), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(oblique_direction(20.0, False).ravel()))
@@ -216,14 +235,20 @@ def test_restoring_only_the_labelled_box_equals_resampling_everything(angle, fli
     from MedSegUNetLib.prediction.preprocessing import restore_labels
 
     # Finer than the network grid, so that every network voxel is some input voxel's nearest.
-    input_grid = Grid((160, 150, 90), (0.8, 0.9, 1.5), (-60.0, 20.0, 100.0), tuple(oblique_direction(angle, flip).ravel()))
+    input_grid = Grid(
+        (160, 150, 90), (0.8, 0.9, 1.5), (-60.0, 20.0, 100.0), tuple(oblique_direction(angle, flip).ravel())
+    )
     network = resampled_grid(reoriented_grid(input_grid, code), (2.3, 3.1, 2.9))
     labels = np.zeros(network.size[::-1], dtype=np.uint8)
     z, y, x = (np.array(f) * n for f, n in zip(((0.3, 0.6), (0.2, 0.5), (0.55, 0.9)), labels.shape))
-    labels[int(z[0]):int(z[1]), int(y[0]):int(y[1]), int(x[0]):int(x[1])] = 3
+    labels[int(z[0]) : int(z[1]), int(y[0]) : int(y[1]), int(x[0]) : int(x[1])] = 3
     labels[int(z[1]) + 3, int(y[1]) + 2, int(x[1]) + 1] = 7  # a single voxel: the far corner of the labelled box
     predicted = sitk.GetImageFromArray(labels)
-    predicted.SetSpacing(network.spacing), predicted.SetOrigin(network.origin), predicted.SetDirection(network.direction)
+    (
+        predicted.SetSpacing(network.spacing),
+        predicted.SetOrigin(network.origin),
+        predicted.SetDirection(network.direction),
+    )
     everything = resample_onto(predicted, input_grid, sitk.sitkNearestNeighbor)
     restored = restore_labels(labels, network, input_grid)
     assert Grid.of(restored).matches(input_grid, tolerance=1e-9)
@@ -300,7 +325,11 @@ def test_nifti_and_nrrd_in_ras_space_give_the_same_segmentation(chest, tmp_path)
 
 
 # Asymmetric ellipsoids (centre offset from the volume centre, radii), in LPS millimetres.
-PHANTOM = [((60.0, -30.0, 40.0), (40.0, 25.0, 50.0)), ((-50.0, 40.0, -60.0), (30.0, 30.0, 30.0)), ((10.0, 70.0, 90.0), (20.0, 35.0, 25.0))]
+PHANTOM = [
+    ((60.0, -30.0, 40.0), (40.0, 25.0, 50.0)),
+    ((-50.0, 40.0, -60.0), (30.0, 30.0, 30.0)),
+    ((10.0, 70.0, 90.0), (20.0, 35.0, 25.0)),
+]
 
 
 def phantom_on(grid: Grid, centre: np.ndarray) -> np.ndarray:
@@ -376,7 +405,9 @@ def test_mirrored_half_is_not_confused(chest):
 def test_bundle_orientation_does_not_change_the_answer(chest, orientation):
     """A bundle trained in another canonical orientation still segments in the right place."""
     reference = sitk.GetArrayFromImage(segment(chest, threshold_bundle(spacing=(4.0, 4.0, 4.0))))
-    predicted = sitk.GetArrayFromImage(segment(chest, threshold_bundle(spacing=(4.0, 4.0, 4.0), orientation=orientation)))
+    predicted = sitk.GetArrayFromImage(
+        segment(chest, threshold_bundle(spacing=(4.0, 4.0, 4.0), orientation=orientation))
+    )
     # Same spacing, other axis order on the network grid: the same answer up to interpolation ties.
     assert dice(predicted, reference) > 0.98
     assert np.linalg.norm(physical_centroid(predicted, chest) - physical_centroid(reference, chest)) < 0.3

@@ -86,7 +86,18 @@ def _nifti(path: Path, dims, datatype: int = 4, bitpix: int = 16) -> Path:
 
 def segment_argv(image: Path, work: Path, fixtures: dict, bundle: Path = None) -> list:
     model = bundle or fixtures["small_bundle"]
-    return ["segment", str(image), "-m", str(model), "-o", str(work / "out.seg.nrrd"), "--device", "cpu", "--progress", "json"]
+    return [
+        "segment",
+        str(image),
+        "-m",
+        str(model),
+        "-o",
+        str(work / "out.seg.nrrd"),
+        "--device",
+        "cpu",
+        "--progress",
+        "json",
+    ]
 
 
 def image_case(make: Callable[[Path], Path], message: str) -> Hostile:
@@ -175,7 +186,18 @@ def _bundle_with_wrong_weight_shapes(corpus: Path, fixtures: dict) -> Path:
 def train_case(make: Callable[[Path, dict], Path], message: str) -> Hostile:
     def build(corpus, work, fixtures):
         scene = make(corpus, fixtures)
-        return ["train", str(scene), "-o", str(work / "model"), "--max-steps", "1", "--device", "cpu", "--progress", "json"], scene
+        return [
+            "train",
+            str(scene),
+            "-o",
+            str(work / "model"),
+            "--max-steps",
+            "1",
+            "--device",
+            "cpu",
+            "--progress",
+            "json",
+        ], scene
 
     return Hostile(build, message)
 
@@ -199,7 +221,10 @@ def _symlink_member(corpus: Path, fixtures: dict) -> Path:
 
 def _members_claiming_gigabytes(corpus: Path, fixtures: dict) -> Path:
     """A 1 KB zip whose central directory says each of its four members unpacks to 4 GiB."""
-    path = _zip(corpus / "bomb.mrb", {"s/s.mrml": "<MRML></MRML>", "s/Data/a.raw": "a", "s/Data/b.raw": "b", "s/Data/c.raw": "c"})
+    path = _zip(
+        corpus / "bomb.mrb",
+        {"s/s.mrml": "<MRML></MRML>", "s/Data/a.raw": "a", "s/Data/b.raw": "b", "s/Data/c.raw": "c"},
+    )
     raw = bytearray(path.read_bytes())
     position = raw.find(b"PK\x01\x02")
     while position >= 0:
@@ -250,14 +275,26 @@ def _escaping_file_name(corpus: Path, fixtures: dict) -> Path:
 CORPUS = {
     # Headers that claim absurd sizes, one per format: refused before allocating (see the address-space limit).
     "nrrd-100000^3": image_case(lambda c: _nrrd(c / "huge.nrrd", 100000), "claims 100000x100000x100000 voxels"),
-    "nrrd-gzip-2000^3": image_case(lambda c: _nrrd(c / "big.nrrd", 2000, "gzip"), "claims 2000x2000x2000 voxels: reading it needs about"),
-    "nii-30000^3": image_case(lambda c: _nifti(c / "huge.nii", (30000, 30000, 30000)), "claims 30000x30000x30000 voxels"),
-    "nii.gz-2000^3": image_case(lambda c: _nifti(c / "big.nii.gz", (2000, 2000, 2000)), "claims 2000x2000x2000 voxels: reading it needs about"),
+    "nrrd-gzip-2000^3": image_case(
+        lambda c: _nrrd(c / "big.nrrd", 2000, "gzip"), "claims 2000x2000x2000 voxels: reading it needs about"
+    ),
+    "nii-30000^3": image_case(
+        lambda c: _nifti(c / "huge.nii", (30000, 30000, 30000)), "claims 30000x30000x30000 voxels"
+    ),
+    "nii.gz-2000^3": image_case(
+        lambda c: _nifti(c / "big.nii.gz", (2000, 2000, 2000)), "claims 2000x2000x2000 voxels: reading it needs about"
+    ),
     "mha-100000^3": image_case(lambda c: _metaimage(c / "huge.mha", 100000), "claims 100000x100000x100000 voxels"),
-    "mhd-2000^3": image_case(lambda c: _metaimage(c / "big.mhd", 2000, detached=True), "claims 2000x2000x2000 voxels: reading it needs about"),
+    "mhd-2000^3": image_case(
+        lambda c: _metaimage(c / "big.mhd", 2000, detached=True), "claims 2000x2000x2000 voxels: reading it needs about"
+    ),
     # Pixels that are not a scalar real volume.
-    "mha-unknown-pixel-type": image_case(lambda c: _metaimage(c / "other.mha", 8, "MET_OTHER"), "unknown or unsupported pixel type"),
-    "nii-unknown-datatype": image_case(lambda c: _nifti(c / "dt9999.nii", (8, 8, 8), datatype=9999), "not a readable image"),
+    "mha-unknown-pixel-type": image_case(
+        lambda c: _metaimage(c / "other.mha", 8, "MET_OTHER"), "unknown or unsupported pixel type"
+    ),
+    "nii-unknown-datatype": image_case(
+        lambda c: _nifti(c / "dt9999.nii", (8, 8, 8), datatype=9999), "not a readable image"
+    ),
     "nii-complex": image_case(lambda c: _nifti(c / "complex.nii", (8, 8, 8), datatype=32, bitpix=64), "complex-valued"),
     "nrrd-nan-and-inf-only": image_case(_not_finite, "no finite voxel values"),
     "2d": image_case(lambda c: make_bad_input("2d", c), "is a 2D image"),
@@ -325,9 +362,25 @@ def run_sandboxed(name: str, hostile: Hostile, base: Path, fixtures: dict) -> Ou
     for variable in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR"):
         environment.pop(variable, None)
     limit_kib = fixtures["address_space"] // 1024
-    command = ["/bin/sh", "-c", 'ulimit -v "$0" && exec "$@"', str(limit_kib), sys.executable, "-m", program(argv[0]), *argv]
+    command = [
+        "/bin/sh",
+        "-c",
+        'ulimit -v "$0" && exec "$@"',
+        str(limit_kib),
+        sys.executable,
+        "-m",
+        program(argv[0]),
+        *argv,
+    ]
     result = subprocess.run(
-        command, cwd=work, env=environment, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300
+        command,
+        cwd=work,
+        env=environment,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=300,
     )
     return Outcome(result, named, base, before, snapshot(base, skip))
 
@@ -337,8 +390,11 @@ def fixtures(small_bundle, ct_chest, chest_segmentation, engine_baseline) -> dic
     """The inputs the corpus builds on, the address-space limit, and a HOME as a user's looks after a
     first run (see ``engine_baseline``)."""
     return {
-        "small_bundle": small_bundle, "ct_chest": ct_chest, "chest_segmentation": chest_segmentation,
-        "warm_home": engine_baseline[1], "address_space": address_space_limit(engine_baseline),
+        "small_bundle": small_bundle,
+        "ct_chest": ct_chest,
+        "chest_segmentation": chest_segmentation,
+        "warm_home": engine_baseline[1],
+        "address_space": address_space_limit(engine_baseline),
     }
 
 
@@ -347,7 +403,9 @@ def outcomes(tmp_path_factory, fixtures) -> Dict[str, Outcome]:
     """All of the corpus, two children at a time (CI machines have two cores)."""
     root = tmp_path_factory.mktemp("hostile")
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(run_sandboxed, name, hostile, root / name, fixtures) for name, hostile in CORPUS.items()}
+        futures = {
+            name: pool.submit(run_sandboxed, name, hostile, root / name, fixtures) for name, hostile in CORPUS.items()
+        }
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -370,8 +428,17 @@ def test_hostile_file_is_refused_cleanly(outcomes, name):
 
 def test_the_sandbox_sees_writes_outside_the_work_folder(tmp_path, fixtures):
     """The checks above can fail: a run that writes into HOME and leaves a file in TMPDIR is caught."""
+
     def build(corpus, work, fixtures):
-        return ["create-bundle", "-o", str(corpus.parent / "home" / "stray.safetensors"), "--labels", "a", "--filters", "4"], corpus
+        return [
+            "create-bundle",
+            "-o",
+            str(corpus.parent / "home" / "stray.safetensors"),
+            "--labels",
+            "a",
+            "--filters",
+            "4",
+        ], corpus
 
     outcome = run_sandboxed("probe", Hostile(build, ""), tmp_path / "probe", fixtures)
     assert outcome.result.returncode == 0, outcome.result.stderr

@@ -43,7 +43,8 @@ class XGradientNet(torch.nn.Module):
 
 
 @pytest.mark.parametrize(
-    "image,roi,overlap", [((40, 50, 60), (16, 16, 16), 0.5), ((10, 70, 33), (16, 32, 32), 0.25), ((16, 16, 16), (16, 16, 16), 0.5)]
+    "image,roi,overlap",
+    [((40, 50, 60), (16, 16, 16), 0.5), ((10, 70, 33), (16, 32, 32), 0.25), ((16, 16, 16), (16, 16, 16), 0.5)],
 )
 def test_window_count_matches_what_monai_visits(image, roi, overlap):
     progress = Recorder()
@@ -158,7 +159,9 @@ def test_too_large_volume_is_refused_up_front_with_the_estimate():
     needed = prediction_memory_bytes(shape, 5)
     assert needed == 800 * 512 * 512 * (4 + 20 + 5)
     check_memory(shape, 5, available=2 * needed)
-    with pytest.raises(MedSegError, match=r"needs about 5\.7 GiB .*512x512x800 voxels, 5 classes.*2\.0 GiB are available"):
+    with pytest.raises(
+        MedSegError, match=r"needs about 5\.7 GiB .*512x512x800 voxels, 5 classes.*2\.0 GiB are available"
+    ):
         check_memory(shape, 5, available=2 * 2**30)
 
 
@@ -181,7 +184,6 @@ def test_class_indices_is_torch_argmax_ties_included(classes):
     assert torch.equal(scores, before)  # the scores are not modified
 
 
-
 def test_the_cpu_network_is_an_equivalent_copy_and_the_original_is_untouched():
     """On the CPU the engine predicts with a copy whose instance norms run as group norms, channels-last:
     the same function (scores equal to rounding), while the network it came from (training's) keeps its
@@ -191,7 +193,9 @@ def test_the_cpu_network_is_an_equivalent_copy_and_the_original_is_untouched():
     from MedSegUNetLib.model.cpu_network import ChannelNorm, PointwiseHead
     from MedSegUNetLib.prediction.inference import prepare_network
 
-    network = create_bundle(default_labels(["a", "b"]), Preprocessing((2.0, 2.0, 2.0), (32, 32, 16)), base_filters=4).network
+    network = create_bundle(
+        default_labels(["a", "b"]), Preprocessing((2.0, 2.0, 2.0), (32, 32, 16)), base_filters=4
+    ).network
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # norms with non-trivial scale and shift, so a dropped affine would show
         for module in network.modules():
@@ -249,7 +253,9 @@ def test_the_bf16_cpu_copy_scores_as_float32_does_where_the_cpu_runs_bf16():
     from MedSegUNetLib.model.cpu_network import ChannelNorm
     from MedSegUNetLib.prediction.inference import cpu_runs_bf16, prepare_network
 
-    network = create_bundle(default_labels(["a", "b"]), Preprocessing((2.0, 2.0, 2.0), (32, 32, 16)), base_filters=4).network
+    network = create_bundle(
+        default_labels(["a", "b"]), Preprocessing((2.0, 2.0, 2.0), (32, 32, 16)), base_filters=4
+    ).network
     windows = torch.randn(1, 1, 16, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         expected = prepare_network(network, torch.device("cpu"))(windows)

@@ -187,18 +187,21 @@ def write_tree(root: Path, files: Dict[str, str]) -> None:
 
 def test_the_checker_finds_each_kind_of_violation(tmp_path):
     engine, training = tmp_path / "MedSegUNetLib", tmp_path / "training"
-    write_tree(engine, {
-        "__init__.py": "",
-        "core/__init__.py": "",
-        "core/errors.py": "def f():\n    from MedSegUNetLib.model import bundle\n",  # up a layer, inside a function
-        "model/__init__.py": "",
-        "model/bundle.py": "from ..core import errors\nimport training.cli\n",  # relative; the engine imports training
-        "prediction/__init__.py": "",
-        "prediction/a.py": "from .b import x\n",
-        "prediction/b.py": "def g():\n    from MedSegUNetLib.prediction.a import y\nimport qt\n",  # a cycle; Qt
-        "host/__init__.py": "",
-        "host/childprocess.py": "from MedSegUNetLib.core.errors import E\n",
-    })
+    write_tree(
+        engine,
+        {
+            "__init__.py": "",
+            "core/__init__.py": "",
+            "core/errors.py": "def f():\n    from MedSegUNetLib.model import bundle\n",  # up a layer, inside a function
+            "model/__init__.py": "",
+            "model/bundle.py": "from ..core import errors\nimport training.cli\n",  # relative; the engine imports training
+            "prediction/__init__.py": "",
+            "prediction/a.py": "from .b import x\n",
+            "prediction/b.py": "def g():\n    from MedSegUNetLib.prediction.a import y\nimport qt\n",  # a cycle; Qt
+            "host/__init__.py": "",
+            "host/childprocess.py": "from MedSegUNetLib.core.errors import E\n",
+        },
+    )
     write_tree(training, {"__init__.py": "", "cli.py": "from MedSegUNetLib.core.errors import _private\n"})
     problems = check([(engine, "MedSegUNetLib"), (training, "training")])
     expected = [

@@ -43,7 +43,9 @@ def _assert_read_as_itk_reads(path) -> None:
 @pytest.mark.parametrize("dtype", ["uint8", "int8", "int16", "uint16", "int32", "float32", "float64"])
 def test_itk_written_files_read_as_itk_reads_them(tmp_path, dtype):
     rng = np.random.default_rng(0)
-    values = (rng.normal(0, 1000, (13, 17, 19)) if dtype.startswith("f") else rng.integers(0, 120, (13, 17, 19))).astype(dtype)
+    values = (
+        rng.normal(0, 1000, (13, 17, 19)) if dtype.startswith("f") else rng.integers(0, 120, (13, 17, 19))
+    ).astype(dtype)
     image = sitk.GetImageFromArray(values)
     image.SetSpacing((0.7, 0.9, 2.5))
     image.SetOrigin((-100.0, 33.0, 7.5))
@@ -133,10 +135,13 @@ def _write(path, data) -> object:
     return path
 
 
-@pytest.mark.parametrize("affine", [
-    [[0.0, 0.0, 2.0, -30.0], [-0.9, 0.0, 0.0, 12.0], [0.0, 1.1, 0.0, 4.0]],  # axes permuted and flipped
-    [[0.7, 0.3, 0.0, 5.0], [-0.3, 0.7, 0.0, -5.0], [0.0, 0.0, -1.5, 60.0]],  # oblique, z flipped
-])
+@pytest.mark.parametrize(
+    "affine",
+    [
+        [[0.0, 0.0, 2.0, -30.0], [-0.9, 0.0, 0.0, 12.0], [0.0, 1.1, 0.0, 4.0]],  # axes permuted and flipped
+        [[0.7, 0.3, 0.0, 5.0], [-0.3, 0.7, 0.0, -5.0], [0.0, 0.0, -1.5, 60.0]],  # oblique, z flipped
+    ],
+)
 def test_any_orientation_nibabel_writes_reads_as_itk_reads_it(tmp_path, affine):
     """Whatever the affine, ITK hands the voxels over in file order and puts the orientation in the
     direction matrix; the ISA-L reader must agree voxel for voxel."""

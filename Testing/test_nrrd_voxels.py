@@ -41,7 +41,11 @@ def _assert_streamed_as_itk_reads(path) -> np.ndarray:
 
 def _ct(dtype="int16", shape=(9, 10, 11), seed=0) -> sitk.Image:
     info = np.iinfo(dtype)
-    values = np.random.default_rng(seed).integers(max(info.min, -3000), min(info.max, 3000), shape, endpoint=True).astype(dtype)
+    values = (
+        np.random.default_rng(seed)
+        .integers(max(info.min, -3000), min(info.max, 3000), shape, endpoint=True)
+        .astype(dtype)
+    )
     image = sitk.GetImageFromArray(values)
     image.SetSpacing((0.7, 0.9, 2.5))
     image.SetOrigin((-100.0, 33.0, 7.5))
@@ -64,7 +68,12 @@ def test_slicers_own_files_and_a_big_endian_one(tmp_path):
     """CTChest4.nrrd (Slicer-saved, gzip); pynrrd writes big-endian data with `endian: big` on request."""
     _assert_streamed_as_itk_reads(slicerio_data("CTChest4.nrrd"))
     values = np.random.default_rng(1).integers(-1000, 1000, (6, 7, 8)).astype(np.int16)  # (k, j, i)
-    header = {"space": "left-posterior-superior", "space directions": np.diag([0.8, 0.8, 1.5]), "space origin": np.zeros(3), "encoding": "raw"}
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": np.diag([0.8, 0.8, 1.5]),
+        "space origin": np.zeros(3),
+        "encoding": "raw",
+    }
     for encoding in ("raw", "gzip"):
         path = tmp_path / f"big-{encoding}.nrrd"
         nrrd.write(str(path), values.transpose(2, 1, 0).astype(">i2"), dict(header, encoding=encoding))
@@ -109,9 +118,15 @@ def test_what_the_reader_does_not_cover_is_left_to_itk(tmp_path):
     variants = {
         "skip.nrrd": (header.replace("encoding: raw\n", "encoding: raw\nbyte skip: 4\n"), b"skip" + data),
         "lines.nrrd": (header.replace("encoding: raw\n", "encoding: raw\nline skip: 1\n"), b"a line\n" + data),
-        "ascii.nrrd": (header.replace("encoding: raw", "encoding: ascii"), " ".join(map(str, values.reshape(-1))).encode()),
+        "ascii.nrrd": (
+            header.replace("encoding: raw", "encoding: ascii"),
+            " ".join(map(str, values.reshape(-1))).encode(),
+        ),
         "trailing.nrrd": (header, data + b"\0\0"),  # ITK reads the voxels it needs
-        "two-members.nrrd": (header.replace("encoding: raw", "encoding: gzip"), gzip.compress(data[:100]) + gzip.compress(data[100:])),
+        "two-members.nrrd": (
+            header.replace("encoding: raw", "encoding: gzip"),
+            gzip.compress(data[:100]) + gzip.compress(data[100:]),
+        ),
         "not-gzip.nrrd": (header.replace("encoding: raw", "encoding: gzip"), data),  # ITK reads it as raw
     }
     for name, (text, payload) in variants.items():
@@ -123,11 +138,15 @@ def test_what_the_reader_does_not_cover_is_left_to_itk(tmp_path):
     for name in [*variants, "detached.nhdr", "float.nrrd"]:
         path = tmp_path / name
         assert _slices(path) is None, name
-        np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(path).image).astype(np.int16), values, err_msg=name)
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(read_image(path).image).astype(np.int16), values, err_msg=name
+        )
     streamed = []
     assert read_slices(plain, image.GetSize(), np.dtype(np.int16), streamed.append)  # the plain file itself is streamed
     assert not read_slices(plain, (7, 6, 4), np.dtype(np.int16), streamed.append), "another size than the header's"
-    assert not read_slices(plain, image.GetSize(), np.dtype(np.uint16), streamed.append), "another type than the header's"
+    assert not read_slices(plain, image.GetSize(), np.dtype(np.uint16), streamed.append), (
+        "another type than the header's"
+    )
 
 
 def test_cut_short_or_corrupt_data_is_reported_not_zero_filled(tmp_path):

@@ -105,7 +105,12 @@ def test_same_names_with_other_values_train_one_class(tmp_path, pair, ct_chest, 
 def test_missing_segment_is_reported(tmp_path, chest_segmentation):
     from training.scenes import Case, SegmentInfo
 
-    a = Case("a", Path("a.nrrd"), chest_segmentation, [SegmentInfo("Liver", 1, 0, (1, 0, 0)), SegmentInfo("spleen", 2, 0, (0, 1, 0))])
+    a = Case(
+        "a",
+        Path("a.nrrd"),
+        chest_segmentation,
+        [SegmentInfo("Liver", 1, 0, (1, 0, 0)), SegmentInfo("spleen", 2, 0, (0, 1, 0))],
+    )
     b = Case("b", Path("b.nrrd"), chest_segmentation, [SegmentInfo("liver ", 7, 0, (1, 0, 0))])
     table = build_label_table([a, b])
     assert [l.name for l in table.labels] == ["Liver", "spleen"]
@@ -118,7 +123,9 @@ def test_terminology_matches_differently_named_segments():
 
     liver = "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^"
     a = Case("a", Path("a"), Path("a"), [SegmentInfo("liver", 1, 0, (1, 0, 0), liver)])
-    b = Case("b", Path("b"), Path("b"), [SegmentInfo("Leber", 4, 0, (1, 0, 0), liver.replace("Liver", "liver (custom)"))])
+    b = Case(
+        "b", Path("b"), Path("b"), [SegmentInfo("Leber", 4, 0, (1, 0, 0), liver.replace("Liver", "liver (custom)"))]
+    )
     table = build_label_table([a, b])
     assert len(table.labels) == 1 and table.case_maps["b"] == {1: 1}
 
@@ -128,7 +135,12 @@ def test_fine_tuning_keeps_model_labels_and_appends_new_ones(chest_segmentation)
     from training.scenes import Case, SegmentInfo
 
     initial = [Label(1, "spleen", (0, 1, 0)), Label(2, "liver", (1, 0, 0))]
-    case = Case("c", Path("c"), chest_segmentation, [SegmentInfo("LIVER", 3, 0, (1, 0, 0)), SegmentInfo("kidney", 9, 0, (0, 0, 1))])
+    case = Case(
+        "c",
+        Path("c"),
+        chest_segmentation,
+        [SegmentInfo("LIVER", 3, 0, (1, 0, 0)), SegmentInfo("kidney", 9, 0, (0, 0, 1))],
+    )
     table = build_label_table([case], initial=initial)
     assert [(l.value, l.name) for l in table.labels] == [(1, "spleen"), (2, "liver"), (3, "kidney")]
     assert table.case_maps["c"] == {1: 2, 2: 3}
@@ -136,7 +148,9 @@ def test_fine_tuning_keeps_model_labels_and_appends_new_ones(chest_segmentation)
 
 def test_cropped_segmentation_maps_back_to_the_exact_voxels(tmp_path, ct_chest, chest_segmentation):
     """Slicer crops .seg.nrrd to the segments' extent: the labels must land on the same voxels."""
-    cropped = relabelled_copy(chest_segmentation, tmp_path / "cropped.seg.nrrd", rename=str, crop=((5, 120), (10, 127), (2, 30)))
+    cropped = relabelled_copy(
+        chest_segmentation, tmp_path / "cropped.seg.nrrd", rename=str, crop=((5, 120), (10, 127), (2, 30))
+    )
     (case,) = read_scene(write_mrml_scene(tmp_path / "s", "s", [ScenePair("ct", ct_chest, cropped, "seg")]), tmp_path)
     _, label = load_case_arrays(case)
     expected = full_labelmap(chest_segmentation)
@@ -150,7 +164,9 @@ def test_cropped_segmentation_maps_back_to_the_exact_voxels(tmp_path, ct_chest, 
 
 def test_overlapping_layers_are_refused_and_disjoint_layers_merged(tmp_path, ct_chest):
     overlapping = slicerio_data("SegmentationOverlapping.seg.nrrd")
-    (case,) = read_scene(write_mrml_scene(tmp_path / "o", "o", [ScenePair("ct", ct_chest, overlapping, "seg")]), tmp_path)
+    (case,) = read_scene(
+        write_mrml_scene(tmp_path / "o", "o", [ScenePair("ct", ct_chest, overlapping, "seg")]), tmp_path
+    )
     segmentation = slicerio.read_segmentation(str(overlapping))
     layers = segmentation["voxels"]
     masks = [layers[s["layer"]] == s["labelValue"] for s in segmentation["segments"]]
@@ -164,7 +180,10 @@ def test_overlapping_layers_are_refused_and_disjoint_layers_merged(tmp_path, ct_
     for segment in disjoint["segments"]:
         segment.pop("extent", None)
     slicerio.write_segmentation(str(tmp_path / "disjoint.seg.nrrd"), disjoint)
-    (merged_case,) = read_scene(write_mrml_scene(tmp_path / "d", "d", [ScenePair("ct", ct_chest, tmp_path / "disjoint.seg.nrrd", "seg")]), tmp_path)
+    (merged_case,) = read_scene(
+        write_mrml_scene(tmp_path / "d", "d", [ScenePair("ct", ct_chest, tmp_path / "disjoint.seg.nrrd", "seg")]),
+        tmp_path,
+    )
     _, label = load_case_arrays(merged_case)
     values = set(np.unique(sitk.GetArrayFromImage(label)).tolist())
     layer_of = {index: s.layer for index, s in enumerate(merged_case.segments, start=1)}
@@ -185,7 +204,9 @@ def zip_with(tmp_path: Path, members: dict, name="evil.mrb") -> Path:
     return path
 
 
-@pytest.mark.parametrize("member", ["../evil.txt", "/tmp/evil_abs.txt", "scene/../../evil.txt", "C:/evil.txt", "..\\evil.txt"])
+@pytest.mark.parametrize(
+    "member", ["../evil.txt", "/tmp/evil_abs.txt", "scene/../../evil.txt", "C:/evil.txt", "..\\evil.txt"]
+)
 def test_zip_slip_is_refused_before_anything_is_written(tmp_path, member):
     archive = zip_with(tmp_path, {"scene/scene.mrml": "<MRML></MRML>", member: "pwned"})
     work = tmp_path / "work"
@@ -197,7 +218,7 @@ def test_zip_slip_is_refused_before_anything_is_written(tmp_path, member):
 
 def test_symlink_member_is_refused(tmp_path):
     link = zipfile.ZipInfo("scene/Data/link")
-    link.external_attr = (0o120777 << 16)
+    link.external_attr = 0o120777 << 16
     archive = zip_with(tmp_path, {"scene/scene.mrml": "<MRML></MRML>", link: "/etc/passwd"})
     with pytest.raises(SceneError, match="symbolic link"):
         extract_mrb(archive, tmp_path / "work")
@@ -218,7 +239,9 @@ def test_zip_bomb_is_refused_fast(tmp_path):
 
 
 def test_too_many_members_are_refused_before_extraction(tmp_path):
-    archive = zip_with(tmp_path, {"scene/scene.mrml": "<MRML></MRML>", **{f"scene/Data/{i}.raw": "x" for i in range(6)}})
+    archive = zip_with(
+        tmp_path, {"scene/scene.mrml": "<MRML></MRML>", **{f"scene/Data/{i}.raw": "x" for i in range(6)}}
+    )
     with pytest.raises(SceneError, match="holds 7 members, more than the limit of 5"):
         extract_mrb(archive, tmp_path / "work", ZipLimits(max_members=5))
     assert not (tmp_path / "work").exists()
@@ -241,8 +264,14 @@ def test_member_that_lies_about_its_size_is_stopped(tmp_path):
 @pytest.mark.parametrize(
     "xml,message",
     [
-        ('<?xml version="1.0"?><!DOCTYPE m [<!ENTITY x SYSTEM "file:///etc/passwd">]><MRML><Volume id="a" name="&x;"/></MRML>', "unsafe XML"),
-        ('<?xml version="1.0"?><!DOCTYPE m [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]><MRML><Volume id="a" name="&b;"/></MRML>', "unsafe XML"),
+        (
+            '<?xml version="1.0"?><!DOCTYPE m [<!ENTITY x SYSTEM "file:///etc/passwd">]><MRML><Volume id="a" name="&x;"/></MRML>',
+            "unsafe XML",
+        ),
+        (
+            '<?xml version="1.0"?><!DOCTYPE m [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]><MRML><Volume id="a" name="&b;"/></MRML>',
+            "unsafe XML",
+        ),
         ("<MRML><Volume id='a'", "not a readable MRML"),
         ("<MRML></MRML>", "holds no segmentation"),
     ],
@@ -259,7 +288,9 @@ def test_file_name_escaping_the_scene_folder_is_refused(tmp_path, pair, chest_se
     scene = write_mrml_scene(tmp_path / "s", "s", [pair])
     outside = tmp_path / "outside.seg.nrrd"
     outside.write_bytes(chest_segmentation.read_bytes())
-    text = scene.read_text(encoding="utf-8").replace('fileName="Data/Segmentation', 'fileName="../outside.seg.nrrd" x="')
+    text = scene.read_text(encoding="utf-8").replace(
+        'fileName="Data/Segmentation', 'fileName="../outside.seg.nrrd" x="'
+    )
     scene.write_text(text, encoding="utf-8")
     with pytest.raises(SceneError, match="outside the scene's folder"):
         read_scene(scene, tmp_path)
@@ -271,6 +302,9 @@ def test_missing_data_file_and_missing_reference(tmp_path, pair):
     with pytest.raises(SceneError, match="is missing"):
         read_scene(scene, tmp_path)
     scene2 = write_mrml_scene(tmp_path / "t", "t", [pair, ScenePair("b", pair.image_file, pair.segmentation_file, "b")])
-    scene2.write_text(scene2.read_text(encoding="utf-8").replace("referenceImageGeometryRef:vtkMRMLScalarVolumeNode1;", ""), encoding="utf-8")
+    scene2.write_text(
+        scene2.read_text(encoding="utf-8").replace("referenceImageGeometryRef:vtkMRMLScalarVolumeNode1;", ""),
+        encoding="utf-8",
+    )
     with pytest.raises(SceneError, match="names no reference volume"):
         read_scene(scene2, tmp_path)

@@ -50,20 +50,37 @@ def _slicerio_description(image: sitk.Image, labels) -> dict:
     segments = []
     for label in labels:
         box = boxes[label.value - 1] if label.value <= len(boxes) else None
-        extent = [0, -1, 0, -1, 0, -1] if box is None else [box[2].start, box[2].stop - 1, box[1].start, box[1].stop - 1, box[0].start, box[0].stop - 1]
-        segment = {"id": f"Segment_{label.value}", "name": label.name, "color": [float(c) for c in label.color],
-                   "labelValue": label.value, "layer": 0, "extent": extent}
+        extent = (
+            [0, -1, 0, -1, 0, -1]
+            if box is None
+            else [box[2].start, box[2].stop - 1, box[1].start, box[1].stop - 1, box[0].start, box[0].stop - 1]
+        )
+        segment = {
+            "id": f"Segment_{label.value}",
+            "name": label.name,
+            "color": [float(c) for c in label.color],
+            "labelValue": label.value,
+            "layer": 0,
+            "extent": extent,
+        }
         if label.terminology:
             segment["tags"] = {"TerminologyEntry": label.terminology}
         segments.append(segment)
-    return {"voxels": ijk_array(image), "ijkToLPS": ijk_to_lps(image), "segments": segments,
-            "containedRepresentationNames": ["Binary labelmap"], "masterRepresentation": "Binary labelmap",
-            "referenceImageExtentOffset": [0, 0, 0]}
+    return {
+        "voxels": ijk_array(image),
+        "ijkToLPS": ijk_to_lps(image),
+        "segments": segments,
+        "containedRepresentationNames": ["Binary labelmap"],
+        "masterRepresentation": "Binary labelmap",
+        "referenceImageExtentOffset": [0, 0, 0],
+    }
 
 
 def _same_field(a, b) -> bool:
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return np.asarray(a).shape == np.asarray(b).shape and np.allclose(np.asarray(a, float), np.asarray(b, float), equal_nan=True, rtol=0, atol=0)
+        return np.asarray(a).shape == np.asarray(b).shape and np.allclose(
+            np.asarray(a, float), np.asarray(b, float), equal_nan=True, rtol=0, atol=0
+        )
     return a == b
 
 
@@ -122,7 +139,9 @@ def test_a_label_image_of_another_type_is_cast_and_a_larger_one_compresses(tmp_p
     image = sitk.Cast(_label_image(), sitk.sitkInt32)
     path = write_segmentation(tmp_path / "cast.seg.nrrd", image, _labels())
     assert nrrd.read_header(str(path))["type"] == "uint8"
-    np.testing.assert_array_equal(slicerio.read_segmentation(str(path))["voxels"], ijk_array(sitk.Cast(image, sitk.sitkUInt8)))
+    np.testing.assert_array_equal(
+        slicerio.read_segmentation(str(path))["voxels"], ijk_array(sitk.Cast(image, sitk.sitkUInt8))
+    )
     big = sitk.GetImageFromArray(np.repeat(np.arange(5, dtype=np.uint8), 600_000).reshape(30, 400, 250))
     path = write_segmentation(tmp_path / "big.seg.nrrd", big, _labels())  # several pieces of DEFLATED_PIECE
     assert path.stat().st_size < 100_000
@@ -142,8 +161,11 @@ def test_extents_in_slabs_are_those_of_one_pass(monkeypatch, threads, slices):
             k, j, i = rng.integers(0, slices), rng.integers(0, 20), rng.integers(0, 26)
             values[k : k + rng.integers(1, 4), j : j + 3, i : i + 3] = value
     labels = [Label(v, f"l{v}", (0.5, 0.5, 0.5)) for v in range(1, 6)]
-    expected = {value: [b[2].start, b[2].stop - 1, b[1].start, b[1].stop - 1, b[0].start, b[0].stop - 1]
-                for value, b in enumerate(find_objects(values, max_label=5), start=1) if b is not None}
+    expected = {
+        value: [b[2].start, b[2].stop - 1, b[1].start, b[1].stop - 1, b[0].start, b[0].stop - 1]
+        for value, b in enumerate(find_objects(values, max_label=5), start=1)
+        if b is not None
+    }
     assert segmentation_nrrd.segment_extents(values, labels) == expected
     assert set(expected) == {1, 2, 5}
 

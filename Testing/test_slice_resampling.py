@@ -19,8 +19,17 @@ def _signed_permutation(rng) -> np.ndarray:
 
 
 def _itk_linear(image: sitk.Image, target: Grid, default: float) -> np.ndarray:
-    resampled = sitk.Resample(image, list(target.size), sitk.Transform(), sitk.sitkLinear, target.origin, target.spacing,
-                              target.direction, default, sitk.sitkFloat32)
+    resampled = sitk.Resample(
+        image,
+        list(target.size),
+        sitk.Transform(),
+        sitk.sitkLinear,
+        target.origin,
+        target.spacing,
+        target.direction,
+        default,
+        sitk.sitkFloat32,
+    )
     return sitk.GetArrayFromImage(resampled)
 
 
@@ -45,8 +54,12 @@ def test_axis_aligned_grids_get_itks_linear_values(seed):
         image.SetSpacing(rng.uniform(0.5, 3, 3).tolist())
         image.SetOrigin(rng.uniform(-20, 20, 3).tolist())
         image.SetDirection(_signed_permutation(rng).ravel().tolist())
-        target = Grid(tuple(int(n) for n in rng.integers(2, 25, 3)), tuple(rng.uniform(0.3, 3, 3)),
-                      tuple(rng.uniform(-25, 25, 3)), tuple(_signed_permutation(rng).ravel()))
+        target = Grid(
+            tuple(int(n) for n in rng.integers(2, 25, 3)),
+            tuple(rng.uniform(0.3, 3, 3)),
+            tuple(rng.uniform(-25, 25, 3)),
+            tuple(_signed_permutation(rng).ravel()),
+        )
         assert index_maps(Grid.of(image), target) is not None
         ours = _fed(image, target, default=-7.0)
         itk = _itk_linear(image, target, -7.0)
@@ -69,14 +82,18 @@ def test_network_array_is_itks_resampling_onto_the_network_grid(angle, code):
     grid = network_grid(Grid.of(image), preprocessing)
     ours, its_grid = network_array(image, preprocessing)
     assert its_grid == grid
-    np.testing.assert_allclose(ours, _itk_linear(image, grid, float(sitk.GetArrayViewFromImage(image).min())), rtol=1e-6, atol=1e-3)
+    np.testing.assert_allclose(
+        ours, _itk_linear(image, grid, float(sitk.GetArrayViewFromImage(image).min())), rtol=1e-6, atol=1e-3
+    )
     assert ours.shape == grid.size[::-1]
 
 
 def test_outside_the_source_is_its_minimum_unless_told_otherwise():
     values = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6) + 100
     image = sitk.GetImageFromArray(values)
-    beyond = Grid((10, 5, 4), (1.0, 1.0, 1.0), (-2.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))  # 2 voxels out on each side of x
+    beyond = Grid(
+        (10, 5, 4), (1.0, 1.0, 1.0), (-2.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    )  # 2 voxels out on each side of x
     minimum = _fed(image, beyond)
     assert np.all(minimum[:, :, :2] == 100) and np.all(minimum[:, :, -2:] == 100)
     np.testing.assert_array_equal(minimum[:, :, 2:8], values)  # the same voxels inside: exactly the values

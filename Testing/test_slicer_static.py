@@ -27,18 +27,55 @@ API_VERSIONS = ["slicer_api_v5.8.1.json", "slicer_api_v5.12.3.json"]  # the olde
 
 # Qt 5 QtWidgets classes a .ui may use besides Slicer's own (the API file's ui_custom_widgets).
 QT_WIDGETS = {
-    "QWidget", "QLabel", "QPushButton", "QToolButton", "QCheckBox", "QRadioButton", "QComboBox", "QSpinBox",
-    "QDoubleSpinBox", "QLineEdit", "QTextEdit", "QPlainTextEdit", "QProgressBar", "QListWidget", "QTreeWidget",
-    "QTableWidget", "QGroupBox", "QFrame", "QTabWidget", "QStackedWidget", "QScrollArea", "QSlider", "QSplitter",
+    "QWidget",
+    "QLabel",
+    "QPushButton",
+    "QToolButton",
+    "QCheckBox",
+    "QRadioButton",
+    "QComboBox",
+    "QSpinBox",
+    "QDoubleSpinBox",
+    "QLineEdit",
+    "QTextEdit",
+    "QPlainTextEdit",
+    "QProgressBar",
+    "QListWidget",
+    "QTreeWidget",
+    "QTableWidget",
+    "QGroupBox",
+    "QFrame",
+    "QTabWidget",
+    "QStackedWidget",
+    "QScrollArea",
+    "QSlider",
+    "QSplitter",
     "QDialogButtonBox",
 }
 # Names the `slicer` package has at run time besides MRML classes: Base/Python/slicer/__init__.py and
 # slicerqt.py (app, mrmlScene, modules ...) and the Python packages the API file describes.
-SLICER_GLOBALS = {"app", "mrmlScene", "modules", "moduleNames", "util", "ScriptedLoadableModule", "parameterNodeWrapper"}
+SLICER_GLOBALS = {
+    "app",
+    "mrmlScene",
+    "modules",
+    "moduleNames",
+    "util",
+    "ScriptedLoadableModule",
+    "parameterNodeWrapper",
+}
 # qSlicerCoreApplication members (Q_PROPERTY / public slots of qSlicerCoreApplication.h and QCoreApplication).
 SLICER_APP_MEMBERS = {
-    "temporaryPath", "slicerUserSettingsFilePath", "processEvents", "applicationDirPath", "cachePath",
-    "defaultScenePath", "slicerHome", "userSettings", "revisionUserSettings", "majorVersion", "minorVersion",
+    "temporaryPath",
+    "slicerUserSettingsFilePath",
+    "processEvents",
+    "applicationDirPath",
+    "cachePath",
+    "defaultScenePath",
+    "slicerHome",
+    "userSettings",
+    "revisionUserSettings",
+    "majorVersion",
+    "minorVersion",
 }
 # parameterNodeWrapper field type -> widgets it can be bound to: the canRepresent() of the connectors in
 # Base/Python/slicer/parameterNodeWrapper/guiConnectors.py of v5.8.1, the oldest release supported (5.12.3
@@ -46,7 +83,14 @@ SLICER_APP_MEMBERS = {
 BINDABLE = {
     "bool": {"QCheckBox", "ctkCheckBox", "QPushButton"},
     "int": {"QSlider", "QSpinBox"},
-    "float": {"QDoubleSpinBox", "ctkSliderWidget", "qMRMLSliderWidget", "ctkDoubleSlider", "ctkDoubleSpinBox", "qMRMLSpinBox"},
+    "float": {
+        "QDoubleSpinBox",
+        "ctkSliderWidget",
+        "qMRMLSliderWidget",
+        "ctkDoubleSlider",
+        "ctkDoubleSpinBox",
+        "qMRMLSpinBox",
+    },
     "str": {"QComboBox", "ctkComboBox", "QLineEdit", "QLabel", "QTextEdit"},
     "node": {"qMRMLNodeComboBox"},
 }
@@ -90,7 +134,9 @@ def slicer_util_calls(tree: ast.Module) -> Dict[str, Set[str]]:
         if isinstance(node, ast.Call) and dotted(node.func).startswith("slicer.util."):
             name = dotted(node.func).split(".")[2]
             calls.setdefault(name, set()).update(k.arg for k in node.keywords if k.arg)
-        elif isinstance(node, ast.Attribute) and dotted(node).startswith("slicer.util.") and dotted(node).count(".") == 2:
+        elif (
+            isinstance(node, ast.Attribute) and dotted(node).startswith("slicer.util.") and dotted(node).count(".") == 2
+        ):
             calls.setdefault(node.attr, set())
     return calls
 
@@ -109,7 +155,12 @@ def unknown_util_calls(tree: ast.Module, data: dict) -> List[str]:
 
 
 def imported_names(tree: ast.Module, module: str) -> Set[str]:
-    return {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == module for alias in node.names}
+    return {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == module
+        for alias in node.names
+    }
 
 
 def unknown_imports(tree: ast.Module, data: dict) -> List[str]:
@@ -119,7 +170,9 @@ def unknown_imports(tree: ast.Module, data: dict) -> List[str]:
         "slicer.ScriptedLoadableModule": set(python["slicer.ScriptedLoadableModule"]["classes"]),
         "slicer.util": set(python["slicer.util"]["functions"]) | set(python["slicer.util"]["classes"]),
     }
-    return sorted(f"{module}.{name}" for module, names in allowed.items() for name in imported_names(tree, module) - names)
+    return sorted(
+        f"{module}.{name}" for module, names in allowed.items() for name in imported_names(tree, module) - names
+    )
 
 
 def unknown_slicer_globals(tree: ast.Module, data: dict) -> List[str]:
@@ -186,7 +239,9 @@ def class_has_method(cls: str, method: str, data: dict) -> bool:
 
 def parameter_node_types(tree: ast.Module) -> Dict[str, str]:
     """parameterNodeWrapper fields annotated with a MRML class -> that class."""
-    return {name: annotation for name, annotation in parameter_annotations(tree).items() if annotation.startswith("vtkMRML")}
+    return {
+        name: annotation for name, annotation in parameter_annotations(tree).items() if annotation.startswith("vtkMRML")
+    }
 
 
 class TypeInference:
@@ -198,7 +253,9 @@ class TypeInference:
         for argument in function.args.args + function.args.kwonlyargs:
             if argument.arg in NAMING_CONVENTION:
                 self.names[argument.arg] = NAMING_CONVENTION[argument.arg]
-        statements = sorted((n for n in ast.walk(function) if isinstance(n, (ast.Assign, ast.For))), key=lambda n: n.lineno)
+        statements = sorted(
+            (n for n in ast.walk(function) if isinstance(n, (ast.Assign, ast.For))), key=lambda n: n.lineno
+        )
         for _ in range(2):  # twice: an assignment may use a name assigned later in the walk order
             for statement in statements:
                 self.bind(statement)
@@ -206,13 +263,21 @@ class TypeInference:
     def bind(self, statement) -> None:
         if isinstance(statement, ast.For) and isinstance(statement.target, ast.Name):
             call = statement.iter
-            if isinstance(call, ast.Call) and dotted(call.func) == "slicer.util.getNodesByClass" and string_argument(call):
+            if (
+                isinstance(call, ast.Call)
+                and dotted(call.func) == "slicer.util.getNodesByClass"
+                and string_argument(call)
+            ):
                 self.names[statement.target.id] = string_argument(call)
             return
         if not isinstance(statement, ast.Assign) or len(statement.targets) != 1:
             return
         target, value = statement.targets[0], statement.value
-        pairs = zip(target.elts, value.elts) if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple) else [(target, value)]
+        pairs = (
+            zip(target.elts, value.elts)
+            if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple)
+            else [(target, value)]
+        )
         for name, expression in pairs:
             cls = self.type_of(expression)
             if isinstance(name, ast.Name) and cls:
@@ -264,7 +329,11 @@ def attributed_calls(tree: ast.Module) -> List[Tuple[str, str, int]]:
 
 
 def unknown_attributed_methods(tree: ast.Module, data: dict) -> List[str]:
-    return [f"{cls}.{method} (line {line})" for cls, method, line in attributed_calls(tree) if not class_has_method(cls, method, data)]
+    return [
+        f"{cls}.{method} (line {line})"
+        for cls, method, line in attributed_calls(tree)
+        if not class_has_method(cls, method, data)
+    ]
 
 
 def vtk_method_names(tree: ast.Module) -> Set[str]:
@@ -272,19 +341,26 @@ def vtk_method_names(tree: ast.Module) -> Set[str]:
     import vtk
 
     classes = [vtk.vtkObject, vtk.vtkCommand]
-    classes += [vtk_class(cls[4:]) for cls, _, _ in attributed_calls(tree) if cls.startswith("vtk:") and vtk_class(cls[4:])]
+    classes += [
+        vtk_class(cls[4:]) for cls, _, _ in attributed_calls(tree) if cls.startswith("vtk:") and vtk_class(cls[4:])
+    ]
     return {name for cls in classes for name in dir(cls) if name[:1].isupper()}
 
 
 def unknown_mrml_methods(tree: ast.Module, data: dict) -> List[str]:
     """Any call of a CamelCase method (VTK/MRML style; Qt's are camelCase) that no MRML or VTK class has."""
     known = {method for cls in data["mrml_classes"].values() for method in cls["methods"]} | vtk_method_names(tree)
-    modules = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules = {
+        alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
     called = {
         node.func.attr
         for node in ast.walk(tree)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-        and not (isinstance(node.func.value, ast.Name) and node.func.value.id in modules)  # module.Class(): a constructor
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and not (
+            isinstance(node.func.value, ast.Name) and node.func.value.id in modules
+        )  # module.Class(): a constructor
     }
     return sorted(name for name in called if re.match(r"^[A-Z][a-z]", name) and name not in known)
 
@@ -293,9 +369,16 @@ def scene_class_names(tree: ast.Module) -> Set[str]:
     """Class names passed as strings to AddNewNodeByClass / CreateNodeByClass / getNodesByClass ..."""
     names = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and "ByClass" in node.func.attr and string_argument(node):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and "ByClass" in node.func.attr
+            and string_argument(node)
+        ):
             names.add(string_argument(node))
-    names.update(n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and dotted(n).startswith("slicer.vtkMRML"))
+    names.update(
+        n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and dotted(n).startswith("slicer.vtkMRML")
+    )
     return names
 
 
@@ -325,8 +408,16 @@ def unknown_self_calls(tree: ast.Module, data: dict) -> List[str]:
         if not inherited:
             continue
         own = {f.name for f in cls.body if isinstance(f, ast.FunctionDef)}
-        own |= {t.attr for n in ast.walk(cls) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Attribute) and dotted(t.value) == "self"}
-        own |= {t.target.attr for t in ast.walk(cls) if isinstance(t, ast.AnnAssign) and isinstance(t.target, ast.Attribute)}
+        own |= {
+            t.attr
+            for n in ast.walk(cls)
+            if isinstance(n, ast.Assign)
+            for t in n.targets
+            if isinstance(t, ast.Attribute) and dotted(t.value) == "self"
+        }
+        own |= {
+            t.target.attr for t in ast.walk(cls) if isinstance(t, ast.AnnAssign) and isinstance(t.target, ast.Attribute)
+        }
         for node in ast.walk(cls):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
                 receiver = dotted(node.func.value)
@@ -360,7 +451,9 @@ def ui_bad_classes(text: str, data: dict) -> List[str]:
         if cls not in custom:
             problems.append(f"{cls}: not a Qt or Slicer widget")
         elif declared.get(cls) != (custom[cls]["extends"], custom[cls]["header"]):
-            problems.append(f"{cls}: declared as {declared.get(cls)}, Slicer has {(custom[cls]['extends'], custom[cls]['header'])}")
+            problems.append(
+                f"{cls}: declared as {declared.get(cls)}, Slicer has {(custom[cls]['extends'], custom[cls]['header'])}"
+            )
     return problems
 
 
@@ -388,7 +481,11 @@ def widget_property(widget: ElementTree.Element, name: str):
 
 def ui_attributes_used(tree: ast.Module) -> Set[str]:
     """X of every `self.ui.X` (and `widget.ui.X` in the self-test)."""
-    return {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute) and dotted(node.value) in ("self.ui", "widget.ui")}
+    return {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and dotted(node.value) in ("self.ui", "widget.ui")
+    }
 
 
 def parameter_class(tree: ast.Module) -> Optional[ast.ClassDef]:
@@ -426,7 +523,10 @@ def parameter_binding_problems(tree: ast.Module, text: str) -> List[str]:
     """Each field has a widget of a kind that can show its type (node types, ranges); each bound widget a field."""
     fields, bound = parameter_annotations(tree), ui_bound_widgets(text)
     problems = [f"{name}: no widget with this SlicerParameterName" for name in sorted(set(fields) - set(bound))]
-    problems += [f"{name}: a widget is bound to it but the parameter node has no such field" for name in sorted(set(bound) - set(fields))]
+    problems += [
+        f"{name}: a widget is bound to it but the parameter node has no such field"
+        for name in sorted(set(bound) - set(fields))
+    ]
     for name in sorted(set(fields) & set(bound)):
         kind = "node" if fields[name].startswith("vtkMRML") else fields[name]
         widget = bound[name]
@@ -435,7 +535,10 @@ def parameter_binding_problems(tree: ast.Module, text: str) -> List[str]:
         if kind == "node" and fields[name] not in (widget_property(widget, "nodeTypes") or []):
             problems.append(f"{name}: the combo box does not list {fields[name]}")
     for name, (low, high) in sorted(parameter_ranges(tree).items()):
-        if name in bound and (widget_property(bound[name], "minimum"), widget_property(bound[name], "maximum")) != (low, high):
+        if name in bound and (widget_property(bound[name], "minimum"), widget_property(bound[name], "maximum")) != (
+            low,
+            high,
+        ):
             problems.append(f"{name}: the widget's range differs from WithinRange({low:g}, {high:g})")
     return problems
 
@@ -470,18 +573,33 @@ def test_imports_from_slicer_exist(version):
     tree = module_tree()
     assert unknown_imports(tree, data) == []
     assert {"parameterNodeWrapper", "WithinRange"} <= imported_names(tree, "slicer.parameterNodeWrapper")
-    assert {"ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
-            "ScriptedLoadableModuleTest"} <= imported_names(tree, "slicer.ScriptedLoadableModule")
-    bad = module_tree("from slicer.parameterNodeWrapper import parameterNodeWrapperV2\nfrom slicer.util import VTKObserverMixin")
-    assert unknown_imports(bad, data) == ["slicer.parameterNodeWrapper.parameterNodeWrapperV2", "slicer.util.VTKObserverMixin"]
+    assert {
+        "ScriptedLoadableModule",
+        "ScriptedLoadableModuleWidget",
+        "ScriptedLoadableModuleLogic",
+        "ScriptedLoadableModuleTest",
+    } <= imported_names(tree, "slicer.ScriptedLoadableModule")
+    bad = module_tree(
+        "from slicer.parameterNodeWrapper import parameterNodeWrapperV2\nfrom slicer.util import VTKObserverMixin"
+    )
+    assert unknown_imports(bad, data) == [
+        "slicer.parameterNodeWrapper.parameterNodeWrapperV2",
+        "slicer.util.VTKObserverMixin",
+    ]
 
 
 @pytest.mark.parametrize("version", API_VERSIONS)
 def test_slicer_globals_exist(version):
     data = api(version)
     assert unknown_slicer_globals(module_tree(), data) == []
-    bad = module_tree("slicer.mrmlScen.Clear()\nslicer.vtkMRMLSegmentationNode\nslicer.app.temporaryFolder\nslicer.vtkMRMLNoSuchNode")
-    assert unknown_slicer_globals(bad, data) == ["slicer.app.temporaryFolder", "slicer.mrmlScen", "slicer.vtkMRMLNoSuchNode"]
+    bad = module_tree(
+        "slicer.mrmlScen.Clear()\nslicer.vtkMRMLSegmentationNode\nslicer.app.temporaryFolder\nslicer.vtkMRMLNoSuchNode"
+    )
+    assert unknown_slicer_globals(bad, data) == [
+        "slicer.app.temporaryFolder",
+        "slicer.mrmlScen",
+        "slicer.vtkMRMLNoSuchNode",
+    ]
 
 
 @pytest.mark.parametrize("version", API_VERSIONS)
@@ -491,8 +609,14 @@ def test_methods_called_on_known_mrml_classes_exist_on_those_classes(version):
     assert unknown_attributed_methods(tree, data) == []
     attributed = attributed_calls(tree)
     assert len(attributed) >= 40, attributed  # the inference follows the module's nodes
-    assert {cls for cls, _, _ in attributed} >= {"vtkMRMLScene", "vtkMRMLSegmentationNode", "vtkSegmentation", "vtkMRMLVolumeNode",
-                                                 "vtkMRMLScalarVolumeNode", "vtkMRMLVolumeArchetypeStorageNode"}
+    assert {cls for cls, _, _ in attributed} >= {
+        "vtkMRMLScene",
+        "vtkMRMLSegmentationNode",
+        "vtkSegmentation",
+        "vtkMRMLVolumeNode",
+        "vtkMRMLScalarVolumeNode",
+        "vtkMRMLVolumeArchetypeStorageNode",
+    }
     assert ("vtkMRMLSegmentationNode", "SetAndObserveTransformNodeID") in {(c, m) for c, m, _ in attributed}
     for method, cls in METHOD_RETURNS.items():  # these names mean one thing across the API
         owners = [c for c, info in data["mrml_classes"].items() if method in info["methods"]]
@@ -511,7 +635,8 @@ def test_methods_called_on_known_mrml_classes_exist_on_those_classes(version):
         "    matrix.Inverse()\n"
     )
     assert unknown_attributed_methods(bad, data) == [
-        "vtk:vtkMatrix4x4.Inverse (line 11)", "vtkMRMLScalarVolumeNode.GetSegmentation (line 5)",
+        "vtk:vtkMatrix4x4.Inverse (line 11)",
+        "vtkMRMLScalarVolumeNode.GetSegmentation (line 5)",
         "vtkMRMLSegmentationNode.GetSegment (line 3)",
     ]
 
@@ -552,8 +677,13 @@ def test_the_four_classes_slicer_expects():
     assert classes["MedSegUNetWidget"][0] == "ScriptedLoadableModuleWidget"
     assert classes["MedSegUNetLogic"] == ["ScriptedLoadableModuleLogic"]
     assert classes["MedSegUNetTest"] == ["ScriptedLoadableModuleTest"]
-    test_methods = [f.name for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "MedSegUNetTest"
-                    for f in node.body if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")]
+    test_methods = [
+        f.name
+        for node in tree.body
+        if isinstance(node, ast.ClassDef) and node.name == "MedSegUNetTest"
+        for f in node.body
+        if isinstance(f, ast.FunctionDef) and f.name.startswith("test_")
+    ]
     assert len(test_methods) >= 4
     source = MODULE_FILE.read_text(encoding="utf-8")
     for test_method in test_methods:  # runTest (Reload and Test) runs every one of them
@@ -565,8 +695,11 @@ def test_every_ui_widget_class_is_qt_or_slicer(version):
     data = api(version)
     assert ui_bad_classes(ui_text(), data) == []
     assert {"qMRMLNodeComboBox", "ctkCollapsibleButton"} <= set(ui_widgets(ui_text()).values())
-    bad = ui_text().replace('class="QListWidget"', 'class="qMRMLSegmentationEditorWidgetX"').replace(
-        "<header>qMRMLNodeComboBox.h</header>", "<header>qMRMLNodeCombo.h</header>")
+    bad = (
+        ui_text()
+        .replace('class="QListWidget"', 'class="qMRMLSegmentationEditorWidgetX"')
+        .replace("<header>qMRMLNodeComboBox.h</header>", "<header>qMRMLNodeCombo.h</header>")
+    )
     assert ui_bad_classes(bad, data) == [
         "qMRMLNodeComboBox: declared as ('QWidget', 'qMRMLNodeCombo.h'), Slicer has ('QWidget', 'qMRMLNodeComboBox.h')",
         "qMRMLSegmentationEditorWidgetX: not a Qt or Slicer widget",
@@ -585,7 +718,9 @@ def test_every_widget_the_code_touches_is_in_the_ui():
 
 def test_every_parameter_has_a_widget_that_can_show_it():
     tree = module_tree()
-    assert {"inputVolume", "outputSegmentation", "useTTA", "largestComponent", "overlap"} <= set(parameter_annotations(tree))
+    assert {"inputVolume", "outputSegmentation", "useTTA", "largestComponent", "overlap"} <= set(
+        parameter_annotations(tree)
+    )
     assert parameter_binding_problems(tree, ui_text()) == []
     bad_tree = module_tree(
         "@parameterNodeWrapper\nclass P:\n"
@@ -613,16 +748,32 @@ def test_slicer_starts_without_torch_or_monai():
     assert module_level_imports(module_tree()) & heavy == set()
     for name in ("host/childprocess.py", "host/__init__.py", "__init__.py"):  # what MedSegUNet.py imports at load time
         assert module_level_imports(ast.parse((ENGINE / name).read_text(encoding="utf-8"))) & heavy == set(), name
-    lib_imports = {n.module for n in module_tree().body if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("MedSegUNetLib")}
+    lib_imports = {
+        n.module
+        for n in module_tree().body
+        if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("MedSegUNetLib")
+    }
     assert lib_imports == {"MedSegUNetLib.host.childprocess"}
-    assert module_level_imports(module_tree("try:\n    import torch\nexcept ImportError:\n    pass")) & heavy == {"torch"}
+    assert module_level_imports(module_tree("try:\n    import torch\nexcept ImportError:\n    pass")) & heavy == {
+        "torch"
+    }
 
 
 def test_the_panel_reads_bundles_without_torch():
     """describeModel and segmentsToReplace read bundles in Slicer's own process: bundle.py must not need torch."""
-    for name in ("model/bundle.py", "model/network.py", "core/atomic.py", "core/errors.py", "core/labels.py",
-                 "model/__init__.py", "core/__init__.py"):
-        assert module_level_imports(ast.parse((ENGINE / name).read_text(encoding="utf-8"))) & {"torch", "monai", "numpy"} == set(), name
+    for name in (
+        "model/bundle.py",
+        "model/network.py",
+        "core/atomic.py",
+        "core/errors.py",
+        "core/labels.py",
+        "model/__init__.py",
+        "core/__init__.py",
+    ):
+        assert (
+            module_level_imports(ast.parse((ENGINE / name).read_text(encoding="utf-8"))) & {"torch", "monai", "numpy"}
+            == set()
+        ), name
 
 
 def cmake_listed_files(cmake: str) -> Set[str]:
@@ -639,12 +790,22 @@ def test_cmake_installs_every_engine_and_training_file_and_nothing_stale():
     for resource in ("Resources/UI/MedSegUNet.ui", "Resources/Icons/MedSegUNet.png"):
         assert resource in cmake and (REPO / "MedSegUNet" / resource).is_file(), resource
     assert "slicer_add_python_unittest" in cmake and "Resources/Models/*.safetensors" in cmake
-    assert cmake_listed_files("MedSegUNetLib/new_file.py training/x.py MedSegUNetLib/core/y.py MedSegUNetLib/README.md") == {
-        "MedSegUNetLib/new_file.py", "training/x.py", "MedSegUNetLib/core/y.py"}
+    assert cmake_listed_files(
+        "MedSegUNetLib/new_file.py training/x.py MedSegUNetLib/core/y.py MedSegUNetLib/README.md"
+    ) == {"MedSegUNetLib/new_file.py", "training/x.py", "MedSegUNetLib/core/y.py"}
     top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
-    for field in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
-                  "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", 'EXTENSION_DEPENDS "PyTorch"', "find_package(Slicer",
-                  "add_subdirectory(MedSegUNet)", "Slicer_EXTENSION_CPACK"):
+    for field in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
+        'EXTENSION_DEPENDS "PyTorch"',
+        "find_package(Slicer",
+        "add_subdirectory(MedSegUNet)",
+        "Slicer_EXTENSION_CPACK",
+    ):
         assert field in top, field
 
 
@@ -712,8 +873,12 @@ def configured_extension(tmp_path_factory):
     (stub / "SlicerConfig.cmake").write_text(STUB_SLICER_CONFIG, encoding="utf-8")
     (stub / "Empty.cmake").write_text("", encoding="utf-8")
     build = work / "build"
-    result = subprocess.run(["cmake", "-S", str(REPO), "-B", str(build), f"-DSlicer_DIR={stub}", "-DBUILD_TESTING=ON"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["cmake", "-S", str(REPO), "-B", str(build), f"-DSlicer_DIR={stub}", "-DBUILD_TESTING=ON"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return build
 
@@ -726,8 +891,12 @@ def test_the_extension_configures_and_lays_out_the_module_as_installed(configure
     assert (modules / "MedSegUNet.py").is_file() and (modules / "Resources" / "UI" / "MedSegUNet.ui").is_file()
     for folder, name in ((ENGINE, "MedSegUNetLib"), (TRAINING, "training")):
         installed = modules / name
-        assert {p.relative_to(folder) for p in folder.rglob("*.py")} == {p.relative_to(installed) for p in installed.rglob("*.py")}, name
-    for bundle in list((REPO / "Resources" / "Models").glob("*.safetensors")) + list((REPO / "MedSegUNet" / "Resources" / "Models").glob("*.safetensors")):
+        assert {p.relative_to(folder) for p in folder.rglob("*.py")} == {
+            p.relative_to(installed) for p in installed.rglob("*.py")
+        }, name
+    for bundle in list((REPO / "Resources" / "Models").glob("*.safetensors")) + list(
+        (REPO / "MedSegUNet" / "Resources" / "Models").glob("*.safetensors")
+    ):
         assert (modules / "Resources" / "Models" / bundle.name).is_file(), bundle.name
 
 
@@ -742,9 +911,19 @@ def test_the_installed_layout_runs_segment_and_train(configured_extension, tmp_p
     environment = engine_environment(modules, base={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert environment["PYTHONPATH"] == str(modules.resolve())
     for command in (["-m", "MedSegUNetLib", "info", str(small_bundle)], ["-m", "training", "train", "--help"]):
-        result = subprocess.run([sys.executable, *command], capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300)
+        result = subprocess.run(
+            [sys.executable, *command], capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300
+        )
         assert result.returncode == 0, result.stderr[-2000:]
-    check = subprocess.run([sys.executable, "-c", "import MedSegUNetLib, training; print(MedSegUNetLib.__file__, training.__file__)"],
-                           capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=60)
+    check = subprocess.run(
+        [sys.executable, "-c", "import MedSegUNetLib, training; print(MedSegUNetLib.__file__, training.__file__)"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=tmp_path,
+        timeout=60,
+    )
     paths = check.stdout.split()
-    assert len(paths) == 2 and all(path.startswith(str(modules.resolve())) for path in paths), check.stdout + check.stderr
+    assert len(paths) == 2 and all(path.startswith(str(modules.resolve())) for path in paths), (
+        check.stdout + check.stderr
+    )

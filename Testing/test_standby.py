@@ -30,8 +30,23 @@ class StandbyEngine:
     def __init__(self, model: Path, *extra: str):
         environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MODULE_DIR), str(REPO)]), PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "MedSegUNetLib", "standby", "-m", str(model), "--device", "cpu", "--progress", "json", *extra],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment,
+            [
+                sys.executable,
+                "-m",
+                "MedSegUNetLib",
+                "standby",
+                "-m",
+                str(model),
+                "--device",
+                "cpu",
+                "--progress",
+                "json",
+                *extra,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=environment,
         )
         self.records: List[dict] = []
 
@@ -72,7 +87,9 @@ def voxels(path: Path) -> np.ndarray:
 
 
 def plain_segment(source: Path, model: Path, output: Path) -> np.ndarray:
-    result = run_cli("segment", str(source), "-m", str(model), "-o", str(output), "--device", "cpu", "--progress", "none")
+    result = run_cli(
+        "segment", str(source), "-m", str(model), "-o", str(output), "--device", "cpu", "--progress", "none"
+    )
     assert result.returncode == 0, result.stderr
     return voxels(output)
 
@@ -85,7 +102,9 @@ def test_a_job_segments_exactly_as_segment_does(tmp_path, ct_chest, small_bundle
     folder.mkdir()
     engine = StandbyEngine(small_bundle)
     engine.read_until("standby", "ready")
-    engine.send(job_line(str(ct_chest), "-m", str(small_bundle), "-o", str(folder / "result.nii.gz"), "--device", "cpu"))
+    engine.send(
+        job_line(str(ct_chest), "-m", str(small_bundle), "-o", str(folder / "result.nii.gz"), "--device", "cpu")
+    )
     code, records, stderr = engine.finish()
     assert code == 0, stderr
     assert np.array_equal(voxels(folder / "result.nii.gz"), expected)
@@ -152,8 +171,14 @@ def test_end_of_input_or_idle_time_ends_it_with_nothing_written(tmp_path, small_
         (b'["in.nrrd"]\n', 'standby job: expected {"segment"'),
         (b'{"segment": ["in.nrrd", 3]}\n', 'standby job: expected {"segment"'),
         (job_line("in.nrrd", "-m", "x.safetensors"), "standby job: the following arguments are required: -o/--output"),
-        (job_line("in.nrrd", "-m", "x.safetensors", "-o", "o.nii.gz", "--frobnicate"), "standby job: unrecognized arguments: --frobnicate"),
-        (job_line("in.nrrd", "-m", "x.safetensors", "-o", "o.nii.gz", "--progress", "bar"), "differs from the standby's --progress json"),
+        (
+            job_line("in.nrrd", "-m", "x.safetensors", "-o", "o.nii.gz", "--frobnicate"),
+            "standby job: unrecognized arguments: --frobnicate",
+        ),
+        (
+            job_line("in.nrrd", "-m", "x.safetensors", "-o", "o.nii.gz", "--progress", "bar"),
+            "differs from the standby's --progress json",
+        ),
     ],
 )
 def test_a_bad_job_gets_one_line_and_exit_1(tmp_path, small_bundle, line, message):
@@ -188,8 +213,11 @@ def test_a_bad_model_fails_at_once_without_waiting_for_a_job(tmp_path):
 
 @pytest.mark.parametrize(
     "extra,message",
-    [(["--idle-minutes", "0"], "--idle-minutes must be positive"), (["--idle-minutes", "nan"], "--idle-minutes must be positive"),
-     (["--batch-size", "0"], "--batch-size must be at least 1")],
+    [
+        (["--idle-minutes", "0"], "--idle-minutes must be positive"),
+        (["--idle-minutes", "nan"], "--idle-minutes must be positive"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+    ],
 )
 def test_bad_standby_options_fail_at_once(small_bundle, extra, message):
     engine = StandbyEngine(small_bundle, *extra)
@@ -212,7 +240,9 @@ def test_warm_up_runs_one_batch_of_windows_of_the_bundle_s_patch(small_bundle, b
     """oneDNN keeps its kernels per shape: the warm-up must run the job's own batch of whole windows."""
     shapes = []
     hook = torch.nn.modules.module.register_module_forward_pre_hook(
-        lambda module, inputs: shapes.append(tuple(inputs[0].shape)) if type(module).__name__ == "ChannelsLast" else None
+        lambda module, inputs: (
+            shapes.append(tuple(inputs[0].shape)) if type(module).__name__ == "ChannelsLast" else None
+        )
     )
     try:
         warm_up(load_bundle(small_bundle), PredictOptions(device="cpu", sw_batch_size=batch))

@@ -17,7 +17,10 @@ def _network(classes: int = 3, seed: int = 0) -> torch.nn.Module:
     """A small random network whose scores depend on each window's content and position in it."""
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.InstanceNorm3d(4), torch.nn.ReLU(), torch.nn.Conv3d(4, classes, 3, padding=1)
+        torch.nn.Conv3d(1, 4, 3, padding=1),
+        torch.nn.InstanceNorm3d(4),
+        torch.nn.ReLU(),
+        torch.nn.Conv3d(4, classes, 3, padding=1),
     ).eval()
 
 
@@ -35,8 +38,16 @@ def test_scores_divided_by_the_summed_weights_are_monais(shape, window, overlap,
     volume = torch.from_numpy(np.random.default_rng(sum(shape)).normal(size=(1, *shape)).astype(np.float32))
     fill = float(volume.min())
     with torch.inference_mode():
-        monai_scores = sliding_window_inference(volume[None], list(window), batch, network, overlap=overlap, mode="gaussian",
-                                                padding_mode="constant", cval=fill)[0]
+        monai_scores = sliding_window_inference(
+            volume[None],
+            list(window),
+            batch,
+            network,
+            overlap=overlap,
+            mode="gaussian",
+            padding_mode="constant",
+            cval=fill,
+        )[0]
         calls = []
 
         def predict(windows):
@@ -45,7 +56,11 @@ def test_scores_divided_by_the_summed_weights_are_monais(shape, window, overlap,
 
         ours = blended_scores(predict, volume, window, 3, overlap, batch, torch.device("cpu"), fill)
     assert ours.shape == monai_scores.shape == (3, *shape)
-    assert sum(calls) == count_windows(shape, window, overlap) == len(window_slices([max(n, w) for n, w in zip(shape, window)], window, overlap))
+    assert (
+        sum(calls)
+        == count_windows(shape, window, overlap)
+        == len(window_slices([max(n, w) for n, w in zip(shape, window)], window, overlap))
+    )
     assert max(calls) <= batch
     weights = summed_weights([max(n, w) for n, w in zip(shape, window)], window, overlap)
     crop = tuple(slice((max(w - n, 0)) // 2, (max(w - n, 0)) // 2 + n) for n, w in zip(shape, window))
@@ -60,15 +75,28 @@ def test_predict_labels_is_monais_argmax_with_tta_and_batches():
     network = _network(classes=4, seed=1)
     array = np.random.default_rng(3).normal(size=(1, 30, 37, 29)).astype(np.float32)
     for tta, batch in ((False, 1), (False, 2), (True, 2)):
-        labels = predict_labels(network, array, (16, 16, 16), PredictOptions(tta=tta, sw_batch_size=batch, device="cpu"), Progress())
+        labels = predict_labels(
+            network, array, (16, 16, 16), PredictOptions(tta=tta, sw_batch_size=batch, device="cpu"), Progress()
+        )
         flips = [()] + ([(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if tta else [])
 
         def averaged(windows):
-            return sum(torch.flip(network(torch.flip(windows, f) if f else windows), f) if f else network(windows) for f in flips) / len(flips)
+            return sum(
+                torch.flip(network(torch.flip(windows, f) if f else windows), f) if f else network(windows)
+                for f in flips
+            ) / len(flips)
 
         with torch.inference_mode():
-            reference = sliding_window_inference(torch.from_numpy(array)[None], [16, 16, 16], batch, averaged, overlap=0.5,
-                                                 mode="gaussian", padding_mode="constant", cval=float(array.min()))[0]
+            reference = sliding_window_inference(
+                torch.from_numpy(array)[None],
+                [16, 16, 16],
+                batch,
+                averaged,
+                overlap=0.5,
+                mode="gaussian",
+                padding_mode="constant",
+                cval=float(array.min()),
+            )[0]
         np.testing.assert_array_equal(labels, class_indices(reference).numpy(), err_msg=f"tta={tta} batch={batch}")
 
 
@@ -95,5 +123,13 @@ def test_each_windows_scores_are_freed_before_the_next_call():
 
 def test_a_network_with_other_output_is_refused_with_the_shapes():
     with pytest.raises(ValueError, match=r"scores of shape \(1, 2, 16, 16, 16\).*3 classes"):
-        blended_scores(lambda w: torch.zeros((w.shape[0], 2, *w.shape[2:])), torch.zeros((1, 20, 20, 20)), (16, 16, 16), 3, 0.5, 1,
-                       torch.device("cpu"), 0.0)
+        blended_scores(
+            lambda w: torch.zeros((w.shape[0], 2, *w.shape[2:])),
+            torch.zeros((1, 20, 20, 20)),
+            (16, 16, 16),
+            3,
+            0.5,
+            1,
+            torch.device("cpu"),
+            0.0,
+        )

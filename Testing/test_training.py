@@ -29,7 +29,9 @@ SMALL = ["--spacing", "6", "6", "6", "--patch-size", "32", "32", "16", "--filter
 @pytest.fixture
 def chest_scenes(tmp_path, ct_chest, chest_segmentation):
     mrb = write_mrb(tmp_path / "a.mrb", "a", [ScenePair("ct", ct_chest, chest_segmentation, "seg")])
-    mrml = write_mrml_scene(tmp_path / "b", "scene", [ScenePair("ct", ct_chest, chest_segmentation, "seg")], legacy_refs=True)
+    mrml = write_mrml_scene(
+        tmp_path / "b", "scene", [ScenePair("ct", ct_chest, chest_segmentation, "seg")], legacy_refs=True
+    )
     return mrb, mrml
 
 
@@ -41,13 +43,22 @@ def test_train_from_scenes_then_segment(tmp_path, chest_scenes, ct_chest):
     """The issue's 'done when': train a.mrb b/scene.mrml --max-steps 20, then segment with the bundle."""
     mrb, mrml = chest_scenes
     out = tmp_path / "model"
-    result = run_cli("train", str(mrb), str(mrml), "-o", str(out), "--max-steps", "20", "--validate-every", "10", *SMALL)
+    result = run_cli(
+        "train", str(mrb), str(mrml), "-o", str(out), "--max-steps", "20", "--validate-every", "10", *SMALL
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = records(result.stdout)
     assert lines[-1]["stage"] == "done" and lines[-1]["bundle"] == str(out / "model.safetensors")
     assert [r["done"] for r in lines if r["stage"] == "train"][-1] == 20
     assert any(r["stage"] == "validate" and "dice" in r for r in lines)
-    for name in ("model.safetensors", "last.safetensors", "log.csv", "learning_curve.png", "plan.json", "checkpoint.safetensors"):
+    for name in (
+        "model.safetensors",
+        "last.safetensors",
+        "log.csv",
+        "learning_curve.png",
+        "plan.json",
+        "checkpoint.safetensors",
+    ):
         assert (out / name).exists(), name
     meta = read_bundle_metadata(out / "model.safetensors")
     names = [s["name"] for s in slicerio.read_segmentation(str(REPO_SEG()), skip_voxels=True)["segments"]]
@@ -84,15 +95,40 @@ def synthetic_scene(folder: Path, seed: int) -> Path:
     label_image = sitk.GetImageFromArray(label)
     label_image.CopyInformation(image)
     write_segmentation(folder / "seg.seg.nrrd", label_image, default_labels(["lesion", "organ"]))
-    return write_mrb(folder / f"case{seed}.mrb", f"case{seed}", [ScenePair("image", folder / "image.nrrd", folder / "seg.seg.nrrd", "seg")])
+    return write_mrb(
+        folder / f"case{seed}.mrb",
+        f"case{seed}",
+        [ScenePair("image", folder / "image.nrrd", folder / "seg.seg.nrrd", "seg")],
+    )
 
 
 def test_learning_is_proven_on_a_synthetic_case(tmp_path):
     scene = synthetic_scene(tmp_path / "data", seed=1)
     out = tmp_path / "model"
     result = run_cli(
-        "train", str(scene), "-o", str(out), "--max-steps", "120", "--validate-every", "60", "--spacing", "2", "2", "2",
-        "--patch-size", "32", "32", "32", "--filters", "8", "--lr", "3e-3", "--progress", "json", timeout=900,
+        "train",
+        str(scene),
+        "-o",
+        str(out),
+        "--max-steps",
+        "120",
+        "--validate-every",
+        "60",
+        "--spacing",
+        "2",
+        "2",
+        "2",
+        "--patch-size",
+        "32",
+        "32",
+        "32",
+        "--filters",
+        "8",
+        "--lr",
+        "3e-3",
+        "--progress",
+        "json",
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = records(result.stdout)
@@ -115,7 +151,9 @@ def test_fine_tune_keeps_labels_and_adds_new_ones(tmp_path, chest_scenes):
     )
     init = save_bundle(tmp_path / "start.safetensors", start.meta, start.network)
     out = tmp_path / "tuned"
-    result = run_cli("train", str(chest_scenes[0]), "-o", str(out), "--init", str(init), "--max-steps", "4", "--progress", "json")
+    result = run_cli(
+        "train", str(chest_scenes[0]), "-o", str(out), "--init", str(init), "--max-steps", "4", "--progress", "json"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     tuned = load_bundle(out / "model.safetensors")
     names = [l.name for l in tuned.meta.labels]
@@ -145,15 +183,45 @@ def test_killed_training_resumes_and_finishes(tmp_path):
     the checkpoint is whole every time, and --resume continues from it and finishes."""
     scene = synthetic_scene(tmp_path / "data", seed=2)
     out = tmp_path / "model"
-    arguments = [sys.executable, "-m", "training", "train", str(scene), "-o", str(out), "--max-steps", "40", "--validate-every", "5",
-                 "--spacing", "4", "4", "4", "--patch-size", "16", "16", "16", "--filters", "4", "--progress", "json"]
+    arguments = [
+        sys.executable,
+        "-m",
+        "training",
+        "train",
+        str(scene),
+        "-o",
+        str(out),
+        "--max-steps",
+        "40",
+        "--validate-every",
+        "5",
+        "--spacing",
+        "4",
+        "4",
+        "4",
+        "--patch-size",
+        "16",
+        "16",
+        "16",
+        "--filters",
+        "4",
+        "--progress",
+        "json",
+    ]
     environment = dict(os.environ, PYTHONPATH=f"{MODULE_DIR}{os.pathsep}{REPO}")
     checkpoint = out / "checkpoint.safetensors"
     seed = random.SystemRandom().randrange(2**32)
     moments = random.Random(seed)
     seen_steps = [0]
     for _ in range(3):
-        process = subprocess.Popen(arguments + (["--resume"] if seen_steps[-1] else []), stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", env=environment)
+        process = subprocess.Popen(
+            arguments + (["--resume"] if seen_steps[-1] else []),
+            stdout=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            env=environment,
+        )
         for line in process.stdout:
             record = json.loads(line)
             # A train record is reported after its step's validation and checkpoint: one is newer now.
@@ -166,7 +234,15 @@ def test_killed_training_resumes_and_finishes(tmp_path):
         assert process.returncode == -signal.SIGKILL, f"killed before it finished (seed {seed})"
         seen_steps.append(checkpoint_step(checkpoint))  # whatever moment it died, the checkpoint is whole
     assert seen_steps == sorted(set(seen_steps)) and seen_steps[1] >= 5, (seen_steps, seed)
-    result = subprocess.run(arguments + ["--resume"], capture_output=True, text=True, encoding="utf-8", errors="replace", env=environment, timeout=600)
+    result = subprocess.run(
+        arguments + ["--resume"],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        env=environment,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = records(result.stdout)
     assert any(r.get("note") and f"resumed at step {seen_steps[-1]}" in r["message"] for r in lines), seed
@@ -207,8 +283,10 @@ def test_crop_workers_give_the_same_batches_run_after_run():
         assert batch["label"].shape == (2, 1, 16, 24, 24) and set(batch["label"].unique().tolist()) <= {0, 1, 2}
 
     def same(first, second):
-        return all(torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"]) and a["case"] == b["case"]
-                   for a, b in zip(first, second))
+        return all(
+            torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"]) and a["case"] == b["case"]
+            for a, b in zip(first, second)
+        )
 
     assert same(in_process, one_worker)
     # As macOS and Windows start workers: the dataset travels pickled, the worker imports afresh.

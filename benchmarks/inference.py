@@ -64,7 +64,9 @@ class TimedNetwork:
             self.seconds += time.perf_counter() - start
 
 
-def run_ours(image: Path, bundle: Path, output: Path, device: str = "cpu", precision: str = "auto", ready: bool = False) -> dict:
+def run_ours(
+    image: Path, bundle: Path, output: Path, device: str = "cpu", precision: str = "auto", ready: bool = False
+) -> dict:
     """`medsegunet segment` through its real command line; stages timed from its own progress reports.
 
     ``ready``: as the standby engine runs its job (standby.py): the bundle loaded and one window run
@@ -119,7 +121,12 @@ def run_ours(image: Path, bundle: Path, output: Path, device: str = "cpu", preci
             previous_stage, previous_time = stage, stamp
     stages.pop("done", None)
     network_s = sum(network.seconds for network in timed)
-    return {"total": end - start, "stages": stages, "windows": windows.get("count", 0), "network_in_pipeline": network_s}
+    return {
+        "total": end - start,
+        "stages": stages,
+        "windows": windows.get("count", 0),
+        "network_in_pipeline": network_s,
+    }
 
 
 def run_baseline(image: Path, bundle_path: Path, output: Path, device: str = "cpu") -> dict:
@@ -174,14 +181,23 @@ def run_baseline(image: Path, bundle_path: Path, output: Path, device: str = "cp
     # the network's logits blended, as `segment` blends them, in fp16 on CUDA as `segment` runs it (equal settings)
     with torch.inference_mode(), _autocast(device, torch.float16):
         blended = sliding_window_inference(
-            zyx, list(prep.patch_size[::-1]), BASELINE_WINDOWS_PER_BATCH, network, overlap=settings.overlap, mode="gaussian"
+            zyx,
+            list(prep.patch_size[::-1]),
+            BASELINE_WINDOWS_PER_BATCH,
+            network,
+            overlap=settings.overlap,
+            mode="gaussian",
         )
     data["pred"] = blended[0].permute(0, 3, 2, 1).float().cpu()
     t3 = time.perf_counter()
-    post = Compose([AsDiscreted("pred", argmax=True), Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True)])
+    post = Compose(
+        [AsDiscreted("pred", argmax=True), Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True)]
+    )
     restored = post(data)["pred"]
     t4 = time.perf_counter()
-    writer = SaveImage(output_dir=str(output.parent), output_postfix="", separate_folder=False, output_dtype=np.uint8, resample=False)
+    writer = SaveImage(
+        output_dir=str(output.parent), output_postfix="", separate_folder=False, output_dtype=np.uint8, resample=False
+    )
     writer(restored, meta_data=restored.meta, filename=str(output)[: -len(".nii.gz")])
     end = time.perf_counter()
     stages = {"read": t1 - start, "preprocess": t2 - t1, "predict": t3 - t2, "restore": t4 - t3, "write": end - t4}
@@ -189,7 +205,9 @@ def run_baseline(image: Path, bundle_path: Path, output: Path, device: str = "cp
     return {"total": end - start, "stages": stages, "windows": windows, "network_in_pipeline": network.seconds}
 
 
-def network_floor(image: Path, bundle_path: Path, windows: int, engine: bool, device: str = "cpu", precision: str = "auto") -> float:
+def network_floor(
+    image: Path, bundle_path: Path, windows: int, engine: bool, device: str = "cpu", precision: str = "auto"
+) -> float:
     """Network forward passes only, for ``windows`` windows of the scan itself in batches as the
     pipelines run them (random windows ran about 8% slower than real ones here).
 
@@ -206,8 +224,12 @@ def network_floor(image: Path, bundle_path: Path, windows: int, engine: bool, de
 
     bundle = load_bundle(bundle_path)
     batch_size = windows_per_batch(torch.device(device)) if engine else BASELINE_WINDOWS_PER_BATCH
-    dtype = network_precision(precision, torch.device(device)) if engine else (torch.float16 if device == "cuda" else None)
-    network = prepare_network(bundle.network, torch.device(device), dtype) if engine else bundle.network.eval().to(device)
+    dtype = (
+        network_precision(precision, torch.device(device)) if engine else (torch.float16 if device == "cuda" else None)
+    )
+    network = (
+        prepare_network(bundle.network, torch.device(device), dtype) if engine else bundle.network.eval().to(device)
+    )
     volume = torch.from_numpy(prepare_channels([read_image(image).image], bundle.meta.preprocessing).array)
     patch = list(bundle.meta.preprocessing.patch_size[::-1])
     if engine:  # segment shrinks the window where the volume is thinner; MONAI pads the volume instead
@@ -267,16 +289,37 @@ def worker(args) -> None:
         result = run_ours(image, bundle, output, args.device, args.precision, ready=args.worker == "ready")
     result["peak_rss_mb"] = own_peak_rss_mb()  # before the floor's own allocations
     if not args.no_floor:
-        result["network_floor"] = network_floor(image, bundle, result["windows"], args.worker != "baseline", args.device, args.precision)
+        result["network_floor"] = network_floor(
+            image, bundle, result["windows"], args.worker != "baseline", args.device, args.precision
+        )
     print(json.dumps(result))
 
 
 # --- the harness --------------------------------------------------------------------------------
 
 
-def spawn(kind: str, image: Path, bundle: Path, output: Path, device: str, floor: bool = True, engine_malloc: str = "ours",
-          precision: str = "auto") -> dict:
-    command = [sys.executable, __file__, "--worker", kind, "--image", str(image), "--bundle", str(bundle), "--output", str(output)]
+def spawn(
+    kind: str,
+    image: Path,
+    bundle: Path,
+    output: Path,
+    device: str,
+    floor: bool = True,
+    engine_malloc: str = "ours",
+    precision: str = "auto",
+) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--image",
+        str(image),
+        "--bundle",
+        str(bundle),
+        "--output",
+        str(output),
+    ]
     command += ["--device", device, "--precision", precision]
     command += [] if floor else ["--no-floor"]
     environment = child_environment("ours" if kind == "ready" else kind, engine_malloc)
@@ -286,17 +329,34 @@ def spawn(kind: str, image: Path, bundle: Path, output: Path, device: str, floor
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def ready_engine_seconds(image: Path, bundle: Path, output: Path, engine_malloc: str = "ours", precision: str = "auto") -> Dict[str, float]:
+def ready_engine_seconds(
+    image: Path, bundle: Path, output: Path, engine_malloc: str = "ours", precision: str = "auto"
+) -> Dict[str, float]:
     """The real standby engine (``python -m MedSegUNetLib standby``, as the panel starts it ahead): the
     time from its start to its "ready" record (spent before the click), and from the job written to its
     stdin to its exit (what the click waits for)."""
     environment = child_environment("ours", engine_malloc)
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "MedSegUNet"), environment.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "MedSegUNetLib", "standby", "-m", str(bundle), "--device", "cpu", "--precision", precision, "--progress", "json"]
+    command = [
+        sys.executable,
+        "-m",
+        "MedSegUNetLib",
+        "standby",
+        "-m",
+        str(bundle),
+        "--device",
+        "cpu",
+        "--precision",
+        precision,
+        "--progress",
+        "json",
+    ]
     job = [str(image), "-m", str(bundle), "-o", str(output), "--device", "cpu", "--precision", precision]
     with tempfile.TemporaryFile() as errors:
         start = time.perf_counter()
-        engine = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, env=environment)
+        engine = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, env=environment
+        )
         is_ready = False
         for line in engine.stdout:
             record = parse_record(line.decode("utf-8", "replace"))
@@ -316,16 +376,48 @@ def ready_engine_seconds(image: Path, bundle: Path, output: Path, engine_malloc:
     return {"start": ready - start, "job": end - ready}
 
 
-def whole_process_seconds(kind: str, image: Path, bundle: Path, output: Path, engine_malloc: str = "ours", precision: str = "auto") -> float:
+def whole_process_seconds(
+    kind: str, image: Path, bundle: Path, output: Path, engine_malloc: str = "ours", precision: str = "auto"
+) -> float:
     """Wall time of one whole process, interpreter start and imports included: what each click on
     Segment in Slicer waits for (the panel starts the engine afresh). Ours is the real command line
     (``python -m MedSegUNetLib segment``); the baseline is its worker script, imports and all."""
     environment = child_environment(kind, engine_malloc)
     if kind == "ours":
-        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "MedSegUNet"), environment.get("PYTHONPATH")]))
-        command = [sys.executable, "-m", "MedSegUNetLib", "segment", str(image), "-m", str(bundle), "-o", str(output), "--device", "cpu", "--precision", precision, "--progress", "none"]
+        environment["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(REPO / "MedSegUNet"), environment.get("PYTHONPATH")])
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "MedSegUNetLib",
+            "segment",
+            str(image),
+            "-m",
+            str(bundle),
+            "-o",
+            str(output),
+            "--device",
+            "cpu",
+            "--precision",
+            precision,
+            "--progress",
+            "none",
+        ]
     else:
-        command = [sys.executable, __file__, "--worker", kind, "--image", str(image), "--bundle", str(bundle), "--output", str(output), "--no-floor"]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            kind,
+            "--image",
+            str(image),
+            "--bundle",
+            str(bundle),
+            "--output",
+            str(output),
+            "--no-floor",
+        ]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=False, env=environment)
     seconds = time.perf_counter() - start
@@ -340,8 +432,16 @@ def output_name(kind: str, panel: bool) -> str:
     return "ct.seg.nrrd" if panel and kind != "baseline" else "ct.nii.gz"
 
 
-def whole_process_report(kinds: List[str], image: Path, bundle: Path, work: Path, repeats: int, engine_malloc: str, precision: str,
-                         panel: bool = False) -> dict:
+def whole_process_report(
+    kinds: List[str],
+    image: Path,
+    bundle: Path,
+    work: Path,
+    repeats: int,
+    engine_malloc: str,
+    precision: str,
+    panel: bool = False,
+) -> dict:
     """Each kind as a whole process; "ready" as the standby engine: the job's time, its start apart."""
     seconds: Dict[str, List[float]] = {kind: [] for kind in kinds}
     ready_start: List[float] = []
@@ -387,25 +487,41 @@ def harness(args) -> dict:
         for kind in rotated(kinds, repeat):
             output = work / f"{kind}{repeat}" / output_name(kind, args.panel)
             output.parent.mkdir()
-            runs[kind].append(spawn(kind, image, bundle, output, args.device, engine_malloc=args.engine_malloc, precision=args.precision))
+            runs[kind].append(
+                spawn(
+                    kind, image, bundle, output, args.device, engine_malloc=args.engine_malloc, precision=args.precision
+                )
+            )
             last = runs[kind][-1]
-            print(f"run {repeat + 1}/{args.repeats} {kind:>8}: {last['total']:.1f} s, {last['peak_rss_mb']:.0f} MB", file=sys.stderr)
+            print(
+                f"run {repeat + 1}/{args.repeats} {kind:>8}: {last['total']:.1f} s, {last['peak_rss_mb']:.0f} MB",
+                file=sys.stderr,
+            )
     agreement = {}
     if "ready" in runs:  # the same engine code on a warm engine: the same labels, voxel for voxel
         ours_output = output_name("ours", args.panel)
-        agreement["ready_equals_ours"] = volumes.same_voxels(work / "ours0" / ours_output, work / "ready0" / ours_output)
+        agreement["ready_equals_ours"] = volumes.same_voxels(
+            work / "ours0" / ours_output, work / "ready0" / ours_output
+        )
     if "baseline" in runs:
-        agreement["benchmark_volume"] = volumes.dice_between(work / "ours0" / output_name("ours", args.panel), work / "baseline0" / "ct.nii.gz")
+        agreement["benchmark_volume"] = volumes.dice_between(
+            work / "ours0" / output_name("ours", args.panel), work / "baseline0" / "ct.nii.gz"
+        )
         agreement["model_grid"] = agreement_on_model_grid(work, volume, bundle, args.device, args.precision)
     report = summarize(runs, agreement, volume, bundle, args.device)
     report["engine_malloc"] = args.engine_malloc
     report["precision_ours"] = args.precision
-    report["files"] = ("panel: uncompressed .nrrd in; ours .seg.nrrd out, baseline .nii.gz out" if args.panel
-                       else "nii.gz in, nii.gz out")
+    report["files"] = (
+        "panel: uncompressed .nrrd in; ours .seg.nrrd out, baseline .nii.gz out"
+        if args.panel
+        else "nii.gz in, nii.gz out"
+    )
     if args.whole_process:
         if args.device != "cpu":
             raise SystemExit("--whole-process runs on the CPU only")
-        report["whole_process"] = whole_process_report(kinds, image, bundle, work, args.whole_process, args.engine_malloc, args.precision, args.panel)
+        report["whole_process"] = whole_process_report(
+            kinds, image, bundle, work, args.whole_process, args.engine_malloc, args.precision, args.panel
+        )
     print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -415,7 +531,9 @@ def harness(args) -> dict:
     return report
 
 
-def agreement_on_model_grid(work: Path, volume: volumes.VolumeSize, bundle: Path, device: str, precision: str = "auto") -> float:
+def agreement_on_model_grid(
+    work: Path, volume: volumes.VolumeSize, bundle: Path, device: str, precision: str = "auto"
+) -> float:
     """Dice between the two pipelines on the same scan already at the model's spacing and orientation.
 
     On the benchmark volume both resample, each with its own grid convention (MONAI keeps the first
@@ -442,7 +560,9 @@ def summarize(runs, agreement, volume, bundle, device: str = "cpu") -> dict:
         return {
             "total_s": total,
             "totals_s": totals,
-            "stages_s": {name: statistics.median(run["stages"].get(name, 0.0) for run in runs[kind]) for name in STAGES},
+            "stages_s": {
+                name: statistics.median(run["stages"].get(name, 0.0) for run in runs[kind]) for name in STAGES
+            },
             "peak_rss_mb": statistics.median(run["peak_rss_mb"] for run in runs[kind]),
             "windows": runs[kind][0]["windows"],
             "network_floor_s": floor,
@@ -450,7 +570,9 @@ def summarize(runs, agreement, volume, bundle, device: str = "cpu") -> dict:
             "overhead_share": max(total - floor, 0.0) / total,
             # the same share against the network's time inside each run itself (median of the runs' shares)
             "network_in_pipeline_s": statistics.median(run["network_in_pipeline"] for run in runs[kind]),
-            "overhead_share_in_run": statistics.median(1 - run["network_in_pipeline"] / run["total"] for run in runs[kind]),
+            "overhead_share_in_run": statistics.median(
+                1 - run["network_in_pipeline"] / run["total"] for run in runs[kind]
+            ),
         }
 
     report = {
@@ -479,8 +601,18 @@ def machine(device: str = "cpu") -> dict:
 
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    facts = {"cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(), "device": device}
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
+    facts = {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
     if device == "cuda":
         facts["gpu"] = torch.cuda.get_device_name()
     return facts
@@ -496,25 +628,40 @@ def _lines(path: str) -> List[str]:
 
 def print_table(report: dict) -> None:
     volume, sides = report["volume"], [k for k in ("ours", "ready", "baseline") if k in report]
-    print(f"volume {'x'.join(map(str, volume['size']))} at {volume['spacing']} mm, model {report['model']}, "
-          f"{report['machine']['cpus']} CPUs ({report['machine']['cpu']}), {report['machine'].get('gpu', 'no GPU')} used: "
-          f"{report['machine']['device']}, medians of {report['repeats']} runs, segment --precision {report.get('precision_ours', 'auto')}, "
-          f"files: {report.get('files', 'nii.gz in, nii.gz out')}")
+    print(
+        f"volume {'x'.join(map(str, volume['size']))} at {volume['spacing']} mm, model {report['model']}, "
+        f"{report['machine']['cpus']} CPUs ({report['machine']['cpu']}), {report['machine'].get('gpu', 'no GPU')} used: "
+        f"{report['machine']['device']}, medians of {report['repeats']} runs, segment --precision {report.get('precision_ours', 'auto')}, "
+        f"files: {report.get('files', 'nii.gz in, nii.gz out')}"
+    )
     print(f"{'':22}" + "".join(f"{k:>12}" for k in sides))
     for stage in STAGES:
         print(f"  {stage:<20}" + "".join(f"{report[k]['stages_s'][stage]:>12.2f}" for k in sides))
-    rows = [("total (s)", "total_s", "{:>12.2f}"), ("peak RSS (MB)", "peak_rss_mb", "{:>12.0f}"), ("windows", "windows", "{:>12d}"),
-            ("network floor (s)", "network_floor_s", "{:>12.2f}"), ("floor / total", "floor_share", "{:>12.1%}"), ("overhead share", "overhead_share", "{:>12.1%}"),
-            ("network in the run (s)", "network_in_pipeline_s", "{:>12.2f}"), ("overhead in the run", "overhead_share_in_run", "{:>12.1%}")]
+    rows = [
+        ("total (s)", "total_s", "{:>12.2f}"),
+        ("peak RSS (MB)", "peak_rss_mb", "{:>12.0f}"),
+        ("windows", "windows", "{:>12d}"),
+        ("network floor (s)", "network_floor_s", "{:>12.2f}"),
+        ("floor / total", "floor_share", "{:>12.1%}"),
+        ("overhead share", "overhead_share", "{:>12.1%}"),
+        ("network in the run (s)", "network_in_pipeline_s", "{:>12.2f}"),
+        ("overhead in the run", "overhead_share_in_run", "{:>12.1%}"),
+    ]
     for title, key, form in rows:
         print(f"{title:<22}" + "".join(form.format(report[k][key]) for k in sides))
     if "baseline" in report:
         print(f"speedup vs baseline   {report['speedup_vs_monai_baseline']:>12.2f} x")
         print(f"peak RSS ratio        {report['peak_rss_ratio_vs_monai_baseline']:>12.2f}")
-        print(f"Dice ours vs baseline {report['dice_ours_vs_baseline']:>12.4f}  (each resampling with its own grid convention)")
-        print(f"  on the model's grid {report['dice_ours_vs_baseline_on_model_grid']:>12.4f}  (no resampling: the pipelines' own differences)")
+        print(
+            f"Dice ours vs baseline {report['dice_ours_vs_baseline']:>12.4f}  (each resampling with its own grid convention)"
+        )
+        print(
+            f"  on the model's grid {report['dice_ours_vs_baseline_on_model_grid']:>12.4f}  (no resampling: the pipelines' own differences)"
+        )
     if "ready" in report:
-        print(f"ready: labels equal ours: {report['ready_labels_equal_ours']}  (ready = segment on the engine started ahead: model loaded, first window run)")
+        print(
+            f"ready: labels equal ours: {report['ready_labels_equal_ours']}  (ready = segment on the engine started ahead: model loaded, first window run)"
+        )
         if "baseline" in report:
             print(f"speedup ready vs baseline {report['speedup_ready_vs_monai_baseline']:>8.2f} x")
     whole = report.get("whole_process")
@@ -524,7 +671,9 @@ def print_table(report: dict) -> None:
         if "speedup_vs_monai_baseline" in whole:
             print(f"  speedup             {whole['speedup_vs_monai_baseline']:>12.2f} x")
         if "ready_s" in whole:
-            print(f"  ready: the job on a started standby engine; its start, before the click: {whole['ready_start_s']:.2f} s")
+            print(
+                f"  ready: the job on a started standby engine; its start, before the click: {whole['ready_start_s']:.2f} s"
+            )
 
 
 def plot(report: dict, path: Path) -> None:
@@ -543,7 +692,13 @@ def plot(report: dict, path: Path) -> None:
             seconds = report[kind]["stages_s"][stage]
             axis.barh(row, seconds, left=left, color=colors[stage], label=stage if row == 0 else None)
             left += seconds
-        axis.plot([report[kind]["network_floor_s"]] * 2, [row - 0.4, row + 0.4], color="black", linewidth=2, label="network floor" if row == 0 else None)
+        axis.plot(
+            [report[kind]["network_floor_s"]] * 2,
+            [row - 0.4, row + 0.4],
+            color="black",
+            linewidth=2,
+            label="network floor" if row == 0 else None,
+        )
         axis.text(left, row, f" {left:.1f} s, {report[kind]['peak_rss_mb'] / 1024:.2f} GB", va="center")
     names = {"baseline": "MONAI baseline", "ours": "medsegunet segment", "ready": "segment, engine ready"}
     axis.set_yticks(range(len(kinds)), [names[kind] for kind in kinds])
@@ -551,9 +706,16 @@ def plot(report: dict, path: Path) -> None:
     axis.set_xlim(0, max(report[k]["total_s"] for k in kinds) * 1.35)
     volume = report["volume"]
     where = report["machine"].get("gpu") or f"{report['machine']['cpus']} CPU cores"
-    files = " (the Slicer panel's files: .nrrd in, .seg.nrrd out)\n" if report.get("files", "").startswith("panel") else ", "
-    axis.set_title(f"{'x'.join(map(str, volume['size']))} CT{files}{where}: "
-                   f"{report['speedup_vs_monai_baseline']:.2f}x faster, {report['peak_rss_ratio_vs_monai_baseline']:.2f}x memory", fontsize=10)
+    files = (
+        " (the Slicer panel's files: .nrrd in, .seg.nrrd out)\n"
+        if report.get("files", "").startswith("panel")
+        else ", "
+    )
+    axis.set_title(
+        f"{'x'.join(map(str, volume['size']))} CT{files}{where}: "
+        f"{report['speedup_vs_monai_baseline']:.2f}x faster, {report['peak_rss_ratio_vs_monai_baseline']:.2f}x memory",
+        fontsize=10,
+    )
     axis.legend(ncol=6, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
     figure.tight_layout()
     figure.savefig(path)
@@ -563,19 +725,39 @@ def plot(report: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the 'quick' size: a few minutes on 2 cores")
-    parser.add_argument("--size", choices=sorted(volumes.SIZES), default="full", help="volume size (default: full, 512x512x300)")
+    parser.add_argument(
+        "--size", choices=sorted(volumes.SIZES), default="full", help="volume size (default: full, 512x512x300)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["ours"], help="run only `segment` (e.g. the 512x512x800 memory check)")
     parser.add_argument("--model", help="bundle to use (default: the shipped model)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both pipelines predict (default: cpu)")
-    parser.add_argument("--engine-malloc", choices=ENGINE_MALLOC_CHOICES, default="ours",
-                        help="which pipelines run with the engine's malloc settings on Linux (huge pages, fixed mmap and trim thresholds: childprocess.MALLOC_TUNABLES; default: ours, as the engine is started)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="segment's --precision (default auto: float32 on the CPU, fp16 on CUDA, as the baseline)")
-    parser.add_argument("--whole-process", type=int, default=0, metavar="N",
-                        help="also time N whole processes of each, interpreter start and imports included (CPU)")
-    parser.add_argument("--panel", action="store_true",
-                        help="the Slicer panel's files: the volume as uncompressed .nrrd, ours' result as .seg.nrrd (the baseline writes .nii.gz)")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where both pipelines predict (default: cpu)"
+    )
+    parser.add_argument(
+        "--engine-malloc",
+        choices=ENGINE_MALLOC_CHOICES,
+        default="ours",
+        help="which pipelines run with the engine's malloc settings on Linux (huge pages, fixed mmap and trim thresholds: childprocess.MALLOC_TUNABLES; default: ours, as the engine is started)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="segment's --precision (default auto: float32 on the CPU, fp16 on CUDA, as the baseline)",
+    )
+    parser.add_argument(
+        "--whole-process",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time N whole processes of each, interpreter start and imports included (CPU)",
+    )
+    parser.add_argument(
+        "--panel",
+        action="store_true",
+        help="the Slicer panel's files: the volume as uncompressed .nrrd, ours' result as .seg.nrrd (the baseline writes .nii.gz)",
+    )
     parser.add_argument("--json", help="write the report as JSON here")
     parser.add_argument("--plot", help="write the time-per-stage plot (PNG) here")
     parser.add_argument("--worker", choices=["ours", "ready", "baseline"], help=argparse.SUPPRESS)

@@ -59,7 +59,17 @@ def prepared_sample(size: TrainSize, output: Path, device: str = "cpu"):
     wanted = [f"label_{value}" for value, name in names.items() if name in STRUCTURES]
     case = read_pair(f"{reference / 'example_ct.nii.gz'}:{reference / 'example_seg_fast_force_split.nii.gz'}")
     table = build_label_table([case], only=wanted)
-    config = TrainConfig(output=str(output), max_steps=size.steps, patch_size=size.patch, filters=size.filters, batch_size=2, lr=0.002, seed=0, device=device, validate_every=10**9)
+    config = TrainConfig(
+        output=str(output),
+        max_steps=size.steps,
+        patch_size=size.patch,
+        filters=size.filters,
+        batch_size=2,
+        lr=0.002,
+        seed=0,
+        device=device,
+        validate_every=10**9,
+    )
     loaded = load_all([case])
     the_plan = plan(config, fingerprint(loaded), 1)
     prepared = prepare(case, *loaded[case.name], table, the_plan.preprocessing)
@@ -87,7 +97,11 @@ def rate(stamps: List[float], waits: List[float]) -> dict:
     intervals = [b - a for a, b in zip(stamps[:-1], stamps[1:])][:-1]  # step i+1 ends at stamps[i+1]
     waited = waits[1 : 1 + len(intervals)]  # interval j is step j+2, fed by batch j+1
     seconds = sum(intervals)
-    return {"steps_per_s": len(intervals) / seconds, "data_wait_share": sum(waited) / seconds, "timed_steps": len(intervals)}
+    return {
+        "steps_per_s": len(intervals) / seconds,
+        "data_wait_share": sum(waited) / seconds,
+        "timed_steps": len(intervals),
+    }
 
 
 def run_ours(size: TrainSize, work: Path, workers=None, device: str = "cpu") -> dict:
@@ -127,13 +141,17 @@ def run_baseline(size: TrainSize, work: Path, device: str = "cpu") -> dict:
 
     config, the_plan, labels, case = prepared_sample(size, work / "run", device)
     torch.manual_seed(0)
-    network = create_bundle(labels, the_plan.preprocessing, ["CT"], base_filters=size.filters).network.train().to(device)
+    network = (
+        create_bundle(labels, the_plan.preprocessing, ["CT"], base_filters=size.filters).network.train().to(device)
+    )
     amp = amp_dtype(torch.device(device), None)  # the mixed precision `medsegunet train` uses there (none on CPU)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     patch_zyx = the_plan.preprocessing.patch_size[::-1]
     items = [{"image": case.image, "label": case.label}] * size.steps
     transforms = train_transforms(patch_zyx, len(labels) + 1, samples=the_plan.batch_size)
-    loader = DataLoader(Dataset(items, transforms), batch_size=1, num_workers=2, shuffle=True, pin_memory=device == "cuda")
+    loader = DataLoader(
+        Dataset(items, transforms), batch_size=1, num_workers=2, shuffle=True, pin_memory=device == "cuda"
+    )
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=1e-4)
     stream = TimedStream(loader)
@@ -155,7 +173,11 @@ def worker(args) -> None:
     size = SIZES[args.size]
     with tempfile.TemporaryDirectory(prefix="medsegunet-train-bench-") as work:
         work = Path(work)
-        result = run_ours(size, work, args.workers, args.device) if args.worker == "ours" else run_baseline(size, work, args.device)
+        result = (
+            run_ours(size, work, args.workers, args.device)
+            if args.worker == "ours"
+            else run_baseline(size, work, args.device)
+        )
     result["peak_rss_mb"] = own_peak_rss_mb()
     print(json.dumps(result))
 
@@ -177,17 +199,36 @@ def harness(args) -> dict:
         for kind in ("ours", "baseline") if repeat % 2 == 0 else ("baseline", "ours"):
             runs[kind].append(spawn(kind, size_name, args.workers, args.device, args.engine_malloc))
             last = runs[kind][-1]
-            print(f"run {repeat + 1}/{args.repeats} {kind:>8}: {last['steps_per_s']:.3f} steps/s, data wait {last['data_wait_share']:.1%}", file=sys.stderr)
+            print(
+                f"run {repeat + 1}/{args.repeats} {kind:>8}: {last['steps_per_s']:.3f} steps/s, data wait {last['data_wait_share']:.1%}",
+                file=sys.stderr,
+            )
 
     def side(kind: str) -> dict:
-        return {key: statistics.median(run[key] for run in runs[kind]) for key in ("steps_per_s", "data_wait_share", "peak_rss_mb")}
+        return {
+            key: statistics.median(run[key] for run in runs[kind])
+            for key in ("steps_per_s", "data_wait_share", "peak_rss_mb")
+        }
 
     size = SIZES[size_name]
-    report = {"size": size_name, "device": args.device, "workers_ours": args.workers, "patch": size.patch, "filters": size.filters, "steps": size.steps, "repeats": args.repeats, "engine_malloc": args.engine_malloc, "ours": side("ours"), "baseline": side("baseline")}
+    report = {
+        "size": size_name,
+        "device": args.device,
+        "workers_ours": args.workers,
+        "patch": size.patch,
+        "filters": size.filters,
+        "steps": size.steps,
+        "repeats": args.repeats,
+        "engine_malloc": args.engine_malloc,
+        "ours": side("ours"),
+        "baseline": side("baseline"),
+    }
     report["speedup_vs_monai_baseline"] = report["ours"]["steps_per_s"] / report["baseline"]["steps_per_s"]
     print(f"{'':18}{'ours':>10}{'baseline':>10}")
     print(f"{'steps/s':18}{report['ours']['steps_per_s']:>10.3f}{report['baseline']['steps_per_s']:>10.3f}")
-    print(f"{'data wait share':18}{report['ours']['data_wait_share']:>10.1%}{report['baseline']['data_wait_share']:>10.1%}")
+    print(
+        f"{'data wait share':18}{report['ours']['data_wait_share']:>10.1%}{report['baseline']['data_wait_share']:>10.1%}"
+    )
     print(f"{'peak RSS (MB)':18}{report['ours']['peak_rss_mb']:>10.0f}{report['baseline']['peak_rss_mb']:>10.0f}")
     print(f"speedup vs baseline {report['speedup_vs_monai_baseline']:.2f}x")
     if args.json:
@@ -200,11 +241,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps: a few minutes on 2 cores")
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--engine-malloc", choices=ENGINE_MALLOC_CHOICES, default="ours",
-                        help="which loops run with the engine's malloc settings on Linux (childprocess.MALLOC_TUNABLES; default: ours, as the engine is started)")
+    parser.add_argument(
+        "--engine-malloc",
+        choices=ENGINE_MALLOC_CHOICES,
+        default="ours",
+        help="which loops run with the engine's malloc settings on Linux (childprocess.MALLOC_TUNABLES; default: ours, as the engine is started)",
+    )
     parser.add_argument("--json", help="write the report as JSON here")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both loops train (default: cpu)")
-    parser.add_argument("--workers", type=int, help="crop worker processes for ours (default: what `medsegunet train` picks)")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="where both loops train (default: cpu)"
+    )
+    parser.add_argument(
+        "--workers", type=int, help="crop worker processes for ours (default: what `medsegunet train` picks)"
+    )
     parser.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     worker(args) if args.worker else harness(args)

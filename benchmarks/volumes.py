@@ -79,7 +79,17 @@ def ct_like(volume: VolumeSize, source: Path, seed: int = 0, orientation: str = 
     top = scan.TransformIndexToPhysicalPoint([0, 0, scan.GetSize()[2] - 1])[2] + 0.5 * scan.GetSpacing()[2]
     centre[2] = top - 0.5 * extent_z
     origin = centre - 0.5 * (np.array(volume.size) - 1) * np.array(volume.spacing)
-    image = sitk.Resample(tall, list(volume.size), sitk.Transform(), sitk.sitkLinear, origin.tolist(), list(volume.spacing), [1, 0, 0, 0, 1, 0, 0, 0, 1], -1000.0, sitk.sitkFloat32)
+    image = sitk.Resample(
+        tall,
+        list(volume.size),
+        sitk.Transform(),
+        sitk.sitkLinear,
+        origin.tolist(),
+        list(volume.spacing),
+        [1, 0, 0, 0, 1, 0, 0, 0, 1],
+        -1000.0,
+        sitk.sitkFloat32,
+    )
     array = sitk.GetArrayViewFromImage(image)
     noisy = np.empty(array.shape, dtype=np.int16)
     rng = np.random.default_rng(seed)
@@ -90,10 +100,14 @@ def ct_like(volume: VolumeSize, source: Path, seed: int = 0, orientation: str = 
     return result if orientation == "LPS" else sitk.DICOMOrient(result, orientation)
 
 
-def write_volume(path: Path, volume: VolumeSize, source: Optional[Path] = None, orientation: str = "LPS", compressed: bool = True) -> Path:
+def write_volume(
+    path: Path, volume: VolumeSize, source: Optional[Path] = None, orientation: str = "LPS", compressed: bool = True
+) -> Path:
     import SimpleITK as sitk
 
-    sitk.WriteImage(ct_like(volume, source or source_ct(), orientation=orientation), str(path), useCompression=compressed)
+    sitk.WriteImage(
+        ct_like(volume, source or source_ct(), orientation=orientation), str(path), useCompression=compressed
+    )
     return path
 
 
@@ -119,5 +133,9 @@ def same_voxels(a: Path, b: Path) -> bool:
     import SimpleITK as sitk
 
     x, y = sitk.ReadImage(str(a)), sitk.ReadImage(str(b))
-    same_grid = x.GetSize() == y.GetSize() and np.allclose(x.GetSpacing(), y.GetSpacing()) and np.allclose(x.GetOrigin(), y.GetOrigin())
+    same_grid = (
+        x.GetSize() == y.GetSize()
+        and np.allclose(x.GetSpacing(), y.GetSpacing())
+        and np.allclose(x.GetOrigin(), y.GetOrigin())
+    )
     return bool(same_grid and np.array_equal(sitk.GetArrayViewFromImage(x), sitk.GetArrayViewFromImage(y)))

@@ -58,7 +58,7 @@ def load_checkpoint(folder: Path, network, optimizer) -> Dict[str, Any]:
             metadata = handle.metadata()
     except Exception as error:
         raise MedSegError(f"checkpoint is unreadable ({error})", path) from None
-    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     network.load_state_dict(model_state, strict=False)  # aliases of stored weights are the same storage
     missing = [k for k in network.state_dict() if k not in model_state]
     _fill_aliases(network, model_state, missing)

@@ -19,15 +19,23 @@ def add_train_parser(commands) -> None:
         description="Train a U-Net from annotated Slicer scenes and write a model bundle (OUTDIR/model.safetensors).",
     )
     parser.add_argument(
-        "inputs", nargs="+", metavar="DATA",
+        "inputs",
+        nargs="+",
+        metavar="DATA",
         help=".mrb bundles, .mrml scenes, folders of .mrb files, MSD / nnU-Net v2 folders (dataset.json), or IMAGE:LABEL pairs",
     )
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     parser.add_argument("--init", type=Path, help="fine-tune this bundle (keeps its labels, adds new ones)")
     parser.add_argument("--resume", action="store_true", help="continue from OUTDIR's last checkpoint")
-    parser.add_argument("--labels", type=lambda text: [n.strip() for n in text.split(",") if n.strip()], metavar="NAME,...",
-                        help="train only these segments (by name); the others count as background")
-    parser.add_argument("--dry-run", action="store_true", help="print the cases, their geometry and the label table, then stop")
+    parser.add_argument(
+        "--labels",
+        type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
+        metavar="NAME,...",
+        help="train only these segments (by name); the others count as background",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the cases, their geometry and the label table, then stop"
+    )
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--max-minutes", type=float)
@@ -40,16 +48,26 @@ def add_train_parser(commands) -> None:
     parser.add_argument("--schedule", choices=["poly", "cosine"], default="poly")
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--validate-every", type=int, default=50)
-    parser.add_argument("--modality", choices=["ct", "mri"], help="intensity normalization (default: the dataset's, else ct)")
+    parser.add_argument(
+        "--modality", choices=["ct", "mri"], help="intensity normalization (default: the dataset's, else ct)"
+    )
     parser.add_argument("--folds", type=int, default=0, help="k-fold cross-validation: split the cases into K folds")
     parser.add_argument("--fold", type=int, default=0, help="with --folds: the fold to validate on (0..K-1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="mixed precision (default: on for CUDA, bf16 where supported; never on CPU)")
-    parser.add_argument("--workers", type=_non_negative, metavar="N",
-                        help="processes that make the augmented crops ahead of the steps (default: all cores but one "
-                        "on a GPU, up to 8; one on a CPU with 2+ cores; 0: in the training process)")
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mixed precision (default: on for CUDA, bf16 where supported; never on CPU)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_non_negative,
+        metavar="N",
+        help="processes that make the augmented crops ahead of the steps (default: all cores but one "
+        "on a GPU, up to 8; one on a CPU with 2+ cores; 0: in the training process)",
+    )
     add_progress_argument(parser)
     parser.set_defaults(handler=run_train_command)
 
@@ -97,11 +115,26 @@ def config_from(args: argparse.Namespace):
     from .config import TrainConfig
 
     return TrainConfig(
-        output=str(args.output), epochs=args.epochs, max_steps=args.max_steps, max_minutes=args.max_minutes,
-        spacing=args.spacing, patch_size=args.patch_size, batch_size=args.batch_size, filters=args.filters, lr=args.lr,
-        optimizer=args.optimizer, schedule=args.schedule, seed=args.seed, device=args.device, val_fraction=args.val_fraction,
-        validate_every=args.validate_every, modality=args.modality or "ct", init=str(args.init) if args.init else None,
-        resume=args.resume, amp=args.amp, workers=args.workers,
+        output=str(args.output),
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        max_minutes=args.max_minutes,
+        spacing=args.spacing,
+        patch_size=args.patch_size,
+        batch_size=args.batch_size,
+        filters=args.filters,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        schedule=args.schedule,
+        seed=args.seed,
+        device=args.device,
+        val_fraction=args.val_fraction,
+        validate_every=args.validate_every,
+        modality=args.modality or "ct",
+        init=str(args.init) if args.init else None,
+        resume=args.resume,
+        amp=args.amp,
+        workers=args.workers,
     )
 
 
@@ -134,12 +167,17 @@ def train(args: argparse.Namespace, progress, world) -> dict:
         config.modality = args.modality or declared or "ct"
         try:
             table = build_label_table(cases, initial=initial.labels if initial else None, only=args.labels)
-            train_names, val_names, note = split([c.name for c in cases], config.val_fraction, config.seed, args.folds, args.fold)
+            train_names, val_names, note = split(
+                [c.name for c in cases], config.val_fraction, config.seed, args.folds, args.fold
+            )
         except ValueError as error:
             raise MedSegError(str(error)) from None
         loaded = load_all(cases)
         the_plan = plan(config, fingerprint(loaded), len(cases), fixed=initial.preprocessing if initial else None)
-        lines = [f"case {c.name}: {Grid.of(loaded[c.name][0]).describe()}, {len(c.segments)} segments ({c.source})" for c in cases]
+        lines = [
+            f"case {c.name}: {Grid.of(loaded[c.name][0]).describe()}, {len(c.segments)} segments ({c.source})"
+            for c in cases
+        ]
         lines += [f"label {l.value}: {l.name}" for l in table.labels] + [f"warning: {w}" for w in table.report()]
         lines += [f"plan: {reason}" for reason in the_plan.reasons] + [f"split: {note}"]
         if args.dry_run:
@@ -152,10 +190,24 @@ def train(args: argparse.Namespace, progress, world) -> dict:
     args.output.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         (args.output / "plan.json").write_text(json.dumps(the_plan.to_dict(), indent=2), encoding="utf-8")
-    summary = {"cases": [c.source for c in cases], "validation": val_names, "split": note, "label_warnings": table.report()}
+    summary = {
+        "cases": [c.source for c in cases],
+        "validation": val_names,
+        "split": note,
+        "label_warnings": table.report(),
+    }
     if world.distributed:
         summary["world_size"] = world.size
-    run = Run(config, the_plan, table.labels, [prepared[n] for n in train_names], [prepared[n] for n in val_names], summary, progress, world)
+    run = Run(
+        config,
+        the_plan,
+        table.labels,
+        [prepared[n] for n in train_names],
+        [prepared[n] for n in val_names],
+        summary,
+        progress,
+        world,
+    )
     if config.resume:
         run.resume()
     bundle = run.run()

@@ -54,7 +54,12 @@ class Plan:
     reasons: List[str]
 
     def to_dict(self) -> dict:
-        return {"preprocessing": asdict(self.preprocessing), "batch_size": self.batch_size, "steps": self.steps, "reasons": self.reasons}
+        return {
+            "preprocessing": asdict(self.preprocessing),
+            "batch_size": self.batch_size,
+            "steps": self.steps,
+            "reasons": self.reasons,
+        }
 
 
 def _patch_for(median_shape: Sequence[float], spacing: Sequence[float], budget_voxels: int) -> Tuple[int, int, int]:
@@ -73,12 +78,20 @@ def plan(config: TrainConfig, fingerprint: Fingerprint, cases: int, fixed: Optio
         preprocessing = fixed
         reasons.append("preprocessing: kept from the --init bundle")
     else:
-        spacing = tuple(config.spacing) if config.spacing else tuple(float(s) for s in np.median(fingerprint.spacings, axis=0))
-        reasons.append(f"spacing {'x'.join(f'{s:.3g}' for s in spacing)} mm ({'flag' if config.spacing else 'median of the cases'})")
+        spacing = (
+            tuple(config.spacing)
+            if config.spacing
+            else tuple(float(s) for s in np.median(fingerprint.spacings, axis=0))
+        )
+        reasons.append(
+            f"spacing {'x'.join(f'{s:.3g}' for s in spacing)} mm ({'flag' if config.spacing else 'median of the cases'})"
+        )
         median_shape = np.median(fingerprint.sizes_mm, axis=0) / np.array(spacing)
         budget = int(config.memory_budget_gb * 2**30 / (4 * 2 * config.filters * 20))  # activations per voxel, rough
         patch = tuple(config.patch_size) if config.patch_size else _patch_for(median_shape, spacing, budget)
-        reasons.append(f"patch {'x'.join(map(str, patch))} ({'flag' if config.patch_size else 'median image size and memory budget'})")
+        reasons.append(
+            f"patch {'x'.join(map(str, patch))} ({'flag' if config.patch_size else 'median image size and memory budget'})"
+        )
         preprocessing = Preprocessing(spacing, patch, "RAS", _normalization(config, fingerprint, reasons))
     batch = config.batch_size or 2
     reasons.append(f"batch size {batch}")

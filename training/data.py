@@ -44,7 +44,9 @@ def fingerprint(loaded: Dict[str, Tuple[sitk.Image, sitk.Image]], orientation: s
     return result
 
 
-def prepare(case: Case, image: sitk.Image, label: sitk.Image, table: LabelTable, preprocessing: Preprocessing) -> PreparedCase:
+def prepare(
+    case: Case, image: sitk.Image, label: sitk.Image, table: LabelTable, preprocessing: Preprocessing
+) -> PreparedCase:
     on_grid = to_network_grid(image, preprocessing)
     labels = resample_onto(reorient(label, preprocessing.orientation), Grid.of(on_grid), sitk.sitkNearestNeighbor)
     classes = table.lookup_table(case)[sitk.GetArrayFromImage(labels)]
@@ -72,13 +74,24 @@ def train_transforms(patch_zyx: Sequence[int], classes: int, samples: int = 2):
         [
             SpatialPadd(keys, spatial_size=list(patch_zyx)),
             RandCropByLabelClassesd(
-                keys, label_key="label", spatial_size=list(patch_zyx), num_classes=classes, ratios=[1.0] * classes, num_samples=samples, warn=False
+                keys,
+                label_key="label",
+                spatial_size=list(patch_zyx),
+                num_classes=classes,
+                ratios=[1.0] * classes,
+                num_samples=samples,
+                warn=False,
             ),
             RandFlipd(keys, prob=0.5, spatial_axis=0),
             RandFlipd(keys, prob=0.5, spatial_axis=1),
             RandFlipd(keys, prob=0.5, spatial_axis=2),
             RandAffined(
-                keys, prob=0.3, rotate_range=[0.26] * 3, scale_range=[0.15] * 3, mode=("bilinear", "nearest"), padding_mode="border"
+                keys,
+                prob=0.3,
+                rotate_range=[0.26] * 3,
+                scale_range=[0.15] * 3,
+                mode=("bilinear", "nearest"),
+                padding_mode="border",
             ),
             # Wide intensity changes: a scan with or without contrast agent shifts organs by 40-60 HU,
             # about 0.2 in normalized units; with few training cases this is what generalizes.
@@ -91,7 +104,9 @@ def train_transforms(patch_zyx: Sequence[int], classes: int, samples: int = 2):
     )
 
 
-def split(names: List[str], fraction: float, seed: int, folds: int = 0, fold: int = 0) -> Tuple[List[str], List[str], str]:
+def split(
+    names: List[str], fraction: float, seed: int, folds: int = 0, fold: int = 0
+) -> Tuple[List[str], List[str], str]:
     """(train, validation, note): a random fraction, or fold ``fold`` of ``folds`` (the same seeded order).
 
     With one case, validation is on the training case, and says so."""

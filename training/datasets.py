@@ -72,7 +72,10 @@ def _modality(description: dict, path: Path) -> Optional[str]:
     if not isinstance(channels, dict):
         raise MedSegError("'channel_names'/'modality' must be an object", path)
     if len(channels) > 1:
-        raise MedSegError(f"has {len(channels)} input channels ({', '.join(map(str, channels.values()))}); only single-channel datasets are supported", path)
+        raise MedSegError(
+            f"has {len(channels)} input channels ({', '.join(map(str, channels.values()))}); only single-channel datasets are supported",
+            path,
+        )
     name = str(next(iter(channels.values()), "")).strip().upper()
     return "ct" if name == "CT" else ("mri" if name else None)
 

@@ -25,10 +25,14 @@ def add_parser(commands) -> None:
         description="Gets the sample scans (downloaded once), segments the held-out CT with the shipped model, "
         "evaluates it against its reference and writes the .seg.nrrd, an overlay PNG and metrics (JSON, CSV).",
     )
-    parser.add_argument("--output", type=Path, default=Path("medsegunet-demo"), help="folder to write (medsegunet-demo)")
+    parser.add_argument(
+        "--output", type=Path, default=Path("medsegunet-demo"), help="folder to write (medsegunet-demo)"
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL, help="shipped model name or a bundle path (abdomen-ct)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--retrain", action="store_true", help="also fine-tune the model on the training scene and compare")
+    parser.add_argument(
+        "--retrain", action="store_true", help="also fine-tune the model on the training scene and compare"
+    )
     parser.add_argument("--retrain-minutes", type=float, default=3.0, help="time budget of --retrain (3)")
     parser.set_defaults(handler=run_demo_command, progress="bar")
 
@@ -61,8 +65,15 @@ def _existing(folder: Path, name: str, role: str):
     if not image.exists():
         image = folder / name / "image.nrrd"
     dicom = folder / name / "dicom"
-    return WrittenSample(name, role, image, folder / name / "reference.nii.gz", folder / name / "reference.seg.nrrd",
-                         folder / f"{name}.mrb", dicom if dicom.is_dir() else None)
+    return WrittenSample(
+        name,
+        role,
+        image,
+        folder / name / "reference.nii.gz",
+        folder / name / "reference.seg.nrrd",
+        folder / f"{name}.mrb",
+        dicom if dicom.is_dir() else None,
+    )
 
 
 def segment_and_evaluate(model: Path, heldout, output: Path, tag: str, device: str, progress) -> dict:
@@ -73,7 +84,13 @@ def segment_and_evaluate(model: Path, heldout, output: Path, tag: str, device: s
 
     prediction = output / f"{HELDOUT_SAMPLE}-{tag}.seg.nrrd"
     started = time.perf_counter()
-    run_segment([heldout.dicom or heldout.image], model, prediction, SegmentOptions(PredictOptions(device=device), largest_component=True), progress)
+    run_segment(
+        [heldout.dicom or heldout.image],
+        model,
+        prediction,
+        SegmentOptions(PredictOptions(device=device), largest_component=True),
+        progress,
+    )
     seconds = time.perf_counter() - started
     progress.close()
     report = evaluate_paths(prediction, heldout.segmentation)
@@ -97,7 +114,11 @@ def draw(heldout, prediction: Path, path: Path, title: str) -> Path:
     reference_labels = [s for s in read_segments(heldout.segmentation) if s.name.casefold() in wanted]
     columns = [
         ("prediction", _labelmap(prediction, image, predicted_segments), _as_labels(predicted_segments)),
-        ("reference (TotalSegmentator)", _labelmap(heldout.segmentation, image, reference_labels, like=predicted_segments), _as_labels(predicted_segments)),
+        (
+            "reference (TotalSegmentator)",
+            _labelmap(heldout.segmentation, image, reference_labels, like=predicted_segments),
+            _as_labels(predicted_segments),
+        ),
     ]
     return write_overlay_png(path, image, columns, title=title)
 
@@ -118,7 +139,9 @@ def _labelmap(path: Path, image, segments, like=None):
 
 def print_table(reports: List[dict], titles: List[str]) -> None:
     """Structure, Dice and HD95 per model; a structure absent from the held-out reference says so."""
-    rows = {title: {row["label"]: row for row in report["cases"][0]["labels"]} for title, report in zip(titles, reports)}
+    rows = {
+        title: {row["label"]: row for row in report["cases"][0]["labels"]} for title, report in zip(titles, reports)
+    }
     names = list(rows[titles[0]])
     print(f"{'structure':<14}" + "".join(f"{title + ' Dice':>16}{'HD95 mm':>10}" for title in titles))
     for name in names:
@@ -140,10 +163,15 @@ def run_demo_command(args: argparse.Namespace, progress) -> dict:
     args.output.mkdir(parents=True, exist_ok=True)
     found = samples()
     heldout = found[HELDOUT_SAMPLE]
-    reports, titles = [segment_and_evaluate(model, heldout, args.output, "shipped", args.device, make_progress("bar"))], ["shipped"]
+    reports, titles = (
+        [segment_and_evaluate(model, heldout, args.output, "shipped", args.device, make_progress("bar"))],
+        ["shipped"],
+    )
     if args.retrain:
         tuned = retrain(model, found[TRAINING_SAMPLE], args.output / "retrained", args.retrain_minutes, args.device)
-        reports.append(segment_and_evaluate(tuned, heldout, args.output, "retrained", args.device, make_progress("bar")))
+        reports.append(
+            segment_and_evaluate(tuned, heldout, args.output, "retrained", args.device, make_progress("bar"))
+        )
         titles.append("retrained")
     print()
     print_table(reports, titles)
@@ -158,14 +186,29 @@ def retrain(model: Path, training_sample, folder: Path, minutes: float, device: 
     """Fine-tune ``model`` on the training scene with a time budget (what Slicer's Retrain runs)."""
     from MedSegUNetLib.core.progress import make_progress
     from MedSegUNetLib.model.bundle import read_bundle_metadata
+
     from .cli import add_train_parser
 
     names = ",".join(label.name for label in read_bundle_metadata(model).labels)  # the model's structures only
     parser = argparse.ArgumentParser(prog="medsegunet")
     add_train_parser(parser.add_subparsers(dest="command"))
     arguments = parser.parse_args(
-        ["train", str(training_sample.scene), "-o", str(folder), "--init", str(model), "--labels", names,
-         "--max-minutes", str(minutes), "--device", device, "--validate-every", "100"]
+        [
+            "train",
+            str(training_sample.scene),
+            "-o",
+            str(folder),
+            "--init",
+            str(model),
+            "--labels",
+            names,
+            "--max-minutes",
+            str(minutes),
+            "--device",
+            device,
+            "--validate-every",
+            "100",
+        ]
     )
     result = arguments.handler(arguments, make_progress("bar"))
     return Path(result["bundle"])

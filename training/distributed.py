@@ -80,7 +80,13 @@ class World:
             return
         target = Path(folder) / "distributed"
         target.mkdir(parents=True, exist_ok=True)
-        record = {"rank": self.rank, "world_size": self.size, "batches": self.batches_seen, "cases": self.cases_seen, "data_sha1": self.digest.hexdigest()}
+        record = {
+            "rank": self.rank,
+            "world_size": self.size,
+            "batches": self.batches_seen,
+            "cases": self.cases_seen,
+            "data_sha1": self.digest.hexdigest(),
+        }
         (target / f"rank{self.rank}.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
 
     def barrier(self) -> None:

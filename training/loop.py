@@ -58,7 +58,9 @@ def validate(network, cases: List[PreparedCase], labels: List[Label], patch_zyx,
     classes = len(labels) + 1
     dice_sums, hd_values = np.zeros(len(labels)), [[] for _ in labels]
     for case in cases:
-        predicted = predict_labels(network, case.image, patch_zyx, PredictOptions(overlap=0.25, device=device), Progress())
+        predicted = predict_labels(
+            network, case.image, patch_zyx, PredictOptions(overlap=0.25, device=device), Progress()
+        )
         prediction = one_hot(torch.as_tensor(predicted[None, None]).long(), classes)
         reference = one_hot(torch.as_tensor(case.label[None]).long(), classes)
         dice = compute_dice(prediction, reference, include_background=False, ignore_empty=False)[0]
@@ -91,7 +93,9 @@ def make_optimizer(config: TrainConfig, network, steps: int):
     if config.schedule == "cosine":
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     else:
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - min(step, steps) / max(steps, 1)) ** 0.9)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: (1 - min(step, steps) / max(steps, 1)) ** 0.9
+        )
     return optimizer, schedule
 
 
@@ -99,8 +103,15 @@ class Run:
     """The state that lives through one training run; each method does one part of it."""
 
     def __init__(
-        self, config: TrainConfig, plan: Plan, labels: List[Label], train: List[PreparedCase], val: List[PreparedCase],
-        summary: dict, progress: Progress, world: Optional[World] = None,
+        self,
+        config: TrainConfig,
+        plan: Plan,
+        labels: List[Label],
+        train: List[PreparedCase],
+        val: List[PreparedCase],
+        summary: dict,
+        progress: Progress,
+        world: Optional[World] = None,
     ):
         from monai.utils import set_determinism
 
@@ -131,7 +142,13 @@ class Run:
             self.meta_network = build_network(spec)
             grow_output(self.meta_network, old.network, len(old.meta.labels) + 1)
         else:
-            bundle = create_bundle(self.labels, self.plan.preprocessing, ["CT" if self.config.modality == "ct" else "MR"], seed=self.config.seed, base_filters=self.config.filters)
+            bundle = create_bundle(
+                self.labels,
+                self.plan.preprocessing,
+                ["CT" if self.config.modality == "ct" else "MR"],
+                seed=self.config.seed,
+                base_filters=self.config.filters,
+            )
             self.meta_network = bundle.network
         return bundle.meta
 
@@ -151,7 +168,15 @@ class Run:
 
     def write_bundle(self, name: str, metrics: Dict[str, float]) -> Path:
         self.meta.name = self.folder.resolve().name
-        self.meta.provenance = default_provenance(training={**self.summary, "steps": self.state.step, "seconds": round(self.state.seconds, 1), "device": self.device.type}, metrics=metrics)
+        self.meta.provenance = default_provenance(
+            training={
+                **self.summary,
+                "steps": self.state.step,
+                "seconds": round(self.state.seconds, 1),
+                "device": self.device.type,
+            },
+            metrics=metrics,
+        )
         return save_bundle(self.folder / name, self.meta, self.network)
 
     def run(self) -> Path:
@@ -180,7 +205,11 @@ class Run:
                 self.schedule.step()
                 self.state.step += 1
                 self.state.seconds = time.monotonic() - started
-                row = {"step": self.state.step, "loss": round(loss.item(), 5), "lr": self.optimizer.param_groups[0]["lr"]}
+                row = {
+                    "step": self.state.step,
+                    "loss": round(loss.item(), 5),
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                }
                 if self.state.step % self.config.validate_every == 0 or self.state.step == self.plan.steps:
                     metrics = self._validate_and_keep_best(row)
                 self.log_rows.append(row)
@@ -206,7 +235,15 @@ class Run:
     def _batch_stream(self, seed: int):
         workers = self.config.workers if self.config.workers is not None else default_workers(self.device)
         classes = len(self.labels) + 1
-        return batch_stream(self.train_cases, self.patch_zyx, classes, self.plan.batch_size, seed, workers, pin_memory=self.device.type == "cuda")
+        return batch_stream(
+            self.train_cases,
+            self.patch_zyx,
+            classes,
+            self.plan.batch_size,
+            seed,
+            workers,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _deadline(self) -> float:
         return time.monotonic() + self.config.max_minutes * 60 if self.config.max_minutes else float("inf")
@@ -217,7 +254,13 @@ class Run:
         self.progress.update("validate", 0, len(self.val_cases), "validating")
         metrics = validate(self.network, self.val_cases, self.labels, self.patch_zyx, self.device.type)
         row["dice_mean"] = metrics["dice_mean"]
-        self.progress.update("validate", len(self.val_cases), len(self.val_cases), f"Dice {metrics['dice_mean']:.3f}", dice=metrics["dice_mean"])
+        self.progress.update(
+            "validate",
+            len(self.val_cases),
+            len(self.val_cases),
+            f"Dice {metrics['dice_mean']:.3f}",
+            dice=metrics["dice_mean"],
+        )
         self._board_scalars({f"validation/{k}": v for k, v in metrics.items() if v is not None}, row["step"])
         if metrics["dice_mean"] > self.state.best_dice:
             self.state.best_dice = metrics["dice_mean"]
@@ -240,7 +283,15 @@ class Run:
         self._board_scalars({"train/loss": row["loss"], "train/lr": row["lr"]}, row["step"])
         done, total = self.state.step, self.plan.steps
         eta = self.state.seconds / done * (total - done) if done else None
-        self.progress.update("train", done, total, f"step {done}/{total} loss {row['loss']:.4f}", loss=row["loss"], eta_s=round(eta, 1) if eta else None, step=done)
+        self.progress.update(
+            "train",
+            done,
+            total,
+            f"step {done}/{total} loss {row['loss']:.4f}",
+            loss=row["loss"],
+            eta_s=round(eta, 1) if eta else None,
+            step=done,
+        )
 
     def _write_logs(self) -> None:
         columns = ["step", "loss", "lr", "dice_mean"]
@@ -264,7 +315,13 @@ def plot_learning_curve(rows: List[dict], path: Path) -> None:
     dice_rows = [r for r in rows if r.get("dice_mean") is not None]
     if dice_rows:
         dice_axis = loss_axis.twinx()
-        dice_axis.plot([r["step"] for r in dice_rows], [r["dice_mean"] for r in dice_rows], "o-", color="tab:red", label="validation Dice")
+        dice_axis.plot(
+            [r["step"] for r in dice_rows],
+            [r["dice_mean"] for r in dice_rows],
+            "o-",
+            color="tab:red",
+            label="validation Dice",
+        )
         dice_axis.set_ylabel("mean validation Dice", color="tab:red")
         dice_axis.set_ylim(0, 1)
     loss_axis.set_title("MedSegUNet training")

@@ -22,7 +22,9 @@ def _center_of(mask: np.ndarray, fallback: Sequence[int]) -> Tuple[int, int, int
     return tuple(int(v) for v in np.median(points, axis=0)) if len(points) else tuple(fallback)
 
 
-def _views(volume: np.ndarray, center: Tuple[int, int, int], spacing_xyz: Sequence[float]) -> List[Tuple[str, np.ndarray, float]]:
+def _views(
+    volume: np.ndarray, center: Tuple[int, int, int], spacing_xyz: Sequence[float]
+) -> List[Tuple[str, np.ndarray, float]]:
     """(title, 2D slice for imshow, aspect) for an array in RAS (z, y, x) order, shown as Slicer shows it:
     radiological convention (patient's right on the left), anterior and superior up, anterior left on
     the sagittal view. In RAS, index x grows towards the patient's right, y towards anterior, z superior."""
@@ -67,23 +69,36 @@ def write_overlay_png(
     scan = sitk.GetArrayFromImage(reorient(image, "RAS")).astype(np.float32)
     maps = [sitk.GetArrayFromImage(reorient(labelmap, "RAS")) for _, labelmap, _ in columns]
     # centre on the reference (the last column) where it has anything, else on the first column
-    focus = next((m > 0 for m in reversed(maps) if m.any()), maps[0] > 0) if focus_label is None else maps[-1] == focus_label
+    focus = (
+        next((m > 0 for m in reversed(maps) if m.any()), maps[0] > 0)
+        if focus_label is None
+        else maps[-1] == focus_label
+    )
     center = _center_of(focus, [s // 2 for s in scan.shape])
     spacing = reorient(image, "RAS").GetSpacing()
     ratios = _height_ratios(_views(scan, center, spacing))
     figure, axes = plt.subplots(
-        3, len(columns), figsize=(4.2 * len(columns), 4.2 * sum(ratios) + 1.2), dpi=90, squeeze=False, gridspec_kw={"height_ratios": ratios}
+        3,
+        len(columns),
+        figsize=(4.2 * len(columns), 4.2 * sum(ratios) + 1.2),
+        dpi=90,
+        squeeze=False,
+        gridspec_kw={"height_ratios": ratios},
     )
     for column, ((name, _, labels), labelmap) in enumerate(zip(columns, maps)):
         colors = _color_table(labels)
-        for row, ((view, picture, aspect), (_, overlay, _)) in enumerate(zip(_views(scan, center, spacing), _views(labelmap, center, spacing))):
+        for row, ((view, picture, aspect), (_, overlay, _)) in enumerate(
+            zip(_views(scan, center, spacing), _views(labelmap, center, spacing))
+        ):
             axis = axes[row][column]
             axis.imshow(picture, cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect, interpolation="nearest")
             axis.imshow(_rgba(overlay, colors), aspect=aspect, interpolation="nearest")
             axis.set_title(f"{name}: {view}", fontsize=10)
             axis.axis("off")
     handles = [plt.Rectangle((0, 0), 1, 1, color=label.color) for label in columns[0][2]]
-    figure.legend(handles, [label.name for label in columns[0][2]], loc="lower center", ncol=min(6, len(handles)), fontsize=9)
+    figure.legend(
+        handles, [label.name for label in columns[0][2]], loc="lower center", ncol=min(6, len(handles)), fontsize=9
+    )
     if title:
         figure.suptitle(title, fontsize=11)
     figure.tight_layout(rect=(0, 0.04, 1, 0.97))

@@ -52,7 +52,13 @@ class Sample:
 
 SAMPLES = (
     Sample("abdomen-ct", "example_ct.nii.gz", "example_seg_fast_force_split.nii.gz", "total", "training"),
-    Sample("heldout-ct", "example_ct_dicom", "example_seg_dicom.nii.gz", "total", "held-out evaluation (another patient, DICOM)"),
+    Sample(
+        "heldout-ct",
+        "example_ct_dicom",
+        "example_seg_dicom.nii.gz",
+        "total",
+        "held-out evaluation (another patient, DICOM)",
+    ),
     Sample("abdomen-mr", "example_mr_sm.nii.gz", "example_seg_mr.nii.gz", "total_mr", "MRI example"),
 )
 
@@ -103,11 +109,24 @@ def _member_is_wanted(name: str) -> bool:
 
 def download_sdist(folder: Path) -> Path:
     """pip download of the sdist (no dependencies, nothing installed), checked against its known hash."""
-    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet", "--dest", str(folder)]
+    base = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--quiet",
+        "--dest",
+        str(folder),
+    ]
     sdist, last = folder / SDIST, "no output"
     # pip prepares an sdist's metadata; without build isolation it uses our setuptools (no extra download)
     for extra in (["--no-build-isolation"], []):
-        result = subprocess.run(base + extra + [f"{PACKAGE}=={VERSION}"], capture_output=True, text=True, encoding="utf-8", errors="replace")
+        result = subprocess.run(
+            base + extra + [f"{PACKAGE}=={VERSION}"], capture_output=True, text=True, encoding="utf-8", errors="replace"
+        )
         if result.returncode == 0 and sdist.exists():
             break
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
@@ -225,11 +244,17 @@ def write_sample(sample: Sample, sources: Path, output: Path, class_maps: Dict[s
     labelmap = folder / "reference.nii.gz"
     sitk.WriteImage(sitk.Cast(reference, sitk.sitkUInt8), str(labelmap), useCompression=True)
     segmentation = write_segmentation(folder / "reference.seg.nrrd", reference, labels)
-    scene = write_mrb(output / f"{sample.name}.mrb", sample.name, [ScenePair(sample.name, image_file, segmentation, f"{sample.name} reference")])
+    scene = write_mrb(
+        output / f"{sample.name}.mrb",
+        sample.name,
+        [ScenePair(sample.name, image_file, segmentation, f"{sample.name} reference")],
+    )
     return WrittenSample(sample.name, sample.role, image_file, labelmap, segmentation, scene, dicom)
 
 
-def write_samples(output: Path, names: Optional[Sequence[str]] = None, cache: Optional[Path] = None, log=print) -> List[WrittenSample]:
+def write_samples(
+    output: Path, names: Optional[Sequence[str]] = None, cache: Optional[Path] = None, log=print
+) -> List[WrittenSample]:
     sources = fetch_sources(cache, log)
     class_maps = read_class_maps(sources / "totalsegmentator" / "map_to_binary.py")
     chosen = [s for s in SAMPLES if names is None or s.name in names]
@@ -248,7 +273,9 @@ def add_parser(commands) -> None:
         help="write real sample CT/MR scans with reference segmentations as Slicer scenes and plain files",
         description=f"{SOURCE_NOTE} Downloaded once into $MEDSEGUNET_CACHE (default ~/.cache/medsegunet).",
     )
-    parser.add_argument("--output", type=Path, default=Path("medsegunet-samples"), help="folder to write (medsegunet-samples)")
+    parser.add_argument(
+        "--output", type=Path, default=Path("medsegunet-samples"), help="folder to write (medsegunet-samples)"
+    )
     parser.add_argument("--only", nargs="+", choices=[s.name for s in SAMPLES], help="just these samples")
     parser.set_defaults(handler=run_sample_data_command, progress="none")
 

@@ -28,7 +28,11 @@ class ScenePair:
 
 
 def _element(tag: str, attributes: dict) -> str:
-    return f" <{tag}\n" + "".join(f"  {key}={quoteattr(str(value))}\n" for key, value in attributes.items()) + f" ></{tag}>\n"
+    return (
+        f" <{tag}\n"
+        + "".join(f"  {key}={quoteattr(str(value))}\n" for key, value in attributes.items())
+        + f" ></{tag}>\n"
+    )
 
 
 def _data_name(name: str, source: Path) -> str:
@@ -45,7 +49,10 @@ def scene_xml(pairs: Sequence[ScenePair], legacy_refs: bool = False, decoy_first
     for index, pair in enumerate(pairs, start=1):
         volume_id, volume_storage = f"vtkMRMLScalarVolumeNode{index}", f"vtkMRMLVolumeArchetypeStorageNode{index}"
         volume_display = f"vtkMRMLScalarVolumeDisplayNode{index}"
-        segmentation_id, segmentation_storage = f"vtkMRMLSegmentationNode{index}", f"vtkMRMLSegmentationStorageNode{index}"
+        segmentation_id, segmentation_storage = (
+            f"vtkMRMLSegmentationNode{index}",
+            f"vtkMRMLSegmentationStorageNode{index}",
+        )
         segmentation_display = f"vtkMRMLSegmentationDisplayNode{index}"
         volume_refs = {"references": f"display:{volume_display};storage:{volume_storage};"}
         segmentation_refs = {
@@ -63,10 +70,15 @@ def scene_xml(pairs: Sequence[ScenePair], legacy_refs: bool = False, decoy_first
         elements += [
             _element("Volume", {"id": volume_id, "name": pair.volume_name, "hideFromEditors": "false", **volume_refs}),
             _element("VolumeDisplay", {"id": volume_display, "name": "VolumeDisplay", "window": "400", "level": "40"}),
-            _element("VolumeArchetypeStorage", {"id": volume_storage, "name": "VolumeArchetypeStorage", "fileName": image_name, "useCompression": "1"}),
+            _element(
+                "VolumeArchetypeStorage",
+                {"id": volume_storage, "name": "VolumeArchetypeStorage", "fileName": image_name, "useCompression": "1"},
+            ),
             _element("Segmentation", {"id": segmentation_id, "name": pair.segmentation_name, **segmentation_refs}),
             _element("SegmentationDisplay", {"id": segmentation_display, "name": "SegmentationDisplay"}),
-            _element("SegmentationStorage", {"id": segmentation_storage, "name": "SegmentationStorage", "fileName": seg_name}),
+            _element(
+                "SegmentationStorage", {"id": segmentation_storage, "name": "SegmentationStorage", "fileName": seg_name}
+            ),
         ]
     header = '<?xml version="1.0" encoding="UTF-8"?>\n<MRML  version="Slicer5.8.1" userTags="">\n'
     return header + "".join(elements) + "</MRML>\n"
@@ -78,7 +90,9 @@ def write_mrml_scene(folder: Path, scene_name: str, pairs: Sequence[ScenePair], 
     (folder / "Data").mkdir(parents=True, exist_ok=True)
     for pair in pairs:
         shutil.copyfile(pair.image_file, folder / "Data" / _data_name(pair.volume_name, pair.image_file))
-        shutil.copyfile(pair.segmentation_file, folder / "Data" / _data_name(pair.segmentation_name, pair.segmentation_file))
+        shutil.copyfile(
+            pair.segmentation_file, folder / "Data" / _data_name(pair.segmentation_name, pair.segmentation_file)
+        )
     scene = folder / f"{scene_name}.mrml"
     with atomic_path(scene) as temporary:
         temporary.write_text(scene_xml(pairs, **options), encoding="utf-8")

@@ -74,7 +74,8 @@ def _check_members(archive: Path, members: List[zipfile.ZipInfo], limits: ZipLim
     total = sum(member.file_size for member in members)
     if total > limits.max_total_bytes:
         raise SceneError(
-            f"would unpack to {total / 2**30:.1f} GiB, more than the limit of {limits.max_total_bytes / 2**30:.1f} GiB", archive
+            f"would unpack to {total / 2**30:.1f} GiB, more than the limit of {limits.max_total_bytes / 2**30:.1f} GiB",
+            archive,
         )
     for member in members:
         _safe_member_path(member.filename, archive)
@@ -133,7 +134,11 @@ def parse_references(element) -> Dict[str, List[str]]:
         if ":" in item:
             role, ids = item.split(":", 1)
             references[role.strip()] = ids.split()
-    for legacy, role in (("storageNodeRef", "storage"), ("displayNodeRef", "display"), ("referenceImageGeometryRef", "referenceImageGeometryRef")):
+    for legacy, role in (
+        ("storageNodeRef", "storage"),
+        ("displayNodeRef", "display"),
+        ("referenceImageGeometryRef", "referenceImageGeometryRef"),
+    ):
         if element.get(legacy) and role not in references:
             references[role] = element.get(legacy).split()
     return references
@@ -183,11 +188,14 @@ def read_mrml(scene: Path, origin: Optional[Path] = None) -> List[Case]:
         if volume is None:
             if len(volumes) != 1:
                 raise SceneError(
-                    f"segmentation '{segmentation.get('name')}' names no reference volume and the scene has {len(volumes)}", scene
+                    f"segmentation '{segmentation.get('name')}' names no reference volume and the scene has {len(volumes)}",
+                    scene,
                 )
             volume = volumes[0]
         if volume.tag != "Volume":
-            raise SceneError(f"segmentation '{segmentation.get('name')}' refers to a {volume.tag}, not a scalar volume", scene)
+            raise SceneError(
+                f"segmentation '{segmentation.get('name')}' refers to a {volume.tag}, not a scalar volume", scene
+            )
         label_path = _storage_file(scene, nodes, segmentation)
         cases.append(
             Case(
@@ -253,7 +261,9 @@ def values_labelmap(path: Path, segments: List[SegmentInfo], reference: sitk.Ima
 
     label = read_labelmap(path)
     if not Grid.of(label).same_voxels(Grid.of(reference)):
-        raise SceneError(f"is not on its image's grid ({Grid.of(label).describe()} vs {Grid.of(reference).describe()})", path)
+        raise SceneError(
+            f"is not on its image's grid ({Grid.of(label).describe()} vs {Grid.of(reference).describe()})", path
+        )
     values = sitk.GetArrayFromImage(label)
     table = np.zeros(int(values.max()) + 1, dtype=np.uint16)
     for index, segment in enumerate(segments, start=1):
@@ -288,7 +298,9 @@ def segments_labelmap(
         clash = merged[mask]
         if clash.any():
             other = segments[values.index(int(clash[clash > 0][0]))].name
-            raise SceneError(f"segments '{other}' and '{segment.name}' overlap; training needs one label per voxel", path)
+            raise SceneError(
+                f"segments '{other}' and '{segment.name}' overlap; training needs one label per voxel", path
+            )
         merged[mask] = index
     label = image_from_ijk_array(merged, segmentation["ijkToLPS"])
     return resample_onto(label, Grid.of(reference), sitk.sitkNearestNeighbor, default_value=0)

@@ -20,7 +20,9 @@ from .data import PreparedCase, train_transforms
 WORKER_SEED_STRIDE = 1_000_003  # far apart: the workers' streams never share a seed
 
 
-def batches(cases: List[PreparedCase], patch_zyx, classes: int, batch_size: int, seed: int) -> Iterator[Dict[str, torch.Tensor]]:
+def batches(
+    cases: List[PreparedCase], patch_zyx, classes: int, batch_size: int, seed: int
+) -> Iterator[Dict[str, torch.Tensor]]:
     """An endless stream of augmented crops, cycling through the cases in a seeded random order."""
     transforms = train_transforms(patch_zyx, classes, samples=batch_size)
     transforms.set_random_state(seed=seed)
@@ -41,12 +43,20 @@ class CropBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, cases: List[PreparedCase], patch_zyx: Sequence[int], classes: int, batch_size: int, seed: int):
         super().__init__()
-        self.cases, self.patch_zyx, self.classes, self.batch_size, self.seed = cases, patch_zyx, classes, batch_size, seed
+        self.cases, self.patch_zyx, self.classes, self.batch_size, self.seed = (
+            cases,
+            patch_zyx,
+            classes,
+            batch_size,
+            seed,
+        )
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        return batches(self.cases, self.patch_zyx, self.classes, self.batch_size, self.seed + WORKER_SEED_STRIDE * worker)
+        return batches(
+            self.cases, self.patch_zyx, self.classes, self.batch_size, self.seed + WORKER_SEED_STRIDE * worker
+        )
 
 
 def _worker_signals(_: int) -> None:
@@ -73,8 +83,14 @@ def default_workers(device: torch.device, cpus: Optional[int] = None) -> int:
 
 
 def batch_stream(
-    cases: List[PreparedCase], patch_zyx, classes: int, batch_size: int, seed: int, workers: int,
-    pin_memory: bool = False, start_method: Optional[str] = None,
+    cases: List[PreparedCase],
+    patch_zyx,
+    classes: int,
+    batch_size: int,
+    seed: int,
+    workers: int,
+    pin_memory: bool = False,
+    start_method: Optional[str] = None,
 ) -> Iterator[Dict[str, torch.Tensor]]:
     """The training batches: made in ``workers`` processes, or in this one when ``workers`` is 0.
     ``start_method``: how the workers start (default: the platform's; macOS and Windows spawn them)."""

@@ -57,7 +57,9 @@ def add_segment_parser(commands) -> None:
         default=False,
         help="keep only the largest connected component of each label",
     )
-    parser.add_argument("--batch-size", type=int, default=None, help="windows predicted at once (default: 1 on the CPU, 2 on a GPU)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="windows predicted at once (default: 1 on the CPU, 2 on a GPU)"
+    )
     parser.add_argument(
         "--precision",
         default="auto",
@@ -114,7 +116,7 @@ def add_standby_parser(commands) -> None:
     parser = commands.add_parser(
         "standby",
         help="load a model and wait for one segment job on stdin (the Slicer panel starts it ahead of a click)",
-        description='Import the libraries, load the model and run one window through it, then read one line '
+        description="Import the libraries, load the model and run one window through it, then read one line "
         '{"segment": [ARG, ...]} from stdin and run it as `segment ARG...` would. End of input or --idle-minutes '
         "without a job: exit 0, nothing written.",
     )
@@ -160,7 +162,9 @@ def parse_standby_job(arguments: Sequence[str], progress_kind: str) -> argparse.
         complaint_line = lines[-1].split(": error: ", 1)[-1] if lines else "bad arguments"
         raise MedSegError(f"standby job: {complaint_line}") from None
     if job.progress not in ("auto", progress_kind):
-        raise MedSegError(f"standby job: --progress {job.progress} differs from the standby's --progress {progress_kind}")
+        raise MedSegError(
+            f"standby job: --progress {job.progress} differs from the standby's --progress {progress_kind}"
+        )
     job.progress = progress_kind  # the standby's reporter reports the job
     return job
 
@@ -235,7 +239,9 @@ def run_devices_command(args: argparse.Namespace, progress) -> dict:
     """One JSON line the Slicer panel reads to fill its device list."""
     import torch
 
-    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    cuda = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     print(json.dumps({"torch": torch.__version__, "cuda": cuda, "mps": mps}), flush=True)
     return {}
@@ -246,7 +252,9 @@ AddParsers = Callable[[Any], None]  # adds commands to an argparse subparsers ob
 
 def build_parser(extra: Sequence[AddParsers] = ()) -> argparse.ArgumentParser:
     """The engine's commands, then those that each of ``extra`` adds."""
-    parser = argparse.ArgumentParser(prog=PROGRAM, description="MedSegUNet: U-Net segmentation for 3D Slicer and the command line")
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM, description="MedSegUNet: U-Net segmentation for 3D Slicer and the command line"
+    )
     parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_segment_parser(commands)
@@ -342,7 +350,10 @@ def run_command(args: argparse.Namespace, progress, progress_kind: str, report_d
     except (Cancelled, KeyboardInterrupt) as reason:
         progress.close()
         if progress_kind == "json":
-            print(json.dumps({"stage": "cancelled", "done": 0, "total": 0, "message": str(reason) or "cancelled"}), flush=True)
+            print(
+                json.dumps({"stage": "cancelled", "done": 0, "total": 0, "message": str(reason) or "cancelled"}),
+                flush=True,
+            )
         print(f"{PROGRAM}: cancelled", file=sys.stderr, flush=True)
         return EXIT_CANCELLED
     except MemoryError:
@@ -356,4 +367,3 @@ def run_command(args: argparse.Namespace, progress, progress_kind: str, report_d
         return EXIT_ERROR
     finally:
         progress.close()
-

@@ -61,7 +61,14 @@ def read_masks(path: Path) -> Masks:
     label = read_labelmap(path)
     array = sitk.GetArrayFromImage(label)
     values = [int(v) for v in np.unique(array) if v != 0]
-    return Masks(path, Grid.of(label), {str(v): array == v for v in values}, {str(v): str(v) for v in values}, {str(v): v for v in values}, False)
+    return Masks(
+        path,
+        Grid.of(label),
+        {str(v): array == v for v in values},
+        {str(v): str(v) for v in values},
+        {str(v): v for v in values},
+        False,
+    )
 
 
 def _segmentation_masks(path: Path) -> Masks:
@@ -144,12 +151,17 @@ def _one_hot(mask: np.ndarray):
     return torch.cat([~tensor, tensor], dim=1).float()
 
 
-def score_masks(predicted: np.ndarray, reference: np.ndarray, spacing_zyx: Sequence[float], tolerance_mm: float) -> dict:
+def score_masks(
+    predicted: np.ndarray, reference: np.ndarray, spacing_zyx: Sequence[float], tolerance_mm: float
+) -> dict:
     """Dice, HD95 (mm), NSD at ``tolerance_mm`` and volumes (mL) of two boolean masks on one grid."""
     from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
-    volumes = {"volume_reference_ml": float(reference.sum()) * voxel_ml, "volume_prediction_ml": float(predicted.sum()) * voxel_ml}
+    volumes = {
+        "volume_reference_ml": float(reference.sum()) * voxel_ml,
+        "volume_prediction_ml": float(predicted.sum()) * voxel_ml,
+    }
     volumes["volume_difference_ml"] = volumes["volume_prediction_ml"] - volumes["volume_reference_ml"]
     if not predicted.any() and not reference.any():
         return {"dice": 1.0, "hd95_mm": 0.0, "nsd": 1.0, **volumes, "note": "both empty"}
@@ -162,12 +174,20 @@ def score_masks(predicted: np.ndarray, reference: np.ndarray, spacing_zyx: Seque
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # MONAI's own deprecation notice, not the user's concern
         dice = float(compute_dice(y_pred, y, include_background=False)[0, 0])
-        hd95 = float(compute_hausdorff_distance(y_pred, y, include_background=False, percentile=95, spacing=spacing)[0, 0])
-        nsd = float(compute_surface_dice(y_pred, y, class_thresholds=[tolerance_mm], include_background=False, spacing=spacing)[0, 0])
+        hd95 = float(
+            compute_hausdorff_distance(y_pred, y, include_background=False, percentile=95, spacing=spacing)[0, 0]
+        )
+        nsd = float(
+            compute_surface_dice(y_pred, y, class_thresholds=[tolerance_mm], include_background=False, spacing=spacing)[
+                0, 0
+            ]
+        )
     return {"dice": dice, "hd95_mm": hd95, "nsd": nsd, **volumes, "note": ""}
 
 
-def evaluate_pair(prediction_path: Path, reference_path: Path, tolerance_mm: float = 2.0, case: Optional[str] = None) -> dict:
+def evaluate_pair(
+    prediction_path: Path, reference_path: Path, tolerance_mm: float = 2.0, case: Optional[str] = None
+) -> dict:
     """One case: ``{"case", "prediction", "reference", "labels": [row...], "notes": [...]}``.
 
     Each row: ``label`` (name or value), ``dice``, ``hd95_mm`` (``inf`` when one mask is empty),
@@ -183,7 +203,9 @@ def evaluate_pair(prediction_path: Path, reference_path: Path, tolerance_mm: flo
                 masks.display = {str(masks.values[k]): name for k, name in masks.display.items()}
     predicted, referenced = on_common_lattice(prediction, reference)
     spacing_zyx = tuple(reversed(reference.grid.spacing))
-    empty = np.zeros(next(iter(referenced.values()), next(iter(predicted.values()), np.zeros((1, 1, 1), bool))).shape, bool)
+    empty = np.zeros(
+        next(iter(referenced.values()), next(iter(predicted.values()), np.zeros((1, 1, 1), bool))).shape, bool
+    )
     rows = []
     for key in predicted:
         row = score_masks(predicted[key], referenced.get(key, empty), spacing_zyx, tolerance_mm)
@@ -193,7 +215,13 @@ def evaluate_pair(prediction_path: Path, reference_path: Path, tolerance_mm: flo
     only_reference = [reference.display[k] for k in referenced if k not in predicted]
     if only_reference:
         notes.append(f"not scored (only in the reference): {', '.join(only_reference)}")
-    return {"case": case or case_name(Path(prediction_path)), "prediction": str(prediction_path), "reference": str(reference_path), "labels": rows, "notes": notes}
+    return {
+        "case": case or case_name(Path(prediction_path)),
+        "prediction": str(prediction_path),
+        "reference": str(reference_path),
+        "labels": rows,
+        "notes": notes,
+    }
 
 
 def mean_per_label(cases: List[dict]) -> List[dict]:
@@ -262,7 +290,17 @@ def evaluate_paths(prediction, reference, tolerance_mm: float = 2.0, progress=No
     return {"cases": cases, "mean": mean_per_label(cases), "tolerance_mm": tolerance_mm}
 
 
-COLUMNS = ["case", "label", "dice", "hd95_mm", "nsd", "volume_reference_ml", "volume_prediction_ml", "volume_difference_ml", "note"]
+COLUMNS = [
+    "case",
+    "label",
+    "dice",
+    "hd95_mm",
+    "nsd",
+    "volume_reference_ml",
+    "volume_prediction_ml",
+    "volume_difference_ml",
+    "note",
+]
 
 
 def _json_safe(value):
@@ -283,7 +321,13 @@ def csv_text(report: dict) -> str:
         for row in case["labels"]:
             writer.writerow({"case": case["case"], **{k: _format(v) for k, v in row.items()}})
     for row in report["mean"]:
-        writer.writerow({"case": "mean", **{k: _format(v) for k, v in row.items()}, "note": f"{row['cases']} cases, {row['skipped_non_finite']} non-finite skipped"})
+        writer.writerow(
+            {
+                "case": "mean",
+                **{k: _format(v) for k, v in row.items()},
+                "note": f"{row['cases']} cases, {row['skipped_non_finite']} non-finite skipped",
+            }
+        )
     return stream.getvalue()
 
 
@@ -294,7 +338,10 @@ def _format(value):
 
 
 def write_reports(report: dict, json_path: Optional[Path] = None, csv_path: Optional[Path] = None) -> None:
-    for path, text in ((json_path, lambda: json.dumps(_json_safe(report), indent=2)), (csv_path, lambda: csv_text(report))):
+    for path, text in (
+        (json_path, lambda: json.dumps(_json_safe(report), indent=2)),
+        (csv_path, lambda: csv_text(report)),
+    ):
         if path is not None:
             with atomic_path(Path(path)) as temporary:
                 temporary.write_text(text(), encoding="utf-8")
@@ -305,12 +352,16 @@ def table(report: dict) -> str:
     for case in report["cases"]:
         for row in case["labels"]:
             hd = "inf" if math.isinf(row["hd95_mm"]) else f"{row['hd95_mm']:.1f}"
-            lines.append(f"{case['case'][:20]:<20} {row['label'][:22]:<22} {row['dice']:>6.3f} {hd:>8} {row['nsd']:>6.3f} {row['volume_difference_ml']:>12.1f}")
+            lines.append(
+                f"{case['case'][:20]:<20} {row['label'][:22]:<22} {row['dice']:>6.3f} {hd:>8} {row['nsd']:>6.3f} {row['volume_difference_ml']:>12.1f}"
+            )
         lines += [f"  note: {note}" for note in case["notes"]]
     if len(report["cases"]) > 1:
         for row in report["mean"]:
             hd = "-" if row["hd95_mm"] is None else f"{row['hd95_mm']:.1f}"
-            lines.append(f"{'mean':<20} {row['label'][:22]:<22} {row['dice']:>6.3f} {hd:>8} {row['nsd']:>6.3f} {row['volume_difference_ml']:>12.1f}")
+            lines.append(
+                f"{'mean':<20} {row['label'][:22]:<22} {row['dice']:>6.3f} {hd:>8} {row['nsd']:>6.3f} {row['volume_difference_ml']:>12.1f}"
+            )
     return "\n".join(lines)
 
 

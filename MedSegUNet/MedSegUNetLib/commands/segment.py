@@ -54,7 +54,9 @@ def class_to_value_table(bundle: Bundle) -> np.ndarray:
     return table
 
 
-def predict_in_body(bundle: Bundle, network_input: NetworkInput, options: SegmentOptions, progress: Progress) -> np.ndarray:
+def predict_in_body(
+    bundle: Bundle, network_input: NetworkInput, options: SegmentOptions, progress: Progress
+) -> np.ndarray:
     """Class indices on the network grid; outside the body's box (when cropping) background."""
     body = _body_if_it_pays(bundle, network_input, options)
     array = network_input.array[(slice(None), *body)]  # a view: no copy
@@ -112,9 +114,13 @@ def preprocess(
         )
     input_grid = Grid.of(channels[0])
     _check_network_memory(input_grid, meta, len(channels))
-    progress.update("preprocess", 0, 1, f"to {meta.preprocessing.orientation} at {meta.preprocessing.target_spacing} mm")
+    progress.update(
+        "preprocess", 0, 1, f"to {meta.preprocessing.orientation} at {meta.preprocessing.target_spacing} mm"
+    )
     network_input = prepare_channels(channels, meta.preprocessing)
-    progress.update("preprocess", 1, 1, f"network grid {network_input.grid.describe()}{_describe_body(network_input, options)}")
+    progress.update(
+        "preprocess", 1, 1, f"network grid {network_input.grid.describe()}{_describe_body(network_input, options)}"
+    )
     return network_input, input_grid
 
 
@@ -163,7 +169,9 @@ def run_segment(
         bundle = preloaded
     else:
         network_input, input_grid, bundle = _read_while_loading(inputs, bundle_path, options, progress)
-    progress.update("read", len(inputs) + 1, len(inputs) + 1, f"model {Path(bundle_path).name}: {bundle.meta.network.cls}")
+    progress.update(
+        "read", len(inputs) + 1, len(inputs) + 1, f"model {Path(bundle_path).name}: {bundle.meta.network.cls}"
+    )
     labels = labels_on_input_grid(network_input, input_grid, bundle, options, progress)
     progress.update("write", 0, 1, str(output))
     write_segmentation(output, labels, bundle.meta.labels)
@@ -194,7 +202,9 @@ def read_network_input(
 
     A single plain ``.nii.gz`` (the usual CT) is resampled slice by slice while it inflates, never held
     at full resolution (:func:`stream_network_input`); anything else is read whole, then resampled."""
-    streamed = stream_network_input(inputs[0], meta, options, progress) if len(inputs) == 1 == len(meta.channels) else None
+    streamed = (
+        stream_network_input(inputs[0], meta, options, progress) if len(inputs) == 1 == len(meta.channels) else None
+    )
     if streamed is not None:
         return streamed
     channels = read_channels(inputs, options, progress)
@@ -204,7 +214,9 @@ def read_network_input(
     return preprocess(channels, meta, options, progress)
 
 
-def stream_network_input(path: Path, meta: BundleMeta, options: SegmentOptions, progress: Progress) -> Optional[Tuple[NetworkInput, Grid]]:
+def stream_network_input(
+    path: Path, meta: BundleMeta, options: SegmentOptions, progress: Progress
+) -> Optional[Tuple[NetworkInput, Grid]]:
     """One input resampled onto the network grid as it is read (imageio.stream_image_slices); None
     where the file is not read that way."""
     made: List[Tuple[SliceResampler, Grid]] = []  # made once the header is read
@@ -220,7 +232,12 @@ def stream_network_input(path: Path, meta: BundleMeta, options: SegmentOptions, 
         return None
     progress.update("read", 1, 2, f"{Path(path).name}: {input_grid.describe()}")
     resampler, grid = made[0]
-    progress.update("preprocess", 0, 1, f"resampled to {meta.preprocessing.orientation} at {meta.preprocessing.target_spacing} mm while read")
+    progress.update(
+        "preprocess",
+        0,
+        1,
+        f"resampled to {meta.preprocessing.orientation} at {meta.preprocessing.target_spacing} mm while read",
+    )
     on_grid = stack_network_input([resampler.result()], grid, meta.preprocessing)
     progress.update("preprocess", 1, 1, f"network grid {grid.describe()}{_describe_body(on_grid, options)}")
     return on_grid, input_grid

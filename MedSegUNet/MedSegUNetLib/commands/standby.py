@@ -53,7 +53,9 @@ def file_identity(path: Path) -> Optional[Tuple[int, int, int, int]]:
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def load_and_warm(model: Path, device: str, precision: str, batch_size: Optional[int], progress: Progress) -> LoadedModel:
+def load_and_warm(
+    model: Path, device: str, precision: str, batch_size: Optional[int], progress: Progress
+) -> LoadedModel:
     """The bundle loaded and one batch of windows run through it in this (the job's) thread."""
     from MedSegUNetLib.prediction.inference import PredictOptions, network_precision, select_device
 

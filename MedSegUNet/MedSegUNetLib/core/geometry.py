@@ -78,7 +78,8 @@ class Grid:
         mine, theirs = self.corners(), other.corners()
         corners_match = all(np.min(np.linalg.norm(theirs - corner, axis=1)) <= scale for corner in mine)
         steps_match = all(
-            np.min(np.linalg.norm(np.abs(other.axis_vectors()) - np.abs(step), axis=1)) <= scale for step in self.axis_vectors()
+            np.min(np.linalg.norm(np.abs(other.axis_vectors()) - np.abs(step), axis=1)) <= scale
+            for step in self.axis_vectors()
         )
         return corners_match and steps_match
 
@@ -95,7 +96,9 @@ class Grid:
         origin = self.to_physical(np.array([start_ijk]))[0]
         return Grid(tuple(int(n) for n in size_ijk), self.spacing, tuple(float(o) for o in origin), self.direction)
 
-    def box_covering(self, other: "Grid", start_ijk: Sequence[int], stop_ijk: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+    def box_covering(
+        self, other: "Grid", start_ijk: Sequence[int], stop_ijk: Sequence[int]
+    ) -> Tuple[np.ndarray, np.ndarray]:
         """(start, stop) voxel indices of the smallest box of this grid that holds every voxel whose
         nearest voxel of ``other`` lies in ``other``'s box [start, stop): clamped, possibly empty."""
         lo, hi = np.array(start_ijk, dtype=float) - 1.0, np.array(stop_ijk, dtype=float)  # half a voxel and more

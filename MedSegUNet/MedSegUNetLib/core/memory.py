@@ -77,7 +77,9 @@ def _address_space_headroom() -> Optional[int]:
 
 def available_memory_bytes() -> Optional[int]:
     """The smallest of the limits above, or None when none is known."""
-    known: List[int] = [v for v in (_meminfo_available(), _cgroup_headroom(), _address_space_headroom()) if v is not None]
+    known: List[int] = [
+        v for v in (_meminfo_available(), _cgroup_headroom(), _address_space_headroom()) if v is not None
+    ]
     return min(known) if known else None
 
 

@@ -57,7 +57,9 @@ class TqdmProgress(Progress):
         if stage != self.stage:
             self.close()
             self.stage = stage
-            self.bar = tqdm(total=max(total, 1), desc=f"{stage:>11}", unit="step", leave=stage == "done", file=sys.stderr)
+            self.bar = tqdm(
+                total=max(total, 1), desc=f"{stage:>11}", unit="step", leave=stage == "done", file=sys.stderr
+            )
         self.bar.total = max(total, 1)
         self.bar.n = min(done, self.bar.total)
         postfix = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in extra.items() if k in ("loss", "dice")}

@@ -64,7 +64,9 @@ def split_device(device: Optional[str]) -> Tuple[str, Optional[str]]:
     return device, None
 
 
-def engine_environment(module_dir: Path, base: Optional[Dict[str, str]] = None, device: Optional[str] = None) -> Dict[str, str]:
+def engine_environment(
+    module_dir: Path, base: Optional[Dict[str, str]] = None, device: Optional[str] = None
+) -> Dict[str, str]:
     """The environment that makes ``MedSegUNetLib`` and ``training`` importable in the child.
 
     Installed extension: both packages sit in the module folder. Source checkout: ``training`` sits one
@@ -127,7 +129,15 @@ class SegmentRequest:
 
 def segment_command(request: SegmentRequest, python: Optional[str] = None) -> List[str]:
     """``PythonSlicer -m MedSegUNetLib segment ... --progress json``, exactly as the panel runs it."""
-    return [python or engine_python(), "-m", "MedSegUNetLib", "segment", *segment_arguments(request), "--progress", "json"]
+    return [
+        python or engine_python(),
+        "-m",
+        "MedSegUNetLib",
+        "segment",
+        *segment_arguments(request),
+        "--progress",
+        "json",
+    ]
 
 
 def segment_arguments(request: SegmentRequest) -> List[str]:
@@ -141,7 +151,18 @@ def segment_arguments(request: SegmentRequest) -> List[str]:
 def standby_command(model: Path, device: str, python: Optional[str] = None) -> List[str]:
     """``PythonSlicer -m MedSegUNetLib standby -m MODEL ...``: an engine that waits for one job (standby.py)."""
     engine_device, _ = split_device(device)
-    return [python or engine_python(), "-m", "MedSegUNetLib", "standby", "-m", str(model), "--device", engine_device, "--progress", "json"]
+    return [
+        python or engine_python(),
+        "-m",
+        "MedSegUNetLib",
+        "standby",
+        "-m",
+        str(model),
+        "--device",
+        engine_device,
+        "--progress",
+        "json",
+    ]
 
 
 @dataclass
@@ -202,7 +223,11 @@ class ChildProcess:
     meant for the UI thread and returns at once, except :meth:`wait` (tests and scripts)."""
 
     def __init__(
-        self, command: Sequence[str], environment: Optional[Dict[str, str]] = None, cwd: Optional[Path] = None, stdin: bool = False
+        self,
+        command: Sequence[str],
+        environment: Optional[Dict[str, str]] = None,
+        cwd: Optional[Path] = None,
+        stdin: bool = False,
     ):
         self.command = [str(part) for part in command]
         self.records: "queue.Queue[dict]" = queue.Queue()
@@ -215,8 +240,17 @@ class ChildProcess:
         self._exited_at: Optional[float] = None
         self._lock = threading.Lock()
         self.process = subprocess.Popen(
-            self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, env=environment,
-            cwd=str(cwd) if cwd else None, text=True, encoding="utf-8", errors="replace", bufsize=1, **_new_group_options(),
+            self.command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            env=environment,
+            cwd=str(cwd) if cwd else None,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            bufsize=1,
+            **_new_group_options(),
         )
         self._readers = [
             threading.Thread(target=self._read_stdout, name="engine-stdout", daemon=True),
@@ -253,7 +287,7 @@ class ChildProcess:
             if line.strip():
                 self.last_stderr = line.strip()
             if line.startswith(ERROR_PREFIX) and self.last_error is None:
-                self.last_error = line[len(ERROR_PREFIX):].strip()
+                self.last_error = line[len(ERROR_PREFIX) :].strip()
 
     # --- for the UI thread: none of these block ---
 
@@ -368,7 +402,9 @@ class ChildProcess:
 
     def _end_tree(self) -> None:
         if os.name == "nt":
-            subprocess.run(["taskkill", "/T", "/F", "/PID", str(self.process.pid)], capture_output=True, **_new_group_options())
+            subprocess.run(
+                ["taskkill", "/T", "/F", "/PID", str(self.process.pid)], capture_output=True, **_new_group_options()
+            )
         else:
             self._signal_group(signal.SIGKILL)
 
@@ -388,14 +424,21 @@ class StandbyEngine:
     it waits (the engine's resident memory; on a GPU its context); the engine ends itself after 10 idle
     minutes."""
 
-    def __init__(self, model: Path, device: str, environment: Optional[Dict[str, str]] = None, python: Optional[str] = None):
+    def __init__(
+        self, model: Path, device: str, environment: Optional[Dict[str, str]] = None, python: Optional[str] = None
+    ):
         self.model, self.device = Path(model), device or "auto"
         self.process = ChildProcess(standby_command(self.model, self.device, python), environment, stdin=True)
         self.taken = False  # it has its job: it is a run now, and takes no other
 
     def fits(self, model: Path, device: str) -> bool:
         """Still waiting (or still starting) for a job, for this model file and this device."""
-        return not self.taken and self.process.state == RUNNING and self.device == (device or "auto") and _same_file(self.model, model)
+        return (
+            not self.taken
+            and self.process.state == RUNNING
+            and self.device == (device or "auto")
+            and _same_file(self.model, model)
+        )
 
     def take(self, request: SegmentRequest) -> Optional[ChildProcess]:
         """The engine, given ``request`` as its job, as the run to follow; None if it cannot take it

@@ -51,7 +51,9 @@ class CorruptStream(Exception):
 VoxelStream = Callable[[Path, Sequence[int], np.dtype, Callable[[np.dtype, int, bytes], None]], bool]
 
 
-def slices_of(stream: VoxelStream, path: Path, size_xyz: Sequence[int], expected: np.dtype, consume: Callable[[np.ndarray], None]) -> bool:
+def slices_of(
+    stream: VoxelStream, path: Path, size_xyz: Sequence[int], expected: np.dtype, consume: Callable[[np.ndarray], None]
+) -> bool:
     """The slices of the voxel bytes ``stream`` (nifti_voxels' or nrrd_voxels' stream reader) hands out in pieces, each handed to ``consume`` as nifti_voxels.read_slices says."""
     shape = (int(size_xyz[1]), int(size_xyz[0]))
     pending = bytearray()  # the start of a slice whose end is in the next piece

@@ -38,11 +38,26 @@ MAX_VOXELS = 2048**3
 # Slices of a DICOM series further apart than this fraction of the usual step mean a missing slice.
 SLICE_GAP_TOLERANCE = 0.1
 _INTEGER_TYPES = {
-    sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32, sitk.sitkInt32, sitk.sitkUInt64, sitk.sitkInt64,
+    sitk.sitkUInt8,
+    sitk.sitkInt8,
+    sitk.sitkUInt16,
+    sitk.sitkInt16,
+    sitk.sitkUInt32,
+    sitk.sitkInt32,
+    sitk.sitkUInt64,
+    sitk.sitkInt64,
 }
 _BYTES_PER_COMPONENT = {
-    sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
-    sitk.sitkInt32: 4, sitk.sitkFloat32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat64: 8,
+    sitk.sitkUInt8: 1,
+    sitk.sitkInt8: 1,
+    sitk.sitkUInt16: 2,
+    sitk.sitkInt16: 2,
+    sitk.sitkUInt32: 4,
+    sitk.sitkInt32: 4,
+    sitk.sitkFloat32: 4,
+    sitk.sitkUInt64: 8,
+    sitk.sitkInt64: 8,
+    sitk.sitkFloat64: 8,
 }
 
 
@@ -213,7 +228,9 @@ def stream_image_slices(
     reader = _read_information(path, max_voxels)
     if reader.GetPixelID() not in _INTEGER_TYPES:
         return None
-    grid = Grid(tuple(reader.GetSize()), tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection()))
+    grid = Grid(
+        tuple(reader.GetSize()), tuple(reader.GetSpacing()), tuple(reader.GetOrigin()), tuple(reader.GetDirection())
+    )
     consume = start(grid)
     with _corrupt_stream_reported(path):
         return grid if read_slices(path, reader.GetSize(), _numpy_type(reader.GetPixelID()), consume) else None
@@ -322,7 +339,9 @@ def _check_dicom_slices(files: Sequence[str], folder: Path) -> sitk.ImageFileRea
     steps = np.diff(np.sort(positions))
     usual = float(np.median(steps))
     if usual <= 1e-3 or np.any(steps <= 1e-3):
-        raise MedSegError("the DICOM series has two slices at the same position (a duplicated or mixed series?)", folder)
+        raise MedSegError(
+            "the DICOM series has two slices at the same position (a duplicated or mixed series?)", folder
+        )
     odd = np.flatnonzero(np.abs(steps - usual) > SLICE_GAP_TOLERANCE * usual)
     if odd.size:
         index = int(odd[0])
@@ -421,7 +440,9 @@ def _verify_written(temporary: Path, image: sitk.Image, path: Path) -> None:
     except (OSError, RuntimeError):  # unreadable, or ITK refusing what it reads back
         same = False
     if not same:
-        raise MedSegError("writing the output failed (disk full or quota reached?); the previous file is unchanged", path)
+        raise MedSegError(
+            "writing the output failed (disk full or quota reached?); the previous file is unchanged", path
+        )
 
 
 def _nifti_gz_holds(path: Path, image: sitk.Image) -> bool:
@@ -435,4 +456,3 @@ def check_output_type(path: Path) -> None:
         raise MedSegError(
             f"unsupported output type; use {SEGMENTATION_ENDING} or a labelmap ({', '.join(LABELMAP_ENDINGS)})", path
         )
-

@@ -39,7 +39,12 @@ def _voxel_layout(header: bytes) -> Optional[Tuple[np.dtype, Tuple[int, ...], in
     datatype = struct.unpack(order + "h", header[70:72])[0]
     vox_offset, slope, intercept = struct.unpack(order + "3f", header[108:120])
     plain = header[344:348] == b"n+1\0" and dims[0] == 3 and slope in (0.0, 1.0) and intercept == 0.0
-    if not plain or datatype not in _DATATYPES or not HEADER_BYTES <= vox_offset <= MAX_VOX_OFFSET or vox_offset != int(vox_offset):
+    if (
+        not plain
+        or datatype not in _DATATYPES
+        or not HEADER_BYTES <= vox_offset <= MAX_VOX_OFFSET
+        or vox_offset != int(vox_offset)
+    ):
         return None
     return np.dtype(order + _DATATYPES[datatype]), tuple(dims[1:4]), int(vox_offset)
 
@@ -48,7 +53,9 @@ class _Differs(Exception):
     """Raised by a consumer to stop the inflate: the stream holds other voxels than expected."""
 
 
-def _stream_voxels(path: Path, size_xyz: Sequence[int], expected: np.dtype, consume: Callable[[np.dtype, int, bytes], None]) -> bool:
+def _stream_voxels(
+    path: Path, size_xyz: Sequence[int], expected: np.dtype, consume: Callable[[np.dtype, int, bytes], None]
+) -> bool:
     """Inflate the ``.nii.gz`` at ``path`` and hand its voxel bytes, in order and as they come, to
     ``consume(file_dtype, offset, piece)``: ``file_dtype`` is the voxels' type with the file's byte order.
     The first call comes only once the header is known to be the plain case and to agree with what ITK
@@ -72,7 +79,7 @@ def _stream_voxels(path: Path, size_xyz: Sequence[int], expected: np.dtype, cons
                         total = int(np.prod(layout[1], dtype=np.int64)) * layout[0].itemsize
                     if layout is None or len(head) < layout[2]:
                         continue
-                    output, head = memoryview(head)[layout[2]:], None
+                    output, head = memoryview(head)[layout[2] :], None
                 if written + len(output) > total:
                     return False
                 if output:

@@ -53,8 +53,12 @@ def _voxel_layout(path: Path, size_xyz: Sequence[int], expected: np.dtype) -> Op
     sizes = [int(size) for size in np.atleast_1d(header.get("sizes", []))]
     encoding = str(header.get("encoding", "")).lower()
     plain = (
-        int(header.get("dimension", 0)) == 3 and sizes == [int(size) for size in size_xyz] and not any(skips)
-        and "data file" not in header and "datafile" not in header and encoding in ("raw", "gzip", "gz")
+        int(header.get("dimension", 0)) == 3
+        and sizes == [int(size) for size in size_xyz]
+        and not any(skips)
+        and "data file" not in header
+        and "datafile" not in header
+        and encoding in ("raw", "gzip", "gz")
     )
     if not plain or code is None or np.dtype(code) != expected.newbyteorder("="):
         return None
@@ -72,7 +76,9 @@ def _raw_pieces(file, total: int) -> Iterator[bytes]:
         yield piece
 
 
-def stream_voxels(path: Path, size_xyz: Sequence[int], expected: np.dtype, consume: Callable[[np.dtype, int, bytes], None]) -> bool:
+def stream_voxels(
+    path: Path, size_xyz: Sequence[int], expected: np.dtype, consume: Callable[[np.dtype, int, bytes], None]
+) -> bool:
     """Hand the voxel bytes of the NRRD at ``path``, in order and as they are read (a thread reads or
     inflates ahead), to ``consume(file_dtype, offset, piece)``, as nifti_voxels' reader does for a ``.nii.gz``.
 

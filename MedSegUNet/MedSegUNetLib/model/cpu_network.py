@@ -60,8 +60,12 @@ class PointwiseHead(torch.nn.Module):
 
     def __init__(self, conv: torch.nn.Conv3d):
         super().__init__()
-        self.weight = torch.nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1).contiguous(), requires_grad=False)
-        self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach().reshape(1, -1, 1), requires_grad=False)
+        self.weight = torch.nn.Parameter(
+            conv.weight.detach().reshape(conv.out_channels, -1).contiguous(), requires_grad=False
+        )
+        self.bias = (
+            None if conv.bias is None else torch.nn.Parameter(conv.bias.detach().reshape(1, -1, 1), requires_grad=False)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, channels, *spatial = x.shape
@@ -80,7 +84,9 @@ class OneDnnConv(torch.nn.Module):
         self.padding, self.stride, self.dilation, self.groups = conv.padding, conv.stride, conv.dilation, conv.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
+        return torch.mkldnn_convolution(
+            x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups
+        )
 
 
 class OneDnnUpsample(torch.nn.Module):
@@ -115,8 +121,10 @@ def _one_dnn(module: torch.nn.Module) -> Optional[torch.nn.Module]:
     if (
         type(module) is torch.nn.ConvTranspose3d
         and tuple(module.kernel_size) == tuple(module.stride)
-        and not any(module.padding) and not any(module.output_padding)
-        and set(module.dilation) == {1} and module.groups == 1
+        and not any(module.padding)
+        and not any(module.output_padding)
+        and set(module.dilation) == {1}
+        and module.groups == 1
     ):
         return OneDnnUpsample(module)
     return None
@@ -125,8 +133,10 @@ def _one_dnn(module: torch.nn.Module) -> Optional[torch.nn.Module]:
 def _is_pointwise(module: torch.nn.Module) -> bool:
     return (
         type(module) is torch.nn.Conv3d
-        and tuple(module.kernel_size) == (1, 1, 1) and tuple(module.stride) == (1, 1, 1)
-        and not isinstance(module.padding, str) and not any(module.padding)
+        and tuple(module.kernel_size) == (1, 1, 1)
+        and tuple(module.stride) == (1, 1, 1)
+        and not isinstance(module.padding, str)
+        and not any(module.padding)
         and module.groups == 1
     )
 

@@ -53,7 +53,9 @@ def network_precision(precision: str, device: torch.device) -> Optional[torch.dt
     if device.type == "mps":
         raise MedSegError("--precision bf16 is not supported on Apple's MPS; use auto or fp32")
     if device.type == "cpu" and not cpu_runs_bf16():
-        raise MedSegError("--precision bf16 needs a CPU with bf16 instructions oneDNN can use (AVX512-BF16, AMX); use auto or fp32")
+        raise MedSegError(
+            "--precision bf16 needs a CPU with bf16 instructions oneDNN can use (AVX512-BF16, AMX); use auto or fp32"
+        )
     return torch.bfloat16
 
 
@@ -117,7 +119,9 @@ def mirror_axes(spatial_dims: int = 3) -> List[Tuple[int, ...]]:
     return [combo for n in range(spatial_dims + 1) for combo in itertools.combinations(axes, n)]
 
 
-def prepare_network(network: torch.nn.Module, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+def prepare_network(
+    network: torch.nn.Module, device: torch.device, dtype: Optional[torch.dtype] = None
+) -> torch.nn.Module:
     """The network in evaluation mode on ``device``, laid out as that device runs it fastest; on the
     CPU a copy in ``dtype`` when given (elsewhere reduced precision is autocast: :func:`_autocast`)."""
     network.eval()
@@ -139,7 +143,9 @@ def class_indices(scores: torch.Tensor) -> torch.Tensor:
 
     A running maximum: ``torch.argmax`` over the outer dim is several times slower on the CPU."""
     best = scores[0].clone()
-    indices = torch.zeros(scores.shape[1:], dtype=torch.uint8 if scores.shape[0] <= 256 else torch.int32, device=scores.device)
+    indices = torch.zeros(
+        scores.shape[1:], dtype=torch.uint8 if scores.shape[0] <= 256 else torch.int32, device=scores.device
+    )
     for index in range(1, scores.shape[0]):
         higher = scores[index] > best
         indices.masked_fill_(higher, index)
@@ -198,7 +204,9 @@ def _sliding_window(
     with torch.inference_mode(), _autocast(device, dtype):
         volume = torch.from_numpy(array).to(stitch_on)
         declared = getattr(network, "out_channels", None)  # None: sized from the first window's scores
-        scores = blended_scores(predictor, volume, patch_size_zyx, declared, options.overlap, batch_size, device, float(array.min()))
+        scores = blended_scores(
+            predictor, volume, patch_size_zyx, declared, options.overlap, batch_size, device, float(array.min())
+        )
         return class_indices(scores).cpu().numpy()
 
 

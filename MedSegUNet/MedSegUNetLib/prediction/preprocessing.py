@@ -108,7 +108,9 @@ def normalize(array: np.ndarray, normalization: Normalization) -> np.ndarray:
     return array
 
 
-def body_box(array_zyx: np.ndarray, spacing_zyx: Sequence[float], threshold: float = BODY_HU) -> Tuple[slice, slice, slice]:
+def body_box(
+    array_zyx: np.ndarray, spacing_zyx: Sequence[float], threshold: float = BODY_HU
+) -> Tuple[slice, slice, slice]:
     """The (z, y, x) box around every voxel above ``threshold`` (HU), with a margin; all of it when none is.
 
     Everything outside is air: a trained network predicts background there, so segment need not run it
@@ -129,7 +131,9 @@ def prepare_channels(channels: Sequence[sitk.Image], preprocessing: Preprocessin
     first, grid = network_array(channels[0], preprocessing)
     arrays = [first]
     for channel in channels[1:]:  # onto the first channel's grid, whatever their own (ITK: any geometry)
-        on_grid = resample_onto(channel, grid, sitk.sitkLinear, default_value=_minimum(channel), pixel_type=sitk.sitkFloat32)
+        on_grid = resample_onto(
+            channel, grid, sitk.sitkLinear, default_value=_minimum(channel), pixel_type=sitk.sitkFloat32
+        )
         arrays.append(sitk.GetArrayFromImage(on_grid))
     return stack_network_input(arrays, grid, preprocessing)
 
@@ -159,9 +163,7 @@ def restore_labels(labels_zyx: np.ndarray, network_grid: Grid, input_grid: Grid)
     present = [np.flatnonzero(labels_zyx.any(axis=tuple(a for a in range(3) if a != axis))) for axis in (2, 1, 0)]
     if any(indices.size == 0 for indices in present):
         return restored
-    start, stop = input_grid.box_covering(
-        network_grid, [int(i[0]) for i in present], [int(i[-1]) + 1 for i in present]
-    )
+    start, stop = input_grid.box_covering(network_grid, [int(i[0]) for i in present], [int(i[-1]) + 1 for i in present])
     if np.any(stop <= start):
         return restored
     part = nearest_values_onto(predicted, input_grid.sub_grid(start, stop - start))

@@ -57,9 +57,16 @@ class SliceResampler:
     plane is finished as soon as its two source slices are. Target voxels outside the source get
     ``default_value``, or the source's minimum when None (segment's choice: air on a CT)."""
 
-    def __init__(self, source_size_ijk: Sequence[int], index_maps: Sequence[Tuple[int, np.ndarray]], default_value: Optional[float] = None):
-        along = {source_axis: AxisWeights.of(np.asarray(positions, dtype=np.float64), int(source_size_ijk[source_axis]))
-                 for source_axis, positions in index_maps}
+    def __init__(
+        self,
+        source_size_ijk: Sequence[int],
+        index_maps: Sequence[Tuple[int, np.ndarray]],
+        default_value: Optional[float] = None,
+    ):
+        along = {
+            source_axis: AxisWeights.of(np.asarray(positions, dtype=np.float64), int(source_size_ijk[source_axis]))
+            for source_axis, positions in index_maps
+        }
         self._i, self._j, self._k = along[0], along[1], along[2]
         self._source_slices = int(source_size_ijk[2])
         self._slice_shape = (int(source_size_ijk[1]), int(source_size_ijk[0]))

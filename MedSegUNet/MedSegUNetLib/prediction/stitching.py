@@ -80,7 +80,11 @@ def blended_scores(
         flat = [amount for pair in reversed(padding) for amount in pair]  # F.pad wants the last axis first
         volume = F.pad(volume[None], flat, mode="constant", value=fill_value)[0]
     weight = compute_importance_map(tuple(window_zyx), mode="gaussian", device=volume.device)
-    scores = None if classes is None else torch.zeros((classes, *volume.shape[1:]), dtype=torch.float32, device=volume.device)
+    scores = (
+        None
+        if classes is None
+        else torch.zeros((classes, *volume.shape[1:]), dtype=torch.float32, device=volume.device)
+    )
     slices = window_slices(volume.shape[1:], window_zyx, overlap)
     for start in range(0, len(slices), batch_size):
         batch = slices[start : start + batch_size]
@@ -90,8 +94,10 @@ def blended_scores(
         if scores is None:
             scores = torch.zeros((output.shape[1], *volume.shape[1:]), dtype=torch.float32, device=volume.device)
         if tuple(output.shape) != (len(batch), scores.shape[0], *window_zyx):
-            raise ValueError(f"the network gave scores of shape {tuple(output.shape)} for {len(batch)} window(s) of "
-                             f"{list(window_zyx)}, {scores.shape[0]} classes")
+            raise ValueError(
+                f"the network gave scores of shape {tuple(output.shape)} for {len(batch)} window(s) of "
+                f"{list(window_zyx)}, {scores.shape[0]} classes"
+            )
         output = output.to(scores.device)
         for index, where in enumerate(batch):
             scores[(slice(None), *where)].addcmul_(output[index], weight)
@@ -103,4 +109,13 @@ def blended_scores(
 def summed_weights(shape_zyx: Sequence[int], window_zyx: Sequence[int], overlap: float) -> torch.Tensor:
     """The sum of the windows' weights at each voxel of a volume of ``shape_zyx``: what MONAI divides by."""
     ones = torch.zeros((1, *shape_zyx), dtype=torch.float32)
-    return blended_scores(lambda windows: torch.ones((windows.shape[0], 1, *window_zyx)), ones, window_zyx, 1, overlap, 1, torch.device("cpu"), 0.0)[0]
+    return blended_scores(
+        lambda windows: torch.ones((windows.shape[0], 1, *window_zyx)),
+        ones,
+        window_zyx,
+        1,
+        overlap,
+        1,
+        torch.device("cpu"),
+        0.0,
+    )[0]
