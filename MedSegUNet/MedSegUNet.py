@@ -481,7 +481,8 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return True
         if not slicer.util.confirmOkCancelDisplay(
             "MedSegUNet needs these Python packages, which are not installed in Slicer yet:\n"
-            f"{', '.join(missing)}\n\nInstall them now? This downloads up to a few GB (PyTorch) and takes a few minutes.",
+            f"{', '.join(missing)}\n\n"
+            "Install them now? This downloads up to a few GB (PyTorch) and takes a few minutes.",
             "MedSegUNet: install dependencies",
         ):
             return False
@@ -564,7 +565,10 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         text = describe(meta)
         training = meta.provenance.get("training") if isinstance(meta.provenance, dict) else None
         if isinstance(training, dict) and training.get("cases") is not None:
-            text += f"\ntrained on {len(training['cases'])} cases, {training.get('steps', '?')} steps ({training.get('device', '?')})"
+            text += (
+                f"\ntrained on {len(training['cases'])} cases, {training.get('steps', '?')} steps"
+                f" ({training.get('device', '?')})"
+            )
         return text
 
     # --- dependencies ---
@@ -708,7 +712,7 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         folder = self.newWorkFolder()
         inputPath = self.writeVolume(volumeNode, folder / "input.nrrd")
         request = self.segmentRequest(inputPath, model, folder / "result.seg.nrrd", device, overlap, tta, largest)
-        pending = dict(volumeNode=volumeNode, outputPath=request.output, model=model)
+        pending = {"volumeNode": volumeNode, "outputPath": request.output, "model": model}
         standby, self.standby = self.standby, None
         run = standby.take(request) if standby is not None else None
         self.lastRunWasReady = run is not None
@@ -779,7 +783,8 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
                 raise ValueError(f"segmentation '{segmentationNode.GetName()}' has no reference volume")
             if segmentationNode.GetTransformNodeID() != volume.GetTransformNodeID():
                 raise ValueError(
-                    f"'{segmentationNode.GetName()}' and '{volume.GetName()}' are under different transforms: harden them first"
+                    f"'{segmentationNode.GetName()}' and '{volume.GetName()}' are under different transforms:"
+                    " harden them first"
                 )
             image = self.writeVolume(volume, folder / f"volume{index}.nrrd")
             labels = self.writeLabelmapSegmentation(segmentationNode, volume, folder / f"segmentation{index}.seg.nrrd")

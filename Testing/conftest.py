@@ -105,7 +105,8 @@ def engine_baseline(tmp_path_factory):
     for variable in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR"):
         environment.pop(variable, None)
     probe = (
-        "import MedSegUNetLib.cli, MedSegUNetLib.commands.segment, training.cli, training.scenes, monai.networks.nets, matplotlib.pyplot\n"
+        "import MedSegUNetLib.cli, MedSegUNetLib.commands.segment, training.cli, training.scenes,"
+        " monai.networks.nets, matplotlib.pyplot\n"
         "print([int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmPeak:')][0])"
     )
     result = subprocess.run(

@@ -283,7 +283,10 @@ def test_progress_lines_are_told_apart_from_other_output():
 
 def test_records_arrive_while_the_child_runs():
     """The reader thread hands records over as they are printed, not when the child ends."""
-    script = "import json, time\nfor i in range(3):\n    print(json.dumps({'stage': 's', 'done': i, 'total': 3, 'message': ''}), flush=True)\ntime.sleep(60)"
+    script = (
+        "import json, time\nfor i in range(3):\n"
+        "    print(json.dumps({'stage': 's', 'done': i, 'total': 3, 'message': ''}), flush=True)\ntime.sleep(60)"
+    )
     process = ChildProcess([sys.executable, "-c", script])
     try:
         seen = []
@@ -327,7 +330,10 @@ def test_cancel_ends_the_whole_process_tree(tmp_path):
 
 @posix_only
 def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path):
-    then = 'signal.signal(signal.SIGTERM, signal.SIG_IGN); print(\'{"stage": "x", "done": 0, "total": 1, "message": ""}\', flush=True); time.sleep(120)'
+    then = (
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        'print(\'{"stage": "x", "done": 0, "total": 1, "message": ""}\', flush=True); time.sleep(120)'
+    )
     process = ChildProcess([sys.executable, "-c", spawning_script(tmp_path / "pid", then)])
     while not any(r["stage"] == "x" for r in process.poll()):
         assert process.state == RUNNING, process.log_text()

@@ -73,7 +73,7 @@ def test_json_progress_protocol(tmp_path, ct_chest, small_bundle):
     assert all({"stage", "done", "total", "message"} <= set(r) for r in records)
     stages = [r["stage"] for r in records if not r.get("note")]
     order = ["read", "preprocess", "predict", "restore", "write", "done"]
-    assert [s for s in dict.fromkeys(stages)] == order
+    assert list(dict.fromkeys(stages)) == order
     predict = [r for r in records if r["stage"] == "predict"]
     assert predict[-1]["done"] == predict[-1]["total"] > 1
     assert [r["done"] for r in predict] == sorted(r["done"] for r in predict)
@@ -652,7 +652,8 @@ def test_segment_skips_monai_s_plotting_and_signal_imports(tmp_path, ct_chest, s
     probe = (
         "import sys\nfrom MedSegUNetLib.cli import main\n"
         "code = main(sys.argv[1:])\n"
-        "skipped = [name for name in ('matplotlib', 'scipy.signal') if name in sys.modules and sys.modules[name] is None]\n"
+        "skipped = [name for name in ('matplotlib', 'scipy.signal')"
+        " if name in sys.modules and sys.modules[name] is None]\n"
         "print(code, 'monai' in sys.modules, ','.join(skipped))\n"
         "import matplotlib\n"  # fails where skipped
     )

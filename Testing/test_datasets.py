@@ -104,7 +104,7 @@ def test_image_label_pairs(tmp_path, chest_files):
     assert "case chest: 128x128x34 voxels" in result.stdout
     # exactly the file's values: reading them once came from freed memory and found stray labels
     expected = [f"label {v}: label_{v}" for v in range(1, len(names) + 1)]
-    assert [l for l in result.stdout.splitlines() if l.startswith("label ")] == expected
+    assert [line for line in result.stdout.splitlines() if line.startswith("label ")] == expected
     for _ in range(5):
         assert [s.label_value for s in read_pair(f"{image}:{label}").segments] == list(range(1, len(names) + 1))
     fractional = tmp_path / "fractional.nii.gz"
@@ -231,5 +231,7 @@ def test_torchrun_two_gloo_ranks_one_bundle_different_data(tmp_path, chest_files
     assert bundles == ["checkpoint.safetensors", "last.safetensors", "model.safetensors"]
     meta = load_bundle(out / "model.safetensors").meta
     assert meta.provenance["training"]["world_size"] == 2
-    done = [json.loads(l) for l in result.stdout.splitlines() if l.startswith("{") and '"stage": "done"' in l]
+    done = [
+        json.loads(line) for line in result.stdout.splitlines() if line.startswith("{") and '"stage": "done"' in line
+    ]
     assert len(done) == 1  # only rank 0 reports

@@ -8,6 +8,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from conftest import slicerio_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +17,6 @@ from training.scene_writer import ScenePair, scene_xml
 from training.scenes import read_scene
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-from conftest import slicerio_data
 
 SAMPLE_XML = scene_xml(
     [ScenePair("ct", Path("ct.nrrd"), Path("s.seg.nrrd"), "seg")]

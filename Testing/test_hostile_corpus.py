@@ -2,7 +2,8 @@
 
 Every file runs ``python -m MedSegUNetLib segment|train`` in a child process, as the Slicer panel starts
 it, under an address-space limit (``ulimit -v``, 3 GiB above what the engine's imports take: a header
-that made the engine allocate what it claims would fail differently than a refusal), with its working folder, HOME and TMPDIR in watched folders. Each
+that made the engine allocate what it claims would fail differently than a refusal), with its working folder,
+HOME and TMPDIR in watched folders. Each
 must give: a non-zero exit (1: bad input), exactly one stderr line ``medsegunet: error: PATH: ...``
 naming the file, no traceback, a JSON ``error`` record last on stdout, no output and no temporary in the
 work folder, an empty TMPDIR, and nothing created, changed or removed anywhere else in the test's tree.
@@ -251,7 +252,10 @@ def _entity_expansion_bomb(corpus: Path, fixtures: dict) -> Path:
 
 
 def _external_entity(corpus: Path, fixtures: dict) -> Path:
-    text = '<?xml version="1.0"?><!DOCTYPE MRML [<!ENTITY x SYSTEM "file:///etc/passwd">]><MRML><Volume id="v" name="&x;"/></MRML>'
+    text = (
+        '<?xml version="1.0"?><!DOCTYPE MRML [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+        '<MRML><Volume id="v" name="&x;"/></MRML>'
+    )
     return _mrml(corpus, "external", text)
 
 

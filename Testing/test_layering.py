@@ -194,7 +194,8 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
             "core/__init__.py": "",
             "core/errors.py": "def f():\n    from MedSegUNetLib.model import bundle\n",  # up a layer, inside a function
             "model/__init__.py": "",
-            "model/bundle.py": "from ..core import errors\nimport training.cli\n",  # relative; the engine imports training
+            # relative; the engine imports training
+            "model/bundle.py": "from ..core import errors\nimport training.cli\n",
             "prediction/__init__.py": "",
             "prediction/a.py": "from .b import x\n",
             "prediction/b.py": "def g():\n    from MedSegUNetLib.prediction.a import y\nimport qt\n",  # a cycle; Qt

@@ -113,7 +113,7 @@ def test_missing_segment_is_reported(tmp_path, chest_segmentation):
     )
     b = Case("b", Path("b.nrrd"), chest_segmentation, [SegmentInfo("liver ", 7, 0, (1, 0, 0))])
     table = build_label_table([a, b])
-    assert [l.name for l in table.labels] == ["Liver", "spleen"]
+    assert [label.name for label in table.labels] == ["Liver", "spleen"]
     assert table.report() == ["'spleen' is missing from b"]
     np.testing.assert_array_equal(table.lookup_table(b), [0, 1])
 
@@ -121,7 +121,10 @@ def test_missing_segment_is_reported(tmp_path, chest_segmentation):
 def test_terminology_matches_differently_named_segments():
     from training.scenes import Case, SegmentInfo
 
-    liver = "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^"
+    liver = (
+        "Segmentation category and type - 3D Slicer General Anatomy list"
+        "~SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~Anatomic codes - DICOM master list~^^~^^"
+    )
     a = Case("a", Path("a"), Path("a"), [SegmentInfo("liver", 1, 0, (1, 0, 0), liver)])
     b = Case(
         "b", Path("b"), Path("b"), [SegmentInfo("Leber", 4, 0, (1, 0, 0), liver.replace("Liver", "liver (custom)"))]
@@ -142,7 +145,7 @@ def test_fine_tuning_keeps_model_labels_and_appends_new_ones(chest_segmentation)
         [SegmentInfo("LIVER", 3, 0, (1, 0, 0)), SegmentInfo("kidney", 9, 0, (0, 0, 1))],
     )
     table = build_label_table([case], initial=initial)
-    assert [(l.value, l.name) for l in table.labels] == [(1, "spleen"), (2, "liver"), (3, "kidney")]
+    assert [(label.value, label.name) for label in table.labels] == [(1, "spleen"), (2, "liver"), (3, "kidney")]
     assert table.case_maps["c"] == {1: 2, 2: 3}
 
 
@@ -216,6 +219,22 @@ def test_zip_slip_is_refused_before_anything_is_written(tmp_path, member):
     assert not work.exists() or not any(work.rglob("*"))
 
 
+@pytest.mark.parametrize("member", [".", "./"])
+def test_a_member_naming_the_extraction_folder_itself_is_refused(tmp_path, member):
+    """Found by the fuzzer: a file member "." would be opened as the folder (IsADirectoryError)."""
+    archive = zip_with(tmp_path, {"scene/scene.mrml": "<MRML></MRML>", member: "x"})
+    with pytest.raises(SceneError, match="names no file"):
+        extract_mrb(archive, tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+
+
+def test_members_that_clash_as_file_and_folder_are_one_clear_error(tmp_path):
+    archive = zip_with(tmp_path, {"scene/scene.mrml": "<MRML></MRML>", "scene/a": "file", "scene/a/b": "under it"})
+    with pytest.raises(SceneError, match="'scene/a/b' clashes with another member"):
+        extract_mrb(archive, tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+
+
 def test_symlink_member_is_refused(tmp_path):
     link = zipfile.ZipInfo("scene/Data/link")
     link.external_attr = 0o120777 << 16
@@ -265,11 +284,13 @@ def test_member_that_lies_about_its_size_is_stopped(tmp_path):
     "xml,message",
     [
         (
-            '<?xml version="1.0"?><!DOCTYPE m [<!ENTITY x SYSTEM "file:///etc/passwd">]><MRML><Volume id="a" name="&x;"/></MRML>',
+            '<?xml version="1.0"?><!DOCTYPE m [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+            '<MRML><Volume id="a" name="&x;"/></MRML>',
             "unsafe XML",
         ),
         (
-            '<?xml version="1.0"?><!DOCTYPE m [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]><MRML><Volume id="a" name="&b;"/></MRML>',
+            '<?xml version="1.0"?><!DOCTYPE m [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>'
+            '<MRML><Volume id="a" name="&b;"/></MRML>',
             "unsafe XML",
         ),
         ("<MRML><Volume id='a'", "not a readable MRML"),

@@ -646,7 +646,10 @@ def test_every_mrml_method_and_node_class_exists(version):
     """Calls the inference cannot attribute: the method must exist on some MRML/VTK class at least."""
     data = api(version)
     assert unknown_mrml_methods(module_tree(), data) == []
-    snippet = "import tempfile\nnode.GetSegmentationz()\nnode.SetName('a')\nwidget.setText('x')\ntempfile.TemporaryDirectory()"
+    snippet = (
+        "import tempfile\nnode.GetSegmentationz()\nnode.SetName('a')\nwidget.setText('x')\n"
+        "tempfile.TemporaryDirectory()"
+    )
     assert unknown_mrml_methods(module_tree(snippet), data) == ["GetSegmentationz"]
     classes = scene_class_names(module_tree())
     assert {"vtkMRMLSegmentationNode", "vtkMRMLVolumeArchetypeStorageNode", "vtkMRMLSegmentationStorageNode"} <= classes
@@ -831,7 +834,8 @@ def test_module_icon_is_a_128_pixel_png():
 
 # --- the extension's CMake, configured against a stand-in for Slicer ---------------------------------
 
-STUB_SLICER_CONFIG = r"""
+STUB_SLICER_CONFIG = (
+    r"""
 # A stand-in for Slicer's build tree: the variables and macros the extension uses, with the same
 # copying rules (scripts and resources land under qt-scripted-modules/ at their relative paths).
 set(Slicer_FOUND TRUE)
@@ -846,7 +850,8 @@ function(slicerMacroBuildScriptedModule)
     if(NOT EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/${file})
       message(FATAL_ERROR "listed but missing: ${file}")
     endif()
-    configure_file(${CMAKE_CURRENT_SOURCE_DIR}/${file} ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/${file} COPYONLY)
+    configure_file(${CMAKE_CURRENT_SOURCE_DIR}/${file} """  # one CMake line, split to stay within 120 columns
+    r"""${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/${file} COPYONLY)
   endforeach()
   file(WRITE ${CMAKE_BINARY_DIR}/module-name.txt "${MY_NAME}")
 endfunction()
@@ -858,6 +863,7 @@ function(slicer_add_python_unittest)
   file(APPEND ${CMAKE_BINARY_DIR}/python-unittests.txt "${MY_SCRIPT}\n")
 endfunction()
 """
+)
 
 
 @pytest.fixture(scope="module")

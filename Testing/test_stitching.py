@@ -80,7 +80,7 @@ def test_predict_labels_is_monais_argmax_with_tta_and_batches():
         )
         flips = [()] + ([(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if tta else [])
 
-        def averaged(windows):
+        def averaged(windows, flips=flips):  # flips bound now, not looked up when the loop has moved on
             return sum(
                 torch.flip(network(torch.flip(windows, f) if f else windows), f) if f else network(windows)
                 for f in flips

@@ -156,8 +156,8 @@ def test_fine_tune_keeps_labels_and_adds_new_ones(tmp_path, chest_scenes):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     tuned = load_bundle(out / "model.safetensors")
-    names = [l.name for l in tuned.meta.labels]
-    assert names[:2] == ["left lung", "Liver"] and [l.value for l in tuned.meta.labels][:2] == [1, 2]
+    names = [label.name for label in tuned.meta.labels]
+    assert names[:2] == ["left lung", "Liver"] and [label.value for label in tuned.meta.labels][:2] == [1, 2]
     assert "ribs" in names and len(names) == 8
     assert tuned.meta.preprocessing == start.meta.preprocessing
 

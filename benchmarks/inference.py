@@ -1,6 +1,7 @@
 """Inference benchmark: `medsegunet segment` end to end against the pipeline a MONAI user would write.
 
-    python benchmarks/inference.py [--quick | --size tiny|quick|full|huge] [--repeats N] [--whole-process N] [--panel] [--json FILE] [--plot PNG]
+    python benchmarks/inference.py [--quick | --size tiny|quick|full|huge] [--repeats N] [--whole-process N]
+                                   [--panel] [--json FILE] [--plot PNG]
 
 Both pipelines run the same bundle (the shipped model) on the same CT-like volume (made from the sample
 CT, see volumes.py), each run in its own child process, alternating ours/baseline, so that each peak
@@ -630,8 +631,10 @@ def print_table(report: dict) -> None:
     volume, sides = report["volume"], [k for k in ("ours", "ready", "baseline") if k in report]
     print(
         f"volume {'x'.join(map(str, volume['size']))} at {volume['spacing']} mm, model {report['model']}, "
-        f"{report['machine']['cpus']} CPUs ({report['machine']['cpu']}), {report['machine'].get('gpu', 'no GPU')} used: "
-        f"{report['machine']['device']}, medians of {report['repeats']} runs, segment --precision {report.get('precision_ours', 'auto')}, "
+        f"{report['machine']['cpus']} CPUs ({report['machine']['cpu']}), "
+        f"{report['machine'].get('gpu', 'no GPU')} used: "
+        f"{report['machine']['device']}, medians of {report['repeats']} runs, "
+        f"segment --precision {report.get('precision_ours', 'auto')}, "
         f"files: {report.get('files', 'nii.gz in, nii.gz out')}"
     )
     print(f"{'':22}" + "".join(f"{k:>12}" for k in sides))
@@ -653,14 +656,17 @@ def print_table(report: dict) -> None:
         print(f"speedup vs baseline   {report['speedup_vs_monai_baseline']:>12.2f} x")
         print(f"peak RSS ratio        {report['peak_rss_ratio_vs_monai_baseline']:>12.2f}")
         print(
-            f"Dice ours vs baseline {report['dice_ours_vs_baseline']:>12.4f}  (each resampling with its own grid convention)"
+            f"Dice ours vs baseline {report['dice_ours_vs_baseline']:>12.4f}"
+            "  (each resampling with its own grid convention)"
         )
         print(
-            f"  on the model's grid {report['dice_ours_vs_baseline_on_model_grid']:>12.4f}  (no resampling: the pipelines' own differences)"
+            f"  on the model's grid {report['dice_ours_vs_baseline_on_model_grid']:>12.4f}"
+            "  (no resampling: the pipelines' own differences)"
         )
     if "ready" in report:
         print(
-            f"ready: labels equal ours: {report['ready_labels_equal_ours']}  (ready = segment on the engine started ahead: model loaded, first window run)"
+            f"ready: labels equal ours: {report['ready_labels_equal_ours']}"
+            "  (ready = segment on the engine started ahead: model loaded, first window run)"
         )
         if "baseline" in report:
             print(f"speedup ready vs baseline {report['speedup_ready_vs_monai_baseline']:>8.2f} x")
@@ -672,7 +678,8 @@ def print_table(report: dict) -> None:
             print(f"  speedup             {whole['speedup_vs_monai_baseline']:>12.2f} x")
         if "ready_s" in whole:
             print(
-                f"  ready: the job on a started standby engine; its start, before the click: {whole['ready_start_s']:.2f} s"
+                "  ready: the job on a started standby engine; its start, before the click: "
+                f"{whole['ready_start_s']:.2f} s"
             )
 
 
@@ -738,7 +745,8 @@ def main() -> None:
         "--engine-malloc",
         choices=ENGINE_MALLOC_CHOICES,
         default="ours",
-        help="which pipelines run with the engine's malloc settings on Linux (huge pages, fixed mmap and trim thresholds: childprocess.MALLOC_TUNABLES; default: ours, as the engine is started)",
+        help="which pipelines run with the engine's malloc settings on Linux (huge pages, fixed mmap and trim"
+        " thresholds: childprocess.MALLOC_TUNABLES; default: ours, as the engine is started)",
     )
     parser.add_argument(
         "--precision",
@@ -756,7 +764,8 @@ def main() -> None:
     parser.add_argument(
         "--panel",
         action="store_true",
-        help="the Slicer panel's files: the volume as uncompressed .nrrd, ours' result as .seg.nrrd (the baseline writes .nii.gz)",
+        help="the Slicer panel's files: the volume as uncompressed .nrrd, ours' result as .seg.nrrd"
+        " (the baseline writes .nii.gz)",
     )
     parser.add_argument("--json", help="write the report as JSON here")
     parser.add_argument("--plot", help="write the time-per-stage plot (PNG) here")

@@ -200,7 +200,8 @@ def harness(args) -> dict:
             runs[kind].append(spawn(kind, size_name, args.workers, args.device, args.engine_malloc))
             last = runs[kind][-1]
             print(
-                f"run {repeat + 1}/{args.repeats} {kind:>8}: {last['steps_per_s']:.3f} steps/s, data wait {last['data_wait_share']:.1%}",
+                f"run {repeat + 1}/{args.repeats} {kind:>8}: {last['steps_per_s']:.3f} steps/s, "
+                f"data wait {last['data_wait_share']:.1%}",
                 file=sys.stderr,
             )
 
@@ -227,7 +228,8 @@ def harness(args) -> dict:
     print(f"{'':18}{'ours':>10}{'baseline':>10}")
     print(f"{'steps/s':18}{report['ours']['steps_per_s']:>10.3f}{report['baseline']['steps_per_s']:>10.3f}")
     print(
-        f"{'data wait share':18}{report['ours']['data_wait_share']:>10.1%}{report['baseline']['data_wait_share']:>10.1%}"
+        f"{'data wait share':18}{report['ours']['data_wait_share']:>10.1%}"
+        f"{report['baseline']['data_wait_share']:>10.1%}"
     )
     print(f"{'peak RSS (MB)':18}{report['ours']['peak_rss_mb']:>10.0f}{report['baseline']['peak_rss_mb']:>10.0f}")
     print(f"speedup vs baseline {report['speedup_vs_monai_baseline']:.2f}x")
@@ -245,7 +247,8 @@ def main() -> None:
         "--engine-malloc",
         choices=ENGINE_MALLOC_CHOICES,
         default="ours",
-        help="which loops run with the engine's malloc settings on Linux (childprocess.MALLOC_TUNABLES; default: ours, as the engine is started)",
+        help="which loops run with the engine's malloc settings on Linux"
+        " (childprocess.MALLOC_TUNABLES; default: ours, as the engine is started)",
     )
     parser.add_argument("--json", help="write the report as JSON here")
     parser.add_argument(

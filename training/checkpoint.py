@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import torch
 
@@ -14,7 +14,9 @@ from MedSegUNetLib.core.errors import MedSegError
 CHECKPOINT = "checkpoint.safetensors"
 
 
-def save_checkpoint(folder: Path, network, optimizer, state: Dict[str, Any]) -> Path:
+def save_checkpoint(
+    folder: Path, network: torch.nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any]
+) -> Path:
     """Atomic: a run killed while writing leaves the previous checkpoint intact."""
     from safetensors.torch import save_file
 
@@ -46,7 +48,7 @@ def save_checkpoint(folder: Path, network, optimizer, state: Dict[str, Any]) -> 
     return path
 
 
-def load_checkpoint(folder: Path, network, optimizer) -> Dict[str, Any]:
+def load_checkpoint(folder: Path, network: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
     from safetensors import safe_open
 
     path = Path(folder) / CHECKPOINT
@@ -75,7 +77,7 @@ def load_checkpoint(folder: Path, network, optimizer) -> Dict[str, Any]:
     return json.loads(metadata["state"])
 
 
-def _fill_aliases(network, stored: Dict[str, torch.Tensor], missing) -> None:
+def _fill_aliases(network: torch.nn.Module, stored: Dict[str, torch.Tensor], missing: Sequence[str]) -> None:
     """Names not stored are aliases of stored ones (same storage): check that they are now equal."""
     state = network.state_dict()
     for name in missing:

@@ -6,13 +6,20 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 
 from MedSegUNetLib.cli import add_progress_argument
 from MedSegUNetLib.core.errors import MedSegError
 
+if TYPE_CHECKING:  # imported where used, so that `--help` stays light
+    from MedSegUNetLib.core.progress import Progress
 
-def add_train_parser(commands) -> None:
+    from .config import TrainConfig
+    from .distributed import World
+    from .scenes import Case
+
+
+def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "train",
         help="train or fine-tune a model from Slicer scenes (.mrb/.mrml)",
@@ -22,7 +29,8 @@ def add_train_parser(commands) -> None:
         "inputs",
         nargs="+",
         metavar="DATA",
-        help=".mrb bundles, .mrml scenes, folders of .mrb files, MSD / nnU-Net v2 folders (dataset.json), or IMAGE:LABEL pairs",
+        help=".mrb bundles, .mrml scenes, folders of .mrb files, MSD / nnU-Net v2 folders (dataset.json), "
+        "or IMAGE:LABEL pairs",
     )
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     parser.add_argument("--init", type=Path, help="fine-tune this bundle (keeps its labels, adds new ones)")
@@ -72,12 +80,13 @@ def add_train_parser(commands) -> None:
     parser.set_defaults(handler=run_train_command)
 
 
-def discover(inputs: List[str], workdir: Path) -> Tuple[list, Optional[str]]:
+def discover(inputs: List[str], workdir: Path) -> Tuple[List[Case], Optional[str]]:
     """(cases, modality a dataset declared) from scenes, folders of scenes, MSD/nnU-Net folders, pairs."""
     from .datasets import is_dataset_folder, looks_like_pair, read_dataset_folder, read_pair
     from .scenes import read_scene
 
-    cases, modalities = [], set()
+    cases: List[Case] = []
+    modalities: Set[str] = set()
     for text in inputs:
         path = Path(text)
         if looks_like_pair(text):
@@ -85,7 +94,8 @@ def discover(inputs: List[str], workdir: Path) -> Tuple[list, Optional[str]]:
         elif is_dataset_folder(path):
             dataset = read_dataset_folder(path)
             cases += dataset.cases
-            modalities.add(dataset.modality)
+            if dataset.modality is not None:
+                modalities.add(dataset.modality)
         elif path.is_dir():
             scenes = sorted(path.glob("*.mrb"))
             if not scenes:
@@ -98,7 +108,6 @@ def discover(inputs: List[str], workdir: Path) -> Tuple[list, Optional[str]]:
     for index, case in enumerate(cases):
         if names.count(case.name) > 1:
             case.name = f"{case.name}#{index}"
-    modalities.discard(None)
     if len(modalities) > 1:
         raise MedSegError(f"the datasets mix modalities ({', '.join(sorted(modalities))}); pass --modality")
     return cases, next(iter(modalities), None)
@@ -111,7 +120,7 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def config_from(args: argparse.Namespace):
+def config_from(args: argparse.Namespace) -> TrainConfig:
     from .config import TrainConfig
 
     return TrainConfig(
@@ -138,7 +147,7 @@ def config_from(args: argparse.Namespace):
     )
 
 
-def run_train_command(args: argparse.Namespace, progress) -> dict:
+def run_train_command(args: argparse.Namespace, progress: Progress) -> dict:
     from MedSegUNetLib.core.progress import Progress
     from MedSegUNetLib.prediction.inference import select_device
 
@@ -151,7 +160,7 @@ def run_train_command(args: argparse.Namespace, progress) -> dict:
         world.close()
 
 
-def train(args: argparse.Namespace, progress, world) -> dict:
+def train(args: argparse.Namespace, progress: Progress, world: World) -> dict:
     from MedSegUNetLib.core.geometry import Grid
     from MedSegUNetLib.model.bundle import read_bundle_metadata
 
@@ -178,19 +187,20 @@ def train(args: argparse.Namespace, progress, world) -> dict:
             f"case {c.name}: {Grid.of(loaded[c.name][0]).describe()}, {len(c.segments)} segments ({c.source})"
             for c in cases
         ]
-        lines += [f"label {l.value}: {l.name}" for l in table.labels] + [f"warning: {w}" for w in table.report()]
+        lines += [f"label {label.value}: {label.name}" for label in table.labels]
+        lines += [f"warning: {w}" for w in table.report()]
         lines += [f"plan: {reason}" for reason in the_plan.reasons] + [f"split: {note}"]
         if args.dry_run:
             if world.is_main:
                 print("\n".join(lines))
-            return {"message": "dry run", "cases": len(cases), "labels": [l.name for l in table.labels]}
+            return {"message": "dry run", "cases": len(cases), "labels": [label.name for label in table.labels]}
         for line in lines:
             progress.note(line)
         prepared = {c.name: prepare(c, *loaded[c.name], table, the_plan.preprocessing) for c in cases}
     args.output.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         (args.output / "plan.json").write_text(json.dumps(the_plan.to_dict(), indent=2), encoding="utf-8")
-    summary = {
+    summary: Dict[str, Any] = {
         "cases": [c.source for c in cases],
         "validation": val_names,
         "split": note,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
 from MedSegUNetLib.model.bundle import Normalization, Preprocessing
+
+Number = TypeVar("Number", int, float)
 
 
 @dataclass
@@ -62,13 +64,19 @@ class Plan:
         }
 
 
+def _three(values: Sequence[Number]) -> Tuple[Number, Number, Number]:
+    """(x, y, z) from a sequence of three (a flag's list, a median's array)."""
+    x, y, z = values
+    return x, y, z
+
+
 def _patch_for(median_shape: Sequence[float], spacing: Sequence[float], budget_voxels: int) -> Tuple[int, int, int]:
     """Largest multiple-of-16 patch (multiple of 8 on short axes) within the image and the voxel budget."""
     patch = [max(16, int(min(s, 128) // 16 * 16)) for s in median_shape]
     while np.prod(patch) > budget_voxels and max(patch) > 16:
         axis = int(np.argmax(np.array(patch) * np.array(spacing)))  # shrink the longest physical side
         patch[axis] = max(16, patch[axis] - 16)
-    return tuple(int(p) for p in patch)
+    return _three([int(p) for p in patch])
 
 
 def plan(config: TrainConfig, fingerprint: Fingerprint, cases: int, fixed: Optional[Preprocessing] = None) -> Plan:
@@ -79,18 +87,20 @@ def plan(config: TrainConfig, fingerprint: Fingerprint, cases: int, fixed: Optio
         reasons.append("preprocessing: kept from the --init bundle")
     else:
         spacing = (
-            tuple(config.spacing)
+            _three(config.spacing)
             if config.spacing
-            else tuple(float(s) for s in np.median(fingerprint.spacings, axis=0))
+            else _three([float(s) for s in np.median(fingerprint.spacings, axis=0)])
         )
         reasons.append(
-            f"spacing {'x'.join(f'{s:.3g}' for s in spacing)} mm ({'flag' if config.spacing else 'median of the cases'})"
+            f"spacing {'x'.join(f'{s:.3g}' for s in spacing)} mm "
+            f"({'flag' if config.spacing else 'median of the cases'})"
         )
         median_shape = np.median(fingerprint.sizes_mm, axis=0) / np.array(spacing)
         budget = int(config.memory_budget_gb * 2**30 / (4 * 2 * config.filters * 20))  # activations per voxel, rough
-        patch = tuple(config.patch_size) if config.patch_size else _patch_for(median_shape, spacing, budget)
+        patch = _three(config.patch_size) if config.patch_size else _patch_for(median_shape, spacing, budget)
         reasons.append(
-            f"patch {'x'.join(map(str, patch))} ({'flag' if config.patch_size else 'median image size and memory budget'})"
+            f"patch {'x'.join(map(str, patch))} "
+            f"({'flag' if config.patch_size else 'median image size and memory budget'})"
         )
         preprocessing = Preprocessing(spacing, patch, "RAS", _normalization(config, fingerprint, reasons))
     batch = config.batch_size or 2

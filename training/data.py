@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -15,6 +15,9 @@ from MedSegUNetLib.prediction.preprocessing import normalize, to_network_grid
 from .config import Fingerprint
 from .label_table import LabelTable
 from .scenes import Case, load_case_arrays
+
+if TYPE_CHECKING:
+    from monai.transforms import Compose
 
 
 @dataclass
@@ -54,7 +57,7 @@ def prepare(
     return PreparedCase(case.name, array[None], classes[None].astype(np.uint8), xyz_to_zyx(on_grid.GetSpacing()))
 
 
-def train_transforms(patch_zyx: Sequence[int], classes: int, samples: int = 2):
+def train_transforms(patch_zyx: Sequence[int], classes: int, samples: int = 2) -> Compose:
     """Foreground-balanced crops (every class sampled as often as background), then augmentation."""
     from monai.transforms import (
         Compose,

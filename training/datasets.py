@@ -73,7 +73,8 @@ def _modality(description: dict, path: Path) -> Optional[str]:
         raise MedSegError("'channel_names'/'modality' must be an object", path)
     if len(channels) > 1:
         raise MedSegError(
-            f"has {len(channels)} input channels ({', '.join(map(str, channels.values()))}); only single-channel datasets are supported",
+            f"has {len(channels)} input channels ({', '.join(map(str, channels.values()))}); "
+            "only single-channel datasets are supported",
             path,
         )
     name = str(next(iter(channels.values()), "")).strip().upper()

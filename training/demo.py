@@ -10,15 +10,24 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 from .sampledata import SOURCE_NOTE, cache_folder, write_samples
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+    from MedSegUNetLib.core.labels import Label
+    from MedSegUNetLib.core.progress import Progress
+
+    from .sampledata import WrittenSample
+    from .scenes import SegmentInfo
 
 DEFAULT_MODEL = "abdomen-ct"
 TRAINING_SAMPLE, HELDOUT_SAMPLE = "abdomen-ct", "heldout-ct"
 
 
-def add_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "demo",
         help="segment a real held-out CT with the shipped model, evaluate it, draw it",
@@ -44,7 +53,7 @@ def resolve_model(name: str) -> Path:
     return path if path.suffix == ".safetensors" and path.exists() else find_model(name)
 
 
-def samples(log=print) -> Dict[str, "object"]:
+def samples(log: Callable[[str], None] = print) -> Dict[str, WrittenSample]:
     """The sample scans, written once into the cache beside the download."""
     folder = cache_folder() / "samples"
     marker = folder / ".complete"
@@ -58,7 +67,7 @@ def samples(log=print) -> Dict[str, "object"]:
     return {sample.name: sample for sample in written}
 
 
-def _existing(folder: Path, name: str, role: str):
+def _existing(folder: Path, name: str, role: str) -> WrittenSample:
     from .sampledata import WrittenSample
 
     image = folder / name / "image.nii.gz"
@@ -76,7 +85,9 @@ def _existing(folder: Path, name: str, role: str):
     )
 
 
-def segment_and_evaluate(model: Path, heldout, output: Path, tag: str, device: str, progress) -> dict:
+def segment_and_evaluate(
+    model: Path, heldout: WrittenSample, output: Path, tag: str, device: str, progress: Progress
+) -> dict:
     """Segment the held-out scan, evaluate by segment name, draw the overlay. Returns the metrics report."""
     from MedSegUNetLib.commands.evaluate import evaluate_paths, write_reports
     from MedSegUNetLib.commands.segment import SegmentOptions, run_segment
@@ -101,8 +112,7 @@ def segment_and_evaluate(model: Path, heldout, output: Path, tag: str, device: s
     return report
 
 
-def draw(heldout, prediction: Path, path: Path, title: str) -> Path:
-
+def draw(heldout: WrittenSample, prediction: Path, path: Path, title: str) -> Path:
     from MedSegUNetLib.imageio.images import read_image
 
     from .overlay import write_overlay_png
@@ -123,13 +133,15 @@ def draw(heldout, prediction: Path, path: Path, title: str) -> Path:
     return write_overlay_png(path, image, columns, title=title)
 
 
-def _as_labels(segments):
+def _as_labels(segments: Sequence[SegmentInfo]) -> List[Label]:
     from MedSegUNetLib.core.labels import Label
 
-    return [Label(index, s.name, tuple(s.color)) for index, s in enumerate(segments, start=1)]
+    return [Label(index, s.name, s.color) for index, s in enumerate(segments, start=1)]
 
 
-def _labelmap(path: Path, image, segments, like=None):
+def _labelmap(
+    path: Path, image: sitk.Image, segments: List[SegmentInfo], like: Optional[List[SegmentInfo]] = None
+) -> sitk.Image:
     """A labelmap on ``image``'s grid; segments take the value of their name's position in ``like``."""
     from .scenes import segments_labelmap
 
@@ -156,7 +168,7 @@ def print_table(reports: List[dict], titles: List[str]) -> None:
         print(line)
 
 
-def run_demo_command(args: argparse.Namespace, progress) -> dict:
+def run_demo_command(args: argparse.Namespace, progress: Progress) -> dict:
     from MedSegUNetLib.core.progress import make_progress
 
     model = resolve_model(args.model)
@@ -182,7 +194,7 @@ def run_demo_command(args: argparse.Namespace, progress) -> dict:
     return {"output": str(args.output)}
 
 
-def retrain(model: Path, training_sample, folder: Path, minutes: float, device: str) -> Path:
+def retrain(model: Path, training_sample: WrittenSample, folder: Path, minutes: float, device: str) -> Path:
     """Fine-tune ``model`` on the training scene with a time budget (what Slicer's Retrain runs)."""
     from MedSegUNetLib.core.progress import make_progress
     from MedSegUNetLib.model.bundle import read_bundle_metadata

@@ -7,7 +7,7 @@ fine-tuned keeps its labels (order and values); structures new to it are appende
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
 import numpy as np
 
@@ -70,8 +70,9 @@ def build_label_table(
 ) -> LabelTable:
     """``only``: train just these structures (by name); every other segment counts as background."""
     table = LabelTable(labels=list(initial or []))
-    wanted = {name_key(name) for name in only} if only else None
-    if wanted is not None:
+    wanted: Optional[Set[str]] = None
+    if only:
+        wanted = {name_key(name) for name in only}
         found = {name_key(segment.name) for case in cases for segment in case.segments}
         absent = sorted(name for name in only if name_key(name) not in found)
         if absent:
@@ -84,7 +85,7 @@ def build_label_table(
                 continue
             index = _find(table.labels, segment)
             if index is None:
-                table.labels.append(Label(next_value, segment.name, tuple(segment.color), segment.terminology))
+                table.labels.append(Label(next_value, segment.name, segment.color, segment.terminology))
                 next_value += 1
                 index = len(table.labels) - 1
             if index + 1 in mapping.values():

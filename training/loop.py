@@ -6,7 +6,7 @@ import csv
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,7 +23,10 @@ from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Plan, TrainConfig
 from .data import PreparedCase
 from .distributed import World
-from .stream import batch_stream, default_workers
+from .stream import Batch, batch_stream, default_workers
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 
 @dataclass
@@ -33,12 +36,12 @@ class RunState:
     seconds: float = 0.0
 
 
-def training_network(meta: BundleMeta):
+def training_network(meta: BundleMeta) -> torch.nn.Module:
     """The bundle's network, with DynUNet's deep supervision off (one output, like inference)."""
     return build_network(meta.network)
 
 
-def grow_output(network, old_bundle_network, old_classes: int) -> None:
+def grow_output(network: torch.nn.Module, old_bundle_network: torch.nn.Module, old_classes: int) -> None:
     """Copy every weight of the old model; in the output layer, only the rows of its old classes."""
     new_state = network.state_dict()
     for name, tensor in old_bundle_network.state_dict().items():
@@ -50,13 +53,16 @@ def grow_output(network, old_bundle_network, old_classes: int) -> None:
             new_state[name][:old_classes].copy_(tensor)
 
 
-def validate(network, cases: List[PreparedCase], labels: List[Label], patch_zyx, device: str) -> Dict[str, float]:
+def validate(
+    network: torch.nn.Module, cases: List[PreparedCase], labels: List[Label], patch_zyx: Sequence[int], device: str
+) -> Dict[str, Optional[float]]:
     """Dice and HD95 (mm) per label with the same sliding-window prediction as `segment`."""
     from monai.metrics import compute_dice, compute_hausdorff_distance
     from monai.networks.utils import one_hot
 
     classes = len(labels) + 1
-    dice_sums, hd_values = np.zeros(len(labels)), [[] for _ in labels]
+    dice_sums = np.zeros(len(labels))
+    hd_values: List[List[float]] = [[] for _ in labels]
     for case in cases:
         predicted = predict_labels(
             network, case.image, patch_zyx, PredictOptions(overlap=0.25, device=device), Progress()
@@ -69,7 +75,7 @@ def validate(network, cases: List[PreparedCase], labels: List[Label], patch_zyx,
         for index, value in enumerate(hd.numpy()):
             if np.isfinite(value):
                 hd_values[index].append(float(value))
-    metrics = {}
+    metrics: Dict[str, Optional[float]] = {}
     for index, label in enumerate(labels):
         metrics[f"dice_{label.name}"] = round(float(dice_sums[index] / len(cases)), 4)
         metrics[f"hd95_mm_{label.name}"] = round(float(np.mean(hd_values[index])), 2) if hd_values[index] else None
@@ -85,7 +91,11 @@ def amp_dtype(device: torch.device, wanted: Optional[bool]) -> Optional[torch.dt
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def make_optimizer(config: TrainConfig, network, steps: int):
+def make_optimizer(
+    config: TrainConfig, network: torch.nn.Module, steps: int
+) -> Tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
     if config.optimizer == "sgd":
         optimizer = torch.optim.SGD(network.parameters(), lr=config.lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
     else:
@@ -109,7 +119,7 @@ class Run:
         labels: List[Label],
         train: List[PreparedCase],
         val: List[PreparedCase],
-        summary: dict,
+        summary: Dict[str, Any],
         progress: Progress,
         world: Optional[World] = None,
     ):
@@ -123,7 +133,7 @@ class Run:
         self.device = self.world.device(select_device(config.device))
         set_determinism(seed=config.seed)  # python, numpy and torch seeds; deterministic cuDNN
         self.amp = amp_dtype(self.device, config.amp)
-        self.board = None
+        self.board: Optional[SummaryWriter] = None
         self.patch_zyx = xyz_to_zyx(plan.preprocessing.patch_size)
         self.meta = self._initial_meta()
         self.network = self.meta_network
@@ -139,7 +149,7 @@ class Run:
             spec = old.meta.network
             spec.args["out_channels"] = len(self.labels) + 1
             bundle.meta.network = spec
-            self.meta_network = build_network(spec)
+            self.meta_network: torch.nn.Module = build_network(spec)
             grow_output(self.meta_network, old.network, len(old.meta.labels) + 1)
         else:
             bundle = create_bundle(
@@ -166,7 +176,7 @@ class Run:
             return
         save_checkpoint(self.folder, self.network, self.optimizer, {"run": asdict(self.state), "log": self.log_rows})
 
-    def write_bundle(self, name: str, metrics: Dict[str, float]) -> Path:
+    def write_bundle(self, name: str, metrics: Dict[str, Optional[float]]) -> Path:
         self.meta.name = self.folder.resolve().name
         self.meta.provenance = default_provenance(
             training={
@@ -190,7 +200,7 @@ class Run:
         seed = self.world.seed(self.config.seed + self.state.step)
         stream = self._batch_stream(seed)
         started, deadline = time.monotonic() - self.state.seconds, self._deadline()
-        metrics: Dict[str, float] = {}
+        metrics: Dict[str, Optional[float]] = {}
         try:
             while not self.world.agree_to_stop(self.state.step >= self.plan.steps or time.monotonic() >= deadline):
                 batch = next(stream)
@@ -232,7 +242,7 @@ class Run:
         self._write_logs()
         return self.folder / "model.safetensors" if (self.folder / "model.safetensors").exists() else last
 
-    def _batch_stream(self, seed: int):
+    def _batch_stream(self, seed: int) -> Iterator[Batch]:
         workers = self.config.workers if self.config.workers is not None else default_workers(self.device)
         classes = len(self.labels) + 1
         return batch_stream(
@@ -248,22 +258,23 @@ class Run:
     def _deadline(self) -> float:
         return time.monotonic() + self.config.max_minutes * 60 if self.config.max_minutes else float("inf")
 
-    def _validate_and_keep_best(self, row: dict) -> Dict[str, float]:
+    def _validate_and_keep_best(self, row: dict) -> Dict[str, Optional[float]]:
         if not self.world.is_main:
             return {"dice_mean": None}  # rank 0 validates; the others wait for it in the next all-reduce
         self.progress.update("validate", 0, len(self.val_cases), "validating")
         metrics = validate(self.network, self.val_cases, self.labels, self.patch_zyx, self.device.type)
-        row["dice_mean"] = metrics["dice_mean"]
+        dice_mean = metrics["dice_mean"]  # validate() always measures it; only per-label HD95 may be None
+        row["dice_mean"] = dice_mean
         self.progress.update(
             "validate",
             len(self.val_cases),
             len(self.val_cases),
-            f"Dice {metrics['dice_mean']:.3f}",
-            dice=metrics["dice_mean"],
+            f"Dice {dice_mean:.3f}",
+            dice=dice_mean,
         )
         self._board_scalars({f"validation/{k}": v for k, v in metrics.items() if v is not None}, row["step"])
-        if metrics["dice_mean"] > self.state.best_dice:
-            self.state.best_dice = metrics["dice_mean"]
+        if dice_mean is not None and dice_mean > self.state.best_dice:
+            self.state.best_dice = dice_mean
             self.write_bundle("model.safetensors", metrics)
         self.checkpoint()
         return metrics

@@ -19,7 +19,8 @@ from MedSegUNetLib.core.labels import Label
 
 def _center_of(mask: np.ndarray, fallback: Sequence[int]) -> Tuple[int, int, int]:
     points = np.argwhere(mask)
-    return tuple(int(v) for v in np.median(points, axis=0)) if len(points) else tuple(fallback)
+    z, y, x = (int(v) for v in np.median(points, axis=0)) if len(points) else fallback
+    return z, y, x
 
 
 def _views(
@@ -42,7 +43,7 @@ def _height_ratios(views: List[Tuple[str, np.ndarray, float]]) -> List[float]:
 
 
 def _color_table(labels: Sequence[Label]) -> Dict[int, Tuple[float, float, float]]:
-    return {label.value: tuple(label.color) for label in labels}
+    return {label.value: label.color for label in labels}
 
 
 def _rgba(labelmap: np.ndarray, colors: Dict[int, Tuple[float, float, float]], alpha: float = 0.45) -> np.ndarray:

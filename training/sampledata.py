@@ -21,13 +21,18 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from MedSegUNetLib.core.errors import MedSegError
 from MedSegUNetLib.core.labels import Label, palette_color
+
+if TYPE_CHECKING:
+    import argparse
+
+    from MedSegUNetLib.core.progress import Progress
 
 PACKAGE, VERSION = "totalsegmentator", "2.18.0"
 SDIST = f"{PACKAGE}-{VERSION}.tar.gz"
@@ -66,7 +71,7 @@ SAMPLES = (
 # shipped model segments, so that Slicer shows them as it shows its own anatomy.
 _ANATOMY = "Segmentation category and type - 3D Slicer General Anatomy list"
 _REGION = "Anatomic codes - DICOM master list"
-KNOWN_STRUCTURES: Dict[str, tuple] = {
+KNOWN_STRUCTURES: Dict[str, Tuple[Tuple[float, float, float], str, str]] = {  # (color, type code, modifier code)
     "liver": ((0.867, 0.510, 0.396), "SCT^10200004^Liver", ""),
     "spleen": ((0.616, 0.424, 0.635), "SCT^78961009^Spleen", ""),
     "kidney_left": ((0.725, 0.400, 0.325), "SCT^64033007^Kidney", "SCT^7771000^Left"),
@@ -149,11 +154,14 @@ def extract_members(sdist: Path, target: Path) -> None:
                 raise MedSegError(f"archive member escapes the folder: {member.name}", sdist)
             destination = target.joinpath(*relative.parts[1:])  # drop "totalsegmentator-2.18.0/"
             destination.parent.mkdir(parents=True, exist_ok=True)
-            with archive.extractfile(member) as source, open(destination, "wb") as sink:
+            source = archive.extractfile(member)
+            if source is None:  # only for members that are not regular files, skipped above
+                raise MedSegError(f"archive member is not a readable file: {member.name}", sdist)
+            with source, open(destination, "wb") as sink:
                 shutil.copyfileobj(source, sink)
 
 
-def fetch_sources(cache: Optional[Path] = None, log=print) -> Path:
+def fetch_sources(cache: Optional[Path] = None, log: Callable[[str], None] = print) -> Path:
     """The extracted sample files (``.../tests/reference_files``), downloading once into the cache."""
     cache = Path(cache or cache_folder())
     sources = cache / f"{PACKAGE}-{VERSION}-files"
@@ -184,8 +192,14 @@ def read_class_maps(path: Path) -> Dict[str, Dict[int, str]]:
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     maps: Dict[str, Dict[int, str]] = {}
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "class_map" for t in node.targets):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Dict)
+            and any(isinstance(t, ast.Name) and t.id == "class_map" for t in node.targets)
+        ):
             for key, value in zip(node.value.keys, node.value.values):
+                if key is None:
+                    continue  # a ``**mapping`` entry; not one we use
                 try:
                     maps[ast.literal_eval(key)] = {int(k): str(v) for k, v in ast.literal_eval(value).items()}
                 except ValueError:
@@ -253,7 +267,10 @@ def write_sample(sample: Sample, sources: Path, output: Path, class_maps: Dict[s
 
 
 def write_samples(
-    output: Path, names: Optional[Sequence[str]] = None, cache: Optional[Path] = None, log=print
+    output: Path,
+    names: Optional[Sequence[str]] = None,
+    cache: Optional[Path] = None,
+    log: Callable[[str], None] = print,
 ) -> List[WrittenSample]:
     sources = fetch_sources(cache, log)
     class_maps = read_class_maps(sources / "totalsegmentator" / "map_to_binary.py")
@@ -267,7 +284,7 @@ def write_samples(
 # --- `medsegunet sample-data` ------------------------------------------------------------------------
 
 
-def add_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "sample-data",
         help="write real sample CT/MR scans with reference segmentations as Slicer scenes and plain files",
@@ -280,7 +297,7 @@ def add_parser(commands) -> None:
     parser.set_defaults(handler=run_sample_data_command, progress="none")
 
 
-def run_sample_data_command(args, progress) -> dict:
+def run_sample_data_command(args: argparse.Namespace, progress: Progress) -> dict:
     written = write_samples(args.output, args.only)
     for sample in written:
         print(f"{sample.name:<11} {sample.role}")

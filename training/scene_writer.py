@@ -56,7 +56,8 @@ def scene_xml(pairs: Sequence[ScenePair], legacy_refs: bool = False, decoy_first
         segmentation_display = f"vtkMRMLSegmentationDisplayNode{index}"
         volume_refs = {"references": f"display:{volume_display};storage:{volume_storage};"}
         segmentation_refs = {
-            "references": f"display:{segmentation_display};referenceImageGeometryRef:{volume_id};storage:{segmentation_storage};"
+            "references": f"display:{segmentation_display};referenceImageGeometryRef:{volume_id};"
+            f"storage:{segmentation_storage};"
         }
         if legacy_refs:
             volume_refs = {"storageNodeRef": volume_storage, "displayNodeRef": volume_display}
@@ -84,7 +85,7 @@ def scene_xml(pairs: Sequence[ScenePair], legacy_refs: bool = False, decoy_first
     return header + "".join(elements) + "</MRML>\n"
 
 
-def write_mrml_scene(folder: Path, scene_name: str, pairs: Sequence[ScenePair], **options) -> Path:
+def write_mrml_scene(folder: Path, scene_name: str, pairs: Sequence[ScenePair], **options: bool) -> Path:
     """``folder/scene_name.mrml`` with its data in ``folder/Data``."""
     folder = Path(folder)
     (folder / "Data").mkdir(parents=True, exist_ok=True)
@@ -99,7 +100,7 @@ def write_mrml_scene(folder: Path, scene_name: str, pairs: Sequence[ScenePair], 
     return scene
 
 
-def write_mrb(path: Path, scene_name: str, pairs: Sequence[ScenePair], **options) -> Path:
+def write_mrb(path: Path, scene_name: str, pairs: Sequence[ScenePair], **options: bool) -> Path:
     """A .mrb as Slicer saves it: ``scene_name/scene_name.mrml`` and ``scene_name/Data/*`` in a zip."""
     with tempfile.TemporaryDirectory() as work:
         scene = write_mrml_scene(Path(work) / scene_name, scene_name, pairs, **options)

@@ -17,7 +17,7 @@ import urllib.parse
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Dict, List, Optional, Tuple
+from typing import IO, TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -25,6 +25,9 @@ import SimpleITK as sitk
 from MedSegUNetLib.core.errors import MedSegError
 from MedSegUNetLib.core.geometry import Grid, image_from_ijk_array, resample_onto
 from MedSegUNetLib.imageio.segmentation_nrrd import segment_names
+
+if TYPE_CHECKING:
+    from xml.etree.ElementTree import Element
 
 
 class SceneError(MedSegError):
@@ -65,6 +68,8 @@ def _safe_member_path(name: str, archive: Path) -> PurePosixPath:
     path = PurePosixPath(normalized)
     if normalized.startswith("/") or re.match(r"^[A-Za-z]:", normalized) or ".." in path.parts:
         raise SceneError(f"refusing zip member '{name}': it would land outside the extraction folder", archive)
+    if not path.parts:  # "", "." or "./": the extraction folder itself
+        raise SceneError(f"refusing zip member '{name}': it names no file", archive)
     return path
 
 
@@ -84,7 +89,7 @@ def _check_members(archive: Path, members: List[zipfile.ZipInfo], limits: ZipLim
             raise SceneError(f"refusing zip member '{member.filename}': it is a symbolic link", archive)
 
 
-def _copy_bounded(source, target, limit: int, name: str, archive: Path) -> None:
+def _copy_bounded(source: IO[bytes], target: IO[bytes], limit: int, name: str, archive: Path) -> None:
     """Copy at most the declared size: a member that inflates beyond what it claimed is refused."""
     written = 0
     while True:
@@ -97,8 +102,10 @@ def _copy_bounded(source, target, limit: int, name: str, archive: Path) -> None:
         target.write(chunk)
 
 
-def extract_mrb(archive: Path, destination: Path, limits: ZipLimits = ZipLimits()) -> Path:
+def extract_mrb(archive: Path, destination: Path, limits: Optional[ZipLimits] = None) -> Path:
     """Extract a Slicer .mrb into ``destination`` and return its scene (the shallowest .mrml)."""
+    if limits is None:
+        limits = ZipLimits()
     try:
         with zipfile.ZipFile(archive) as bundle:
             members = bundle.infolist()
@@ -110,9 +117,12 @@ def extract_mrb(archive: Path, destination: Path, limits: ZipLimits = ZipLimits(
                 if member.is_dir():
                     target.mkdir(parents=True, exist_ok=True)
                     continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with bundle.open(member) as source, open(target, "wb") as output:
-                    _copy_bounded(source, output, member.file_size, member.filename, archive)
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with bundle.open(member) as source, open(target, "wb") as output:
+                        _copy_bounded(source, output, member.file_size, member.filename, archive)
+                except (IsADirectoryError, NotADirectoryError, FileExistsError):  # "a" and "a/b" both as files
+                    raise SceneError(f"zip member '{member.filename}' clashes with another member", archive) from None
     except zipfile.BadZipFile:
         raise SceneError("is not a valid .mrb (zip) file", archive) from None
     except SceneError:
@@ -127,7 +137,7 @@ def extract_mrb(archive: Path, destination: Path, limits: ZipLimits = ZipLimits(
 # --- .mrml: XML, parsed without entities -------------------------------------------------------
 
 
-def parse_references(element) -> Dict[str, List[str]]:
+def parse_references(element: Element) -> Dict[str, List[str]]:
     """Node references of an MRML element: ``references`` attribute and the legacy attributes."""
     references: Dict[str, List[str]] = {}
     for item in (element.get("references") or "").split(";"):
@@ -139,12 +149,13 @@ def parse_references(element) -> Dict[str, List[str]]:
         ("displayNodeRef", "display"),
         ("referenceImageGeometryRef", "referenceImageGeometryRef"),
     ):
-        if element.get(legacy) and role not in references:
-            references[role] = element.get(legacy).split()
+        value = element.get(legacy)
+        if value and role not in references:
+            references[role] = value.split()
     return references
 
 
-def _parse_xml(path: Path):
+def _parse_xml(path: Path) -> Element:
     import defusedxml.ElementTree as SafeElementTree
     from defusedxml import DefusedXmlException
 
@@ -168,27 +179,29 @@ def resolve_file_name(scene: Path, file_name: str) -> Path:
     return candidate
 
 
-def _storage_file(scene: Path, nodes: Dict[str, object], node) -> Path:
+def _storage_file(scene: Path, nodes: Dict[str, Element], node: Element) -> Path:
     storage_ids = parse_references(node).get("storage", [])
     storage = nodes.get(storage_ids[0]) if storage_ids else None
-    if storage is None or not storage.get("fileName"):
+    file_name = storage.get("fileName") if storage is not None else None
+    if not file_name:
         raise SceneError(f"node '{node.get('name')}' has no stored data file", scene)
-    return resolve_file_name(scene, storage.get("fileName"))
+    return resolve_file_name(scene, file_name)
 
 
 def read_mrml(scene: Path, origin: Optional[Path] = None) -> List[Case]:
     """One case per segmentation node that has a stored .seg.nrrd and a reference volume."""
     root = _parse_xml(scene)
-    nodes = {element.get("id"): element for element in root if element.get("id")}
+    nodes = {node_id: element for element in root if (node_id := element.get("id"))}
     volumes = [e for e in root if e.tag == "Volume"]
-    cases = []
+    cases: List[Case] = []
     for segmentation in (e for e in root if e.tag == "Segmentation"):
         reference_ids = parse_references(segmentation).get("referenceImageGeometryRef", [])
         volume = nodes.get(reference_ids[0]) if reference_ids else None
         if volume is None:
             if len(volumes) != 1:
                 raise SceneError(
-                    f"segmentation '{segmentation.get('name')}' names no reference volume and the scene has {len(volumes)}",
+                    f"segmentation '{segmentation.get('name')}' names no reference volume "
+                    f"and the scene has {len(volumes)}",
                     scene,
                 )
             volume = volumes[0]
@@ -233,15 +246,20 @@ def read_segments(path: Path) -> List[SegmentInfo]:
     except Exception as error:
         raise SceneError(f"is not a readable segmentation ({error})", path) from None
     names = segment_names(path)  # UTF-8, where slicerio drops every non-ASCII character
-    segments = []
+    segments: List[SegmentInfo] = []
     for segment in segmentation.get("segments", []):
         tags = segment.get("tags") or {}
         terminology = tags.get("TerminologyEntry")
         if not terminology and segment.get("terminology"):
             terminology = slicerio.segmentation.terminology_entry_to_string(segment["terminology"])
-        color = tuple(float(c) for c in segment.get("color", (0.5, 0.5, 0.5)))
+        color = [float(c) for c in segment.get("color", (0.5, 0.5, 0.5))]
         name = names.get(str(segment.get("id")), segment["name"])
-        segments.append(SegmentInfo(name, int(segment["labelValue"]), int(segment.get("layer", 0)), color, terminology))
+        if len(color) != 3:
+            raise SceneError(f"segment '{name}' has a color of {len(color)} values, not 3 (red, green, blue)", path)
+        red, green, blue = color
+        segments.append(
+            SegmentInfo(name, int(segment["labelValue"]), int(segment.get("layer", 0)), (red, green, blue), terminology)
+        )
     return segments
 
 

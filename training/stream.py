@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -20,9 +20,17 @@ from .data import PreparedCase, train_transforms
 WORKER_SEED_STRIDE = 1_000_003  # far apart: the workers' streams never share a seed
 
 
+class Batch(TypedDict):
+    """One training batch: ``batch_size`` crops of one case."""
+
+    image: torch.Tensor  # (B, C, Z, Y, X) float32
+    label: torch.Tensor  # (B, 1, Z, Y, X) int64 class indices
+    case: str  # the case the crops were taken from
+
+
 def batches(
-    cases: List[PreparedCase], patch_zyx, classes: int, batch_size: int, seed: int
-) -> Iterator[Dict[str, torch.Tensor]]:
+    cases: List[PreparedCase], patch_zyx: Sequence[int], classes: int, batch_size: int, seed: int
+) -> Iterator[Batch]:
     """An endless stream of augmented crops, cycling through the cases in a seeded random order."""
     transforms = train_transforms(patch_zyx, classes, samples=batch_size)
     transforms.set_random_state(seed=seed)
@@ -51,7 +59,7 @@ class CropBatches(torch.utils.data.IterableDataset):
             seed,
         )
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         return batches(
@@ -84,14 +92,14 @@ def default_workers(device: torch.device, cpus: Optional[int] = None) -> int:
 
 def batch_stream(
     cases: List[PreparedCase],
-    patch_zyx,
+    patch_zyx: Sequence[int],
     classes: int,
     batch_size: int,
     seed: int,
     workers: int,
     pin_memory: bool = False,
     start_method: Optional[str] = None,
-) -> Iterator[Dict[str, torch.Tensor]]:
+) -> Iterator[Batch]:
     """The training batches: made in ``workers`` processes, or in this one when ``workers`` is 0.
     ``start_method``: how the workers start (default: the platform's; macOS and Windows spawn them)."""
     if workers <= 0:

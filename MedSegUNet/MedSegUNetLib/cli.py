@@ -15,17 +15,22 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional, Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, Callable, NoReturn, Optional, Sequence
 
 from MedSegUNetLib import __version__
 from MedSegUNetLib.core.errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, Cancelled, MedSegError
+
+if TYPE_CHECKING:
+    from MedSegUNetLib.commands.standby import LoadedModel
+    from MedSegUNetLib.core.progress import Progress
 
 PROGRAM = "medsegunet"
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 PRECISIONS = ["auto", "fp32", "bf16"]  # inference.PRECISIONS, spelled out so that --help need not import torch
 
 
-def _raise_cancelled(signum, frame) -> None:
+def _raise_cancelled(signum: int, frame: Optional[FrameType]) -> None:
     raise Cancelled(f"stopped by signal {signal.Signals(signum).name}")
 
 
@@ -38,7 +43,7 @@ def install_signal_handlers() -> None:
 # --- segment ---------------------------------------------------------------------------------------
 
 
-def add_segment_parser(commands) -> None:
+def add_segment_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "segment",
         help="segment a volume with a model bundle",
@@ -83,11 +88,12 @@ def add_progress_argument(parser: argparse.ArgumentParser) -> None:
         "--progress",
         default="auto",
         choices=["auto", "json", "bar", "lines", "none"],
-        help="json: one JSON object per line on stdout (for the Slicer panel); bar: a terminal bar; lines: plain lines for a log (auto: bar in a terminal, else lines)",
+        help="json: one JSON object per line on stdout (for the Slicer panel); bar: a terminal bar; lines: plain "
+        "lines for a log (auto: bar in a terminal, else lines)",
     )
 
 
-def run_segment_command(args: argparse.Namespace, progress, preloaded=None) -> dict:
+def run_segment_command(args: argparse.Namespace, progress: Progress, preloaded: Optional[LoadedModel] = None) -> dict:
     """``segment``; ``preloaded`` (a standby.LoadedModel) serves the job when it holds the job's model."""
     from MedSegUNetLib.commands.segment import SegmentOptions, run_segment
     from MedSegUNetLib.prediction.inference import PredictOptions
@@ -112,7 +118,7 @@ def run_segment_command(args: argparse.Namespace, progress, preloaded=None) -> d
 # --- standby: the engine started before the click ----------------------------------------------------
 
 
-def add_standby_parser(commands) -> None:
+def add_standby_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "standby",
         help="load a model and wait for one segment job on stdin (the Slicer panel starts it ahead of a click)",
@@ -134,7 +140,7 @@ def _check_batch_size(batch_size: Optional[int]) -> None:
         raise MedSegError("--batch-size must be at least 1")
 
 
-def run_standby_command(args: argparse.Namespace, progress) -> dict:
+def run_standby_command(args: argparse.Namespace, progress: Progress) -> dict:
     from MedSegUNetLib.commands.standby import load_and_warm, wait_for_job
 
     _check_batch_size(args.batch_size)
@@ -172,14 +178,14 @@ def parse_standby_job(arguments: Sequence[str], progress_kind: str) -> argparse.
 # --- info and create-bundle ------------------------------------------------------------------------
 
 
-def add_info_parser(commands) -> None:
+def add_info_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser("info", help="describe a model bundle (labels, spacing, provenance)")
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--json", action="store_true", help="print the bundle's metadata as JSON")
     parser.set_defaults(handler=run_info_command, progress="none")
 
 
-def run_info_command(args: argparse.Namespace, progress) -> dict:
+def run_info_command(args: argparse.Namespace, progress: Progress) -> dict:
     from MedSegUNetLib.model.bundle import describe, read_bundle_metadata
 
     meta = read_bundle_metadata(args.bundle)
@@ -187,7 +193,7 @@ def run_info_command(args: argparse.Namespace, progress) -> dict:
     return {}
 
 
-def add_create_bundle_parser(commands) -> None:
+def add_create_bundle_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "create-bundle",
         help="write a bundle around a freshly initialised network",
@@ -203,7 +209,7 @@ def add_create_bundle_parser(commands) -> None:
     parser.set_defaults(handler=run_create_bundle_command, progress="none")
 
 
-def run_create_bundle_command(args: argparse.Namespace, progress) -> dict:
+def run_create_bundle_command(args: argparse.Namespace, progress: Progress) -> dict:
     from MedSegUNetLib.core.atomic import check_writable
     from MedSegUNetLib.core.labels import default_labels
     from MedSegUNetLib.model.bundle import Normalization, Preprocessing, create_bundle, save_bundle
@@ -230,12 +236,12 @@ def run_create_bundle_command(args: argparse.Namespace, progress) -> dict:
     return {"output": str(args.output)}
 
 
-def add_devices_parser(commands) -> None:
+def add_devices_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser("devices", help="list the compute devices torch can use here (JSON)")
     parser.set_defaults(handler=run_devices_command, progress="none", exit_at_once=True)
 
 
-def run_devices_command(args: argparse.Namespace, progress) -> dict:
+def run_devices_command(args: argparse.Namespace, progress: Progress) -> dict:
     """One JSON line the Slicer panel reads to fill its device list."""
     import torch
 
@@ -247,7 +253,8 @@ def run_devices_command(args: argparse.Namespace, progress) -> dict:
     return {}
 
 
-AddParsers = Callable[[Any], None]  # adds commands to an argparse subparsers object
+# adds commands to what ArgumentParser.add_subparsers returns
+AddParsers = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 
 def build_parser(extra: Sequence[AddParsers] = ()) -> argparse.ArgumentParser:
@@ -336,7 +343,7 @@ def main(
     return code
 
 
-def run_command(args: argparse.Namespace, progress, progress_kind: str, report_done: bool = True) -> int:
+def run_command(args: argparse.Namespace, progress: Progress, progress_kind: str, report_done: bool = True) -> int:
     """The parsed command run, its expected failures reported as one line; the exit code."""
     try:
         result = args.handler(args, progress) or {}

@@ -1,1 +1,2 @@
-"""What the engine does, end to end: segment, standby (the engine kept ready), evaluate; the program (cli.py) calls these."""
+"""What the engine does, end to end: segment, standby (the engine kept ready), evaluate; the program (cli.py)
+calls these."""

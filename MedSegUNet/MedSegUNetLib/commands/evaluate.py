@@ -16,6 +16,7 @@ with the images' spacing. Conventions, stated once here and in the README:
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -23,16 +24,21 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from MedSegUNetLib.core.atomic import atomic_path, check_writable
-from MedSegUNetLib.core.errors import MedSegError
+from MedSegUNetLib.core.errors import MedSegError, PathLike
 from MedSegUNetLib.core.geometry import Grid, image_from_ijk_array
 from MedSegUNetLib.imageio.images import SEGMENTATION_ENDING, has_ending, read_labelmap
 from MedSegUNetLib.imageio.segmentation_nrrd import segment_names
+
+if TYPE_CHECKING:
+    import torch
+
+    from MedSegUNetLib.core.progress import Progress
 
 IMAGE_ENDINGS = (SEGMENTATION_ENDING, ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
@@ -144,7 +150,7 @@ def _crop_to_both(predicted: np.ndarray, reference: np.ndarray) -> Tuple[np.ndar
     return np.pad(predicted[box], 2), np.pad(reference[box], 2)
 
 
-def _one_hot(mask: np.ndarray):
+def _one_hot(mask: np.ndarray) -> torch.Tensor:
     import torch
 
     tensor = torch.as_tensor(mask[None, None])
@@ -232,7 +238,7 @@ def mean_per_label(cases: List[dict]) -> List[dict]:
     means = []
     for label in order:
         rows = [row for case in cases for row in case["labels"] if row["label"] == label]
-        entry = {"label": label, "cases": len(rows), "skipped_non_finite": 0}
+        entry: Dict[str, Any] = {"label": label, "cases": len(rows), "skipped_non_finite": 0}
         for metric in ("dice", "hd95_mm", "nsd", "volume_difference_ml"):
             values = [row[metric] for row in rows]
             finite = [v for v in values if math.isfinite(v)]
@@ -277,7 +283,9 @@ def match_cases(prediction: Path, reference: Path) -> List[Tuple[str, Path, Path
     return [(name, predicted[name], referenced[name]) for name in sorted(predicted)]
 
 
-def evaluate_paths(prediction, reference, tolerance_mm: float = 2.0, progress=None) -> dict:
+def evaluate_paths(
+    prediction: PathLike, reference: PathLike, tolerance_mm: float = 2.0, progress: Optional[Progress] = None
+) -> dict:
     """Every case: ``{"cases": [evaluate_pair(...)...], "mean": mean_per_label(...), "tolerance_mm"}``."""
     pairs = match_cases(Path(prediction), Path(reference))
     cases = []
@@ -303,7 +311,7 @@ COLUMNS = [
 ]
 
 
-def _json_safe(value):
+def _json_safe(value: object) -> object:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -331,7 +339,7 @@ def csv_text(report: dict) -> str:
     return stream.getvalue()
 
 
-def _format(value):
+def _format(value: object) -> object:
     if isinstance(value, float):
         return "inf" if math.isinf(value) else f"{value:.6g}"
     return "" if value is None else value
@@ -353,14 +361,16 @@ def table(report: dict) -> str:
         for row in case["labels"]:
             hd = "inf" if math.isinf(row["hd95_mm"]) else f"{row['hd95_mm']:.1f}"
             lines.append(
-                f"{case['case'][:20]:<20} {row['label'][:22]:<22} {row['dice']:>6.3f} {hd:>8} {row['nsd']:>6.3f} {row['volume_difference_ml']:>12.1f}"
+                f"{case['case'][:20]:<20} {row['label'][:22]:<22} {row['dice']:>6.3f} {hd:>8} {row['nsd']:>6.3f} "
+                f"{row['volume_difference_ml']:>12.1f}"
             )
         lines += [f"  note: {note}" for note in case["notes"]]
     if len(report["cases"]) > 1:
         for row in report["mean"]:
             hd = "-" if row["hd95_mm"] is None else f"{row['hd95_mm']:.1f}"
             lines.append(
-                f"{'mean':<20} {row['label'][:22]:<22} {row['dice']:>6.3f} {hd:>8} {row['nsd']:>6.3f} {row['volume_difference_ml']:>12.1f}"
+                f"{'mean':<20} {row['label'][:22]:<22} {row['dice']:>6.3f} {hd:>8} {row['nsd']:>6.3f} "
+                f"{row['volume_difference_ml']:>12.1f}"
             )
     return "\n".join(lines)
 
@@ -368,7 +378,7 @@ def table(report: dict) -> str:
 # --- the command -----------------------------------------------------------------------------------
 
 
-def add_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "evaluate",
         help="Dice, HD95, surface Dice and volumes of predictions against references",
@@ -384,7 +394,7 @@ def add_parser(commands) -> None:
     parser.set_defaults(handler=run_evaluate_command, progress="none")
 
 
-def run_evaluate_command(args, progress) -> dict:
+def run_evaluate_command(args: argparse.Namespace, progress: Progress) -> dict:
     for path in (args.csv, args.json):
         if path is not None:
             check_writable(path)

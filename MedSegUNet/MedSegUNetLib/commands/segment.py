@@ -59,7 +59,8 @@ def predict_in_body(
 ) -> np.ndarray:
     """Class indices on the network grid; outside the body's box (when cropping) background."""
     body = _body_if_it_pays(bundle, network_input, options)
-    array = network_input.array[(slice(None), *body)]  # a view: no copy
+    every_channel_in_body = (slice(None), *body)
+    array = network_input.array[every_channel_in_body]  # a view: no copy
     window = _window(bundle, array.shape[1:])
     inside = predict_labels(bundle.network, array, window, options.predict, progress)
     if inside.shape == network_input.array.shape[1:]:
@@ -81,7 +82,8 @@ def _body_if_it_pays(bundle: Bundle, network_input: NetworkInput, options: Segme
     whole = (slice(None),) * 3
     if not options.crop_to_body or network_input.body is None:
         return whole
-    shape, box = network_input.array.shape[1:], network_input.array[(0, *network_input.body)].shape
+    first_channel_in_body = (0, *network_input.body)
+    shape, box = network_input.array.shape[1:], network_input.array[first_channel_in_body].shape
     overlap = options.predict.overlap
     if count_windows(box, _window(bundle, box), overlap) < count_windows(shape, _window(bundle, shape), overlap):
         return network_input.body
@@ -91,7 +93,8 @@ def _body_if_it_pays(bundle: Bundle, network_input: NetworkInput, options: Segme
 def _describe_body(network_input: NetworkInput, options: SegmentOptions) -> str:
     if not options.crop_to_body or network_input.body is None:
         return ""
-    box = network_input.array[(0, *network_input.body)].shape[::-1]
+    first_channel_in_body = (0, *network_input.body)
+    box = network_input.array[first_channel_in_body].shape[::-1]
     return f", body box {'x'.join(map(str, box))}"
 
 

@@ -20,4 +20,5 @@ def skip_unused_imports() -> None:
     """Make ``import matplotlib`` and ``import scipy.signal`` fail in this process (unless already imported)."""
     for name in SKIPPED:
         if name not in sys.modules:
-            sys.modules[name] = None  # the import system raises ImportError for a None entry
+            # the import system raises ImportError for a None entry (documented); typeshed allows modules only
+            sys.modules[name] = None  # type: ignore[assignment]

@@ -22,11 +22,14 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from MedSegUNetLib.core.errors import MedSegError
 from MedSegUNetLib.core.progress import Progress
 from MedSegUNetLib.model.bundle import Bundle, load_bundle
+
+if TYPE_CHECKING:
+    from MedSegUNetLib.prediction.inference import PredictOptions
 
 JOB_LINE_LIMIT = 1 << 20  # a job is a few hundred bytes; a megabyte of input without a newline is not a job
 
@@ -36,12 +39,12 @@ class LoadedModel:
     """A bundle loaded by the standby engine, and the file as it was when loaded."""
 
     path: Path
-    identity: Tuple[int, int, int, int]
+    identity: Optional[Tuple[int, int, int, int]]  # None: the file could not be examined when loaded
     bundle: Bundle
 
     def serves(self, path: Path) -> bool:
         """The job's model is this very file, not replaced or rewritten since it was loaded."""
-        return file_identity(path) == self.identity
+        return self.identity is not None and file_identity(path) == self.identity
 
 
 def file_identity(path: Path) -> Optional[Tuple[int, int, int, int]]:
@@ -69,7 +72,7 @@ def load_and_warm(
     return LoadedModel(Path(model), identity, bundle)
 
 
-def warm_up(bundle: Bundle, options) -> None:
+def warm_up(bundle: Bundle, options: PredictOptions) -> None:
     """A batch of zero windows through the prediction loop a job runs, in the calling thread.
 
     In the calling thread because most of the first window's cost is that thread's: its OpenMP team and

@@ -12,7 +12,7 @@ import secrets
 from pathlib import Path
 from typing import Iterator
 
-from MedSegUNetLib.core.errors import MedSegError
+from MedSegUNetLib.core.errors import MedSegError, PathLike
 
 _TEMP_MARK = ".medseg-tmp-"
 
@@ -101,7 +101,7 @@ def _match_permissions(temporary: Path, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path) -> Iterator[Path]:
+def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` in one rename.
 
     On any exception (including cancellation) the temporary is removed and ``path`` is untouched.

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -29,6 +29,16 @@ import SimpleITK as sitk
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 Triple = Tuple[float, float, float]
+
+
+def _int_triple(values: Iterable[float]) -> Tuple[int, int, int]:
+    i, j, k = values
+    return int(i), int(j), int(k)
+
+
+def _float_triple(values: Iterable[float]) -> Triple:
+    x, y, z = values
+    return float(x), float(y), float(z)
 
 
 @dataclass(frozen=True)
@@ -43,9 +53,9 @@ class Grid:
     @classmethod
     def of(cls, image: sitk.Image) -> "Grid":
         return cls(
-            tuple(int(s) for s in image.GetSize()),
-            tuple(float(s) for s in image.GetSpacing()),
-            tuple(float(o) for o in image.GetOrigin()),
+            _int_triple(image.GetSize()),
+            _float_triple(image.GetSpacing()),
+            _float_triple(image.GetOrigin()),
             tuple(float(d) for d in image.GetDirection()),
         )
 
@@ -91,10 +101,12 @@ class Grid:
         """Continuous (i, j, k) indices of physical (LPS) points, one per row."""
         return np.linalg.solve(self.axis_vectors().T, (np.asarray(points, dtype=float) - np.array(self.origin)).T).T
 
-    def sub_grid(self, start_ijk: Sequence[int], size_ijk: Sequence[int]) -> "Grid":
+    def sub_grid(
+        self, start_ijk: Union[Sequence[int], np.ndarray], size_ijk: Union[Sequence[int], np.ndarray]
+    ) -> "Grid":
         """The part of this grid that starts at voxel ``start_ijk`` (same spacing and direction)."""
         origin = self.to_physical(np.array([start_ijk]))[0]
-        return Grid(tuple(int(n) for n in size_ijk), self.spacing, tuple(float(o) for o in origin), self.direction)
+        return Grid(_int_triple(size_ijk), self.spacing, _float_triple(origin), self.direction)
 
     def box_covering(
         self, other: "Grid", start_ijk: Sequence[int], stop_ijk: Sequence[int]
@@ -161,9 +173,9 @@ def reoriented_grid(grid: Grid, code: str) -> Grid:
         corner[axis] = grid.size[axis] - 1 if sign < 0 else 0
     origin = np.array(grid.origin) + old @ (np.array(grid.spacing) * corner)
     return Grid(
-        tuple(grid.size[a] for a in axes),
-        tuple(grid.spacing[a] for a in axes),
-        tuple(float(o) for o in origin),
+        _int_triple(grid.size[a] for a in axes),
+        _float_triple(grid.spacing[a] for a in axes),
+        _float_triple(origin),
         tuple(float(d) for d in (old[:, axes] * np.array(signs)).ravel()),
     )
 
@@ -222,9 +234,9 @@ def resampled_grid(grid: Grid, spacing: Sequence[float]) -> Grid:
     first_corner = np.array(grid.origin) - direction @ (old_spacing / 2)
     new_origin = first_corner + direction @ (new_spacing / 2)
     return Grid(
-        tuple(int(s) for s in new_size),
-        tuple(float(s) for s in new_spacing),
-        tuple(float(o) for o in new_origin),
+        _int_triple(new_size),
+        _float_triple(new_spacing),
+        _float_triple(new_origin),
         tuple(float(d) for d in grid.direction),
     )
 

@@ -39,11 +39,11 @@ PALETTE = [
 ]
 
 
-def palette_color(index: int):
+def palette_color(index: int) -> Tuple[float, float, float]:
     """A color for the ``index``-th label (0-based); the palette repeats, slightly darker each round."""
-    base = PALETTE[index % len(PALETTE)]
+    red, green, blue = PALETTE[index % len(PALETTE)]
     shade = 0.85 ** (index // len(PALETTE))
-    return tuple(round(c * shade, 4) for c in base)
+    return round(red * shade, 4), round(green * shade, 4), round(blue * shade, 4)
 
 
 def default_labels(names: Sequence[str]) -> List[Label]:

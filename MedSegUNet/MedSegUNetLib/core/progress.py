@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Optional, TextIO
+from typing import TYPE_CHECKING, Any, Optional, TextIO
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 class Progress:
@@ -48,24 +51,25 @@ class TqdmProgress(Progress):
     """One bar per stage on stderr; notes are printed above the bar."""
 
     def __init__(self) -> None:
-        self.bar = None
-        self.stage = None
+        self.bar: Optional[tqdm] = None
+        self.stage: Optional[str] = None
 
     def update(self, stage: str, done: int, total: int, message: str = "", **extra: Any) -> None:
         from tqdm import tqdm
 
-        if stage != self.stage:
+        bar = self.bar
+        if stage != self.stage or bar is None:  # a new stage, or the same one after close()
             self.close()
             self.stage = stage
-            self.bar = tqdm(
+            bar = self.bar = tqdm(
                 total=max(total, 1), desc=f"{stage:>11}", unit="step", leave=stage == "done", file=sys.stderr
             )
-        self.bar.total = max(total, 1)
-        self.bar.n = min(done, self.bar.total)
+        bar.total = max(total, 1)
+        bar.n = min(done, bar.total)
         postfix = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in extra.items() if k in ("loss", "dice")}
         if postfix:
-            self.bar.set_postfix(postfix, refresh=False)
-        self.bar.refresh()
+            bar.set_postfix(postfix, refresh=False)
+        bar.refresh()
 
     def note(self, message: str) -> None:
         from tqdm import tqdm
@@ -84,7 +88,9 @@ class LineProgress(Progress):
     so that stderr keeps only the one-line error of a failed run."""
 
     def __init__(self, interval: float = 30.0) -> None:
-        self.interval, self.stage, self.last = interval, None, 0.0
+        self.interval = interval
+        self.stage: Optional[str] = None
+        self.last = 0.0
 
     def update(self, stage: str, done: int, total: int, message: str = "", **extra: Any) -> None:
         now = time.monotonic()

@@ -21,4 +21,5 @@ def writable_voxels(image: sitk.Image) -> np.ndarray:
     SimpleITK may share the buffer of copied images, and writing here would bypass its copy-on-write."""
     view = sitk.GetArrayViewFromImage(image)
     buffer = (ctypes.c_char * view.nbytes).from_address(view.__array_interface__["data"][0])
-    return np.frombuffer(buffer, view.dtype).reshape(view.shape)
+    # ctypes arrays have the buffer protocol; numpy's stubs for Python < 3.12 list only bytes-like types
+    return np.frombuffer(buffer, view.dtype).reshape(view.shape)  # type: ignore[call-overload]

@@ -268,6 +268,7 @@ class ChildProcess:
             self.log_lines.append(line)
 
     def _read_stdout(self) -> None:
+        assert self.process.stdout is not None  # opened with stdout=PIPE
         for line in self.process.stdout:
             line = line.rstrip("\r\n")
             self._log(line)
@@ -281,6 +282,7 @@ class ChildProcess:
             self.records.put(record)
 
     def _read_stderr(self) -> None:
+        assert self.process.stderr is not None  # opened with stderr=PIPE
         for line in self.process.stderr:
             line = line.rstrip("\r\n")
             self._log(line)
@@ -497,7 +499,7 @@ def parse_record(line: str) -> Optional[dict]:
 
 def _new_group_options() -> dict:
     """The child in a process group of its own (so Cancel reaches its children), without a console window."""
-    if os.name == "nt":
+    if sys.platform == "win32":  # os.name == "nt"; spelled so that type checkers know the flags exist there
         return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)}
     return {"start_new_session": True}
 

@@ -14,13 +14,13 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from MedSegUNetLib.core.atomic import atomic_path
-from MedSegUNetLib.core.errors import MedSegError
+from MedSegUNetLib.core.errors import MedSegError, PathLike
 from MedSegUNetLib.core.geometry import Grid
 from MedSegUNetLib.core.labels import Label
 from MedSegUNetLib.core.memory import available_memory_bytes, describe_bytes
@@ -80,7 +80,7 @@ _quiet_depth = 0  # a silencer inside another one (same thread) leaves the redir
 
 
 @contextlib.contextmanager
-def _quiet_native_output():
+def _quiet_native_output() -> Iterator[None]:
     """Silence what ITK, GDCM, nifticlib and MetaIO print on the process's own stdout/stderr
     ("** ERROR: nifti_convert_nhdr2nim", "Non uniform sampling ..."): a bad file must give one clear
     line, and stdout carries the JSON progress. The problem is reported by the exception instead.
@@ -126,7 +126,7 @@ def _quiet_native_output():
                         os.close(copy)
                     if null is not None:
                         os.close(null)
-                    if hold:
+                    if previous is not None:  # the signals were held
                         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
@@ -146,7 +146,7 @@ def _check_memory(size: Sequence[int], needed: int, path: Path) -> None:
         )
 
 
-def _check_information(reader, path: Path, max_voxels: int) -> None:
+def _check_information(reader: sitk.ImageFileReader, path: Path, max_voxels: int) -> None:
     """Look at the header only: dimension, pixel type, components and size, before reading any voxel."""
     dimension = reader.GetDimension()
     size = reader.GetSize()
@@ -210,7 +210,7 @@ def _read_information(path: Path, max_voxels: int) -> sitk.ImageFileReader:
 
 
 def stream_image_slices(
-    path, start: Callable[[Grid], Callable[[np.ndarray], None]], max_voxels: int = MAX_VOXELS
+    path: PathLike, start: Callable[[Grid], Callable[[np.ndarray], None]], max_voxels: int = MAX_VOXELS
 ) -> Optional[Grid]:
     """Hand an image's (y, x) slices, k = 0, 1, ..., to the consumer ``start(grid)`` returns, while the
     file is read, without ever holding the volume: for a plain integer ``.nii.gz`` (nifti_voxels.read_slices),
@@ -240,7 +240,7 @@ _SLICE_READERS = {".nii.gz": nifti_voxels.read_slices, ".nrrd": nrrd_voxels.read
 
 
 @contextlib.contextmanager
-def _corrupt_stream_reported(path: Path):
+def _corrupt_stream_reported(path: Path) -> Iterator[None]:
     try:
         yield
     except CorruptStream:
@@ -350,6 +350,7 @@ def _check_dicom_slices(files: Sequence[str], folder: Path) -> sitk.ImageFileRea
             f"where the others are {usual:g} mm apart (a missing slice?)",
             folder,
         )
+    assert first is not None  # files is never empty: the caller refuses a series of fewer than 2 slices
     return first
 
 
@@ -370,7 +371,7 @@ def _replace_non_finite(image: sitk.Image, path: Path) -> Tuple[sitk.Image, List
     return fixed, [f"{path.name}: {bad} NaN/Inf voxels replaced by the minimum value {low:g}"]
 
 
-def read_image(path, series: Optional[str] = None, max_voxels: int = MAX_VOXELS) -> LoadedImage:
+def read_image(path: PathLike, series: Optional[str] = None, max_voxels: int = MAX_VOXELS) -> LoadedImage:
     """Read a 3D scalar volume (file or DICOM folder), or raise :class:`MedSegError`.
 
     Integer voxels stay as stored (a CT's int16 is half the memory of float32, and casting a full
@@ -391,7 +392,7 @@ def read_image(path, series: Optional[str] = None, max_voxels: int = MAX_VOXELS)
     return LoadedImage(image, path, warnings)
 
 
-def read_labelmap(path, max_voxels: int = MAX_VOXELS) -> sitk.Image:
+def read_labelmap(path: PathLike, max_voxels: int = MAX_VOXELS) -> sitk.Image:
     """A 3D labelmap file (integer values; a float file only if every value is a whole number)."""
     path = Path(path)
     if not path.is_file():
@@ -412,8 +413,9 @@ def _as_pixel_type(image: sitk.Image, pixel_type: int) -> sitk.Image:
     return image if image.GetPixelID() == pixel_type else sitk.Cast(image, pixel_type)
 
 
-def write_segmentation(path, label_image: sitk.Image, labels: Sequence[Label]) -> Path:
-    """Write ``label_image`` (label values of ``labels``) as ``.seg.nrrd`` (segmentation_nrrd.py) or as a plain labelmap."""
+def write_segmentation(path: PathLike, label_image: sitk.Image, labels: Sequence[Label]) -> Path:
+    """Write ``label_image`` (label values of ``labels``) as ``.seg.nrrd`` (segmentation_nrrd.py) or as a
+    plain labelmap."""
     path = Path(path)
     check_output_type(path)
     image = _as_pixel_type(label_image, labelmap_pixel_type(labels))

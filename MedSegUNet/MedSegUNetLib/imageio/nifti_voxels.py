@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from MedSegUNetLib.imageio import gzip_stream
-from MedSegUNetLib.imageio.gzip_stream import CorruptStream, gzip_inflater, inflated_pieces, slices_of
+from MedSegUNetLib.imageio.gzip_stream import CorruptStream, Piece, gzip_inflater, inflated_pieces, slices_of
 from MedSegUNetLib.imageio.read_ahead import ReadAhead
 
 HEADER_BYTES = 348  # sizeof_hdr of NIfTI-1
@@ -54,7 +54,7 @@ class _Differs(Exception):
 
 
 def _stream_voxels(
-    path: Path, size_xyz: Sequence[int], expected: np.dtype, consume: Callable[[np.dtype, int, bytes], None]
+    path: Path, size_xyz: Sequence[int], expected: np.dtype, consume: Callable[[np.dtype, int, Piece], None]
 ) -> bool:
     """Inflate the ``.nii.gz`` at ``path`` and hand its voxel bytes, in order and as they come, to
     ``consume(file_dtype, offset, piece)``: ``file_dtype`` is the voxels' type with the file's byte order.
@@ -65,8 +65,9 @@ def _stream_voxels(
     ITK then reads the file. Raises :class:`CorruptStream` once a plain header has inflated and the voxels
     behind it are cut short or corrupt. The file is never held whole, compressed or not."""
     inflater, error = gzip_inflater()
-    head = bytearray()
+    head: Optional[bytearray] = bytearray()  # the header as it inflates; None once the voxels have begun
     layout, total, written = None, 0, 0
+    output: Piece
     with open(path, "rb") as file, ReadAhead(inflated_pieces(file, inflater), gzip_stream.READ_AHEAD) as pieces:
         try:
             for output in pieces:
@@ -80,6 +81,7 @@ def _stream_voxels(
                     if layout is None or len(head) < layout[2]:
                         continue
                     output, head = memoryview(head)[layout[2] :], None
+                assert layout is not None  # the header has been read: no voxel comes before it
                 if written + len(output) > total:
                     return False
                 if output:
@@ -105,7 +107,7 @@ def read_voxels(path: Path, size_xyz: Sequence[int], expected: np.dtype, allocat
     target: List[np.ndarray] = []
     order: List[np.dtype] = []
 
-    def copy(file_dtype: np.dtype, offset: int, piece: bytes) -> None:
+    def copy(file_dtype: np.dtype, offset: int, piece: Piece) -> None:
         if not target:
             target.append(allocate())
             order.append(file_dtype)
@@ -133,7 +135,7 @@ def holds_voxels(path: Path, voxels: np.ndarray) -> bool:
     voxels. Each inflated piece is compared as it comes: no second copy of the image is ever held."""
     expected = np.ascontiguousarray(voxels).reshape(-1)
 
-    def compare(file_dtype: np.dtype, offset: int, piece: bytes) -> None:
+    def compare(file_dtype: np.dtype, offset: int, piece: Piece) -> None:
         size = file_dtype.itemsize  # pieces end anywhere, even inside a voxel: compare bytes
         first, last = offset // size, -(-(offset + len(piece)) // size)
         values = expected[first:last]

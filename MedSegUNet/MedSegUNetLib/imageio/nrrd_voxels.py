@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Tuple
+from typing import BinaryIO, Callable, Iterator, Optional, Sequence, Tuple, Type
 
 import numpy as np
 
 from MedSegUNetLib.imageio import gzip_stream
-from MedSegUNetLib.imageio.gzip_stream import CorruptStream, gzip_inflater, inflated_pieces, slices_of
+from MedSegUNetLib.imageio.gzip_stream import (
+    CorruptStream,
+    Inflater,
+    Piece,
+    gzip_inflater,
+    inflated_pieces,
+    slices_of,
+)
 from MedSegUNetLib.imageio.read_ahead import ReadAhead
 
 RAW_PIECE = 1 << 22  # bytes read at a time from a raw file
@@ -69,7 +76,7 @@ def _voxel_layout(path: Path, size_xyz: Sequence[int], expected: np.dtype) -> Op
     return np.dtype(order + code), offset, encoding != "raw"
 
 
-def _raw_pieces(file, total: int) -> Iterator[bytes]:
+def _raw_pieces(file: BinaryIO, total: int) -> Iterator[bytes]:
     left = total
     while left > 0 and (piece := file.read(min(RAW_PIECE, left))):
         left -= len(piece)
@@ -77,7 +84,7 @@ def _raw_pieces(file, total: int) -> Iterator[bytes]:
 
 
 def stream_voxels(
-    path: Path, size_xyz: Sequence[int], expected: np.dtype, consume: Callable[[np.dtype, int, bytes], None]
+    path: Path, size_xyz: Sequence[int], expected: np.dtype, consume: Callable[[np.dtype, int, Piece], None]
 ) -> bool:
     """Hand the voxel bytes of the NRRD at ``path``, in order and as they are read (a thread reads or
     inflates ahead), to ``consume(file_dtype, offset, piece)``, as nifti_voxels' reader does for a ``.nii.gz``.
@@ -90,7 +97,11 @@ def stream_voxels(
         return False
     file_dtype, offset, compressed = layout
     total = int(np.prod([int(s) for s in size_xyz], dtype=np.int64)) * file_dtype.itemsize
-    inflater, error = gzip_inflater() if compressed else (None, ())
+    inflater: Optional[Inflater] = None  # set exactly when compressed
+    error: Tuple[Type[Exception], ...] = ()  # the inflater's error class; nothing to catch for raw data
+    if compressed:
+        inflater, inflate_error = gzip_inflater()
+        error = (inflate_error,)
     written = 0
     with open(path, "rb") as file:
         if not compressed and os.fstat(file.fileno()).st_size != offset + total:
@@ -99,7 +110,7 @@ def stream_voxels(
         if compressed and file.read(2) != GZIP_MAGIC:
             return False  # "gzip" data that is not gzip at all: ITK reads it as it is, so it is left to ITK
         file.seek(offset)
-        pieces = inflated_pieces(file, inflater) if compressed else _raw_pieces(file, total)
+        pieces = inflated_pieces(file, inflater) if inflater is not None else _raw_pieces(file, total)
         with ReadAhead(pieces, gzip_stream.READ_AHEAD) as ahead:
             try:
                 for piece in ahead:
@@ -109,9 +120,9 @@ def stream_voxels(
                     written += len(piece)
             except error:
                 raise CorruptStream from None
-    if compressed and inflater.eof and inflater.unused_data:
+    if inflater is not None and inflater.eof and inflater.unused_data:
         return False  # another gzip member or trailing bytes: ITK reads through them
-    if written == total and (not compressed or inflater.eof):
+    if written == total and (inflater is None or inflater.eof):
         return True
     raise CorruptStream
 

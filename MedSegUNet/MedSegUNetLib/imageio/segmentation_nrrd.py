@@ -125,7 +125,8 @@ def write_segmentation_nrrd(path: Path, image: sitk.Image, labels: Sequence[Labe
     with atomic_path(path) as temporary, open(temporary, "wb") as file:
         file.write(header)
         for start in range(0, flat.size, DEFLATED_PIECE):
-            file.write(deflater.compress(flat[start : start + DEFLATED_PIECE]))
+            # an ndarray has the buffer protocol; numpy's stubs declare it (__buffer__) for Python >= 3.12 only
+            file.write(deflater.compress(flat[start : start + DEFLATED_PIECE]))  # type: ignore[arg-type]
         file.write(deflater.flush())
     return path
 

@@ -23,9 +23,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from MedSegUNetLib import __version__
 from MedSegUNetLib.core.atomic import atomic_path
-from MedSegUNetLib.core.errors import MedSegError
+from MedSegUNetLib.core.errors import MedSegError, PathLike
 from MedSegUNetLib.core.labels import Label
-from MedSegUNetLib.model.network import NetworkSpec
+from MedSegUNetLib.model.network import NetworkSpec, TorchModule
 
 FORMAT = "medsegunet-bundle"
 FORMAT_VERSION = 1
@@ -162,7 +162,7 @@ class Bundle:
     """A loaded bundle: its description and a ready ``torch.nn.Module`` in eval mode (on the CPU)."""
 
     meta: BundleMeta
-    network: Any
+    network: TorchModule
     path: Optional[Path] = None
 
 
@@ -203,7 +203,7 @@ def _read_header(path: Path) -> Tuple[dict, int]:
     return header, header_length
 
 
-def read_bundle_metadata(path) -> BundleMeta:
+def read_bundle_metadata(path: PathLike) -> BundleMeta:
     """The bundle's description, read without torch and without touching the weights."""
     path = Path(path)
     header, _ = _read_header(path)
@@ -216,7 +216,7 @@ def read_bundle_metadata(path) -> BundleMeta:
         raise MedSegError(f"bundle metadata is invalid: {error}", path) from None
 
 
-def _weight_groups(network) -> List[List[str]]:
+def _weight_groups(network: TorchModule) -> List[List[str]]:
     """State-dict names grouped by shared storage (DynUNet registers each block under two names)."""
     groups: Dict[Tuple[int, int], List[str]] = {}
     for name, tensor in network.state_dict().items():
@@ -225,7 +225,7 @@ def _weight_groups(network) -> List[List[str]]:
     return list(groups.values())
 
 
-def _check_tensors_against_network(path: Path, header: dict, network) -> None:
+def _check_tensors_against_network(path: Path, header: dict, network: TorchModule) -> None:
     """Compare names, shapes and dtypes in the header with the network before reading weights."""
     expected = network.state_dict()
     stored = {name: info for name, info in header.items() if name != "__metadata__"}
@@ -243,11 +243,12 @@ def _check_tensors_against_network(path: Path, header: dict, network) -> None:
                 f"weight '{name}' has shape {list(shape)}, the declared network wants {list(expected[name].shape)}",
                 path,
             )
-        if _DTYPES.get(info.get("dtype")) != str(expected[name].dtype).replace("torch.", ""):
-            raise MedSegError(f"weight '{name}' has dtype {info.get('dtype')}, expected {expected[name].dtype}", path)
+        dtype = info.get("dtype")
+        if not isinstance(dtype, str) or _DTYPES.get(dtype) != str(expected[name].dtype).replace("torch.", ""):
+            raise MedSegError(f"weight '{name}' has dtype {dtype}, expected {expected[name].dtype}", path)
 
 
-def load_bundle(path) -> Bundle:
+def load_bundle(path: PathLike) -> Bundle:
     """Read a bundle: description, network built from it, weights checked and loaded. Never unpickles."""
     from safetensors.torch import load_model
 
@@ -273,7 +274,7 @@ def load_bundle(path) -> Bundle:
 # --- writing ---------------------------------------------------------------------------------------
 
 
-def save_bundle(path, meta: BundleMeta, network) -> Path:
+def save_bundle(path: PathLike, meta: BundleMeta, network: TorchModule) -> Path:
     """Write ``meta`` and the network's weights atomically (a temporary file renamed on success)."""
     from safetensors.torch import save_model
 

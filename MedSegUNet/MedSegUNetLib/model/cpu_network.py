@@ -80,6 +80,7 @@ class OneDnnConv(torch.nn.Module):
 
     def __init__(self, conv: torch.nn.Conv3d):
         super().__init__()
+        assert not isinstance(conv.padding, str)  # "same"/"valid" padding has no oneDNN form here (_one_dnn)
         self.weight, self.bias = conv.weight, conv.bias
         self.padding, self.stride, self.dilation, self.groups = conv.padding, conv.stride, conv.dilation, conv.groups
 
@@ -130,7 +131,7 @@ def _one_dnn(module: torch.nn.Module) -> Optional[torch.nn.Module]:
     return None
 
 
-def _is_pointwise(module: torch.nn.Module) -> bool:
+def _is_pointwise(module: Optional[torch.nn.Module]) -> bool:
     return (
         type(module) is torch.nn.Conv3d
         and tuple(module.kernel_size) == (1, 1, 1)
@@ -155,7 +156,7 @@ def _swap_modules(module: torch.nn.Module, direct_convolutions: bool) -> None:
     forms. A module shared by two parents (DynUNet lists its blocks twice) is replaced once: its
     replacement has no children to descend into."""
     for name, child in module.named_children():
-        replacement = None
+        replacement: Optional[torch.nn.Module] = None
         if isinstance(child, torch.nn.InstanceNorm3d) and not child.track_running_stats:
             replacement = ChannelNorm(child)
         elif direct_convolutions:
@@ -179,7 +180,8 @@ def for_cpu(network: torch.nn.Module, dtype: torch.dtype = torch.float32) -> tor
     with float32 statistics and parameters, about 3% faster per window here than all-bf16 and closer
     to float32."""
     fast = copy.deepcopy(network).eval()
-    fast.to(memory_format=torch.channels_last_3d)
+    # Module.to takes memory_format (documented); torch's overloads for it leave that argument out
+    fast.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     _with_pointwise_head(fast)
     _swap_modules(fast, direct_convolutions_available())
     fast.to(dtype)

@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence
 
+# A torch.nn.Module. Spelled Any: this module and bundle.py must load without torch, and
+# Testing/test_slicer_static.py refuses a torch import at their top level even under TYPE_CHECKING.
+TorchModule = Any
+
 # JSON has no tuples; these DynUNet/UNet arguments are (name, {options}) pairs that MONAI wants as tuples.
 _TUPLE_ARGS = ("norm_name", "act_name", "norm", "act")
 
@@ -76,7 +80,7 @@ def check_spec_bounds(spec: NetworkSpec) -> None:
             raise ValueError(f"network width {value!r} is outside 1..{_MAX_WIDTH}")
 
 
-def build_network(spec: NetworkSpec):
+def build_network(spec: NetworkSpec) -> TorchModule:
     """A freshly initialised ``torch.nn.Module`` for ``spec`` (raises ValueError for unknown classes)."""
     if spec.cls not in NETWORK_CLASSES:
         raise ValueError(f"unknown network class '{spec.cls}' (known: {', '.join(NETWORK_CLASSES)})")

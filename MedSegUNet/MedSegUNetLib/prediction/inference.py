@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, ContextManager, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -132,7 +132,7 @@ def prepare_network(
     return network.to(device)
 
 
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager[object]:
     if dtype is None or device.type == "cpu":  # the CPU copy is itself in dtype
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -167,12 +167,13 @@ class WindowPredictor:
         self.on_windows = on_windows
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
-        scores = None
+        scores: Optional[torch.Tensor] = None
         for axes in self.flips:
             batch = torch.flip(windows, axes) if axes else windows
             output = self.network(batch).float()
             output = torch.flip(output, axes) if axes else output
             scores = output if scores is None else scores + output
+        assert scores is not None  # self.flips is never empty: () is the unmirrored pass
         self.on_windows(windows.shape[0])
         return scores / len(self.flips) if len(self.flips) > 1 else scores
 

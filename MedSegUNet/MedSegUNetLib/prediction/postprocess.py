@@ -17,7 +17,7 @@ def keep_largest_component(label_image: sitk.Image, values: Iterable[int]) -> si
     """For each label value, keep only its largest 26-connected component (others become background)."""
     statistics = sitk.LabelShapeStatisticsImageFilter()
     statistics.Execute(label_image)
-    present = set(int(v) for v in statistics.GetLabels())
+    present = {int(v) for v in statistics.GetLabels()}
     array = sitk.GetArrayFromImage(label_image)
     for value in values:
         if value not in present:

@@ -6,7 +6,7 @@ Used by ``segment`` and by training, so a model always sees at inference what it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -48,8 +48,8 @@ def network_grid(input_grid: Grid, preprocessing: Preprocessing) -> Grid:
 
 def network_resampler(input_grid: Grid, preprocessing: Preprocessing) -> Tuple[SliceResampler, Grid]:
     """The linear resampling of an image on ``input_grid`` onto its network grid, fed slice by slice
-    (slice_resampling.py), and that grid. Outside the input (the network grid's box is the input's, so at most a rounding
-    at its edges) the image's minimum: air on a CT.
+    (slice_resampling.py), and that grid. Outside the input (the network grid's box is the input's, so at
+    most a rounding at its edges) the image's minimum: air on a CT.
 
     The reorientation is folded into the resampling (the same physical points are interpolated) rather
     than done first: on a 512x512x300 CT that saves a full-resolution copy and a quarter of a second."""
@@ -85,6 +85,7 @@ def _minimum(image: sitk.Image) -> float:
 def normalize(array: np.ndarray, normalization: Normalization) -> np.ndarray:
     """Normalize intensities in place (float32) and return the array."""
     if normalization.kind == "ct":
+        assert normalization.clip is not None  # Normalization refuses a ct kind without a clip window
         low, high = normalization.clip
         np.clip(array, low, high, out=array)
         if normalization.mean is not None and normalization.std is not None:
@@ -118,12 +119,13 @@ def body_box(
     dense = array_zyx > threshold
     if not dense.any():
         return (slice(None),) * 3
-    box = []
+    box: List[slice] = []
     for axis, spacing in enumerate(spacing_zyx):
         present = np.flatnonzero(dense.any(axis=tuple(a for a in range(3) if a != axis)))
         margin = int(np.ceil(BODY_MARGIN_MM / spacing))
         box.append(slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + 1 + margin, array_zyx.shape[axis])))
-    return tuple(box)
+    z, y, x = box
+    return z, y, x
 
 
 def prepare_channels(channels: Sequence[sitk.Image], preprocessing: Preprocessing) -> NetworkInput:

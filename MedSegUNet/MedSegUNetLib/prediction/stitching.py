@@ -52,6 +52,11 @@ def window_slices(shape_zyx: Sequence[int], window_zyx: Sequence[int], overlap: 
     return dense_patch_slices(list(shape_zyx), list(window_zyx), scan_interval(shape_zyx, window_zyx, overlap))
 
 
+def _all_channels(where: Sequence[slice]) -> Tuple[slice, ...]:
+    """The index of the (C, Z, Y, X) voxels in the spatial box ``where``, every channel."""
+    return (slice(None), *where)
+
+
 def _padding(shape_zyx: Sequence[int], window_zyx: Sequence[int]) -> List[Tuple[int, int]]:
     """(before, after) per spatial axis: half of what the window lacks on each side, as MONAI pads."""
     return [(max(w - n, 0) // 2, max(w - n, 0) - max(w - n, 0) // 2) for n, w in zip(shape_zyx, window_zyx)]
@@ -88,7 +93,7 @@ def blended_scores(
     slices = window_slices(volume.shape[1:], window_zyx, overlap)
     for start in range(0, len(slices), batch_size):
         batch = slices[start : start + batch_size]
-        windows = torch.stack([volume[(slice(None), *where)] for where in batch]).to(window_device)
+        windows = torch.stack([volume[_all_channels(where)] for where in batch]).to(window_device)
         output = predict(windows)
         del windows
         if scores is None:
@@ -100,10 +105,11 @@ def blended_scores(
             )
         output = output.to(scores.device)
         for index, where in enumerate(batch):
-            scores[(slice(None), *where)].addcmul_(output[index], weight)
+            scores[_all_channels(where)].addcmul_(output[index], weight)
         del output  # before the next window's call: it finds the memory this one freed
+    assert scores is not None  # made before the first window or from its scores; there is always a window
     crop = tuple(slice(before, size - after) for (before, after), size in zip(padding, volume.shape[1:]))
-    return scores[(slice(None), *crop)]
+    return scores[_all_channels(crop)]
 
 
 def summed_weights(shape_zyx: Sequence[int], window_zyx: Sequence[int], overlap: float) -> torch.Tensor:
