@@ -46,6 +46,7 @@ from MedSegUNetLib.host.childprocess import (
     segment_command,
     train_command,
 )
+from MedSegUNetMRML import annotations, nodefiles, segments
 
 MODULE_DIR = Path(__file__).resolve().parent
 USER_MODELS_KEY = "MedSegUNet/UserModels"  # qt.QSettings: the bundles the user added or trained
@@ -676,27 +677,11 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def writeVolume(volumeNode, path: Path) -> Path:
-        """The volume as NRRD through a storage node of its own: the node's own storage stays untouched."""
-        storage = slicer.mrmlScene.CreateNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-        storage.UnRegister(None)  # CreateNodeByClass returns a reference we own
-        storage.SetFileName(str(path))
-        storage.SetUseCompression(False)  # written once, read once: compression only costs time
-        if not storage.WriteData(volumeNode):
-            raise RuntimeError(f"could not write {volumeNode.GetName()} to {path}")
-        return path
-
-    @staticmethod
-    def writeSegmentation(segmentationNode, path: Path) -> Path:
-        storage = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentationStorageNode")
-        storage.UnRegister(None)
-        storage.SetFileName(str(path))
-        if not storage.WriteData(segmentationNode):
-            raise RuntimeError(f"could not write {segmentationNode.GetName()} to {path}")
-        return path
+        return nodefiles.write_volume(volumeNode, path)
 
     @staticmethod
     def referenceVolume(segmentationNode):
-        return segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole())
+        return segments.reference_volume(segmentationNode)
 
     # --- Segment ---
 
@@ -774,37 +759,7 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
 
     def saveAnnotatedScene(self, segmentationNodes, folder: Path) -> Optional[Path]:
         """The checked (volume, segmentation) pairs as a scene that `training` reads: folder/scene/annotations.mrml."""
-        from training.scene_writer import ScenePair, write_mrml_scene
-
-        pairs = []
-        for index, segmentationNode in enumerate(segmentationNodes):
-            volume = self.referenceVolume(segmentationNode)
-            if volume is None:
-                raise ValueError(f"segmentation '{segmentationNode.GetName()}' has no reference volume")
-            if segmentationNode.GetTransformNodeID() != volume.GetTransformNodeID():
-                raise ValueError(
-                    f"'{segmentationNode.GetName()}' and '{volume.GetName()}' are under different transforms:"
-                    " harden them first"
-                )
-            image = self.writeVolume(volume, folder / f"volume{index}.nrrd")
-            labels = self.writeLabelmapSegmentation(segmentationNode, volume, folder / f"segmentation{index}.seg.nrrd")
-            pairs.append(ScenePair(volume.GetName(), image, labels, segmentationNode.GetName()))
-        return write_mrml_scene(folder / "scene", "annotations", pairs) if pairs else None
-
-    def writeLabelmapSegmentation(self, segmentationNode, volumeNode, path: Path) -> Path:
-        """A .seg.nrrd; a segmentation edited as surfaces is converted to labelmaps (on a copy) first."""
-        if segmentationNode.GetSegmentation().IsSourceRepresentationImageData():
-            return self.writeSegmentation(segmentationNode, path)
-        copy = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "MedSegUNet labelmap copy")
-        try:
-            copy.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-            source = segmentationNode.GetSegmentation()
-            for index in range(source.GetNumberOfSegments()):
-                copy.GetSegmentation().CopySegmentFromSegmentation(source, source.GetNthSegmentID(index), False)
-            copy.SetSourceRepresentationToBinaryLabelmap()
-            return self.writeSegmentation(copy, path)
-        finally:
-            slicer.mrmlScene.RemoveNode(copy)
+        return annotations.save_annotated_scene(segmentationNodes, folder)
 
     def startTrain(
         self,
@@ -860,17 +815,11 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def annotatedPairs():
         """(volume, segmentation) pairs of the scene: segmentations with segments, tied to a volume."""
-        pairs = []
-        for segmentationNode in slicer.util.getNodesByClass("vtkMRMLSegmentationNode"):
-            volume = MedSegUNetLogic.referenceVolume(segmentationNode)
-            if volume is not None and segmentationNode.GetSegmentation().GetNumberOfSegments() > 0:
-                pairs.append((volume, segmentationNode))
-        return pairs
+        return segments.annotated_pairs(slicer.mrmlScene)
 
     @staticmethod
     def segmentNames(segmentationNode) -> List[str]:
-        segmentation = segmentationNode.GetSegmentation()
-        return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+        return segments.segment_names(segmentationNode)
 
     def segmentsToReplace(self, segmentationNode, model: Path) -> List[str]:
         """Segments of an existing output that Segment would replace (same name as a model structure)."""
@@ -890,35 +839,7 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
 
     def loadResult(self, path: Path, volumeNode, model: Path):
         """The engine's .seg.nrrd segments (names, colors, terminology) into the output node, on the volume."""
-        loaded = slicer.util.loadSegmentation(str(path))
-        try:
-            target = self.outputNodeFor(volumeNode)
-            target.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-            target.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())  # the file is in the volume's frame
-            self.copySegments(loaded, target)
-            target.CreateClosedSurfaceRepresentation()  # shown in 3D
-            target.SetAttribute("MedSegUNet.Model", str(model))
-        finally:
-            slicer.mrmlScene.RemoveNode(loaded)
-        return target
-
-    @staticmethod
-    def copySegments(sourceNode, targetNode) -> None:
-        """Each source segment replaces the target's segment of the same name, at its place; others are kept."""
-        source, target = sourceNode.GetSegmentation(), targetNode.GetSegmentation()
-        for index in range(source.GetNumberOfSegments()):
-            segmentId = source.GetNthSegmentID(index)
-            name = source.GetSegment(segmentId).GetName()
-            existing = target.GetSegmentIdBySegmentName(name)
-            position = target.GetSegmentIndex(existing) if existing else -1
-            if existing:
-                target.RemoveSegment(existing)
-            if not target.CopySegmentFromSegmentation(source, segmentId, False):
-                raise RuntimeError(f"could not copy segment '{name}'")
-            if position >= 0:
-                target.SetSegmentIndex(target.GetSegmentIdBySegmentName(name), position)
-        if target.IsSourceRepresentationImageData():
-            target.CollapseBinaryLabelmaps(False)  # copies are one image each: share layers again, overwriting nothing
+        return segments.take_over_result(path, volumeNode, self.outputNodeFor(volumeNode), model)
 
     # --- blocking forms, for the self-test and scripts ---
 

@@ -14,6 +14,7 @@ from conftest import REPO
 
 ENGINE = REPO / "MedSegUNet" / "MedSegUNetLib"
 TRAINING = REPO / "training"
+NODE_WORK = REPO / "MedSegUNet" / "MedSegUNetMRML"  # the module's MRML glue: above the engine and training
 
 # The engine's sub-packages, lowest first: a module may import its own layer and those below it.
 ENGINE_LAYERS = ["core", "imageio", "model", "prediction", "commands", "cli", "__main__"]
@@ -89,6 +90,8 @@ def layer_violations(edges: List[Edge]) -> List[str]:
         source, target = engine_layer(importer), engine_layer(imported)
         if importer.startswith("MedSegUNetLib") and imported.split(".")[0] == "training":
             problems.append(f"{importer}:{line} imports {imported}: the engine knows nothing of training")
+        if importer.split(".")[0] in ("MedSegUNetLib", "training") and imported.startswith("MedSegUNetMRML"):
+            problems.append(f"{importer}:{line} imports {imported}: the engine and training know nothing of MRML")
         if source is None or target is None or imported == "MedSegUNetLib":
             continue
         if source in STANDALONE or target in STANDALONE:
@@ -145,10 +148,10 @@ def forbidden_imports(trees: Dict[str, Tuple[Path, ast.Module]]) -> List[str]:
     for module, (path, tree) in trees.items():
         for name, line in imported_names(module, path, tree):
             top = name.split(".")[0]
-            if top in SLICER_ONLY:
+            if top in SLICER_ONLY and not module.startswith("MedSegUNetMRML"):
                 problems.append(f"{module}:{line} imports {name}: the engine and training never import Slicer or Qt")
             private = [part for part in name.split(".")[1:] if part.startswith("_") and not part.startswith("__")]
-            if module.split(".")[0] != top and top in ("MedSegUNetLib", "training") and private:
+            if module.split(".")[0] != top and top in ("MedSegUNetLib", "training", "MedSegUNetMRML") and private:
                 problems.append(f"{module}:{line} imports {name}, private to its package")
     return problems
 
@@ -162,7 +165,7 @@ def check(packages: List[Tuple[Path, str]]) -> List[str]:
 
 
 def test_the_engine_and_training_keep_their_layers_with_no_cycles():
-    assert check([(ENGINE, "MedSegUNetLib"), (TRAINING, "training")]) == []
+    assert check([(ENGINE, "MedSegUNetLib"), (TRAINING, "training"), (NODE_WORK, "MedSegUNetMRML")]) == []
 
 
 def test_every_engine_module_sits_in_a_known_layer():
@@ -203,8 +206,18 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
             "host/childprocess.py": "from MedSegUNetLib.core.errors import E\n",
         },
     )
-    write_tree(training, {"__init__.py": "", "cli.py": "from MedSegUNetLib.core.errors import _private\n"})
-    problems = check([(engine, "MedSegUNetLib"), (training, "training")])
+    write_tree(
+        training,
+        {
+            "__init__.py": "",
+            "cli.py": "from MedSegUNetLib.core.errors import _private\n",
+            "loop.py": "import MedSegUNetMRML.segments\n",
+        },
+    )
+    write_tree(tmp_path / "MedSegUNetMRML", {"__init__.py": "", "segments.py": "import slicer\n"})
+    problems = check(
+        [(engine, "MedSegUNetLib"), (training, "training"), (tmp_path / "MedSegUNetMRML", "MedSegUNetMRML")]
+    )
     expected = [
         "MedSegUNetLib.core.errors:2 imports MedSegUNetLib.model, a higher layer",
         "MedSegUNetLib.model.bundle:2 imports training.cli: the engine knows nothing of training",
@@ -213,6 +226,7 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
         "training.cli:1 imports MedSegUNetLib.core.errors._private, private",
         "import cycle: MedSegUNetLib.prediction.a -> MedSegUNetLib.prediction.b",
         "import cycle: MedSegUNetLib.core.errors -> MedSegUNetLib.model.bundle -> training.cli",
+        "training.loop:1 imports MedSegUNetMRML.segments: the engine and training know nothing of MRML",
     ]
     for text in expected:
         assert any(problem.startswith(text) for problem in problems), (text, problems)

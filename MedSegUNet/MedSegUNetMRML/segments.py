@@ -1,0 +1,65 @@
+"""Segmentation nodes: their segments, the volume they belong to, and the engine's result taken over."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from MedSegUNetMRML.nodefiles import Node, read_segmentation
+
+MODEL_ATTRIBUTE = "MedSegUNet.Model"  # the bundle that made a segmentation node's segments
+
+
+def reference_volume(segmentation_node: Node) -> Optional[Node]:
+    return segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
+
+
+def segment_names(segmentation_node: Node) -> List[str]:
+    segmentation = segmentation_node.GetSegmentation()
+    return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+
+
+def annotated_pairs(scene: Node) -> List[Tuple[Node, Node]]:
+    """(volume, segmentation) pairs of ``scene``: segmentations with segments, tied to a volume."""
+    pairs = []
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
+        segmentation_node = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
+        volume = reference_volume(segmentation_node)
+        if volume is not None and segmentation_node.GetSegmentation().GetNumberOfSegments() > 0:
+            pairs.append((volume, segmentation_node))
+    return pairs
+
+
+def copy_segments(source_node: Node, target_node: Node) -> None:
+    """Each source segment replaces the target's segment of the same name, at its place; others are kept."""
+    source, target = source_node.GetSegmentation(), target_node.GetSegmentation()
+    for index in range(source.GetNumberOfSegments()):
+        segment_id = source.GetNthSegmentID(index)
+        name = source.GetSegment(segment_id).GetName()
+        existing = target.GetSegmentIdBySegmentName(name)
+        position = target.GetSegmentIndex(existing) if existing else -1
+        if existing:
+            target.RemoveSegment(existing)
+        if not target.CopySegmentFromSegmentation(source, segment_id, False):
+            raise RuntimeError(f"could not copy segment '{name}'")
+        if position >= 0:
+            target.SetSegmentIndex(target.GetSegmentIdBySegmentName(name), position)
+    if target.IsSourceRepresentationImageData():
+        target.CollapseBinaryLabelmaps(False)  # copies are one image each: share layers again, overwriting nothing
+
+
+def take_over_result(path: Path, volume_node: Node, output_node: Node, model: Path, surfaces: bool = True) -> Node:
+    """The engine's ``.seg.nrrd`` (names, colors, terminology) into ``output_node``, tied to ``volume_node``
+    and under its transform (the file is in the volume's own frame); closed surfaces for 3D on request."""
+    scene = volume_node.GetScene()
+    loaded = read_segmentation(scene, path, "MedSegUNet result")
+    try:
+        output_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        output_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+        copy_segments(loaded, output_node)
+        if surfaces:
+            output_node.CreateClosedSurfaceRepresentation()
+        output_node.SetAttribute(MODEL_ATTRIBUTE, str(model))
+    finally:
+        scene.RemoveNode(loaded)
+    return output_node
