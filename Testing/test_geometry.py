@@ -432,3 +432,25 @@ def test_writing_into_a_fresh_image_through_its_voxel_view():
         read_back = sitk.GetArrayFromImage(image)
         assert read_back[1, 2, 5] == 9 and read_back[1, 3, 5] == 9 and image[5, 2, 1] == 9
         assert np.count_nonzero(read_back) == 2
+
+
+def test_a_grid_holds_a_lattice_of_its_own_voxels_in_any_axis_order_and_nothing_else():
+    """A cropped .seg.nrrd of a volume is made of the volume's voxels; a shifted or coarser one is not."""
+    grid = Grid((50, 40, 30), (0.8, 0.8, 2.5), (10.0, -20.0, 5.0), tuple(np.eye(3).reshape(-1)))
+    axes = grid.axis_vectors().T  # columns: one voxel's step along i, j, k
+
+    def lattice(first_index, columns) -> np.ndarray:
+        matrix = np.eye(4)
+        matrix[:3, :3] = columns
+        matrix[:3, 3] = grid.to_physical(np.array([first_index], dtype=float))[0]
+        return matrix
+
+    assert grid.holds_lattice(lattice([0, 0, 0], axes))
+    assert grid.holds_lattice(lattice([12, 3, 7], axes))  # cropped to a box inside
+    assert grid.holds_lattice(lattice([12, 3, 7], axes[:, [1, 0, 2]] * [1, -1, 1]))  # permuted, one axis flipped
+    assert not grid.holds_lattice(lattice([12.5, 3, 7], axes))  # half a voxel off
+    assert not grid.holds_lattice(lattice([12, 3, 7], axes * 2))  # coarser voxels
+    assert not grid.holds_lattice(lattice([60, 3, 7], axes))  # starts outside the grid
+    a = np.deg2rad(10.0)
+    turned = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ axes
+    assert not grid.holds_lattice(lattice([0, 0, 0], turned))  # oblique to it

@@ -278,3 +278,72 @@ def test_an_annotated_pair_under_different_transforms_is_refused(tmp_path, ct_ch
     node.SetAndObserveTransformNodeID(scene.AddNewNodeByClass("vtkMRMLLinearTransformNode").GetID())
     with pytest.raises(ValueError, match="different transforms: harden them first"):
         save_annotated_scene([node], tmp_path / "export")
+
+
+def coarser_copy(ct: Path, folder: Path) -> Path:
+    """CTChest4 on a grid of twice the spacing: another volume whose voxels no chest segment is made of."""
+    image = sitk.ReadImage(str(ct))
+    spacing = [s * 2 for s in image.GetSpacing()]
+    size = [max(1, n // 2) for n in image.GetSize()]
+    coarse = sitk.Resample(
+        image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing, image.GetDirection()
+    )
+    path = folder / "coarse.nrrd"
+    sitk.WriteImage(coarse, str(path))
+    return path
+
+
+def scene_with_segmentation(volumes: List[Path], chest_segmentation: Path, reference: int = -1) -> Any:
+    """A scene holding ``volumes`` (in this order) and the chest segmentation, tied to ``volumes[reference]``
+    by its reference-geometry role unless ``reference`` is None."""
+    from MedSegUNetMRML.nodefiles import read_segmentation
+
+    scene = new_scene()
+    nodes = [load_volume(scene, path, path.stem) for path in volumes]
+    node = read_segmentation(scene, chest_segmentation, "edited")
+    if reference is not None:
+        node.SetReferenceImageGeometryParameterFromVolumeNode(nodes[reference])
+    node.AddDefaultStorageNode()
+    return scene
+
+
+def test_training_reads_a_scene_slicer_wrote_with_an_unrelated_volume_first_and_an_awkward_file_name(
+    tmp_path, ct_chest, chest_segmentation
+):
+    from training.scenes import read_scene
+
+    awkward = tmp_path / "CT 50% contrast.nrrd"
+    awkward.write_bytes(ct_chest.read_bytes())
+    scene = scene_with_segmentation([coarser_copy(ct_chest, tmp_path), awkward], chest_segmentation)
+    bundle = tmp_path / "written by MRML.mrb"
+    assert scene.WriteToMRB(str(bundle))
+    cases = read_scene(bundle, tmp_path / "read")
+    assert len(cases) == 1
+    assert cases[0].image_path.name == "CT 50% contrast.nrrd", cases[0].image_path
+    assert "volume 'CT 50% contrast'" in cases[0].source
+    assert [s.name for s in cases[0].segments][:2] == ["ribs", "cervical vertebral column"]
+
+
+def test_a_segmentation_without_a_reference_volume_finds_the_one_volume_on_its_grid(
+    tmp_path, ct_chest, chest_segmentation
+):
+    from training.scenes import SceneError, read_scene
+
+    coarse = coarser_copy(ct_chest, tmp_path)
+    scene = scene_with_segmentation([coarse, ct_chest], chest_segmentation, reference=None)
+    bundle = tmp_path / "no-reference.mrb"
+    assert scene.WriteToMRB(str(bundle))
+    cases = read_scene(bundle, tmp_path / "read")
+    assert len(cases) == 1 and "volume 'CTChest4'" in cases[0].source, cases[0].source
+
+    twin = tmp_path / "twin.nrrd"
+    twin.write_bytes(ct_chest.read_bytes())
+    scene = scene_with_segmentation([ct_chest, twin], chest_segmentation, reference=None)
+    assert scene.WriteToMRB(str(tmp_path / "two.mrb"))
+    with pytest.raises(SceneError, match=r"several volumes have its grid \('CTChest4', 'twin'\)"):
+        read_scene(tmp_path / "two.mrb", tmp_path / "read2")
+
+    scene = scene_with_segmentation([coarse, coarser_copy(ct_chest, tmp_path / "read2")], chest_segmentation, None)
+    assert scene.WriteToMRB(str(tmp_path / "none.mrb"))
+    with pytest.raises(SceneError, match="none of the scene's 2 volumes has its grid"):
+        read_scene(tmp_path / "none.mrb", tmp_path / "read3")

@@ -188,6 +188,40 @@ def _storage_file(scene: Path, nodes: Dict[str, Element], node: Element) -> Path
     return resolve_file_name(scene, file_name)
 
 
+def _volume_on_the_grid_of(
+    scene: Path, nodes: Dict[str, Element], segmentation: Element, volumes: List[Element]
+) -> Element:
+    """The one volume whose voxels the segmentation's labelmap is made of, for a segmentation that names
+    no reference volume (an older or hand-made scene); refused when none or several are."""
+    if len(volumes) == 1:
+        return volumes[0]
+    import slicerio
+
+    from MedSegUNetLib.imageio.images import read_grid
+
+    name = segmentation.get("name")
+    label_path = _storage_file(scene, nodes, segmentation)
+    try:
+        lattice = slicerio.read_segmentation(str(label_path), skip_voxels=True)["ijkToLPS"]
+    except Exception as error:
+        raise SceneError(f"is not a readable segmentation ({error})", label_path) from None
+    matching = [v for v in volumes if read_grid(_storage_file(scene, nodes, v)).holds_lattice(lattice)]
+    if len(matching) == 1:
+        return matching[0]
+    if not matching:
+        raise SceneError(
+            f"segmentation '{name}' names no reference volume and none of the scene's {len(volumes)} volumes "
+            "has its grid",
+            scene,
+        )
+    names = ", ".join(f"'{v.get('name')}'" for v in matching)
+    raise SceneError(
+        f"segmentation '{name}' names no reference volume and several volumes have its grid ({names}): "
+        "set its reference volume in Slicer",
+        scene,
+    )
+
+
 def read_mrml(scene: Path, origin: Optional[Path] = None) -> List[Case]:
     """One case per segmentation node that has a stored .seg.nrrd and a reference volume."""
     root = _parse_xml(scene)
@@ -198,13 +232,7 @@ def read_mrml(scene: Path, origin: Optional[Path] = None) -> List[Case]:
         reference_ids = parse_references(segmentation).get("referenceImageGeometryRef", [])
         volume = nodes.get(reference_ids[0]) if reference_ids else None
         if volume is None:
-            if len(volumes) != 1:
-                raise SceneError(
-                    f"segmentation '{segmentation.get('name')}' names no reference volume "
-                    f"and the scene has {len(volumes)}",
-                    scene,
-                )
-            volume = volumes[0]
+            volume = _volume_on_the_grid_of(scene, nodes, segmentation, volumes)
         if volume.tag != "Volume":
             raise SceneError(
                 f"segmentation '{segmentation.get('name')}' refers to a {volume.tag}, not a scalar volume", scene

@@ -101,6 +101,20 @@ class Grid:
         """Continuous (i, j, k) indices of physical (LPS) points, one per row."""
         return np.linalg.solve(self.axis_vectors().T, (np.asarray(points, dtype=float) - np.array(self.origin)).T).T
 
+    def holds_lattice(self, ijk_to_lps: np.ndarray, tolerance: float = 1e-3) -> bool:
+        """True when the lattice of ``ijk_to_lps`` (a cropped .seg.nrrd's, say) is made of this grid's
+        voxels: its axes are this grid's axes (in any order and sign, same spacing) and its first voxel is
+        one of this grid's voxels."""
+        matrix = np.asarray(ijk_to_lps, dtype=float)
+        steps = np.linalg.solve(self.axis_vectors().T, matrix[:3, :3])  # its axes in this grid's index units
+        first = self.to_index(matrix[:3, 3][None, :])[0]
+        unit_axes = np.allclose(np.abs(steps).sum(axis=0), 1.0, atol=tolerance) and np.allclose(
+            np.sort(np.abs(steps), axis=0)[-1], 1.0, atol=tolerance
+        )
+        on_voxel = np.allclose(first, np.round(first), atol=tolerance)
+        inside = bool(np.all(np.round(first) >= 0) and np.all(np.round(first) <= np.array(self.size) - 1))
+        return bool(unit_axes and on_voxel and inside)
+
     def sub_grid(
         self, start_ijk: Union[Sequence[int], np.ndarray], size_ijk: Union[Sequence[int], np.ndarray]
     ) -> "Grid":

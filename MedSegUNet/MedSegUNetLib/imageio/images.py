@@ -209,6 +209,17 @@ def _read_information(path: Path, max_voxels: int) -> sitk.ImageFileReader:
     return reader
 
 
+def read_grid(path: PathLike, max_voxels: int = MAX_VOXELS) -> Grid:
+    """The voxel grid of an image file from its header alone (no voxel is read)."""
+    reader = _read_information(Path(path), max_voxels)
+    return Grid(
+        (int(reader.GetSize()[0]), int(reader.GetSize()[1]), int(reader.GetSize()[2])),
+        (float(reader.GetSpacing()[0]), float(reader.GetSpacing()[1]), float(reader.GetSpacing()[2])),
+        (float(reader.GetOrigin()[0]), float(reader.GetOrigin()[1]), float(reader.GetOrigin()[2])),
+        tuple(float(d) for d in reader.GetDirection()),
+    )
+
+
 def stream_image_slices(
     path: PathLike, start: Callable[[Grid], Callable[[np.ndarray], None]], max_voxels: int = MAX_VOXELS
 ) -> Optional[Grid]:
