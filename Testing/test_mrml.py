@@ -33,7 +33,13 @@ sys.path.insert(0, str(MODULE_DIR))  # the module's helper packages, as Slicer p
 
 from MedSegUNetMRML.annotations import save_annotated_scene  # noqa: E402
 from MedSegUNetMRML.nodefiles import new_segmentation_node, write_volume  # noqa: E402
-from MedSegUNetMRML.segments import MODEL_ATTRIBUTE, reference_volume, segment_names, take_over_result  # noqa: E402
+from MedSegUNetMRML.segments import (  # noqa: E402
+    MODEL_ATTRIBUTE,
+    annotated_pairs,
+    reference_volume,
+    segment_names,
+    take_over_result,
+)
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -347,3 +353,61 @@ def test_a_segmentation_without_a_reference_volume_finds_the_one_volume_on_its_g
     assert scene.WriteToMRB(str(tmp_path / "none.mrb"))
     with pytest.raises(SceneError, match="none of the scene's 2 volumes has its grid"):
         read_scene(tmp_path / "none.mrb", tmp_path / "read3")
+
+
+def test_annotated_segments_sharing_a_layer_come_back_to_training_voxel_for_voxel(
+    tmp_path, ct_chest, chest_segmentation
+):
+    """Slicer's own file: segments share labelmap layers. Retrain's export is read back by training with
+    the same labels on the volume's grid as training reads from the original file."""
+    from MedSegUNetMRML.nodefiles import read_segmentation
+    from training.scenes import load_case_arrays, read_segments, segments_labelmap
+
+    scene = new_scene()
+    volume = load_volume(scene, ct_chest, "chest")
+    node = read_segmentation(scene, chest_segmentation, "shared")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfLayers() < segmentation.GetNumberOfSegments()
+    scene_file = save_annotated_scene([node], tmp_path / "export")
+    from training.scenes import read_scene
+
+    case = read_scene(scene_file, tmp_path / "read")[0]
+    image, labels = load_case_arrays(case)
+    original = segments_labelmap(chest_segmentation, read_segments(chest_segmentation), image)
+    assert [s.name for s in case.segments] == segment_names(node)
+    expected = sitk.GetArrayFromImage(original)
+    assert len(np.unique(expected)) > 2
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), expected)
+
+
+def test_a_labelmap_volume_node_is_an_annotation_of_the_volume_on_its_grid(tmp_path, ct_chest, chest_segmentation):
+    """Older workflows keep labels in a labelmap volume node: Retrain lists it with the volume whose grid
+    it shares, exports it as segments, and training reads the same labels back."""
+    from MedSegUNetMRML.nodefiles import read_segmentation
+    from training.scenes import load_case_arrays, read_scene
+
+    scene = new_scene()
+    volume = load_volume(scene, ct_chest, "chest")
+    segmentation_node = read_segmentation(scene, chest_segmentation, "to export")
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    labelmap = exported_labelmap(segmentation_node, volume)
+    scene.RemoveNode(segmentation_node)
+    expected = kji_array(labelmap)
+    assert len(np.unique(expected)) > 2
+    assert [(v.GetID(), a.GetID()) for v, a in annotated_pairs(scene)] == [(volume.GetID(), labelmap.GetID())]
+    case = read_scene(save_annotated_scene([labelmap], tmp_path / "export"), tmp_path / "read")[0]
+    _, labels = load_case_arrays(case)
+    assert len(case.segments) == len(np.unique(expected)) - 1
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), expected)  # values in segment order
+
+
+def test_a_labelmap_on_no_volume_s_grid_is_refused(tmp_path, ct_chest):
+    scene = new_scene()
+    load_volume(scene, ct_chest, "chest")
+    labelmap = load_volume(scene, coarser_copy(ct_chest, tmp_path), "coarse labels")
+    labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "coarse labels")
+    labelmap_node.SetAndObserveImageData(labelmap.GetImageData())
+    assert [a.GetID() for _, a in annotated_pairs(scene)] == []
+    with pytest.raises(ValueError, match="lies on no volume's grid"):
+        save_annotated_scene([labelmap_node], tmp_path / "export")

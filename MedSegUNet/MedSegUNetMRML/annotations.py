@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from MedSegUNetMRML.nodefiles import Node, write_segmentation, write_volume
-from MedSegUNetMRML.segments import reference_volume
+from MedSegUNetMRML.segments import reference_volume, volume_on_the_grid_of
 
 
 def write_labelmap_segmentation(segmentation_node: Node, volume_node: Node, path: Path) -> Path:
@@ -27,12 +27,46 @@ def write_labelmap_segmentation(segmentation_node: Node, volume_node: Node, path
         scene.RemoveNode(copy)
 
 
+def _volume_name(labelmap_node: Node) -> str:
+    volume = volume_on_the_grid_of(labelmap_node)
+    return volume.GetName() if volume is not None else ""
+
+
+def _write_labelmap_volume_pair(labelmap_node: Node, folder: Path, index: int) -> Tuple[Path, Path]:
+    """A labelmap volume node's labels as a segmentation on the volume whose grid it shares (segment names
+    from its color table, as Slicer's import names them), and that volume, as files."""
+    import slicer
+
+    volume = volume_on_the_grid_of(labelmap_node)
+    if volume is None:
+        raise ValueError(f"labelmap '{labelmap_node.GetName()}' lies on no volume's grid")
+    scene = labelmap_node.GetScene()
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{labelmap_node.GetName()} segments")
+    try:
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+            labelmap_node, segmentation_node
+        ):
+            raise RuntimeError(f"could not import the labelmap '{labelmap_node.GetName()}'")
+        labels = write_segmentation(segmentation_node, folder / f"segmentation{index}.seg.nrrd")
+    finally:
+        scene.RemoveNode(segmentation_node)
+    return write_volume(volume, folder / f"volume{index}.nrrd"), labels
+
+
 def save_annotated_scene(segmentation_nodes: Sequence[Node], folder: Path) -> Optional[Path]:
-    """The (volume, segmentation) pairs as ``folder/scene/annotations.mrml``; None when there are none."""
+    """The (volume, segmentation) pairs as ``folder/scene/annotations.mrml``; None when there are none.
+    A labelmap volume node counts as the segmentation of the volume whose grid it shares."""
     from training.scene_writer import ScenePair, write_mrml_scene
 
+    folder.mkdir(parents=True, exist_ok=True)
     pairs = []
-    for index, segmentation_node in enumerate(segmentation_nodes):
+    for index, annotation in enumerate(segmentation_nodes):
+        if annotation.IsA("vtkMRMLLabelMapVolumeNode"):
+            image, labels = _write_labelmap_volume_pair(annotation, folder, index)
+            pairs.append(ScenePair(_volume_name(annotation), image, labels, annotation.GetName()))
+            continue
+        segmentation_node = annotation
         volume = reference_volume(segmentation_node)
         if volume is None:
             raise ValueError(f"segmentation '{segmentation_node.GetName()}' has no reference volume")

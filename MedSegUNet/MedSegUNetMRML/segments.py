@@ -19,14 +19,47 @@ def segment_names(segmentation_node: Node) -> List[str]:
     return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
 
 
+def volume_on_the_grid_of(labelmap_node: Node, tolerance: float = 1e-4) -> Optional[Node]:
+    """The scalar volume (not a labelmap) with exactly the voxel grid and transform of ``labelmap_node``."""
+    scene = labelmap_node.GetScene()
+    image = labelmap_node.GetImageData()
+    if image is None:
+        return None
+    wanted = _ijk_to_ras(labelmap_node)
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+        if node.IsA("vtkMRMLLabelMapVolumeNode") or node.GetImageData() is None:
+            continue
+        same_grid = node.GetImageData().GetDimensions() == image.GetDimensions() and all(
+            abs(a - b) <= tolerance * max(1.0, abs(b)) for a, b in zip(_ijk_to_ras(node), wanted)
+        )
+        if same_grid and node.GetTransformNodeID() == labelmap_node.GetTransformNodeID():
+            return node
+    return None
+
+
+def _ijk_to_ras(volume_node: Node) -> List[float]:
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return [matrix.GetElement(row, column) for row in range(3) for column in range(4)]
+
+
 def annotated_pairs(scene: Node) -> List[Tuple[Node, Node]]:
-    """(volume, segmentation) pairs of ``scene``: segmentations with segments, tied to a volume."""
+    """(volume, annotation) pairs of ``scene``: segmentations with segments tied to a volume, and labelmap
+    volumes holding labels on a volume's exact grid."""
     pairs = []
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
         segmentation_node = scene.GetNthNodeByClass(index, "vtkMRMLSegmentationNode")
         volume = reference_volume(segmentation_node)
         if volume is not None and segmentation_node.GetSegmentation().GetNumberOfSegments() > 0:
             pairs.append((volume, segmentation_node))
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode")):
+        labelmap_node = scene.GetNthNodeByClass(index, "vtkMRMLLabelMapVolumeNode")
+        volume = volume_on_the_grid_of(labelmap_node)
+        if volume is not None and labelmap_node.GetImageData().GetScalarRange()[1] > 0:
+            pairs.append((volume, labelmap_node))
     return pairs
 
 
