@@ -110,6 +110,7 @@ class MedSegUNetParameterNode:
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     useTTA: bool = False
     largestComponent: bool = True
+    show3D: bool = False  # surfaces on request: the take-over stays off Slicer's main thread's critical path
     overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
     retrainFromScratch: bool = False
     retrainMinutes: Annotated[float, WithinRange(0.5, 1440.0)] = 10.0
@@ -156,6 +157,7 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.keepReadyCheckBox.connect("toggled(bool)", self.onKeepReadyToggled)
+        self.ui.show3DCheckBox.connect("toggled(bool)", self.onShow3DToggled)
         self.ui.showLogButton.connect("clicked(bool)", self.onShowLog)
         self.ui.refreshCasesButton.connect("clicked(bool)", self.refreshCases)
         self.ui.addScenesButton.connect("clicked(bool)", self.onAddScenes)
@@ -268,6 +270,12 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDeviceChanged(self, index: int = 0) -> None:
         self.prepareEngine()
+
+    def onShow3DToggled(self, show: bool) -> None:
+        node = self.logic.getParameterNode().outputSegmentation
+        if node is not None:
+            with slicer.util.tryWithErrorDisplay("Could not change the 3D display.", waitCursor=True):
+                self.logic.showIn3D(node, show)
 
     def onKeepReadyToggled(self, keep: bool) -> None:
         self.logic.setKeepEngineReady(keep)
@@ -839,7 +847,16 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
 
     def loadResult(self, path: Path, volumeNode, model: Path):
         """The engine's .seg.nrrd segments (names, colors, terminology) into the output node, on the volume."""
-        return segments.take_over_result(path, volumeNode, self.outputNodeFor(volumeNode), model)
+        surfaces = bool(self.getParameterNode().show3D)
+        return segments.take_over_result(path, volumeNode, self.outputNodeFor(volumeNode), model, surfaces)
+
+    @staticmethod
+    def showIn3D(segmentationNode, show: bool) -> None:
+        """Make (or drop) the closed surfaces that the 3D view shows."""
+        if show:
+            segmentationNode.CreateClosedSurfaceRepresentation()
+        else:
+            segmentationNode.RemoveClosedSurfaceRepresentation()
 
     # --- blocking forms, for the self-test and scripts ---
 
@@ -1019,6 +1036,7 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
 
         volume, array = self.syntheticVolume()
         logic = self.newLogic()
+        logic.getParameterNode().show3D = False
         kind, state, message = logic.segmentAndWait(volume, self.model())
         self.assertEqual((kind, state), ("segment", SUCCEEDED), f"{message}\n{logic.logText()}")
         node = logic.getParameterNode().outputSegmentation
@@ -1035,6 +1053,9 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
             self.assertOnVolumeGrid(node, segmentId, volume)
         self.assertEqual(node.GetAttribute("MedSegUNet.Model"), str(self.model()))
         self.assertIsNone(logic.busy())
+        self.assertFalse(segmentation.ContainsRepresentation("Closed surface"))  # 3D surfaces on request only
+        logic.showIn3D(node, True)
+        self.assertTrue(segmentation.ContainsRepresentation("Closed surface"))
 
         # Again into the same node: same segments replaced in place, a user's own segment kept.
         segmentation.AddEmptySegment("my notes")

@@ -725,7 +725,7 @@ def test_every_widget_the_code_touches_is_in_the_ui():
 
 def test_every_parameter_has_a_widget_that_can_show_it():
     tree = module_tree()
-    assert {"inputVolume", "outputSegmentation", "useTTA", "largestComponent", "overlap"} <= set(
+    assert {"inputVolume", "outputSegmentation", "useTTA", "largestComponent", "overlap", "show3D"} <= set(
         parameter_annotations(tree)
     )
     assert parameter_binding_problems(tree, ui_text()) == []
@@ -743,6 +743,7 @@ def test_every_parameter_has_a_widget_that_can_show_it():
         "retrainFromScratch: a widget is bound to it but the parameter node has no such field",
         "retrainMinutes: a widget is bound to it but the parameter node has no such field",
         "retrainSteps: a widget is bound to it but the parameter node has no such field",
+        "show3D: a widget is bound to it but the parameter node has no such field",
         "inputVolume: the combo box does not list vtkMRMLSegmentationNode",
         "useTTA: a float cannot be bound to a QCheckBox",
         "overlap: the widget's range differs from WithinRange(0, 0.5)",

@@ -35,11 +35,19 @@ def read_segmentation(scene: Node, path: Path, name: str) -> Node:
     """A new segmentation node in ``scene`` holding the ``.seg.nrrd`` at ``path`` (what Slicer's
     loadSegmentation does, without the application)."""
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-    storage = _storage(scene.CreateNodeByClass("vtkMRMLSegmentationStorageNode"), path)
-    if not storage.ReadData(node):
+    try:
+        read_segmentation_into(node, path)
+    except RuntimeError:
         scene.RemoveNode(node)
-        raise RuntimeError(f"could not read the segmentation {path}")
+        raise
     return node
+
+
+def read_segmentation_into(segmentation_node: Node, path: Path) -> None:
+    """The ``.seg.nrrd`` at ``path`` as the segments of ``segmentation_node`` (its layers as stored)."""
+    storage = _storage(segmentation_node.GetScene().CreateNodeByClass("vtkMRMLSegmentationStorageNode"), path)
+    if not storage.ReadData(segmentation_node):
+        raise RuntimeError(f"could not read the segmentation {path}")
 
 
 def new_segmentation_node(scene: Node, name: str) -> Node:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from MedSegUNetMRML.nodefiles import Node, read_segmentation
+from MedSegUNetMRML.nodefiles import Node, read_segmentation, read_segmentation_into
 
 MODEL_ATTRIBUTE = "MedSegUNet.Model"  # the bundle that made a segmentation node's segments
 
@@ -77,22 +77,26 @@ def copy_segments(source_node: Node, target_node: Node) -> None:
             raise RuntimeError(f"could not copy segment '{name}'")
         if position >= 0:
             target.SetSegmentIndex(target.GetSegmentIdBySegmentName(name), position)
-    if target.IsSourceRepresentationImageData():
-        target.CollapseBinaryLabelmaps(False)  # copies are one image each: share layers again, overwriting nothing
+    # Each copy keeps a layer of its own, cropped to its extent. Merging them into shared layers
+    # (CollapseBinaryLabelmaps) would take Slicer's main thread half a second at 512x512x300
+    # (benchmarks/takeover.py); the Segment Editor edits separate layers as well.
 
 
 def take_over_result(path: Path, volume_node: Node, output_node: Node, model: Path, surfaces: bool = True) -> Node:
     """The engine's ``.seg.nrrd`` (names, colors, terminology) into ``output_node``, tied to ``volume_node``
     and under its transform (the file is in the volume's own frame); closed surfaces for 3D on request."""
     scene = volume_node.GetScene()
-    loaded = read_segmentation(scene, path, "MedSegUNet result")
-    try:
-        output_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-        output_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
-        copy_segments(loaded, output_node)
-        if surfaces:
-            output_node.CreateClosedSurfaceRepresentation()
-        output_node.SetAttribute(MODEL_ATTRIBUTE, str(model))
-    finally:
-        scene.RemoveNode(loaded)
+    if output_node.GetSegmentation().GetNumberOfSegments() == 0:
+        read_segmentation_into(output_node, path)  # nothing to keep: the file's layers as they are, no copy
+    else:
+        loaded = read_segmentation(scene, path, "MedSegUNet result")
+        try:
+            copy_segments(loaded, output_node)
+        finally:
+            scene.RemoveNode(loaded)
+    output_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    output_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    if surfaces:
+        output_node.CreateClosedSurfaceRepresentation()
+    output_node.SetAttribute(MODEL_ATTRIBUTE, str(model))
     return output_node
