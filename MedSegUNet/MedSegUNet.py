@@ -13,8 +13,9 @@ import logging
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, List, Optional, Tuple
+from typing import Annotated, Any, List, Optional, Tuple
 
 import qt
 import slicer
@@ -516,6 +517,16 @@ def progressText(record: dict) -> str:
     return text
 
 
+@dataclass
+class PendingRun:
+    """What the end of a run needs: Segment's volume, result file and model; Retrain's output folder."""
+
+    volumeNode: Any = None  # vtkMRMLScalarVolumeNode
+    outputPath: Optional[Path] = None
+    model: Optional[Path] = None
+    output: Optional[Path] = None
+
+
 # --- Slicer glue -----------------------------------------------------------------------------------
 
 
@@ -529,7 +540,7 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         self.deviceProbe: Optional[ChildProcess] = None
         self.devicesReported = False
         self.workFolder: Optional[tempfile.TemporaryDirectory] = None
-        self.pending: dict = {}
+        self.pending = PendingRun()
         self.lastLog = ""
         self.userModelsKey = USER_MODELS_KEY  # the self-test uses a key of its own
         self.standby: Optional[StandbyEngine] = None  # the engine waiting for the next Segment
@@ -544,8 +555,9 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def shippedModels() -> List[Path]:
         """Bundles in the module's Resources/Models (installed extension) or the checkout's Resources/Models."""
-        folders = [MODULE_DIR / "Resources" / "Models", MODULE_DIR.parent / "Resources" / "Models"]
-        return [path for folder in folders if folder.is_dir() for path in sorted(folder.glob("*.safetensors"))]
+        from MedSegUNetLib.model.shipped import shipped_models
+
+        return shipped_models()
 
     def availableModels(self) -> List[Path]:
         seen, models = set(), []
@@ -675,7 +687,7 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         if self.busy():
             raise RuntimeError(f"a {self.busy()} run is still going")
 
-    def startRun(self, kind: str, command: List[str], device: Optional[str], **pending) -> None:
+    def startRun(self, kind: str, command: List[str], device: Optional[str], pending: "PendingRun") -> None:
         self.ensureIdle()
         run = ChildProcess(command, engine_environment(MODULE_DIR, device=device))  # raises if it cannot start
         self.run, self.pending, self.runKind = run, pending, kind
@@ -705,14 +717,14 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         folder = self.newWorkFolder()
         inputPath = self.writeVolume(volumeNode, folder / "input.nrrd")
         request = self.segmentRequest(inputPath, model, folder / "result.seg.nrrd", device, overlap, tta, largest)
-        pending = {"volumeNode": volumeNode, "outputPath": request.output, "model": model}
+        pending = PendingRun(volumeNode=volumeNode, outputPath=request.output, model=model)
         standby, self.standby = self.standby, None
         run = standby.take(request) if standby is not None else None
         self.lastRunWasReady = run is not None
         if run is None:
             if standby is not None:
                 standby.stop()  # another model or device: it would only hold memory
-            self.startRun("segment", segment_command(request), device, **pending)
+            self.startRun("segment", segment_command(request), device, pending)
         else:
             self.run, self.pending, self.runKind = run, pending, "segment"
             logging.info("MedSegUNet: segment on the waiting engine: %s", " ".join(segment_arguments(request)))
@@ -786,7 +798,7 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         data = ([scene] if scene else []) + [Path(p) for p in sceneFiles]
         output = self.trainedModelsFolder() / time.strftime("model-%Y%m%d-%H%M%S")
         command = self.trainCommand(data, output, init, minutes, device, maxSteps)
-        self.startRun("train", command, device, output=output)
+        self.startRun("train", command, device, PendingRun(output=output))
 
     # --- the end of a run ---
 
@@ -808,11 +820,17 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         return kind, state, message
 
     def finishSegment(self) -> str:
-        node = self.loadResult(self.pending["outputPath"], self.pending["volumeNode"], self.pending["model"])
+        pending = self.pending
+        if pending.outputPath is None or pending.volumeNode is None or pending.model is None:
+            raise RuntimeError("the finished Segment run left no result to take over")
+        node = self.loadResult(pending.outputPath, pending.volumeNode, pending.model)
         return f"Done: {node.GetSegmentation().GetNumberOfSegments()} segments in '{node.GetName()}'."
 
     def finishTrain(self, run: ChildProcess) -> str:
-        bundle = Path((run.result or {}).get("bundle") or self.pending["output"] / "model.safetensors")
+        reported = (run.result or {}).get("bundle")
+        if not reported and self.pending.output is None:
+            raise RuntimeError("training reported no bundle")
+        bundle = Path(reported or Path(self.pending.output) / "model.safetensors")
         if not bundle.is_file():
             raise FileNotFoundError(f"training reported {bundle}, which does not exist")
         self.rememberModel(bundle)
@@ -923,14 +941,8 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
         qt.QSettings().remove(self.TEST_MODELS_KEY)
 
     def runTest(self):
-        for test in (
-            self.test_dependencies_and_model,
-            self.test_segment_fills_a_segmentation_on_the_volume_grid,
-            self.test_panel_segments_in_the_background,
-            self.test_the_engine_kept_ready_segments_as_a_fresh_one,
-            self.test_cancel_ends_the_run_and_adds_nothing,
-            self.test_retrain_registers_a_new_model,
-        ):
+        for name in [name for name in type(self).__dict__ if name.startswith("test_")]:  # in the order written
+            test = getattr(self, name)
             self.setUp()
             try:
                 test()
