@@ -49,6 +49,14 @@ from MedSegUNetLib.host.childprocess import (
 )
 from MedSegUNetMRML import annotations, nodefiles, segments
 
+try:  # Slicer's translation function, as the module template uses it; absent from the API snapshots
+    from slicer.i18n import tr as _
+except ImportError:
+
+    def _(text: str) -> str:
+        return text
+
+
 MODULE_DIR = Path(__file__).resolve().parent
 USER_MODELS_KEY = "MedSegUNet/UserModels"  # qt.QSettings: the bundles the user added or trained
 KEEP_READY_KEY = "MedSegUNet/KeepEngineReady"  # qt.QSettings: start the next engine before the click
@@ -80,6 +88,146 @@ def distributionName(requirement: str) -> str:
 def modelLabel(path: Path) -> str:
     """What the model list shows: the file name, or the folder's for a trained OUTDIR/model.safetensors."""
     return path.parent.name if path.stem == "model" else path.stem
+
+
+# --- a model in words, for the panel (describeModel) ------------------------------------------------
+
+SIDES = ("left", "right")
+
+
+def plural(words: str) -> str:
+    """'kidney' -> 'kidneys', 'artery' -> 'arteries'; names that an added s would garble keep their form."""
+    if words.endswith(("s", "x", "z", "ch", "sh")):
+        return _("left and right {structure}").format(structure=words)
+    if words.endswith("y") and words[-2:-1] not in ("a", "e", "i", "o", "u", ""):
+        return words[:-1] + "ies"
+    return words + "s"
+
+
+def structureGroups(names: List[str]) -> List[str]:
+    """The structures for one line, in the model's order: spaces for underscores, a left/right pair as one
+    plural ('kidney_left', 'kidney_right' -> 'kidneys')."""
+    groups: dict = {}  # base name -> the sided names it stands for; a structure without a side has its own entry
+    for name in names:
+        words = name.replace("_", " ").split()
+        if len(words) > 1 and words[-1].lower() in SIDES:
+            key = " ".join(words[:-1])
+        elif len(words) > 1 and words[0].lower() in SIDES:
+            key = " ".join(words[1:])
+        else:
+            key = ("alone", name)  # a structure without a side is never merged
+        groups.setdefault(key, []).append(name)
+    return [plural(key) if len(members) > 1 else members[0].replace("_", " ") for key, members in groups.items()]
+
+
+def millimetres(spacing) -> str:
+    values = [f"{float(value):g}" for value in spacing]
+    return f"{values[0]} mm" if len(set(values)) == 1 else " × ".join(values) + " mm"
+
+
+def duration(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    if seconds < 60:
+        return _("{seconds} s").format(seconds=int(round(seconds)))
+    if minutes < 60:
+        return _("{minutes} min").format(minutes=minutes)
+    return _("{hours} h {minutes} min").format(hours=minutes // 60, minutes=minutes % 60)
+
+
+def casesText(count: int) -> str:
+    return _("1 case") if count == 1 else _("{count} cases").format(count=count)
+
+
+def trainingOf(meta) -> dict:
+    training = meta.provenance.get("training") if isinstance(meta.provenance, dict) else None
+    return training if isinstance(training, dict) else {}
+
+
+def modelSummary(meta, path: Path) -> str:
+    """One line: '6 structures (spleen, kidneys, liver, …), 3 mm, trained on 1 case', after the model's own
+    name ('abdomen-ct: ...') when the model list shows another one (a trained model-YYYYmmdd-HHMMSS)."""
+    groups = structureGroups([label.name for label in meta.labels])
+    listed = ", ".join(groups if len(groups) <= 4 else groups[:3] + ["…"])
+    count = len(meta.labels)
+    structures = _("1 structure ({names})") if count == 1 else _("{count} structures ({names})")
+    parts = [structures.format(count=count, names=listed), millimetres(meta.preprocessing.target_spacing)]
+    cases = trainingOf(meta).get("cases")
+    if isinstance(cases, list):
+        parts.append(_("trained on {cases}").format(cases=casesText(len(cases))))
+    return ("" if meta.name == modelLabel(path) else f"{meta.name}: ") + ", ".join(parts)
+
+
+def hausdorffText(value) -> str:
+    if not isinstance(value, (int, float)):
+        return _("not measured (a mask was empty)")
+    return f"{round(value) if value >= 10 else round(value, 1):g} mm"
+
+
+def validationLines(meta) -> List[str]:
+    """Dice and 95% Hausdorff distance per structure, in words, from the bundle's validation metrics."""
+    metrics = meta.provenance.get("metrics") if isinstance(meta.provenance, dict) else None
+    if not isinstance(metrics, dict) or not metrics:
+        return []
+    left = dict(metrics)
+    lines = []
+    for label in meta.labels:
+        dice, hd95 = left.pop(f"dice_{label.name}", None), left.pop(f"hd95_mm_{label.name}", None)
+        if isinstance(dice, (int, float)):
+            lines.append(
+                "  "
+                + _("{structure}: Dice {dice}, 95% Hausdorff {distance}").format(
+                    structure=label.name, dice=f"{dice:.2f}", distance=hausdorffText(hd95)
+                )
+            )
+    mean = left.pop("dice_mean", None)
+    if isinstance(mean, (int, float)):
+        lines.append("  " + _("mean Dice {dice}").format(dice=f"{mean:.2f}"))
+    if left:
+        lines.append("  " + _("also: {metrics}").format(metrics=", ".join(f"{k} {v}" for k, v in left.items())))
+    training = trainingOf(meta)
+    validated = training.get("validation")
+    header = (
+        _("Validation on {cases}, per structure:").format(cases=casesText(len(validated)))
+        if isinstance(validated, list)
+        else _("Validation, per structure:")
+    )
+    lines.insert(0, header)
+    if training.get("split"):
+        lines.append("  " + _("Note: {note}").format(note=training["split"]))
+    return lines
+
+
+def modelDetails(meta, path: Path) -> str:
+    """The model's details: every structure, the validation scores, the input it expects, its training."""
+    prep, training = meta.preprocessing, trainingOf(meta)
+    lines = [
+        _("Structures: {names}").format(names=", ".join(label.name for label in meta.labels)),
+        _("Input: {channels}, resampled to {spacing} ({orientation}), in windows of {patch} voxels").format(
+            channels=", ".join(meta.channels),
+            spacing=" × ".join(f"{float(s):g}" for s in prep.target_spacing) + " mm",
+            orientation=prep.orientation,
+            patch=" × ".join(str(p) for p in prep.patch_size),
+        ),
+    ]
+    if isinstance(training.get("cases"), list):
+        device = str(training.get("device", "?"))
+        where = {"cpu": _("the CPU"), "mps": _("an Apple GPU")}.get(device, device)
+        text = _("Trained on {cases}, {steps} steps on {device}").format(
+            cases=casesText(len(training["cases"])), steps=training.get("steps", "?"), device=where
+        )
+        if isinstance(training.get("seconds"), (int, float)):
+            text += _(", in {duration}").format(duration=duration(training["seconds"]))
+        lines.append(text)
+    lines += validationLines(meta)
+    created = meta.provenance.get("created") if isinstance(meta.provenance, dict) else None
+    if created:
+        lines.append(
+            _("Made {date} by MedSegUNet {version}, network {network}").format(
+                date=str(created)[:10], version=meta.provenance.get("medsegunet_version", "?"), network=meta.network.cls
+            )
+        )
+    lines.append(_("File: {path}").format(path=path))
+    return "\n".join(lines)
 
 
 class MedSegUNet(ScriptedLoadableModule):
@@ -122,6 +270,10 @@ class MedSegUNetParameterNode:
 
 
 class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Segmentation (input, model, output, Segment with its progress; Advanced collapsed), then Retraining.
+
+    Each run's progress bar, status line and Show log sit right under the button that started it."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -130,6 +282,8 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self.timer = None
         self.cancelling = False
+        self.runningKind = "segment"  # the kind of the latest run started from the panel
+        self.logs = {}  # kind -> the log of its latest finished run, for its Show log button
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -144,9 +298,11 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.connectSignals()
-        self.ui.deviceComboBox.addItem("Auto", "auto")
-        self.ui.deviceComboBox.addItem("CPU", "cpu")
+        self.ui.deviceComboBox.addItem(_("Auto"), "auto")
+        self.ui.deviceComboBox.addItem(_("CPU"), "cpu")
         self.ui.progressBar.hide()
+        self.ui.retrainProgressBar.hide()
+        self.onModelDetailsToggled(self.ui.modelDetailsButton.checked)
         self.ui.keepReadyCheckBox.checked = self.logic.keepEngineReady()
         self.refreshModels()
         self.initializeParameterNode()
@@ -156,10 +312,13 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.retrainButton.connect("clicked(bool)", self.onRetrainButton)
         self.ui.addModelButton.connect("clicked(bool)", self.onAddModel)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.modelDetailsButton.connect("toggled(bool)", self.onModelDetailsToggled)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.keepReadyCheckBox.connect("toggled(bool)", self.onKeepReadyToggled)
         self.ui.show3DCheckBox.connect("toggled(bool)", self.onShow3DToggled)
-        self.ui.showLogButton.connect("clicked(bool)", self.onShowLog)
+        self.ui.fromScratchCheckBox.connect("toggled(bool)", self.onFromScratchToggled)
+        self.ui.showLogButton.connect("clicked(bool)", self.onShowSegmentLog)
+        self.ui.retrainShowLogButton.connect("clicked(bool)", self.onShowRetrainLog)
         self.ui.refreshCasesButton.connect("clicked(bool)", self.refreshCases)
         self.ui.addScenesButton.connect("clicked(bool)", self.onAddScenes)
         self.ui.addFolderButton.connect("clicked(bool)", self.onAddFolder)
@@ -179,7 +338,9 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.probeDevices()
         missing = self.logic.dependenciesMissing()
         if missing and not self.logic.busy():
-            self.ui.statusLabel.text = f"Not installed yet: {', '.join(missing)}. Segment offers to install them."
+            self.ui.statusLabel.text = _("Not installed yet: {packages}. Segment offers to install them.").format(
+                packages=", ".join(missing)
+            )
         self.prepareEngine(entering=True)  # isEntered may not be set yet while enter() runs
 
     def exit(self) -> None:
@@ -217,15 +378,16 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateButtons(self, caller=None, event=None) -> None:
         busy = self.logic.busy()
         ready = bool(self._parameterNode and self._parameterNode.inputVolume and self.currentModel())
-        self.ui.segmentButton.text = "Cancel" if busy == "segment" else "Segment"
-        self.ui.retrainButton.text = "Cancel" if busy == "train" else "Retrain"
+        self.ui.segmentButton.text = _("Cancel") if busy == "segment" else _("Segment")
+        self.ui.retrainButton.text = _("Cancel") if busy == "train" else _("Retrain")
         self.ui.segmentButton.enabled = (busy == "segment" and not self.cancelling) or (not busy and ready)
         self.ui.retrainButton.enabled = (busy == "train" and not self.cancelling) or not busy
-        self.ui.segmentButton.toolTip = (
-            "Ends the background run."
-            if busy == "segment"
-            else ("Run the model in a background process." if ready else "Select an input volume and a model first.")
-        )
+        if busy == "segment":
+            self.ui.segmentButton.toolTip = _("Ends the background run.")
+        elif ready:
+            self.ui.segmentButton.toolTip = _("Run the model in a background process.")
+        else:
+            self.ui.segmentButton.toolTip = _("Select an input volume and a model first.")
 
     # --- models and devices ---
 
@@ -248,34 +410,69 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onAddModel(self) -> None:
         path = qt.QFileDialog.getOpenFileName(
-            self.parent, "Add a MedSegUNet model", "", "Model bundles (*.safetensors)"
+            self.parent, _("Add a MedSegUNet model"), "", _("Model bundles (*.safetensors)")
         )
         if not path:
             return
-        with slicer.util.tryWithErrorDisplay("This file is not a MedSegUNet model bundle.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("This file is not a MedSegUNet model bundle."), waitCursor=True):
             self.logic.describeModel(Path(path))  # refuses pickles and other files before it is listed
             self.logic.rememberModel(Path(path))
             self.refreshModels(select=Path(path))
 
     def onModelChanged(self, index: int = 0) -> None:
+        """One line under the list; the rest (scores per structure, resolution, training) behind Details."""
         model = self.currentModel()
-        if not model:
-            self.ui.modelInfoLabel.text = "No model yet: add a bundle (.safetensors) with Add..."
-        else:
+        summary, details = _("No model yet: add a bundle (.safetensors) with Add model..."), ""
+        if model:
             try:
-                self.ui.modelInfoLabel.text = self.logic.describeModel(model)
+                summary, _separator, details = self.logic.describeModel(model).partition("\n")
             except Exception as error:  # an unreadable bundle must not break the panel
-                self.ui.modelInfoLabel.text = f"Cannot read {model.name}: {error}"
+                summary = _("Cannot read {file}: {error}").format(file=model.name, error=error)
+        self.ui.modelInfoLabel.text = summary
+        self.ui.modelInfoLabel.toolTip = details or summary
+        self.ui.modelDetailsLabel.text = details
+        self.ui.modelDetailsButton.enabled = bool(details)
+        self.onModelDetailsToggled(self.ui.modelDetailsButton.checked)
         self.updateButtons()
+        self.updateRetrainTarget()
         self.prepareEngine()
 
+    def onModelDetailsToggled(self, shown: bool) -> None:
+        shown = bool(shown and self.ui.modelDetailsLabel.text)
+        self.ui.modelDetailsLabel.visible = shown
+        self.ui.modelDetailsButton.arrowType = qt.Qt.DownArrow if shown else qt.Qt.RightArrow
+
     def onDeviceChanged(self, index: int = 0) -> None:
+        self.updateRetrainTarget()
         self.prepareEngine()
+
+    def onFromScratchToggled(self, fromScratch: bool) -> None:
+        self.updateRetrainTarget()
+
+    def deviceDescription(self) -> str:
+        """Where a run goes, in words, for the Retraining section."""
+        device = self.ui.deviceComboBox.currentData
+        if not device or device == "auto":
+            return _("on a GPU if one is found, else on the CPU")
+        if device == "cpu":
+            return _("on the CPU")
+        return _("on {device}").format(device=self.ui.deviceComboBox.currentText)
+
+    def updateRetrainTarget(self) -> None:
+        """Which model Retrain starts from and where it runs, next to its button."""
+        model = self.currentModel()
+        if self.ui.fromScratchCheckBox.checked:
+            text = _("Trains a new model {device}.").format(device=self.deviceDescription())
+        elif model:
+            text = _("Fine-tunes {model} {device}.").format(model=modelLabel(model), device=self.deviceDescription())
+        else:
+            text = _("Select a model to fine-tune, or check 'Train from scratch'.")
+        self.ui.retrainTargetLabel.text = text
 
     def onShow3DToggled(self, show: bool) -> None:
         node = self.logic.getParameterNode().outputSegmentation
         if node is not None:
-            with slicer.util.tryWithErrorDisplay("Could not change the 3D display.", waitCursor=True):
+            with slicer.util.tryWithErrorDisplay(_("Could not change the 3D display."), waitCursor=True):
                 self.logic.showIn3D(node, show)
 
     def onKeepReadyToggled(self, keep: bool) -> None:
@@ -320,11 +517,13 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         model, output = self.currentModel(), parameters.outputSegmentation
         replaced = self.logic.segmentsToReplace(output, model) if output else []
         if replaced and not slicer.util.confirmOkCancelDisplay(
-            f"Replace the segments {', '.join(replaced)} of '{output.GetName()}' with the model's result?",
+            _("Replace the segments {segments} of '{output}' with the model's result?").format(
+                segments=", ".join(replaced), output=output.GetName()
+            ),
             "MedSegUNet",
         ):
             return
-        with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not start the segmentation."), waitCursor=True):
             self.logic.startSegment(
                 parameters.inputVolume,
                 model,
@@ -333,21 +532,31 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 parameters.useTTA,
                 parameters.largestComponent,
             )
-            self.showRunning("Writing the volume and starting the model...")
+            self.showRunning("segment", _("Writing the volume and starting the model..."))
+
+    # --- progress, under the button that started the run ---
+
+    def runWidgets(self, kind: str) -> Tuple[Any, Any, Any]:
+        """The progress bar, status line and Show log button of a run of this kind ('segment' or 'train')."""
+        if kind == "train":
+            return self.ui.retrainProgressBar, self.ui.retrainStatusLabel, self.ui.retrainShowLogButton
+        return self.ui.progressBar, self.ui.statusLabel, self.ui.showLogButton
 
     def cancelRun(self) -> None:
         """Returns at once; the timer notices when the process tree has ended."""
         self.cancelling = True
         self.logic.cancel()
-        self.ui.statusLabel.text = "Cancelling..."
+        self.runWidgets(self.runningKind)[1].text = _("Cancelling...")
         self.updateButtons()
 
-    def showRunning(self, text: str) -> None:
+    def showRunning(self, kind: str, text: str) -> None:
         self.cancelling = False
-        self.ui.progressBar.show()
-        self.ui.progressBar.setRange(0, 0)  # busy until the first progress record
-        self.ui.statusLabel.text = text
-        self.ui.showLogButton.enabled = True
+        self.runningKind = kind
+        progressBar, statusLabel, showLogButton = self.runWidgets(kind)
+        progressBar.show()
+        progressBar.setRange(0, 0)  # busy until the first progress record
+        statusLabel.text = text
+        showLogButton.enabled = True
         self.updateButtons()
         self.timer.start()
 
@@ -367,35 +576,56 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def showProgress(self, record: dict) -> None:
         if self.cancelling:
             return
+        progressBar, statusLabel, _showLogButton = self.runWidgets(self.runningKind)
         total, done = int(record.get("total") or 0), int(record.get("done") or 0)
         if total > 0:
-            self.ui.progressBar.setRange(0, total)
-            self.ui.progressBar.setValue(min(max(done, 0), total))
-        self.ui.statusLabel.text = progressText(record)
+            progressBar.setRange(0, total)
+            progressBar.setValue(min(max(done, 0), total))
+        statusLabel.text = progressText(record)
 
     def showFinished(self, kind: str, state: str, message: str) -> None:
         self.cancelling = False
-        self.ui.progressBar.hide()
+        self.logs[kind] = self.logic.logText()
+        progressBar, statusLabel, _showLogButton = self.runWidgets(kind)
+        if state == SUCCEEDED:
+            progressBar.setRange(0, 1)  # full, beside "Done", until the next run
+            progressBar.setValue(1)
+        else:
+            progressBar.hide()
         if state == SUCCEEDED and kind == "train":
             self.refreshModels(select=Path(message))
-            self.ui.statusLabel.text = (
-                f"New model '{modelLabel(Path(message))}' trained and selected in the model list."
+            statusLabel.text = _("New model '{model}' trained and selected in the model list.").format(
+                model=modelLabel(Path(message))
             )
         elif state == SUCCEEDED:
-            self.ui.statusLabel.text = message
+            statusLabel.text = message
         elif state == CANCELLED:
-            self.ui.statusLabel.text = "Cancelled."
+            statusLabel.text = _("Cancelled.")
         else:
-            self.ui.statusLabel.text = f"Failed: {message}"
-            slicer.util.errorDisplay(f"MedSegUNet {kind} failed:\n{message}", detailedText=self.logic.logText())
+            statusLabel.text = _("Failed: {message}").format(message=message)
+            slicer.util.errorDisplay(
+                _("MedSegUNet {kind} failed:\n{message}").format(kind=kind, message=message),
+                detailedText=self.logic.logText(),
+            )
         self.updateButtons()
         self.prepareEngine()  # for the next click
 
-    def onShowLog(self) -> None:
+    def onShowSegmentLog(self) -> None:
+        self.showLog("segment")
+
+    def onShowRetrainLog(self) -> None:
+        self.showLog("train")
+
+    def showLog(self, kind: str) -> None:
+        """The run of this kind that is going, else the latest one that ended."""
+        going = self.logic.unfinished() and self.runningKind == kind
+        text = self.logic.logText() if going else self.logs.get(kind, "")
         slicer.util.infoDisplay(
-            "Output of the most recent MedSegUNet run:",
-            "MedSegUNet log",
-            detailedText=self.logic.logText() or "(empty)",
+            _("Output of the latest MedSegUNet Segment run:")
+            if kind == "segment"
+            else _("Output of the latest MedSegUNet Retrain run:"),
+            _("MedSegUNet log"),
+            detailedText=text or _("(empty)"),
         )
 
     # --- Retrain ---
@@ -431,13 +661,13 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onAddScenes(self) -> None:
         paths = qt.QFileDialog.getOpenFileNames(
-            self.parent, "Annotated Slicer scenes", "", "Slicer scenes (*.mrb *.mrml)"
+            self.parent, _("Annotated Slicer scenes"), "", _("Slicer scenes (*.mrb *.mrml)")
         )
         for path in paths:
             self.addFileItem(path)
 
     def onAddFolder(self) -> None:
-        path = qt.QFileDialog.getExistingDirectory(self.parent, "A folder of annotated scenes (.mrb)")
+        path = qt.QFileDialog.getExistingDirectory(self.parent, _("A folder of annotated scenes (.mrb)"))
         if path:
             self.addFileItem(path)
 
@@ -461,17 +691,17 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentations, files = self.checkedCases()
         if not segmentations and not files:
             slicer.util.warningDisplay(
-                "Check at least one annotated case: a volume with its segmentation, or a scene file."
+                _("Check at least one annotated case: a volume with its segmentation, or a scene file.")
             )
             return
         parameters = self._parameterNode
         init = None if parameters.retrainFromScratch else self.currentModel()
         if not parameters.retrainFromScratch and init is None:
-            slicer.util.warningDisplay("Select the model to fine-tune, or check 'Train from scratch'.")
+            slicer.util.warningDisplay(_("Select the model to fine-tune, or check 'Train from scratch'."))
             return
         if not self.ensureDependencies():
             return
-        with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not start training."), waitCursor=True):
             self.logic.startTrain(
                 segmentations,
                 files,
@@ -480,7 +710,7 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.deviceComboBox.currentData,
                 parameters.retrainSteps or None,
             )
-            self.showRunning("Saving the annotated cases and starting training...")
+            self.showRunning("train", _("Saving the annotated cases and starting training..."))
 
     # --- dependencies ---
 
@@ -490,18 +720,21 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not missing:
             return True
         if not slicer.util.confirmOkCancelDisplay(
-            "MedSegUNet needs these Python packages, which are not installed in Slicer yet:\n"
-            f"{', '.join(missing)}\n\n"
-            "Install them now? This downloads up to a few GB (PyTorch) and takes a few minutes.",
-            "MedSegUNet: install dependencies",
+            _(
+                "MedSegUNet needs these Python packages, which are not installed in Slicer yet:\n{packages}\n\n"
+                "Install them now? This downloads up to a few GB (PyTorch) and takes a few minutes."
+            ).format(packages=", ".join(missing)),
+            _("MedSegUNet: install dependencies"),
         ):
             return False
-        with slicer.util.tryWithErrorDisplay("Installing the dependencies failed.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Installing the dependencies failed."), waitCursor=True):
             self.logic.installDependencies(missing)
         still = self.logic.dependenciesMissing()
         if still:
             slicer.util.errorDisplay(
-                f"Still missing after the installation: {', '.join(still)}. Restart Slicer and try again."
+                _("Still missing after the installation: {packages}. Restart Slicer and try again.").format(
+                    packages=", ".join(still)
+                )
             )
             return False
         self.probeDevices()
@@ -513,7 +746,7 @@ def progressText(record: dict) -> str:
     text = f"{str(record.get('stage', '')).capitalize()}: {record.get('message', '')}".rstrip(": ")
     eta = record.get("eta_s")
     if isinstance(eta, (int, float)) and eta > 0:
-        text += f" (about {int(eta // 60)} min {int(eta % 60)} s left)"
+        text += " " + _("(about {minutes} min {seconds} s left)").format(minutes=int(eta // 60), seconds=int(eta % 60))
     return text
 
 
@@ -579,18 +812,13 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def describeModel(path: Path) -> str:
-        """Labels, spacing and provenance, read from the bundle's header (no torch needed)."""
-        from MedSegUNetLib.model.bundle import describe, read_bundle_metadata
+        """The model in words, from the bundle's header (no torch needed): the one line the panel shows under
+        the model list, then its details (every structure with its validation Dice and 95% Hausdorff distance,
+        the input it expects, how it was trained)."""
+        from MedSegUNetLib.model.bundle import read_bundle_metadata
 
         meta = read_bundle_metadata(path)
-        text = describe(meta)
-        training = meta.provenance.get("training") if isinstance(meta.provenance, dict) else None
-        if isinstance(training, dict) and training.get("cases") is not None:
-            text += (
-                f"\ntrained on {len(training['cases'])} cases, {training.get('steps', '?')} steps"
-                f" ({training.get('device', '?')})"
-            )
-        return text
+        return modelSummary(meta, path) + "\n" + modelDetails(meta, path)
 
     # --- dependencies ---
 

@@ -544,6 +544,56 @@ def parameter_binding_problems(tree: ast.Module, text: str) -> List[str]:
     return problems
 
 
+# The panel's reading order: the first section's inputs, then its button with that run's progress bar, status line
+# and Show log right under it, then the options in a collapsed Advanced section; Retraining likewise.
+PANEL_RUNS = {
+    "segmentCollapsibleButton": ["segmentButton", "progressBar", "statusLabel", "showLogButton"],
+    "retrainCollapsibleButton": ["retrainButton", "retrainProgressBar", "retrainStatusLabel", "retrainShowLogButton"],
+}
+SEGMENT_INPUTS = ["inputVolumeSelector", "modelComboBox", "modelInfoLabel", "outputSegmentationSelector"]
+ADVANCED_OPTIONS = [
+    "deviceComboBox",
+    "ttaCheckBox",
+    "largestComponentCheckBox",
+    "overlapSliderWidget",
+    "keepReadyCheckBox",
+]
+
+
+def ui_layout_problems(text: str) -> List[str]:
+    """Where the panel's widgets are, against PANEL_RUNS, SEGMENT_INPUTS and ADVANCED_OPTIONS."""
+    widgets = {w.get("name"): w for w in ElementTree.fromstring(text).iter("widget")}
+
+    def inside(name: str) -> List[str]:
+        return [w.get("name") for w in widgets[name].iter("widget")][1:] if name in widgets else []
+
+    problems = []
+    for section, run in PANEL_RUNS.items():
+        names = inside(section)
+        missing = [name for name in run if name not in names]
+        if missing:
+            problems.append(f"{section}: has no {', '.join(missing)}")
+        elif names[names.index(run[0]) : names.index(run[0]) + len(run)] != run:
+            problems.append(f"{section}: {', '.join(run[1:])} are not right under {run[0]}")
+        button_text = widget_property(widgets[run[0]], "text") if run[0] in widgets else None
+        if section in widgets and widget_property(widgets[section], "text") == button_text:
+            problems.append(f"{section}: titled like its button, '{button_text}'")
+    segment = inside("segmentCollapsibleButton")
+    order = [segment.index(name) if name in segment else -1 for name in SEGMENT_INPUTS + ["segmentButton"]]
+    if order != sorted(order) or -1 in order:
+        problems.append(f"segmentCollapsibleButton: not in the order {', '.join(SEGMENT_INPUTS)}, segmentButton")
+    advanced = inside("advancedCollapsibleButton")
+    if "advancedCollapsibleButton" not in segment:
+        problems.append("advancedCollapsibleButton: not in segmentCollapsibleButton")
+    elif widget_property(widgets["advancedCollapsibleButton"], "collapsed") != "true":
+        problems.append("advancedCollapsibleButton: not collapsed")
+    if not set(ADVANCED_OPTIONS) <= set(advanced):
+        problems.append(f"advancedCollapsibleButton: lacks {', '.join(sorted(set(ADVANCED_OPTIONS) - set(advanced)))}")
+    if set(advanced) & set(SEGMENT_INPUTS + PANEL_RUNS["segmentCollapsibleButton"]):
+        problems.append("advancedCollapsibleButton: holds inputs or the run's widgets")
+    return problems
+
+
 def module_level_imports(tree: ast.Module) -> Set[str]:
     names = set()
     for node in tree.body:
@@ -750,6 +800,43 @@ def test_every_parameter_has_a_widget_that_can_show_it():
         "inputVolume: the combo box does not list vtkMRMLSegmentationNode",
         "useTTA: a float cannot be bound to a QCheckBox",
         "overlap: the widget's range differs from WithinRange(0, 0.5)",
+    ]
+
+
+def test_the_panel_reads_in_order_and_shows_each_run_under_its_button():
+    def swap(text: str, first: str, second: str) -> str:
+        marked = text.replace(f'name="{first}"', 'name="swap"').replace(f'name="{second}"', f'name="{first}"')
+        return marked.replace('name="swap"', f'name="{second}"')
+
+    assert ui_layout_problems(ui_text()) == []
+    bad = (
+        swap(ui_text(), "progressBar", "retrainProgressBar")
+        .replace("<string>Retraining</string>", "<string>Retrain</string>")
+        .replace('name="ttaCheckBox"', 'name="ttaCheckBox2"')
+        .replace('name="inputVolumeSelector"', 'name="inputVolumeSelector2"')
+    )
+    advanced = bad.index('name="advancedCollapsibleButton"')
+    bad = bad[:advanced] + bad[advanced:].replace("<bool>true</bool>", "<bool>false</bool>", 1)
+    assert ui_layout_problems(bad) == [
+        "segmentCollapsibleButton: has no progressBar",
+        "retrainCollapsibleButton: has no retrainProgressBar",
+        "retrainCollapsibleButton: titled like its button, 'Retrain'",
+        "segmentCollapsibleButton: not in the order inputVolumeSelector, modelComboBox, modelInfoLabel, "
+        "outputSegmentationSelector, segmentButton",
+        "advancedCollapsibleButton: not collapsed",
+        "advancedCollapsibleButton: lacks ttaCheckBox",
+    ]
+    assert ui_layout_problems(swap(ui_text(), "statusLabel", "retrainTargetLabel")) == [
+        "segmentCollapsibleButton: has no statusLabel"
+    ]
+    assert ui_layout_problems(swap(ui_text(), "statusLabel", "showLogButton")) == [
+        "segmentCollapsibleButton: progressBar, statusLabel, showLogButton are not right under segmentButton"
+    ]
+    assert ui_layout_problems(swap(ui_text(), "deviceComboBox", "modelComboBox")) == [
+        "segmentCollapsibleButton: not in the order inputVolumeSelector, modelComboBox, modelInfoLabel, "
+        "outputSegmentationSelector, segmentButton",
+        "advancedCollapsibleButton: lacks deviceComboBox",
+        "advancedCollapsibleButton: holds inputs or the run's widgets",
     ]
 
 
