@@ -1,5 +1,5 @@
 """Every relative link and picture in the repository's Markdown resolves inside the repository, and no
-file of the repository reaches outside it (../shared is a workspace folder, not part of a clone)."""
+file of the repository reaches outside it into the workspace's shared folder (not part of a clone)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ def test_every_relative_link_in_the_markdown_resolves_inside_the_repository(tmp_
 
 
 def test_nothing_in_the_repository_reaches_outside_it():
+    outside = "/".join(["..", "shared"])  # built, so that this file does not match itself
     found = subprocess.run(
-        ["git", "grep", "-n", "--", "../shared", ":!*.png"], cwd=REPO, capture_output=True, text=True
+        ["git", "grep", "-n", "--", outside, ":!*.png"], cwd=REPO, capture_output=True, text=True
     ).stdout.splitlines()
-    assert [line for line in found if not line.startswith("Testing/test_docs.py:")] == []
+    assert found == []
