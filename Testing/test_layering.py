@@ -15,6 +15,7 @@ from conftest import REPO
 ENGINE = REPO / "MedSegUNet" / "MedSegUNetLib"
 TRAINING = REPO / "training"
 NODE_WORK = REPO / "MedSegUNet" / "MedSegUNetMRML"  # the module's MRML glue: above the engine and training
+PANEL_TEXT = REPO / "MedSegUNet" / "MedSegUNetPanel"  # the panel's Qt-free text helpers
 
 # The engine's sub-packages, lowest first: a module may import its own layer and those below it.
 ENGINE_LAYERS = ["core", "imageio", "model", "prediction", "commands", "cli", "__main__"]
@@ -90,7 +91,9 @@ def layer_violations(edges: List[Edge]) -> List[str]:
         source, target = engine_layer(importer), engine_layer(imported)
         if importer.startswith("MedSegUNetLib") and imported.split(".")[0] == "training":
             problems.append(f"{importer}:{line} imports {imported}: the engine knows nothing of training")
-        if importer.split(".")[0] in ("MedSegUNetLib", "training") and imported.startswith("MedSegUNetMRML"):
+        if importer.split(".")[0] in ("MedSegUNetLib", "training") and imported.startswith(
+            ("MedSegUNetMRML", "MedSegUNetPanel")
+        ):
             problems.append(f"{importer}:{line} imports {imported}: the engine and training know nothing of MRML")
         if source is None or target is None or imported == "MedSegUNetLib":
             continue
@@ -148,7 +151,7 @@ def forbidden_imports(trees: Dict[str, Tuple[Path, ast.Module]]) -> List[str]:
     for module, (path, tree) in trees.items():
         for name, line in imported_names(module, path, tree):
             top = name.split(".")[0]
-            if top in SLICER_ONLY and not module.startswith("MedSegUNetMRML"):
+            if top in SLICER_ONLY and not module.startswith(("MedSegUNetMRML", "MedSegUNetPanel")):
                 problems.append(f"{module}:{line} imports {name}: the engine and training never import Slicer or Qt")
             private = [part for part in name.split(".")[1:] if part.startswith("_") and not part.startswith("__")]
             if module.split(".")[0] != top and top in ("MedSegUNetLib", "training", "MedSegUNetMRML") and private:
@@ -165,7 +168,8 @@ def check(packages: List[Tuple[Path, str]]) -> List[str]:
 
 
 def test_the_engine_and_training_keep_their_layers_with_no_cycles():
-    assert check([(ENGINE, "MedSegUNetLib"), (TRAINING, "training"), (NODE_WORK, "MedSegUNetMRML")]) == []
+    packages = [(ENGINE, "MedSegUNetLib"), (TRAINING, "training"), (NODE_WORK, "MedSegUNetMRML")]
+    assert check([*packages, (PANEL_TEXT, "MedSegUNetPanel")]) == []
 
 
 def test_every_engine_module_sits_in_a_known_layer():

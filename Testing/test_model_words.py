@@ -1,37 +1,23 @@
-"""The panel's model line and details (MedSegUNet.py's own functions, compiled from its source: the module
-imports slicer and qt, which exist only in Slicer): a bundle's metadata in words and units."""
+"""The panel's model line and details (MedSegUNet/MedSegUNetPanel/model_text.py): a bundle's metadata in
+words and units."""
 
 from __future__ import annotations
 
-import ast
-import typing
+import sys
 from pathlib import Path
-from typing import Any, Dict
+from types import ModuleType
+from typing import Any
 
 import pytest
 from conftest import MODULE_DIR
 
-MODULE_FILE = MODULE_DIR / "MedSegUNet.py"
-FUNCTIONS = (
-    "modelLabel", "plural", "structureGroups", "millimetres", "duration", "casesText", "trainingOf",
-    "modelSummary", "hausdorffText", "validationLines", "modelDetails",
-)  # fmt: skip
-
 
 @pytest.fixture(scope="module")
-def words() -> Dict[str, Any]:
-    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
-    wanted = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.Assign)) and _named(n)]
-    assert {n.name for n in wanted if isinstance(n, ast.FunctionDef)} == set(FUNCTIONS)
-    namespace: Dict[str, Any] = {**typing.__dict__, "Path": Path, "_": lambda text: text}  # tr(), untranslated
-    exec(compile(ast.Module(body=wanted, type_ignores=[]), str(MODULE_FILE), "exec"), namespace)
-    return namespace
+def words() -> ModuleType:
+    sys.path.insert(0, str(MODULE_DIR))  # the module's helper packages, as Slicer finds them beside the module
+    from MedSegUNetPanel import model_text
 
-
-def _named(node: ast.stmt) -> bool:
-    if isinstance(node, ast.FunctionDef):
-        return node.name in FUNCTIONS
-    return isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "SIDES" for t in node.targets)
+    return model_text
 
 
 def shipped_meta() -> Any:
@@ -42,14 +28,14 @@ def shipped_meta() -> Any:
 
 
 def test_structures_read_as_words_with_sides_paired(words):
-    groups = words["structureGroups"]
+    groups = words.structureGroups
     assert groups(["spleen", "kidney_right", "kidney_left", "left lung", "right lung", "aorta"]) == [
         "spleen", "kidneys", "lungs", "aorta",
     ]  # fmt: skip
     assert groups(["adrenal_gland_left", "iliac_artery_left", "iliac_artery_right"]) == [
         "adrenal gland left", "iliac arteries",
     ]  # fmt: skip
-    assert [words["plural"](w) for w in ("artery", "rib", "gluteus maximus")] == [
+    assert [words.plural(w) for w in ("artery", "rib", "gluteus maximus")] == [
         "arteries", "ribs", "left and right gluteus maximus",
     ]  # fmt: skip
 
@@ -57,25 +43,22 @@ def test_structures_read_as_words_with_sides_paired(words):
 def test_the_shipped_model_in_one_line_and_in_details(words):
     meta, path = shipped_meta(), Path("abdomen-ct.safetensors")
     names = [label.name for label in meta.labels]
-    line = words["modelSummary"](meta, path)
+    line = words.modelSummary(meta, path)
     assert line.startswith(f"{len(names)} structures (spleen, kidneys, ") and ", 3 mm, trained on 1 case" in line
-    details = words["modelDetails"](meta, path)
+    details = words.modelDetails(meta, path)
     metrics = meta.provenance["metrics"]
     for name in names:
         dice = metrics[f"dice_{name}"]
         assert f"{name}: Dice {dice:.2f}, 95% Hausdorff " in details, name
     assert "dice_" not in details and "hd95_mm" not in details  # words, not raw keys
-    renamed = words["modelSummary"](meta, Path("model-20261204/model.safetensors"))
+    renamed = words.modelSummary(meta, Path("model-20261204/model.safetensors"))
     assert renamed.startswith(f"{meta.name}: ")
 
 
 def test_durations_distances_and_counts_in_plain_units(words):
-    assert [words["duration"](s) for s in (30, 600, 3700)] == ["30 s", "10 min", "1 h 2 min"]
-    assert [words["hausdorffText"](v) for v in (209.04, 3.14159, None)] == [
+    assert [words.duration(s) for s in (30, 600, 3700)] == ["30 s", "10 min", "1 h 2 min"]
+    assert [words.hausdorffText(v) for v in (209.04, 3.14159, None)] == [
         "209 mm", "3.1 mm", "not measured (a mask was empty)",
     ]  # fmt: skip
-    assert (
-        words["millimetres"]((3.0, 3.0, 3.0)) == "3 mm"
-        and words["millimetres"]((0.8, 0.8, 1.5)) == "0.8 × 0.8 × 1.5 mm"
-    )
-    assert [words["casesText"](n) for n in (1, 4)] == ["1 case", "4 cases"]
+    assert words.millimetres((3.0, 3.0, 3.0)) == "3 mm" and words.millimetres((0.8, 0.8, 1.5)) == "0.8 × 0.8 × 1.5 mm"
+    assert [words.casesText(n) for n in (1, 4)] == ["1 case", "4 cases"]

@@ -22,6 +22,7 @@ MODULE_FILE = REPO / "MedSegUNet" / "MedSegUNet.py"
 UI_FILE = REPO / "MedSegUNet" / "Resources" / "UI" / "MedSegUNet.ui"
 ENGINE = REPO / "MedSegUNet" / "MedSegUNetLib"
 NODE_WORK = REPO / "MedSegUNet" / "MedSegUNetMRML"
+PANEL_TEXT = REPO / "MedSegUNet" / "MedSegUNetPanel"
 TRAINING = REPO / "training"
 API_FOLDER = REPO / "Testing" / "data" / "slicer-api"
 API_VERSIONS = ["slicer_api_v5.8.1.json", "slicer_api_v5.12.3.json"]  # the oldest supported, the newest
@@ -875,7 +876,11 @@ def test_the_panel_reads_bundles_without_torch():
 
 
 def cmake_listed_files(cmake: str) -> Set[str]:
-    return set(re.findall(r"(?:MedSegUNetLib|MedSegUNetMRML|training)/(?:[A-Za-z0-9_]+/)*[A-Za-z0-9_]+\.py", cmake))
+    return set(
+        re.findall(
+            r"(?:MedSegUNetLib|MedSegUNetMRML|MedSegUNetPanel|training)/(?:[A-Za-z0-9_]+/)*[A-Za-z0-9_]+\.py", cmake
+        )
+    )
 
 
 def test_cmake_installs_every_engine_and_training_file_and_nothing_stale():
@@ -883,6 +888,7 @@ def test_cmake_installs_every_engine_and_training_file_and_nothing_stale():
     listed = cmake_listed_files(cmake)
     existing = {f"MedSegUNetLib/{p.relative_to(ENGINE).as_posix()}" for p in ENGINE.rglob("*.py")}
     existing |= {f"MedSegUNetMRML/{p.relative_to(NODE_WORK).as_posix()}" for p in NODE_WORK.rglob("*.py")}
+    existing |= {f"MedSegUNetPanel/{p.relative_to(PANEL_TEXT).as_posix()}" for p in PANEL_TEXT.rglob("*.py")}
     existing |= {f"training/{p.relative_to(TRAINING).as_posix()}" for p in TRAINING.rglob("*.py")}
     assert existing - listed == set(), "not installed by MedSegUNet/CMakeLists.txt"
     assert listed - existing == set(), "listed in MedSegUNet/CMakeLists.txt but gone (the build would fail)"
@@ -991,7 +997,12 @@ def test_the_extension_configures_and_lays_out_the_module_as_installed(configure
     assert (build / "module-name.txt").read_text() == "MedSegUNet"
     assert (build / "python-unittests.txt").read_text().split() == ["MedSegUNet.py"]
     assert (modules / "MedSegUNet.py").is_file() and (modules / "Resources" / "UI" / "MedSegUNet.ui").is_file()
-    for folder, name in ((ENGINE, "MedSegUNetLib"), (NODE_WORK, "MedSegUNetMRML"), (TRAINING, "training")):
+    for folder, name in (
+        (ENGINE, "MedSegUNetLib"),
+        (NODE_WORK, "MedSegUNetMRML"),
+        (PANEL_TEXT, "MedSegUNetPanel"),
+        (TRAINING, "training"),
+    ):
         installed = modules / name
         assert {p.relative_to(folder) for p in folder.rglob("*.py")} == {
             p.relative_to(installed) for p in installed.rglob("*.py")

@@ -1,0 +1,1 @@
+"""The panel's helpers that need neither Qt nor MRML: text the panel shows."""
