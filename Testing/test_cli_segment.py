@@ -600,13 +600,13 @@ def test_sigkill_while_writing_keeps_the_old_output_and_the_next_run_cleans_up(t
     folder.mkdir()
     output = folder / "result.seg.nrrd"
     output.write_bytes(b"keep me")
-    run = StagedRun([str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--device", "cpu"], folder)
-    run.read_until_stage("write")
-    temporary = run.stop_while_writing()  # None: the write finished first (a loaded machine)
+    arguments = [str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--device", "cpu"]
+    run = run_into_stage(arguments, folder, "write", old_output=True)  # stopped while the temporary exists
+    temporaries = files_in(folder) - {"result.seg.nrrd"}
     run.process.kill()
     code, _, _ = run.finish()
     assert code == -signal.SIGKILL
-    assert files_in(folder) <= {"result.seg.nrrd", *([temporary.name] if temporary else [])}  # at most the temporary
+    assert len(temporaries) == 1 and files_in(folder) <= {"result.seg.nrrd", *temporaries}  # at most the temporary
     # The old bytes, or (when the kill landed after the rename, as on a loaded machine) a whole new file.
     killed = None if output.read_bytes() == b"keep me" else slicerio.read_segmentation(str(output))
     assert main(["segment", str(ct_chest), "-m", str(small_bundle), "-o", str(output), "--progress", "none"]) == 0
