@@ -18,6 +18,8 @@ import pytest
 import SimpleITK as sitk
 from conftest import MODULE_DIR, run_cli
 
+from MedSegUNetLib.core.geometry import Grid
+
 # slicer-core ships wheels for Linux x86_64 and Python 3.10+ (what CI runs): there a missing or broken
 # slicer-core is a failure. Elsewhere these tests skip and say why.
 if not (sys.platform == "linux" and platform.machine() == "x86_64" and sys.version_info >= (3, 10)):
@@ -104,11 +106,9 @@ def engine_labels_at(labelmap_node: Any, engine_labels: sitk.Image) -> np.ndarra
     k, j, i = np.indices(shape).reshape(3, -1)
     ras = ijk_to_ras(labelmap_node) @ np.vstack([i, j, k, np.ones_like(i)])
     lps = (LPS_FROM_RAS @ ras)[:3]
-    origin = np.array(engine_labels.GetOrigin())[:, None]
-    direction = np.array(engine_labels.GetDirection()).reshape(3, 3)
-    spacing = np.array(engine_labels.GetSpacing())[:, None]
-    index = np.rint(np.linalg.solve(direction, lps - origin) / spacing).astype(int)
-    size = np.array(engine_labels.GetSize())[:, None]
+    grid = Grid.of(engine_labels)
+    index = np.rint(grid.to_index(lps.T)).astype(int).T  # the project's one physical-to-index conversion
+    size = np.array(grid.size)[:, None]
     assert ((index >= 0) & (index < size)).all(), "the volume's grid reaches outside the engine's labelmap"
     values = sitk.GetArrayViewFromImage(engine_labels)
     return values[index[2], index[1], index[0]].reshape(shape)

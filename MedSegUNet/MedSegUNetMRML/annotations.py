@@ -27,14 +27,9 @@ def write_labelmap_segmentation(segmentation_node: Node, volume_node: Node, path
         scene.RemoveNode(copy)
 
 
-def _volume_name(labelmap_node: Node) -> str:
-    volume = volume_on_the_grid_of(labelmap_node)
-    return volume.GetName() if volume is not None else ""
-
-
-def _write_labelmap_volume_pair(labelmap_node: Node, folder: Path, index: int) -> Tuple[Path, Path]:
+def _write_labelmap_volume_pair(labelmap_node: Node, folder: Path, index: int) -> Tuple[str, Path, Path]:
     """A labelmap volume node's labels as a segmentation on the volume whose grid it shares (segment names
-    from its color table, as Slicer's import names them), and that volume, as files."""
+    from its color table, as Slicer's import names them): (that volume's name, its file, the labels' file)."""
     import slicer
 
     volume = volume_on_the_grid_of(labelmap_node)
@@ -51,7 +46,7 @@ def _write_labelmap_volume_pair(labelmap_node: Node, folder: Path, index: int) -
         labels = write_segmentation(segmentation_node, folder / f"segmentation{index}.seg.nrrd")
     finally:
         scene.RemoveNode(segmentation_node)
-    return write_volume(volume, folder / f"volume{index}.nrrd"), labels
+    return volume.GetName(), write_volume(volume, folder / f"volume{index}.nrrd"), labels
 
 
 def save_annotated_scene(segmentation_nodes: Sequence[Node], folder: Path) -> Optional[Path]:
@@ -63,8 +58,8 @@ def save_annotated_scene(segmentation_nodes: Sequence[Node], folder: Path) -> Op
     pairs = []
     for index, annotation in enumerate(segmentation_nodes):
         if annotation.IsA("vtkMRMLLabelMapVolumeNode"):
-            image, labels = _write_labelmap_volume_pair(annotation, folder, index)
-            pairs.append(ScenePair(_volume_name(annotation), image, labels, annotation.GetName()))
+            volume_name, image, labels = _write_labelmap_volume_pair(annotation, folder, index)
+            pairs.append(ScenePair(volume_name, image, labels, annotation.GetName()))
             continue
         segmentation_node = annotation
         volume = reference_volume(segmentation_node)
