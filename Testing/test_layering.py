@@ -18,7 +18,7 @@ NODE_WORK = REPO / "MedSegUNet" / "MedSegUNetMRML"  # the module's MRML glue: ab
 PANEL_TEXT = REPO / "MedSegUNet" / "MedSegUNetPanel"  # the panel's Qt-free text helpers
 
 # The engine's sub-packages, lowest first: a module may import its own layer and those below it.
-ENGINE_LAYERS = ["core", "imageio", "model", "prediction", "commands", "cli", "__main__"]
+ENGINE_LAYERS = ["core", "imageio", "model", "importers", "prediction", "commands", "cli", "__main__"]
 # host/ (what the Slicer panel imports) stands apart: it may import nothing of the engine but the package.
 STANDALONE = {"host"}
 # What neither the engine nor training may import: they run outside Slicer, in a plain Python.

@@ -272,6 +272,9 @@ def build_parser(extra: Sequence[AddParsers] = ()) -> argparse.ArgumentParser:
     from MedSegUNetLib.commands.evaluate import add_parser as add_evaluate_parser
 
     add_evaluate_parser(commands)
+    from MedSegUNetLib.commands.import_model import add_parser as add_import_parser
+
+    add_import_parser(commands)
     for add_parsers in extra:
         add_parsers(commands)
     return parser

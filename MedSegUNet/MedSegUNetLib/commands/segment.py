@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -62,7 +62,10 @@ def predict_in_body(
     every_channel_in_body = (slice(None), *body)
     array = network_input.array[every_channel_in_body]  # a view: no copy
     window = _window(bundle, array.shape[1:])
-    inside = predict_labels(bundle.network, array, window, options.predict, progress)
+    predict = replace(options.predict, windows=bundle.meta.windows)
+    if bundle.meta.mirror_axes is not None:  # an imported model mirrors along the axes its trainer allowed
+        predict = replace(predict, mirror_axes=bundle.meta.mirror_axes)
+    inside = predict_labels(bundle.network, array, window, predict, progress)
     if inside.shape == network_input.array.shape[1:]:
         return inside
     classes = np.zeros(network_input.array.shape[1:], dtype=inside.dtype)
@@ -80,7 +83,7 @@ def _body_if_it_pays(bundle: Bundle, network_input: NetworkInput, options: Segme
     Windows placed differently see other instance-norm statistics and shift the output a little: a crop
     that saves no window would only do that."""
     whole = (slice(None),) * 3
-    if not options.crop_to_body or network_input.body is None:
+    if not options.crop_to_body or network_input.body is None or bundle.meta.windows == "nnunet":
         return whole
     first_channel_in_body = (0, *network_input.body)
     shape, box = network_input.array.shape[1:], network_input.array[first_channel_in_body].shape

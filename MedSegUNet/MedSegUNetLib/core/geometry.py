@@ -194,6 +194,24 @@ def reoriented_grid(grid: Grid, code: str) -> Grid:
     )
 
 
+def permuted_grid(grid: Grid, transpose_zyx: Sequence[int]) -> Grid:
+    """The same voxels with their index axes permuted as nnU-Net's ``transpose_forward`` permutes a (z, y, x)
+    array: new array axis ``n`` is old array axis ``transpose_zyx[n]``. No reorientation: a model that
+    keeps the image's own axes (nnU-Net) sees them in this order."""
+    if sorted(int(a) for a in transpose_zyx) != [0, 1, 2]:
+        raise ValueError(f"{list(transpose_zyx)} is not a permutation of the axes 0, 1, 2")
+    axes = [2 - int(transpose_zyx[2 - i]) for i in range(3)]  # in (i, j, k) order
+    if axes == [0, 1, 2]:
+        return grid
+    old = np.array(grid.direction, dtype=float).reshape(3, 3)
+    return Grid(
+        _int_triple(grid.size[a] for a in axes),
+        _float_triple(grid.spacing[a] for a in axes),
+        grid.origin,
+        tuple(float(d) for d in old[:, axes].ravel()),
+    )
+
+
 def ijk_to_lps(image: sitk.Image) -> np.ndarray:
     """The 4x4 matrix from voxel index (i, j, k) to LPS millimetres."""
     direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)

@@ -37,13 +37,19 @@ _MAX_HEADER_BYTES = 64 * 1024 * 1024
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}
 
 
+NORMALIZATIONS = ("ct", "zscore", "none", "rescale")
+# Preprocessing.orientation for a model that keeps each image's own axes (nnU-Net), permuted by ``transpose``
+IMAGE_AXES = "image"
+
+
 @dataclass
 class Normalization:
     """Intensity normalization.
 
     ``ct``: clip to ``clip`` (HU), then subtract ``mean`` and divide by ``std`` when given (nnU-Net's
     CT scheme), else scale the clip window to 0..1. ``zscore``: per image mean and std (MRI), over
-    the non-zero voxels when ``nonzero``.
+    the non-zero voxels when ``nonzero``. ``none`` and ``rescale`` (the image's minimum..maximum to 0..1)
+    are nnU-Net's NoNormalization and RescaleTo01Normalization, for imported models.
     """
 
     kind: str = "ct"
@@ -53,8 +59,8 @@ class Normalization:
     nonzero: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in ("ct", "zscore"):
-            raise ValueError(f"unknown normalization '{self.kind}' (known: ct, zscore)")
+        if self.kind not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization '{self.kind}' (known: {', '.join(NORMALIZATIONS)})")
         if self.kind == "ct" and (self.clip is None or float(self.clip[0]) >= float(self.clip[1])):
             raise ValueError(f"ct normalization needs a clip window low < high, not {self.clip}")
         if self.std is not None and float(self.std) <= 0:
@@ -65,12 +71,22 @@ class Normalization:
 
 @dataclass
 class Preprocessing:
-    """How an image is brought to the network: all sizes in (x, y, z) order of the canonical image."""
+    """How an image is brought to the network: all sizes in (x, y, z) order of the network's grid.
+
+    ``orientation`` is a code (the image is reoriented to it) or :data:`IMAGE_AXES`: the image keeps its
+    own array axes, permuted by ``transpose`` (nnU-Net's ``transpose_forward``, in (z, y, x) array order)."""
 
     target_spacing: Tuple[float, float, float]
     patch_size: Tuple[int, int, int]
     orientation: str = "RAS"
     normalization: Normalization = field(default_factory=Normalization)
+    transpose: Tuple[int, int, int] = (0, 1, 2)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if self.orientation != IMAGE_AXES:
+            del data["transpose"]  # bundles that reorient are written as before
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Preprocessing":
@@ -80,10 +96,14 @@ class Preprocessing:
             raise ValueError(f"bad target_spacing {data['target_spacing']}")
         if len(patch) != 3 or min(patch) < 1:
             raise ValueError(f"bad patch_size {data['patch_size']}")
-        orientation = str(data.get("orientation", "RAS")).upper()
-        if not _is_orientation_code(orientation):
+        orientation = str(data.get("orientation", "RAS"))
+        orientation = orientation if orientation == IMAGE_AXES else orientation.upper()
+        if orientation != IMAGE_AXES and not _is_orientation_code(orientation):
             raise ValueError(f"bad orientation '{orientation}'")
-        return cls(spacing, patch, orientation, Normalization(**data.get("normalization", {})))
+        i, j, k = (int(a) for a in data.get("transpose", (0, 1, 2)))
+        if sorted((i, j, k)) != [0, 1, 2]:
+            raise ValueError(f"bad transpose {data.get('transpose')}")
+        return cls(spacing, patch, orientation, Normalization(**data.get("normalization", {})), (i, j, k))
 
 
 def _is_orientation_code(code: str) -> bool:
@@ -101,6 +121,10 @@ class BundleMeta:
     preprocessing: Preprocessing
     provenance: Dict[str, Any] = field(default_factory=dict)
     name: str = "model"
+    # The (z, y, x) network-array axes that test-time mirroring may flip; None: all three.
+    mirror_axes: Optional[Tuple[int, ...]] = None
+    # "nnunet": windows spread as nnU-Net's predictor spreads them, over the whole volume (no body crop)
+    windows: str = "monai"
 
     def validate(self) -> None:
         if not self.labels:
@@ -121,6 +145,10 @@ class BundleMeta:
         patch_zyx = self.preprocessing.patch_size[::-1]
         if any(p % d for p, d in zip(patch_zyx, divisor)):
             raise ValueError(f"patch size {self.preprocessing.patch_size} is not a multiple of the network's strides")
+        if self.windows not in ("monai", "nnunet"):
+            raise ValueError(f"unknown window placement '{self.windows}' (known: monai, nnunet)")
+        if self.mirror_axes is not None and not set(self.mirror_axes) <= {0, 1, 2}:
+            raise ValueError(f"mirror axes must be among 0, 1, 2, not {list(self.mirror_axes)}")
 
     def to_json(self) -> str:
         data = {
@@ -130,9 +158,13 @@ class BundleMeta:
             "network": self.network.to_dict(),
             "labels": [asdict(label) for label in self.labels],
             "channels": list(self.channels),
-            "preprocessing": asdict(self.preprocessing),
+            "preprocessing": self.preprocessing.to_dict(),
             "provenance": self.provenance,
         }
+        if self.mirror_axes is not None:
+            data["mirror_axes"] = list(self.mirror_axes)
+        if self.windows != "monai":
+            data["windows"] = self.windows
         return json.dumps(data)
 
     @classmethod
@@ -152,6 +184,8 @@ class BundleMeta:
             preprocessing=Preprocessing.from_dict(data["preprocessing"]),
             provenance=dict(data.get("provenance", {})),
             name=str(data.get("name", "model")),
+            mirror_axes=None if data.get("mirror_axes") is None else tuple(int(a) for a in data["mirror_axes"]),
+            windows=str(data.get("windows", "monai")),
         )
         meta.validate()
         return meta
@@ -356,6 +390,11 @@ def describe(meta: BundleMeta) -> str:
     created = meta.provenance.get("created")
     if created:
         lines.append(f"created {created} by MedSegUNet {meta.provenance.get('medsegunet_version', '?')}")
+    source = meta.provenance.get("source")
+    if isinstance(source, dict) and source:
+        lines.append("imported from: " + ", ".join(f"{k} {v}" for k, v in source.items() if k != "licence"))
+        if source.get("licence"):
+            lines.append(f"licence of the source: {source['licence']}")
     metrics = meta.provenance.get("metrics")
     if isinstance(metrics, dict) and metrics:
         lines.append("validation: " + ", ".join(f"{k} {v}" for k, v in list(metrics.items())[:6]))

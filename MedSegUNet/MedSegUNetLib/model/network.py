@@ -1,7 +1,10 @@
-"""The network builder: one place that turns a bundle's network spec into a MONAI module.
+"""The network builder: one place that turns a bundle's network spec into a torch module.
 
 Training builds its networks here too, so a bundle written by training always loads for inference.
 Only the classes in :data:`NETWORK_CLASSES` can be built: a bundle names a class, it never carries code.
+MONAI's DynUNet and UNet are the engine's own; nnU-Net's PlainConvUNet and ResidualEncoderUNet (from the
+nnU-Net team's dynamic-network-architectures) run imported nnU-Net models, their layer types named from
+:data:`NNUNET_LAYERS`. A spec with ``members`` > 1 is that many copies whose logits are averaged (folds).
 """
 
 from __future__ import annotations
@@ -23,21 +26,25 @@ class NetworkSpec:
 
     cls: str
     args: Dict[str, Any] = field(default_factory=dict)
+    members: int = 1  # copies with their own weights whose logits are averaged (an nnU-Net model's folds)
 
     def to_dict(self) -> dict:
-        return {"class": self.cls, "args": self.args}
+        data: Dict[str, Any] = {"class": self.cls, "args": self.args}
+        if self.members != 1:
+            data["members"] = self.members
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "NetworkSpec":
-        return cls(str(data["class"]), dict(data.get("args", {})))
+        return cls(str(data["class"]), dict(data.get("args", {})), int(data.get("members", 1)))
 
     @property
     def in_channels(self) -> int:
-        return int(self.args["in_channels"])
+        return int(self.args["input_channels" if self.cls in NNUNET_CLASSES else "in_channels"])
 
     @property
     def out_channels(self) -> int:
-        return int(self.args["out_channels"])
+        return int(self.args["num_classes" if self.cls in NNUNET_CLASSES else "out_channels"])
 
     def size_divisor(self) -> List[int]:
         """Per array axis (z, y, x): the patch size must be a multiple of this."""
@@ -55,7 +62,41 @@ def _network_classes() -> dict:
     return {"DynUNet": DynUNet, "UNet": UNet}
 
 
-NETWORK_CLASSES = ("DynUNet", "UNet")
+def _nnunet_classes() -> dict:
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+
+    return {"PlainConvUNet": PlainConvUNet, "ResidualEncoderUNet": ResidualEncoderUNet}
+
+
+NNUNET_CLASSES = ("PlainConvUNet", "ResidualEncoderUNet")
+NETWORK_CLASSES = ("DynUNet", "UNet", *NNUNET_CLASSES)
+# The layer types an nnU-Net network's arguments may name (nnU-Net's plans spell them as import paths).
+NNUNET_LAYERS = {
+    "conv_op": ("Conv3d",),
+    "norm_op": ("InstanceNorm3d", "BatchNorm3d"),
+    "dropout_op": ("Dropout3d",),
+    "nonlin": ("LeakyReLU", "ReLU"),
+}
+_MAX_MEMBERS = 10
+
+
+def _logit_average(members: List[TorchModule]) -> TorchModule:
+    """One module whose output is the mean of its members' outputs (nnU-Net averages its folds' logits)."""
+    import torch
+
+    class FoldAverage(torch.nn.Module):
+        def __init__(self, networks: List[torch.nn.Module]):
+            super().__init__()
+            self.members = torch.nn.ModuleList(networks)
+            self.out_channels = getattr(networks[0], "out_channels", None)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            total = self.members[0](x)
+            for member in self.members[1:]:
+                total = total + member(x)
+            return total / len(self.members)
+
+    return FoldAverage(members)
 
 
 def _as_monai_args(args: Dict[str, Any]) -> Dict[str, Any]:
@@ -72,12 +113,15 @@ _MAX_LEVELS = 10
 
 
 def check_spec_bounds(spec: NetworkSpec) -> None:
-    widths = list(spec.args.get("filters") or spec.args.get("channels") or [])
+    widths = list(spec.args.get("filters") or spec.args.get("channels") or spec.args.get("features_per_stage") or [])
     if len(widths) > _MAX_LEVELS or len(spec.args.get("strides") or []) > _MAX_LEVELS:
         raise ValueError(f"the network has more than {_MAX_LEVELS} levels")
-    for value in widths + [spec.args.get("in_channels", 1), spec.args.get("out_channels", 1)]:
+    channels = [spec.args.get(key, 1) for key in ("in_channels", "out_channels", "input_channels", "num_classes")]
+    for value in widths + channels:
         if not isinstance(value, int) or not 1 <= value <= _MAX_WIDTH:
             raise ValueError(f"network width {value!r} is outside 1..{_MAX_WIDTH}")
+    if not 1 <= spec.members <= _MAX_MEMBERS:
+        raise ValueError(f"{spec.members} averaged networks is outside 1..{_MAX_MEMBERS}")
 
 
 def build_network(spec: NetworkSpec) -> TorchModule:
@@ -85,11 +129,34 @@ def build_network(spec: NetworkSpec) -> TorchModule:
     if spec.cls not in NETWORK_CLASSES:
         raise ValueError(f"unknown network class '{spec.cls}' (known: {', '.join(NETWORK_CLASSES)})")
     check_spec_bounds(spec)
+    if spec.members > 1:
+        return _logit_average([build_network(NetworkSpec(spec.cls, spec.args)) for _ in range(spec.members)])
+    if spec.cls in NNUNET_CLASSES:
+        return _build_nnunet(spec)
     args = _as_monai_args(spec.args)
     if spec.cls == "DynUNet":
         # Inference wants one output tensor; training asks for deep supervision itself.
         args["deep_supervision"] = False
     return _network_classes()[spec.cls](**args)
+
+
+def _build_nnunet(spec: NetworkSpec) -> TorchModule:
+    """An nnU-Net network, its layer types looked up in :data:`NNUNET_LAYERS` (never an import path), with
+    deep supervision off (one output, as nnU-Net predicts)."""
+    import torch
+
+    args = dict(spec.args)
+    for key, allowed in NNUNET_LAYERS.items():
+        name = args.get(key)
+        if name is None and key == "dropout_op":
+            continue
+        if name not in allowed:
+            raise ValueError(f"{spec.cls} {key} '{name}' is not supported (known: {', '.join(allowed)})")
+        args[key] = getattr(torch.nn, str(name))
+    args["deep_supervision"] = False
+    network = _nnunet_classes()[spec.cls](**args)
+    network.out_channels = spec.out_channels  # read by the prediction to size its blended scores
+    return network
 
 
 def plan_dynunet(

@@ -30,6 +30,8 @@ class PredictOptions:
     sw_batch_size: Optional[int] = None  # windows per batch; None: windows_per_batch(device)
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16: see network_precision
+    mirror_axes: Optional[Tuple[int, ...]] = None  # (z, y, x) axes TTA may flip (the bundle's); None: all
+    windows: str = "monai"  # where the windows go: stitching.PLACEMENTS (the bundle's)
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -113,10 +115,11 @@ def output_classes(network: torch.nn.Module) -> int:
     return int(getattr(network, "out_channels", 0) or 2)
 
 
-def mirror_axes(spatial_dims: int = 3) -> List[Tuple[int, ...]]:
-    """Every subset of the spatial axes of a (B, C, Z, Y, X) tensor: the 8 mirrorings in 3D."""
-    axes = range(2, 2 + spatial_dims)
-    return [combo for n in range(spatial_dims + 1) for combo in itertools.combinations(axes, n)]
+def mirror_axes(spatial_dims: int = 3, allowed: Optional[Sequence[int]] = None) -> List[Tuple[int, ...]]:
+    """Every subset of the spatial axes of a (B, C, Z, Y, X) tensor (the 8 mirrorings in 3D), or of the
+    ``allowed`` ones (0 = z) when given, as nnU-Net mirrors a model along its allowed axes only."""
+    axes = [2 + a for a in (range(spatial_dims) if allowed is None else sorted(set(allowed)))]
+    return [combo for n in range(len(axes) + 1) for combo in itertools.combinations(axes, n)]
 
 
 def prepare_network(
@@ -161,9 +164,15 @@ class WindowPredictor:
     weights): the argmax is taken once, at the end,
     and no softmax pass over every window is needed (on the CPU that pass cost 4% of a whole segment)."""
 
-    def __init__(self, network: torch.nn.Module, tta: bool, on_windows: Callable[[int], None]):
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        tta: bool,
+        on_windows: Callable[[int], None],
+        allowed: Optional[Sequence[int]] = None,
+    ):
         self.network = network
-        self.flips = mirror_axes() if tta else [()]
+        self.flips = mirror_axes(allowed=allowed) if tta else [()]
         self.on_windows = on_windows
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
@@ -199,14 +208,22 @@ def _sliding_window(
         progress.update("predict", done, total, f"window {done}/{total} on {device.type}")
 
     dtype = network_precision(options.precision, device)
-    predictor = WindowPredictor(prepare_network(network, device, dtype), options.tta, advance)
+    predictor = WindowPredictor(prepare_network(network, device, dtype), options.tta, advance, options.mirror_axes)
     window_xyz = "x".join(str(n) for n in reversed(list(patch_size_zyx)))
     progress.update("predict", 0, total, f"{total} windows of {window_xyz} voxels on {device.type}")
     with torch.inference_mode(), _autocast(device, dtype):
         volume = torch.from_numpy(array).to(stitch_on)
         declared = getattr(network, "out_channels", None)  # None: sized from the first window's scores
         scores = blended_scores(
-            predictor, volume, patch_size_zyx, declared, options.overlap, batch_size, device, float(array.min())
+            predictor,
+            volume,
+            patch_size_zyx,
+            declared,
+            options.overlap,
+            batch_size,
+            device,
+            float(array.min()),
+            options.windows,
         )
         return class_indices(scores).cpu().numpy()
 

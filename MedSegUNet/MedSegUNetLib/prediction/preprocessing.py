@@ -15,12 +15,13 @@ from MedSegUNetLib.core.geometry import (
     Grid,
     index_maps,
     nearest_values_onto,
+    permuted_grid,
     reoriented_grid,
     resample_onto,
     resampled_grid,
 )
 from MedSegUNetLib.core.writable_image import writable_voxels
-from MedSegUNetLib.model.bundle import Normalization, Preprocessing
+from MedSegUNetLib.model.bundle import IMAGE_AXES, Normalization, Preprocessing
 from MedSegUNetLib.prediction.slice_resampling import SliceResampler
 
 
@@ -42,8 +43,15 @@ BODY_MARGIN_MM = 12.0
 def network_grid(input_grid: Grid, preprocessing: Preprocessing) -> Grid:
     """The grid an image on ``input_grid`` is resampled onto: its box, reoriented (an exact re-indexing)
     and divided into voxels of the bundle's spacing. Computed without touching a voxel, so that a volume
-    too large for the memory can be refused before it is resampled."""
-    return resampled_grid(reoriented_grid(input_grid, preprocessing.orientation), preprocessing.target_spacing)
+    too large for the memory can be refused before it is resampled.
+
+    A bundle of :data:`IMAGE_AXES` (an imported nnU-Net model) keeps the image's own axes, permuted by its
+    ``transpose``, as nnU-Net's predictor does: the network sees each image as nnU-Net would show it."""
+    if preprocessing.orientation == IMAGE_AXES:
+        oriented = permuted_grid(input_grid, preprocessing.transpose)
+    else:
+        oriented = reoriented_grid(input_grid, preprocessing.orientation)
+    return resampled_grid(oriented, preprocessing.target_spacing)
 
 
 def network_resampler(input_grid: Grid, preprocessing: Preprocessing) -> Tuple[SliceResampler, Grid]:
@@ -94,6 +102,13 @@ def normalize(array: np.ndarray, normalization: Normalization) -> np.ndarray:
         else:
             array -= low
             array /= high - low
+        return array
+    if normalization.kind == "none":
+        return array
+    if normalization.kind == "rescale":  # nnU-Net's RescaleTo01Normalization
+        if array.size:
+            array -= array.min()
+            array /= max(float(array.max()), 1e-8)
         return array
     # z-score, as nnU-Net does for MRI: statistics of this image (of its non-zero voxels if asked)
     values = array[array != 0] if normalization.nonzero else array

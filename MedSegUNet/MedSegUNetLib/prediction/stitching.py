@@ -14,6 +14,7 @@ the next window's call, so on the CPU the second window had to grow the heap int
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -44,12 +45,28 @@ def fit_window(patch_zyx: Sequence[int], shape_zyx: Sequence[int], divisor_zyx: 
     return [min(p, -(-n // d) * d) for p, n, d in zip(patch_zyx, shape_zyx, divisor_zyx)]
 
 
-def window_slices(shape_zyx: Sequence[int], window_zyx: Sequence[int], overlap: float) -> List[Tuple[slice, ...]]:
-    """Where MONAI's sliding window puts its windows in a volume of ``shape_zyx`` (already padded to the
-    window where thinner)."""
+PLACEMENTS = ("monai", "nnunet")
+
+
+def window_slices(
+    shape_zyx: Sequence[int], window_zyx: Sequence[int], overlap: float, placement: str = "monai"
+) -> List[Tuple[slice, ...]]:
+    """Where the windows go in a volume of ``shape_zyx`` (already padded to the window where thinner):
+    MONAI's sliding window places them at its scan interval, the last one against the far edge; ``nnunet``
+    spreads the same number evenly from edge to edge, as nnU-Net's predictor does (imported models)."""
     from monai.data.utils import dense_patch_slices
 
-    return dense_patch_slices(list(shape_zyx), list(window_zyx), scan_interval(shape_zyx, window_zyx, overlap))
+    if placement == "monai":
+        return dense_patch_slices(list(shape_zyx), list(window_zyx), scan_interval(shape_zyx, window_zyx, overlap))
+    starts = []
+    for size, window, step in zip(shape_zyx, window_zyx, scan_interval(shape_zyx, window_zyx, overlap)):
+        count = math.ceil((size - window) / step) + 1
+        spacing = (size - window) / (count - 1) if count > 1 else 0.0
+        starts.append([int(round(spacing * index)) for index in range(count)])
+    return [
+        tuple(slice(start, start + window) for start, window in zip(corner, window_zyx))
+        for corner in itertools.product(*starts)
+    ]
 
 
 def _all_channels(where: Sequence[slice]) -> Tuple[slice, ...]:
@@ -71,6 +88,7 @@ def blended_scores(
     batch_size: int,
     window_device: torch.device,
     fill_value: float,
+    placement: str = "monai",
 ) -> torch.Tensor:
     """The Gaussian-weighted sums of ``predict``'s (B, classes, *window) scores over the windows of
     ``volume`` (C, Z, Y, X), as a (classes, Z, Y, X) float32 tensor on ``volume``'s device. Windows go to
@@ -90,7 +108,7 @@ def blended_scores(
         if classes is None
         else torch.zeros((classes, *volume.shape[1:]), dtype=torch.float32, device=volume.device)
     )
-    slices = window_slices(volume.shape[1:], window_zyx, overlap)
+    slices = window_slices(volume.shape[1:], window_zyx, overlap, placement)
     for start in range(0, len(slices), batch_size):
         batch = slices[start : start + batch_size]
         windows = torch.stack([volume[_all_channels(where)] for where in batch]).to(window_device)

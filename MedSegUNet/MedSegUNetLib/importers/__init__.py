@@ -1,0 +1,1 @@
+"""Importers: other tools ' trained models (nnU-Net v2) turned into MedSegUNet bundles."""
