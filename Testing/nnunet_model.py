@@ -3,7 +3,7 @@ in its own process: nnU-Net reads its folders from the environment when it is im
 
     python Testing/nnunet_model.py WORK CT.nrrd
 
-1. WORK/raw/Dataset901_Chest: the CT and a threshold labelling (soft tissue, lung) as an nnU-Net raw dataset.
+1. WORK/raw/Dataset901_Chest: the CT and a threshold labelling (soft tissue, air) as an nnU-Net raw dataset.
 2. nnU-Net's fingerprint extractor and experiment planner; the 3d_fullres configuration then made tiny
    (3 stages of 4-16 features, patch 48x48x16, spacing 5x5x10 mm so that resampling happens), and nnU-Net's
    preprocessing of the case.
@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 DATASET = "Dataset901_Chest"
-LABELS = {"background": 0, "soft tissue": 1, "lung": 2}
+LABELS = {"background": 0, "soft tissue": 1, "air": 2}
 SPACING_ZYX = [10.0, 5.0, 5.0]
 PATCH_ZYX = [16, 48, 48]
 FEATURES = [4, 8, 16]
@@ -55,8 +55,11 @@ def write_raw_dataset(work: Path, ct: Path) -> Path:
     (raw / "labelsTr").mkdir()
     image = sitk.ReadImage(str(ct))
     array = sitk.GetArrayFromImage(image)
-    soft_tissue, lung = (array > -200) & (array < 250), (array > -950) & (array < -400)
-    labels = np.where(soft_tissue, 1, np.where(lung, 2, 0)).astype(np.uint8)
+    # Two large regions apart in intensity, with background (fat, bone) between them. Air, lungs included,
+    # is one label: as background, outside air would be clipped to the darkest lung value by nnU-Net's CT
+    # normalization, and a briefly trained network could not tell the two apart (its labels would be ties).
+    soft_tissue, air = (array > -200) & (array < 250), array < -400
+    labels = np.where(soft_tissue, 1, np.where(air, 2, 0)).astype(np.uint8)
     label_image = sitk.GetImageFromArray(labels)
     label_image.CopyInformation(image)
     sitk.WriteImage(image, str(raw / "imagesTr" / "chest_0000.nii.gz"))
