@@ -76,8 +76,12 @@ ENGINE_REQUIREMENTS = [
     "isal>=1.6,<2",
     "matplotlib>=3.7,<4",
     "tensorboard>=2.14,<3",
+    "dynamic-network-architectures>=0.4.4,<0.5",
 ]
-IMPORT_NAMES = {"pynrrd": "nrrd"}  # distributions whose import name differs
+IMPORT_NAMES = {
+    "pynrrd": "nrrd",
+    "dynamic-network-architectures": "dynamic_network_architectures",
+}  # import name differs
 
 
 def distributionName(requirement: str) -> str:

@@ -66,8 +66,14 @@ def write_raw_dataset(work: Path, ct: Path) -> Path:
     sitk.WriteImage(label_image, str(raw / "labelsTr" / "chest.nii.gz"))
     sitk.WriteImage(image, str(work / "ct.nii.gz"))
     sitk.WriteImage(flipped_copy(image), str(work / "ct-flipped.nii.gz"))
-    dataset = {"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": 1, "file_ending": ".nii.gz",
-               "name": "Chest", "licence": "CC0 (a test model)"}
+    dataset = {
+        "channel_names": {"0": "CT"},
+        "labels": LABELS,
+        "numTraining": 1,
+        "file_ending": ".nii.gz",
+        "name": "Chest",
+        "licence": "CC0 (a test model)",
+    }
     (raw / "dataset.json").write_text(json.dumps(dataset, indent=2))
     return raw
 
@@ -77,8 +83,14 @@ def make_plans_tiny(plans_file: Path) -> dict:
     configuration = plans["configurations"]["3d_fullres"]
     configuration.update(spacing=SPACING_ZYX, patch_size=PATCH_ZYX, batch_size=2)
     arch = configuration["architecture"]["arch_kwargs"]
-    arch.update(n_stages=3, features_per_stage=FEATURES, kernel_sizes=KERNELS, strides=STRIDES,
-                n_conv_per_stage=[2, 2, 2], n_conv_per_stage_decoder=[2, 2])
+    arch.update(
+        n_stages=3,
+        features_per_stage=FEATURES,
+        kernel_sizes=KERNELS,
+        strides=STRIDES,
+        n_conv_per_stage=[2, 2, 2],
+        n_conv_per_stage_decoder=[2, 2],
+    )
     for other in [name for name in plans["configurations"] if name != "3d_fullres"]:
         del plans["configurations"][other]
     plans_file.write_text(json.dumps(plans, indent=2))
@@ -125,8 +137,12 @@ def preprocessed_case(plans: dict, dataset: dict, raw: Path) -> tuple:
 
     manager = PlansManager(plans)
     data, seg, _ = DefaultPreprocessor(verbose=False).run_case(
-        [str(raw / "imagesTr" / "chest_0000.nii.gz")], str(raw / "labelsTr" / "chest.nii.gz"), manager,
-        manager.get_configuration("3d_fullres"), dataset)
+        [str(raw / "imagesTr" / "chest_0000.nii.gz")],
+        str(raw / "labelsTr" / "chest.nii.gz"),
+        manager,
+        manager.get_configuration("3d_fullres"),
+        dataset,
+    )
     return data.astype(np.float32), np.maximum(seg, 0)
 
 
@@ -174,11 +190,18 @@ def predict(work: Path, network, parameters: list, plans: dict, dataset: dict) -
         for run, (params, mirroring) in runs.items():
             if case == "ct-flipped" and run != "folds01":
                 continue
-            predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
-                                        perform_everything_on_device=False, device=torch.device("cpu"),
-                                        verbose=False, allow_tqdm=False)
-            predictor.manual_initialization(network, manager, manager.get_configuration("3d_fullres"), params,
-                                            dataset, "nnUNetTrainer", MIRROR_AXES)
+            predictor = nnUNetPredictor(
+                tile_step_size=0.5,
+                use_gaussian=True,
+                use_mirroring=mirroring,
+                perform_everything_on_device=False,
+                device=torch.device("cpu"),
+                verbose=False,
+                allow_tqdm=False,
+            )
+            predictor.manual_initialization(
+                network, manager, manager.get_configuration("3d_fullres"), params, dataset, "nnUNetTrainer", MIRROR_AXES
+            )
             segmentation = predictor.predict_single_npy_array(data, properties, None, None, False)
             io.write_seg(segmentation, str(work / f"nnunet-{case}-{run}.nii.gz"), properties)
 
@@ -186,8 +209,11 @@ def predict(work: Path, network, parameters: list, plans: dict, dataset: dict) -
 def main(work: Path, ct: Path) -> None:
     for name in ("raw", "preprocessed", "results"):
         (work / name).mkdir(parents=True, exist_ok=True)
-    os.environ.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
-                      nnUNet_results=str(work / "results"))
+    os.environ.update(
+        nnUNet_raw=str(work / "raw"),
+        nnUNet_preprocessed=str(work / "preprocessed"),
+        nnUNet_results=str(work / "results"),
+    )
     raw = write_raw_dataset(work, ct)
     import torch
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess

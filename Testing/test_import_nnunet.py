@@ -63,7 +63,9 @@ def dice_per_label(first: np.ndarray, second: np.ndarray) -> dict:
 
 def segment(work: Path, case: str, bundle: Path, name: str, *options: str) -> Path:
     output = work / f"ours-{case}-{name}.seg.nrrd"
-    result = run_cli("segment", str(work / f"{case}.nii.gz"), "-m", str(bundle), "-o", str(output), "--progress", "none", *options)
+    result = run_cli(
+        "segment", str(work / f"{case}.nii.gz"), "-m", str(bundle), "-o", str(output), "--progress", "none", *options
+    )
     assert result.returncode == 0, result.stderr
     return output
 
@@ -137,7 +139,13 @@ def test_shared_tensors_are_stored_once(bundles, model_folder):
 def test_info_shows_provenance(bundles):
     result = run_cli("info", str(bundles["folds01"]))
     assert result.returncode == 0, result.stderr
-    for fragment in ("nnU-Net v2", "trainer nnUNetTrainer", "configuration 3d_fullres", "plans nnUNetPlans", "'0', '1'"):
+    for fragment in (
+        "nnU-Net v2",
+        "trainer nnUNetTrainer",
+        "configuration 3d_fullres",
+        "plans nnUNetPlans",
+        "'0', '1'",
+    ):
         assert fragment in result.stdout, (fragment, result.stdout)
     assert "licence of the source: CC0 (a test model)" in result.stdout
 
@@ -215,9 +223,18 @@ def test_checkpoint_holding_a_pickled_object_is_refused_and_runs_nothing(model_f
     "change, message",
     [
         (("dataset.json", ["labels", "air"], [1, 2]), "region-based"),
-        (("plans.json", ["configurations", "3d_fullres", "normalization_schemes"], ["FancyNormalization"]), "FancyNormalization"),
-        (("plans.json", ["configurations", "3d_fullres", "architecture", "network_class_name"], "os.system"), "os.system"),
-        (("plans.json", ["configurations", "3d_fullres", "architecture", "arch_kwargs", "nonlin"], "builtins.eval"), "builtins.eval"),
+        (
+            ("plans.json", ["configurations", "3d_fullres", "normalization_schemes"], ["FancyNormalization"]),
+            "FancyNormalization",
+        ),
+        (
+            ("plans.json", ["configurations", "3d_fullres", "architecture", "network_class_name"], "os.system"),
+            "os.system",
+        ),
+        (
+            ("plans.json", ["configurations", "3d_fullres", "architecture", "arch_kwargs", "nonlin"], "builtins.eval"),
+            "builtins.eval",
+        ),
     ],
 )
 def test_what_cannot_be_imported_faithfully_is_refused(model_folder, tmp_path, change, message):
@@ -231,3 +248,12 @@ def test_what_cannot_be_imported_faithfully_is_refused(model_folder, tmp_path, c
     output = tmp_path / "out.safetensors"
     assert_clean_failure(run_cli("import-model", str(copy), "-o", str(output)), message)
     assert not output.exists()
+
+
+def test_flipped_storage_changes_nnunets_answer(nnunet_work):
+    """nnU-Net's labels for the CT stored with flipped axes differ from its labels for the CT (it does not
+    reorient), so agreeing with both, as test_segment_agrees_with_nnunet_predictor checks, needs the
+    engine to keep each image's own axes too: a reorienting engine would give both files one answer."""
+    theirs = labels_of(nnunet_work / "nnunet-ct-folds01.nii.gz")
+    flipped_back = labels_of(nnunet_work / "nnunet-ct-flipped-folds01.nii.gz")[:, ::-1, ::-1]
+    assert min(dice_per_label(theirs, flipped_back).values()) < 0.975

@@ -24,7 +24,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("source", type=Path)
     parser.add_argument("-o", "--output", required=True, type=Path, help="the bundle to write (.safetensors)")
-    parser.add_argument("--folds", default=None, help="comma-separated folds, e.g. 0,1,2, or 'all' (default: all present)")
+    parser.add_argument(
+        "--folds", default=None, help="comma-separated folds, e.g. 0,1,2, or 'all' (default: all present)"
+    )
     parser.add_argument("--checkpoint", choices=["final", "best"], default="final")
     parser.add_argument("--name", default=None, help="the model's name (default: the output file's)")
     parser.add_argument("--progress", choices=["auto", "json", "bar", "lines", "none"], default="auto")
@@ -92,7 +94,10 @@ def _write_bundle(
         progress.update("convert", index, len(folds), f"fold {fold}: {checkpoint}")
         loaded = read_checkpoint(path)
         weights.append(network_weights(loaded, path))
-        first = first or {"mirror": mirroring_of(loaded, path), "trainer": str(loaded.get("trainer_name", model.trainer))}
+        first = first or {
+            "mirror": mirroring_of(loaded, path),
+            "trainer": str(loaded.get("trainer_name", model.trainer)),
+        }
     # as nnU-Net's predictor: the trainer name and mirroring axes of the first fold's checkpoint
     meta = bundle_meta(model, folds, checkpoint, first["mirror"], first["trainer"], name, licence_text(model, root))
     network = build_network(meta.network)
@@ -102,7 +107,10 @@ def _write_bundle(
             member.load_state_dict(state, strict=True)
         except RuntimeError as error:
             detail = " ".join(str(error).split())[:300]
-            raise MedSegError(f"the weights do not fit the network plans.json describes ({detail})", model.folder / f"fold_{fold}" / checkpoint) from None
+            raise MedSegError(
+                f"the weights do not fit the network plans.json describes ({detail})",
+                model.folder / f"fold_{fold}" / checkpoint,
+            ) from None
     progress.update("convert", len(folds), len(folds), f"{meta.network.cls}, {len(meta.labels)} labels")
     progress.update("write", 0, 1, str(output))
     save_bundle(output, meta, network.eval())

@@ -21,6 +21,7 @@ from MedSegUNetLib.prediction.inference import (
     check_memory,
     network_precision,
     predict_labels,
+    predict_scores,
     select_device,
 )
 from MedSegUNetLib.prediction.postprocess import keep_largest_component
@@ -30,6 +31,7 @@ from MedSegUNetLib.prediction.preprocessing import (
     network_resampler,
     prepare_channels,
     restore_labels,
+    restore_scores,
     stack_network_input,
 )
 from MedSegUNetLib.prediction.slice_resampling import SliceResampler
@@ -141,17 +143,36 @@ def labels_on_input_grid(
 ) -> sitk.Image:
     """Predict, then put the labels (as uint8 where they fit, never probabilities) onto the input grid."""
     meta = bundle.meta
-    classes = predict_in_body(bundle, network_input, options, progress)
-    progress.update("restore", 0, 1, "back onto the input grid")
-    values = class_to_value_table(bundle)[classes]
-    values = values.astype(np.uint8) if values.max(initial=0) < 256 else values
-    labels = restore_labels(values, network_input.grid, input_grid)
+    if meta.restore == "scores":
+        labels = _labels_from_scores(network_input, input_grid, bundle, options, progress)
+    else:
+        classes = predict_in_body(bundle, network_input, options, progress)
+        progress.update("restore", 0, 1, "back onto the input grid")
+        values = class_to_value_table(bundle)[classes]
+        values = values.astype(np.uint8) if values.max(initial=0) < 256 else values
+        labels = restore_labels(values, network_input.grid, input_grid)
     progress.update("restore", 1, 1, input_grid.describe())
     if options.largest_component:
         progress.update("postprocess", 0, 1, "keeping the largest component of each label")
         labels = keep_largest_component(labels, [label.value for label in meta.labels])
         progress.update("postprocess", 1, 1, "largest components kept")
     return labels
+
+
+def _labels_from_scores(
+    network_input: NetworkInput, input_grid: Grid, bundle: Bundle, options: SegmentOptions, progress: Progress
+) -> sitk.Image:
+    """The scores on the whole network grid, resampled onto the input grid, then the argmax (nnU-Net's way)."""
+    predict = replace(options.predict, windows=bundle.meta.windows)
+    if bundle.meta.mirror_axes is not None:
+        predict = replace(predict, mirror_axes=bundle.meta.mirror_axes)
+    window = _window(bundle, network_input.array.shape[1:])
+    scores = predict_scores(bundle.network, network_input.array, window, predict, progress)
+    progress.update("restore", 0, 1, "scores back onto the input grid")
+    table = class_to_value_table(bundle)
+    return restore_scores(
+        scores, network_input.grid, input_grid, table.astype(np.uint8) if table.max() < 256 else table
+    )
 
 
 def run_segment(

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 import pickle
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple, Union
 
 
-def numpy_scalar_globals() -> List[Tuple[Any, str]]:
+def numpy_scalar_globals() -> List[Union[Callable[..., Any], Tuple[Callable[..., Any], str]]]:
     """The numpy globals a trained nnU-Net 2.x checkpoint names: the float64 scalars in its ``logging`` and
     ``_best_ema`` entries are pickled as numpy's scalar constructor, ``numpy.dtype`` and its float64 dtype
     class. The constructor is listed under both of its module paths (numpy 1.x wrote ``numpy.core``)."""
     import numpy as np
 
-    scalar = np.core.multiarray.scalar if not hasattr(np, "_core") else np._core.multiarray.scalar
+    core = "numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray"
+    scalar = importlib.import_module(core).scalar
     return [
         (scalar, "numpy.core.multiarray.scalar"),
         (scalar, "numpy._core.multiarray.scalar"),

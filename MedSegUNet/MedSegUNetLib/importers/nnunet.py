@@ -116,7 +116,9 @@ def choose_folds(folder: Path, requested: Optional[Sequence[str]], checkpoint: s
         return present
     missing = [fold for fold in requested if fold not in present]
     if missing:
-        raise MedSegError(f"has no {checkpoint} for fold(s) {', '.join(missing)} (present: {', '.join(present)})", folder)
+        raise MedSegError(
+            f"has no {checkpoint} for fold(s) {', '.join(missing)} (present: {', '.join(present)})", folder
+        )
     return list(requested)
 
 
@@ -191,7 +193,9 @@ def network_spec(model: NnUNetModel, in_channels: int, classes: int, members: in
     """The configuration's network as a spec the engine builds (``classes`` outputs, background included)."""
     configuration = model.configuration
     if len(configuration.get("patch_size", [])) != 3:
-        raise MedSegError(f"configuration '{model.configuration_name}' is 2D; only 3D models can be imported", model.folder)
+        raise MedSegError(
+            f"configuration '{model.configuration_name}' is 2D; only 3D models can be imported", model.folder
+        )
     try:
         architecture = configuration.get("architecture") or _old_style_architecture(configuration)
         class_name = str(architecture["network_class_name"]).rsplit(".", 1)[-1]
@@ -214,7 +218,10 @@ def normalization(model: NnUNetModel, channels: int) -> Normalization:
     masks = list(configuration.get("use_mask_for_norm", [False] * len(schemes)))
     if len(schemes) != channels:
         raise MedSegError(f"the plans name {len(schemes)} normalizations for {channels} channels", model.folder)
-    made = [_channel_normalization(model, index, scheme, bool(mask)) for index, (scheme, mask) in enumerate(zip(schemes, masks))]
+    made = [
+        _channel_normalization(model, index, scheme, bool(mask))
+        for index, (scheme, mask) in enumerate(zip(schemes, masks))
+    ]
     if any(other != made[0] for other in made[1:]):
         raise MedSegError(
             f"the channels are normalized differently ({', '.join(schemes)}); only one normalization for all "
@@ -296,6 +303,7 @@ def bundle_meta(
         name=name,
         mirror_axes=tuple(int(a) for a in mirror_axes) if mirror_axes else (),
         windows="nnunet",
+        restore="scores",
     )
     try:
         meta.validate()

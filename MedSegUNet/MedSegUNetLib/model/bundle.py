@@ -125,6 +125,9 @@ class BundleMeta:
     mirror_axes: Optional[Tuple[int, ...]] = None
     # "nnunet": windows spread as nnU-Net's predictor spreads them, over the whole volume (no body crop)
     windows: str = "monai"
+    # "scores": the class scores are resampled to the input grid before the argmax (nnU-Net's way); "labels":
+    # the argmax on the network grid, the labels put back by nearest neighbour (faster, less memory)
+    restore: str = "labels"
 
     def validate(self) -> None:
         if not self.labels:
@@ -145,6 +148,8 @@ class BundleMeta:
         patch_zyx = self.preprocessing.patch_size[::-1]
         if any(p % d for p, d in zip(patch_zyx, divisor)):
             raise ValueError(f"patch size {self.preprocessing.patch_size} is not a multiple of the network's strides")
+        if self.restore not in ("labels", "scores"):
+            raise ValueError(f"unknown restore '{self.restore}' (known: labels, scores)")
         if self.windows not in ("monai", "nnunet"):
             raise ValueError(f"unknown window placement '{self.windows}' (known: monai, nnunet)")
         if self.mirror_axes is not None and not set(self.mirror_axes) <= {0, 1, 2}:
@@ -165,6 +170,8 @@ class BundleMeta:
             data["mirror_axes"] = list(self.mirror_axes)
         if self.windows != "monai":
             data["windows"] = self.windows
+        if self.restore != "labels":
+            data["restore"] = self.restore
         return json.dumps(data)
 
     @classmethod
@@ -186,6 +193,7 @@ class BundleMeta:
             name=str(data.get("name", "model")),
             mirror_axes=None if data.get("mirror_axes") is None else tuple(int(a) for a in data["mirror_axes"]),
             windows=str(data.get("windows", "monai")),
+            restore=str(data.get("restore", "labels")),
         )
         meta.validate()
         return meta

@@ -18,7 +18,7 @@ import torch
 from MedSegUNetLib.core.errors import MedSegError
 from MedSegUNetLib.core.memory import available_memory_bytes
 from MedSegUNetLib.core.progress import Progress
-from MedSegUNetLib.prediction.stitching import blended_scores, count_windows
+from MedSegUNetLib.prediction.stitching import blended_scores, count_windows, summed_weights
 
 T = TypeVar("T")
 
@@ -195,8 +195,10 @@ def _sliding_window(
     device: torch.device,
     batch_size: int,
     progress: Progress,
+    mean_scores: bool = False,
 ) -> np.ndarray:
-    """Class index per voxel of a (C, Z, Y, X) array, on ``device``."""
+    """Class index per voxel of a (C, Z, Y, X) array, on ``device``; with ``mean_scores`` the windows'
+    weighted mean scores (classes, Z, Y, X) instead."""
     total = count_windows(array.shape[1:], patch_size_zyx, options.overlap)
     done = 0
     classes = output_classes(network)
@@ -225,6 +227,9 @@ def _sliding_window(
             float(array.min()),
             options.windows,
         )
+        if mean_scores:
+            weights = summed_weights(array.shape[1:], patch_size_zyx, options.overlap, options.windows)
+            return (scores.cpu() / weights).numpy()
         return class_indices(scores).cpu().numpy()
 
 
@@ -265,12 +270,35 @@ def predict_labels(
     progress: Progress,
 ) -> np.ndarray:
     """Class indices (0 = background) for a (C, Z, Y, X) float32 array, as a (Z, Y, X) array."""
+    return _predict(network, array, patch_size_zyx, options, progress, mean_scores=False)
+
+
+def predict_scores(
+    network: torch.nn.Module,
+    array: np.ndarray,
+    patch_size_zyx: Sequence[int],
+    options: PredictOptions,
+    progress: Progress,
+) -> np.ndarray:
+    """The windows' Gaussian-weighted mean scores (logits), (classes, Z, Y, X) float32: for a bundle whose
+    labels are taken after the scores are resampled to the input grid (an imported nnU-Net model)."""
+    return _predict(network, array, patch_size_zyx, options, progress, mean_scores=True)
+
+
+def _predict(
+    network: torch.nn.Module,
+    array: np.ndarray,
+    patch_size_zyx: Sequence[int],
+    options: PredictOptions,
+    progress: Progress,
+    mean_scores: bool,
+) -> np.ndarray:
     device = select_device(options.device)
     check_memory(array.shape, output_classes(network))
     network.eval()
 
     def run(run_device: torch.device, batch: int) -> np.ndarray:
-        return _sliding_window(network, array, patch_size_zyx, options, run_device, batch, progress)
+        return _sliding_window(network, array, patch_size_zyx, options, run_device, batch, progress, mean_scores)
 
     try:
         return with_memory_fallback(run, device, options.sw_batch_size or windows_per_batch(device), progress)

@@ -164,6 +164,28 @@ def stack_network_input(arrays: Sequence[np.ndarray], grid: Grid, preprocessing:
     return NetworkInput(stacked, grid, body)
 
 
+def restore_scores(scores_czyx: np.ndarray, network_grid: Grid, input_grid: Grid, values: np.ndarray) -> sitk.Image:
+    """Labels from scores resampled onto the input's grid, as nnU-Net's predictor takes them: each class's
+    scores linearly interpolated there (one class at a time, so memory holds two input-sized float
+    arrays), then the best class's value (``values[class]``) per voxel, ties to the lower class."""
+    best = np.full(input_grid.size[::-1], -np.inf, dtype=np.float32)
+    labels = np.zeros(input_grid.size[::-1], dtype=values.dtype)
+    for index, class_scores in enumerate(scores_czyx):
+        image = sitk.GetImageFromArray(class_scores)
+        image.SetSpacing(network_grid.spacing)
+        image.SetOrigin(network_grid.origin)
+        image.SetDirection(network_grid.direction)
+        on_input = sitk.GetArrayViewFromImage(
+            resample_onto(image, input_grid, sitk.sitkLinear, float(class_scores.min()))
+        )
+        higher = on_input > best
+        labels[higher] = values[index]
+        np.maximum(best, on_input, out=best)
+    restored = sitk.GetImageFromArray(labels)
+    restored.CopyInformation(input_grid.empty_image())
+    return restored
+
+
 def restore_labels(labels_zyx: np.ndarray, network_grid: Grid, input_grid: Grid) -> sitk.Image:
     """Labels predicted on the network's grid, put onto the input's exact grid.
 

@@ -130,7 +130,9 @@ def blended_scores(
     return scores[_all_channels(crop)]
 
 
-def summed_weights(shape_zyx: Sequence[int], window_zyx: Sequence[int], overlap: float) -> torch.Tensor:
+def summed_weights(
+    shape_zyx: Sequence[int], window_zyx: Sequence[int], overlap: float, placement: str = "monai"
+) -> torch.Tensor:
     """The sum of the windows' weights at each voxel of a volume of ``shape_zyx``: what MONAI divides by."""
     ones = torch.zeros((1, *shape_zyx), dtype=torch.float32)
     return blended_scores(
@@ -142,4 +144,5 @@ def summed_weights(shape_zyx: Sequence[int], window_zyx: Sequence[int], overlap:
         1,
         torch.device("cpu"),
         0.0,
+        placement,
     )[0]
