@@ -36,7 +36,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run_import_command(args: argparse.Namespace, progress: Progress) -> dict:
     folds = None if args.folds in (None, "all") else [f.strip() for f in args.folds.split(",") if f.strip()]
     output = import_model(args.source, args.output, folds, args.checkpoint, args.name, progress)
-    print(f"wrote {output}")
+    if args.progress != "json":  # stdout carries only JSON lines for the panel
+        print(f"wrote {output}")
     return {"output": str(output)}
 
 
