@@ -816,6 +816,51 @@ def test_the_logic_takes_its_nodes_as_arguments():
     assert parameter_node_readers(bad, "L") == ["run"]
 
 
+LOGIC_RECEIVERS = {"self.logic", "logic", "widget.logic", "MedSegUNetLogic", "MedSegUNetLogic()"}
+
+
+def logic_call_problems(tree: ast.Module) -> List[str]:
+    """Calls of the Logic's methods (from the panel, the self-test or the Logic) that do not fit their signature:
+    too many or too few positional arguments, or a keyword the method does not have."""
+    logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedSegUNetLogic")
+    methods = {f.name: f for f in logic.body if isinstance(f, ast.FunctionDef)}
+    problems = []
+    for cls in [n for n in tree.body if isinstance(n, ast.ClassDef)]:
+        receivers = LOGIC_RECEIVERS | ({"self"} if cls is logic else set())
+        for call in [n for n in ast.walk(cls) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]:
+            method = methods.get(call.func.attr)
+            if method is None or dotted(call.func.value) not in receivers:
+                continue
+            static = any(dotted(d) == "staticmethod" for d in method.decorator_list)
+            names = [a.arg for a in method.args.args][0 if static else 1 :]
+            required = names[: len(names) - len(method.args.defaults)]
+            given = names[: len(call.args)] + [k.arg for k in call.keywords]
+            wrong = (len(call.args) > len(names) and method.args.vararg is None) or not set(required) <= set(given)
+            unknown = [k.arg for k in call.keywords if k.arg not in names and method.args.kwarg is None]
+            if wrong or unknown:
+                problems.append(f"line {call.lineno}: {ast.unparse(call)[:80]}")
+    return problems
+
+
+def test_every_call_of_the_logic_fits_its_signature():
+    """The self-test runs only inside Slicer: its calls (and the panel's) are checked against the Logic here."""
+    assert logic_call_problems(module_tree()) == []
+    bad = module_tree(
+        "class MedSegUNetLogic:\n"
+        "    def startSegment(self, volumeNode, outputNode, model, surfaces=False): pass\n"
+        "    @staticmethod\n"
+        "    def loadResult(path, node): pass\n"
+        "class T:\n"
+        "    def test(self, logic):\n"
+        "        logic.startSegment(volume, model)\n"  # too few
+        "        logic.startSegment(volume, None, model, True, 1)\n"  # too many
+        "        self.logic.startSegment(volume, None, model, show3D=True)\n"  # unknown keyword
+        "        MedSegUNetLogic.loadResult(path, node)\n"  # fine: static
+        "        logic.startSegment(volume, None, model=model, surfaces=True)\n"  # fine
+    )
+    assert [p.split(":")[0] for p in logic_call_problems(bad)] == ["line 7", "line 8", "line 9"]
+
+
 def test_the_panel_and_logic_wrap_what_they_show_for_translation():
     """As Slicer's template does: every message the Widget or Logic shows or raises goes through _()."""
     assert untranslated(module_tree(), {"MedSegUNetWidget", "MedSegUNetLogic"}) == []
