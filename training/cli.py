@@ -42,7 +42,17 @@ def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         help="train only these segments (by name); the others count as background",
     )
     parser.add_argument(
-        "--dry-run", action="store_true", help="print the cases, their geometry and the label table, then stop"
+        "--missing-segments",
+        choices=["not-annotated", "background"],
+        default="not-annotated",
+        help="a structure a case has no segment for: not annotated there, so not taught as background (default), "
+        "or background (every case annotates every structure). A segment named 'ignore' or 'unlabeled' marks "
+        "voxels that teach nothing",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the cases, their geometry, what each annotates and the label table, then stop",
     )
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--max-steps", type=int)
@@ -187,8 +197,10 @@ def train(args: argparse.Namespace, progress: Progress, world: World) -> dict:
             f"case {c.name}: {Grid.of(loaded[c.name][0]).describe()}, {len(c.segments)} segments ({c.source})"
             for c in cases
         ]
+        partial = args.missing_segments == "not-annotated"
+        lines += [table.describe(c) if partial else f"case {c.name} annotates every structure" for c in cases]
         lines += [f"label {label.value}: {label.name}" for label in table.labels]
-        lines += [f"warning: {w}" for w in table.report()]
+        lines += [f"warning: {w}" for w in table.report()] if partial else []
         lines += [f"plan: {reason}" for reason in the_plan.reasons] + [f"split: {note}"]
         if args.dry_run:
             if world.is_main:
@@ -196,7 +208,7 @@ def train(args: argparse.Namespace, progress: Progress, world: World) -> dict:
             return {"message": "dry run", "cases": len(cases), "labels": [label.name for label in table.labels]}
         for line in lines:
             progress.note(line)
-        prepared = {c.name: prepare(c, *loaded[c.name], table, the_plan.preprocessing) for c in cases}
+        prepared = {c.name: prepare(c, *loaded[c.name], table, the_plan.preprocessing, partial) for c in cases}
     args.output.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         (args.output / "plan.json").write_text(json.dumps(the_plan.to_dict(), indent=2), encoding="utf-8")

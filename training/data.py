@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 class PreparedCase:
     name: str
     image: np.ndarray  # (1, Z, Y, X) float32, normalized
-    label: np.ndarray  # (1, Z, Y, X) uint8 class indices
+    label: np.ndarray  # (1, Z, Y, X) uint8 class indices, IGNORE where nothing is taught
     spacing_zyx: Tuple[float, float, float]
+    annotated: Tuple[int, ...] = ()  # the classes (1-based) this case teaches; () means every class
 
 
 def load_all(cases: Sequence[Case]) -> Dict[str, Tuple[sitk.Image, sitk.Image]]:
@@ -48,13 +49,22 @@ def fingerprint(loaded: Dict[str, Tuple[sitk.Image, sitk.Image]], orientation: s
 
 
 def prepare(
-    case: Case, image: sitk.Image, label: sitk.Image, table: LabelTable, preprocessing: Preprocessing
+    case: Case,
+    image: sitk.Image,
+    label: sitk.Image,
+    table: LabelTable,
+    preprocessing: Preprocessing,
+    partial: bool = True,
 ) -> PreparedCase:
+    """The case on the network grid. ``partial``: it teaches only the structures it annotates (else every
+    structure it lacks is taught as background)."""
     on_grid = to_network_grid(image, preprocessing)
     labels = resample_onto(reorient(label, preprocessing.orientation), Grid.of(on_grid), sitk.sitkNearestNeighbor)
     classes = table.lookup_table(case)[sitk.GetArrayFromImage(labels)]
     array = normalize(sitk.GetArrayFromImage(on_grid).astype(np.float32), preprocessing.normalization)
-    return PreparedCase(case.name, array[None], classes[None].astype(np.uint8), xyz_to_zyx(on_grid.GetSpacing()))
+    annotated = tuple(table.annotated(case)) if partial else tuple(range(1, len(table.labels) + 1))
+    spacing = xyz_to_zyx(on_grid.GetSpacing())
+    return PreparedCase(case.name, array[None], classes[None].astype(np.uint8), spacing, annotated)
 
 
 def train_transforms(patch_zyx: Sequence[int], classes: int, samples: int = 2) -> Compose:

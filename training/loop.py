@@ -23,6 +23,7 @@ from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Plan, TrainConfig
 from .data import PreparedCase
 from .distributed import World
+from .losses import IGNORE, PartialDiceCELoss
 from .stream import Batch, batch_stream, default_workers
 
 if TYPE_CHECKING:
@@ -61,25 +62,28 @@ def validate(
     from monai.networks.utils import one_hot
 
     classes = len(labels) + 1
-    dice_sums = np.zeros(len(labels))
+    dice_values: List[List[float]] = [[] for _ in labels]
     hd_values: List[List[float]] = [[] for _ in labels]
     for case in cases:
         predicted = predict_labels(
             network, case.image, patch_zyx, PredictOptions(overlap=0.25, device=device), Progress()
         )
+        unreviewed = case.label[0] == IGNORE
+        predicted[unreviewed] = 0  # voxels nobody reviewed count for nothing
         prediction = one_hot(torch.as_tensor(predicted[None, None]).long(), classes)
-        reference = one_hot(torch.as_tensor(case.label[None]).long(), classes)
-        dice = compute_dice(prediction, reference, include_background=False, ignore_empty=False)[0]
-        dice_sums += np.nan_to_num(dice.numpy(), nan=0.0)
+        reference = one_hot(torch.as_tensor(np.where(unreviewed, 0, case.label[0])[None, None]).long(), classes)
+        dice = compute_dice(prediction, reference, include_background=False, ignore_empty=False)[0].numpy()
         hd = compute_hausdorff_distance(prediction, reference, percentile=95, spacing=list(case.spacing_zyx))[0]
-        for index, value in enumerate(hd.numpy()):
-            if np.isfinite(value):
-                hd_values[index].append(float(value))
+        for index in [c - 1 for c in case.annotated] if case.annotated else range(len(labels)):
+            dice_values[index].append(float(np.nan_to_num(dice[index], nan=0.0)))  # only where it is annotated
+            if np.isfinite(hd[index].item()):
+                hd_values[index].append(float(hd[index]))
     metrics: Dict[str, Optional[float]] = {}
     for index, label in enumerate(labels):
-        metrics[f"dice_{label.name}"] = round(float(dice_sums[index] / len(cases)), 4)
+        metrics[f"dice_{label.name}"] = round(float(np.mean(dice_values[index])), 4) if dice_values[index] else None
         metrics[f"hd95_mm_{label.name}"] = round(float(np.mean(hd_values[index])), 2) if hd_values[index] else None
-    metrics["dice_mean"] = round(float(dice_sums.mean() / len(cases)), 4)
+    measured = [float(np.mean(values)) for values in dice_values if values]
+    metrics["dice_mean"] = round(float(np.mean(measured)), 4) if measured else 0.0
     network.train()
     return metrics
 
@@ -190,9 +194,7 @@ class Run:
         return save_bundle(self.folder / name, self.meta, self.network)
 
     def run(self) -> Path:
-        from monai.losses import DiceCELoss
-
-        loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+        loss_function = PartialDiceCELoss()
         self.network.to(self.device).train()
         model = self.world.wrap(self.network, self.device)
         # fp16 needs loss scaling against underflow; bf16 and fp32 do not
@@ -208,7 +210,8 @@ class Run:
                 self.optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                     images = batch["image"].to(self.device, non_blocking=True)
-                    loss = loss_function(model(images), batch["label"].to(self.device, non_blocking=True))
+                    labels = batch["label"].to(self.device, non_blocking=True)
+                    loss = loss_function(model(images), labels, batch["annotated"].to(self.device))
                 scaler.scale(loss).backward()
                 scaler.step(self.optimizer)
                 scaler.update()

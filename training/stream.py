@@ -24,7 +24,8 @@ class Batch(TypedDict):
     """One training batch: ``batch_size`` crops of one case."""
 
     image: torch.Tensor  # (B, C, Z, Y, X) float32
-    label: torch.Tensor  # (B, 1, Z, Y, X) int64 class indices
+    label: torch.Tensor  # (B, 1, Z, Y, X) int64 class indices (IGNORE: teaches nothing)
+    annotated: torch.Tensor  # (B, C) bool: the classes the case annotates (background always)
     case: str  # the case the crops were taken from
 
 
@@ -42,8 +43,16 @@ def batches(
             yield {
                 "image": torch.stack([torch.as_tensor(np.asarray(c["image"])) for c in crops]).float(),
                 "label": torch.stack([torch.as_tensor(np.asarray(c["label"])) for c in crops]).long(),
+                "annotated": annotated_classes(case, classes).repeat(len(crops), 1),
                 "case": case.name,
             }
+
+
+def annotated_classes(case: PreparedCase, classes: int) -> torch.Tensor:
+    """(1, C) booleans: background and the classes the case annotates (all when it names none)."""
+    row = torch.zeros(1, classes, dtype=torch.bool)
+    row[0, [0, *case.annotated]] = True
+    return row if case.annotated else torch.ones(1, classes, dtype=torch.bool)
 
 
 class CropBatches(torch.utils.data.IterableDataset):
