@@ -13,7 +13,7 @@ from conftest import run_cli
 from MedSegUNetLib.core.labels import default_labels
 from MedSegUNetLib.imageio.images import write_segmentation
 from training.label_table import build_label_table
-from training.losses import IGNORE, PartialDiceCELoss
+from training.losses import IGNORE, PartialDiceCELoss, with_teacher_labels
 from training.scene_writer import ScenePair, write_mrb
 from training.scenes import Case, SegmentInfo, read_segments, segments_labelmap
 
@@ -83,6 +83,18 @@ def test_a_batch_with_nothing_reviewed_has_a_finite_loss_and_gradient():
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
 
 
+def test_the_teacher_labels_the_background_with_the_structures_the_case_leaves_out():
+    target = torch.tensor([0, 0, 1, IGNORE, 0]).view(1, 1, 5)
+    teacher = torch.tensor([[5.0, 0.0, 0.0, 0.0, 0.0], [0.0, 9.0, 9.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 9.0]])
+    annotated = torch.tensor([[True, True, False, False]])  # class 2 left out; class 3 new: the teacher lacks it
+    labels, now = with_teacher_labels(target, annotated, teacher[None])
+    # voxel 1: the teacher's class 1 is annotated here, so not a choice; voxel 4: class 2, left out, taken
+    assert labels.view(-1).tolist() == [0, 0, 1, IGNORE, 2]
+    assert now.tolist() == [[True, True, True, False]]
+    everything = torch.ones(1, 4, dtype=torch.bool)
+    assert with_teacher_labels(target, everything, teacher[None])[0] is target  # nothing left out: unchanged
+
+
 # --- which structures a case annotates -------------------------------------------------------------------
 
 
@@ -106,7 +118,7 @@ def test_each_case_annotates_its_own_segments_and_an_ignore_segment_is_no_struct
 
 # --- end to end: fine-tuning on a case that annotates a subset ------------------------------------------
 
-SMALL = ["--spacing", "2", "2", "2", "--patch-size", "32", "32", "32", "--filters", "8", "--device", "cpu"]
+SMALL = ["--spacing", "4", "4", "4", "--patch-size", "16", "16", "16", "--filters", "8", "--device", "cpu"]
 
 
 def synthetic_scenes(folder: Path) -> dict:
@@ -154,7 +166,7 @@ def organ_dice(bundle: Path, scenes: dict, work: Path) -> float:
 @pytest.mark.slow
 def test_fine_tuning_on_a_case_that_annotates_a_subset_keeps_the_other_structure(tmp_path):
     """The old behaviour (a missing segment taught as background) makes the model forget the organ;
-    partial annotations keep it."""
+    partial annotations keep it (seen: organ Dice 0.78 at the start, 0.74 kept, 0.00 forgotten)."""
     scenes = synthetic_scenes(tmp_path / "data")
     start = tmp_path / "start"
     common = ["--lr", "3e-3", "--progress", "none", *SMALL]

@@ -139,6 +139,8 @@ class Run:
         self.amp = amp_dtype(self.device, config.amp)
         self.board: Optional[SummaryWriter] = None
         self.patch_zyx = xyz_to_zyx(plan.preprocessing.patch_size)
+        self.start_network: Optional[torch.nn.Module] = None  # the --init model, as it was
+        self.start_classes = 0
         self.meta = self._initial_meta()
         self.network = self.meta_network
         self.optimizer, self.schedule = make_optimizer(config, self.network, plan.steps)
@@ -155,6 +157,7 @@ class Run:
             bundle.meta.network = spec
             self.meta_network: torch.nn.Module = build_network(spec)
             grow_output(self.meta_network, old.network, len(old.meta.labels) + 1)
+            self.start_network, self.start_classes = old.network, len(old.meta.labels) + 1
         else:
             bundle = create_bundle(
                 self.labels,
@@ -195,6 +198,7 @@ class Run:
 
     def run(self) -> Path:
         loss_function = PartialDiceCELoss()
+        teacher = self._teacher()
         self.network.to(self.device).train()
         model = self.world.wrap(self.network, self.device)
         # fp16 needs loss scaling against underflow; bf16 and fp32 do not
@@ -211,7 +215,9 @@ class Run:
                 with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                     images = batch["image"].to(self.device, non_blocking=True)
                     labels = batch["label"].to(self.device, non_blocking=True)
-                    loss = loss_function(model(images), labels, batch["annotated"].to(self.device))
+                    with torch.no_grad():
+                        kept = teacher(images) if teacher is not None else None
+                    loss = loss_function(model(images), labels, batch["annotated"].to(self.device), kept)
                 scaler.scale(loss).backward()
                 scaler.step(self.optimizer)
                 scaler.update()
@@ -244,6 +250,19 @@ class Run:
             self.write_bundle("model.safetensors", metrics)
         self._write_logs()
         return self.folder / "model.safetensors" if (self.folder / "model.safetensors").exists() else last
+
+    def _teacher(self) -> Optional[torch.nn.Module]:
+        """The starting model, frozen, when some training case leaves out a structure it segments: its
+        output there is what fine-tuning keeps (see losses.py)."""
+        if self.start_network is None:
+            return None
+        known = set(range(1, self.start_classes))
+        if all(not case.annotated or known <= set(case.annotated) for case in self.train_cases):
+            return None
+        teacher = self.start_network.to(self.device).eval()
+        for parameter in teacher.parameters():
+            parameter.requires_grad_(False)
+        return teacher
 
     def _batch_stream(self, seed: int) -> Iterator[Batch]:
         workers = self.config.workers if self.config.workers is not None else default_workers(self.device)

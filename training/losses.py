@@ -6,11 +6,15 @@ loss for partially supervised multi-organ segmentation", MedIA 2021). Voxels mar
 reviewed them; nnU-Net's ignore label) count in no term. With every structure annotated and nothing
 ignored it is MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``; it is our own code because MONAI's
 losses have no per-case class masks.
+
+Merging alone leaves an unannotated structure free to spread into the case's background. When fine-tuning,
+the starting model (the teacher) labels the case's background as background or one of the structures the
+case leaves out, so their output is kept as the model made it (learning without forgetting).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -28,13 +32,20 @@ class PartialDiceCELoss(torch.nn.Module):
         self.batch = batch
 
     def forward(
-        self, logits: torch.Tensor, target: torch.Tensor, annotated: Optional[torch.Tensor] = None
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        annotated: Optional[torch.Tensor] = None,
+        teacher: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """``teacher``: the starting model's logits (B, C_old, ...) on the same input, C_old <= C."""
         classes = logits.shape[1]
         if annotated is None:
             annotated = torch.ones(logits.shape[0], classes, dtype=torch.bool, device=logits.device)
         annotated = annotated.to(logits.device).clone()
         annotated[:, 0] = True  # background always: it holds the unannotated classes
+        if teacher is not None:
+            target, annotated = with_teacher_labels(target, annotated, teacher)
         log_p = merged_log_probabilities(logits.float(), annotated)
         supervised = (target != IGNORE).to(log_p.dtype)  # (B, 1, ...)
         classes_of = torch.where(target == IGNORE, torch.zeros_like(target), target).long()
@@ -52,6 +63,22 @@ class PartialDiceCELoss(torch.nn.Module):
             annotated = annotated.any(0, keepdim=True)
         scores = 1.0 - (2.0 * intersection + SMOOTH) / (total + SMOOTH)
         return scores[annotated].mean()
+
+
+def with_teacher_labels(
+    target: torch.Tensor, annotated: torch.Tensor, teacher: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Where the case says background, the teacher's choice among background and the structures the case
+    leaves out (and the teacher knows) becomes the label, and those structures count as annotated."""
+    known = torch.zeros_like(annotated)
+    known[:, : teacher.shape[1]] = True
+    group = ~annotated & known
+    if not group.any():
+        return target, annotated  # nothing left out that the teacher knows
+    group[:, 0] = True
+    view = group.view(*group.shape, *([1] * (teacher.dim() - 2)))[:, : teacher.shape[1]]
+    choice = teacher.masked_fill(~view, float("-inf")).argmax(dim=1, keepdim=True)
+    return torch.where(target == 0, choice, target), annotated | known
 
 
 def merged_log_probabilities(logits: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
