@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -73,7 +74,10 @@ def validate(
         prediction = one_hot(torch.as_tensor(predicted[None, None]).long(), classes)
         reference = one_hot(torch.as_tensor(np.where(unreviewed, 0, case.label[0])[None, None]).long(), classes)
         dice = compute_dice(prediction, reference, include_background=False, ignore_empty=False)[0].numpy()
-        hd = compute_hausdorff_distance(prediction, reference, percentile=95, spacing=list(case.spacing_zyx))[0]
+        with warnings.catch_warnings():  # MONAI warns about its own deprecated call, and about empty classes
+            warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r"the (ground truth|prediction) of class \d+ is all 0")
+            hd = compute_hausdorff_distance(prediction, reference, percentile=95, spacing=list(case.spacing_zyx))[0]
         for index in [c - 1 for c in case.annotated] if case.annotated else range(len(labels)):
             dice_values[index].append(float(np.nan_to_num(dice[index], nan=0.0)))  # only where it is annotated
             if np.isfinite(hd[index].item()):
