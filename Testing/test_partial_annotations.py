@@ -112,6 +112,14 @@ def test_each_case_annotates_its_own_segments_and_an_ignore_segment_is_no_struct
     assert table.describe(liver_only) == "case a annotates liver; not annotated (not taught as background): Spleen"
     assert table.describe(both) == "case b annotates liver, Spleen; voxels of 'Unlabeled' are ignored"
     assert table.report() == ["'Spleen' is not annotated in a"]
+    # fine-tuning: --labels may name the starting model's structures that no case annotates
+    from MedSegUNetLib.core.labels import Label
+
+    start = [Label(1, "liver", (1.0, 0.0, 0.0)), Label(2, "aorta", (0.0, 0.0, 1.0))]
+    tuned = build_label_table([case("d", "aorta")], initial=start, only=["liver", "aorta"])
+    assert [label.name for label in tuned.labels] == ["liver", "aorta"] and tuned.annotated(case("d", "aorta")) == [2]
+    with pytest.raises(ValueError, match="no case has: kidney"):
+        build_label_table([case("d", "aorta")], initial=start, only=["kidney"])
     with pytest.raises(ValueError, match="more than one segment marks voxels to ignore"):
         build_label_table([case("c", "ignore", "unlabeled")])
 

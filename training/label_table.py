@@ -90,12 +90,14 @@ def _find(labels: List[Label], segment: SegmentInfo) -> Optional[int]:
 def build_label_table(
     cases: Sequence[Case], initial: Optional[Sequence[Label]] = None, only: Optional[Sequence[str]] = None
 ) -> LabelTable:
-    """``only``: train just these structures (by name); every other segment counts as background."""
+    """``only``: train just these structures (by name, from the cases or the initial labels); every other
+    segment counts as background."""
     table = LabelTable(labels=list(initial or []))
     wanted: Optional[Set[str]] = None
     if only:
         wanted = {name_key(name) for name in only}
         found = {name_key(segment.name) for case in cases for segment in case.segments}
+        found |= {name_key(label.name) for label in table.labels}  # a fine-tuned model's own structures
         absent = sorted(name for name in only if name_key(name) not in found)
         if absent:
             raise ValueError(f"--labels names segments that no case has: {', '.join(absent)}")
