@@ -87,7 +87,9 @@ def corrected_scene(variant: str, pool: Path, predicted: Path, model: Path, fold
 def evaluate(model: Path, heldout: Path, folder: Path) -> Dict[str, dict]:
     """Dice and HD95 per structure on the held-out scan (the engine's `segment` and `evaluate`)."""
     output, report = folder / f"{model.parent.name}-heldout.seg.nrrd", folder / f"{model.parent.name}-heldout.json"
-    medsegunet("segment", str(heldout / "dicom"), "-m", str(model), "-o", str(output), "--device", "cpu")
+    medsegunet(
+        "segment", str(heldout / "dicom"), "-m", str(model), "-o", str(output), "--device", "cpu", "--largest-component"
+    )  # as the demo and the panel segment it
     medsegunet("evaluate", str(output), str(heldout / "reference.seg.nrrd"), "--json", str(report))
     rows = json.loads(report.read_text(encoding="utf-8"))["cases"][0]["labels"]
     return {row["label"]: row for row in rows}
@@ -170,7 +172,7 @@ def _cell(row: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 4-step fine-tune: checks the pipeline, not the loop")
-    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps per variant (default 200)")
+    parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps per variant (default 100)")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--work", type=Path, help="keep the files here (default: a temporary folder)")
     args = parser.parse_args()
