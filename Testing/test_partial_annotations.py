@@ -28,14 +28,16 @@ def random_batch(seed: int = 0, classes: int = 4):
 
 
 @pytest.mark.parametrize("batch", [False, True])
-def test_with_everything_annotated_it_is_monai_s_dice_ce(batch):
+@pytest.mark.parametrize("background", [True, False])
+def test_with_everything_annotated_it_is_monai_s_dice_ce(batch, background):
     from monai.losses import DiceCELoss
 
     logits, target = random_batch()
-    expected = DiceCELoss(to_onehot_y=True, softmax=True, batch=batch)(logits, target)
-    assert torch.allclose(PartialDiceCELoss(batch=batch)(logits, target), expected, atol=1e-6)
+    expected = DiceCELoss(to_onehot_y=True, softmax=True, batch=batch, include_background=background)(logits, target)
+    ours = PartialDiceCELoss(batch=batch, include_background=background)
+    assert torch.allclose(ours(logits, target), expected, atol=1e-6)
     everything = torch.ones(2, 4, dtype=torch.bool)
-    assert torch.allclose(PartialDiceCELoss(batch=batch)(logits, target, everything), expected, atol=1e-6)
+    assert torch.allclose(ours(logits, target, everything), expected, atol=1e-6)
 
 
 def test_an_unannotated_structure_is_not_taught_as_background():

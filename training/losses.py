@@ -25,11 +25,12 @@ NOTHING = -1e4  # a log-probability whose exp is 0 in float32, finite so that no
 
 class PartialDiceCELoss(torch.nn.Module):
     """``loss(logits, target, annotated)``: logits (B, C, ...), target (B, 1, ...) class indices or IGNORE,
-    annotated (B, C) booleans (None: every class). ``batch``: Dice summed over the batch before the ratio."""
+    annotated (B, C) booleans (None: every class). ``batch``: Dice summed over the batch before the ratio;
+    ``include_background``: background has a Dice term too (cross-entropy always covers it)."""
 
-    def __init__(self, batch: bool = False):
+    def __init__(self, batch: bool = False, include_background: bool = True):
         super().__init__()
-        self.batch = batch
+        self.batch, self.include_background = batch, include_background
 
     def forward(
         self,
@@ -62,7 +63,9 @@ class PartialDiceCELoss(torch.nn.Module):
             intersection, total = intersection.sum(0, keepdim=True), total.sum(0, keepdim=True)
             annotated = annotated.any(0, keepdim=True)
         scores = 1.0 - (2.0 * intersection + SMOOTH) / (total + SMOOTH)
-        return scores[annotated].mean()
+        if not self.include_background:
+            scores, annotated = scores[:, 1:], annotated[:, 1:]
+        return scores[annotated].mean() if annotated.any() else scores.sum() * 0.0
 
 
 def with_teacher_labels(
