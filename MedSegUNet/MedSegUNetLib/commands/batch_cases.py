@@ -145,15 +145,20 @@ def unique_ids(cases: List[Case]) -> List[Case]:
     depth = [1] * len(cases)
     while True:
         names = [_name(p, d) for p, d in zip(parts, depth)]
-        colliding = _colliding(names)
-        lengthened = [i for i in colliding if depth[i] < len(parts[i])]
+        lengthened = [
+            i
+            for group in _collisions(names)
+            for i in group
+            if depth[i] < len(parts[i]) and any(parts[j] != parts[i] for j in group)  # folders can tell them apart
+        ]
         if not lengthened:
             break
         for i in lengthened:
             depth[i] += 1
-    for i in _colliding(names):
-        digest = hashlib.sha256(cases[i].describe_inputs().encode("utf-8")).hexdigest()[:8]
-        names[i] = f"{names[i]}_{digest}"
+    for group in _collisions(names):
+        for i in group:
+            digest = hashlib.sha256(cases[i].describe_inputs().encode("utf-8")).hexdigest()[:8]
+            names[i] = f"{names[i]}_{digest}"
     named = [replace(case, case_id=name) for case, name in zip(cases, names)]
     return sorted(named, key=lambda case: case.case_id)
 
@@ -163,11 +168,12 @@ def _name(parts: Tuple[str, ...], depth: int) -> str:
     return "_".join(part for part in chosen if part) or "case"
 
 
-def _colliding(names: List[str]) -> List[int]:
+def _collisions(names: List[str]) -> List[List[int]]:
+    """Groups of the indices of equal names (ignoring case)."""
     seen: Dict[str, List[int]] = defaultdict(list)
     for index, name in enumerate(names):
         seen[name.casefold()].append(index)
-    return [index for group in seen.values() if len(group) > 1 for index in group]
+    return [group for group in seen.values() if len(group) > 1]
 
 
 def parse_shard(text: str) -> Tuple[int, int]:

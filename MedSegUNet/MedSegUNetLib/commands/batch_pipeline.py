@@ -48,6 +48,7 @@ class Outcome:
     seconds: float
     voxels: Optional[int]
     error: Optional[str] = None
+    predictor: str = ""  # which predictor made its labels: its device and number (cpu#1)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class _InFlight:
     started: float  # when its current stage began
     busy: float = 0.0  # seconds of its finished stages: its own work, not its time waiting in a queue
     voxels: Optional[int] = None
+    predictor: str = ""
     payload: Any = None  # (network input, input grid) after reading, the label image after predicting
 
     def stage_starts(self) -> None:
@@ -135,7 +137,10 @@ class BatchPipeline:
     def _start(self) -> None:
         threads = _threads_per_predictor(self.devices)
         targets: List[Tuple[Callable[..., None], Tuple[Any, ...]]] = [(self._read, ())]
-        targets += [(self._predict, (bundle, device, threads)) for bundle, device in zip(self.bundles, self.devices)]
+        targets += [
+            (self._predict, (bundle, f"{device}#{index}", threads))
+            for index, (bundle, device) in enumerate(zip(self.bundles, self.devices))
+        ]
         targets += [(self._write, ())]
         for index, (target, arguments) in enumerate(targets):
             thread = threading.Thread(
@@ -158,7 +163,8 @@ class BatchPipeline:
         return _CaseProgress(self.stop, self.results, job.case.case_id)
 
     def _fail(self, flight: _InFlight, error: BaseException) -> None:
-        self.results.put(Outcome(flight.job, flight.stage_ended(), flight.voxels, describe_error(error)))
+        seconds = flight.stage_ended()
+        self.results.put(Outcome(flight.job, seconds, flight.voxels, describe_error(error), flight.predictor))
 
     def _read(self) -> None:
         """Read each case onto the network grid, at most two per predictor held at once."""
@@ -182,18 +188,20 @@ class BatchPipeline:
             for _ in self.devices:
                 self.ready.put(_END)
 
-    def _predict(self, bundle: Bundle, device: str, torch_threads: Optional[int]) -> None:
+    def _predict(self, bundle: Bundle, name: str, torch_threads: Optional[int]) -> None:
         """Predict the cases read, in this thread (its OpenMP team and arena stay warm from case to case)."""
         if torch_threads is not None:
             import torch
 
             torch.set_num_threads(torch_threads)  # this thread's own setting
+        device = name.split("#")[0]
         options = replace(self.options, predict=replace(self.options.predict, device=device))
         try:
             while True:
                 flight = self.ready.get()
                 if flight is _END or self.stop.is_set():
                     break
+                flight.predictor = name
                 flight.payload = self._labels(flight, bundle, options)
                 if flight.payload is not None:
                     flight.stage_ended()
@@ -231,7 +239,7 @@ class BatchPipeline:
                 continue
             finally:
                 flight.payload = None
-            self.results.put(Outcome(flight.job, flight.stage_ended(), flight.voxels))
+            self.results.put(Outcome(flight.job, flight.stage_ended(), flight.voxels, None, flight.predictor))
 
     def _put(self, target: "queue.Queue[Any]", item: Any) -> None:
         """Wait for room, unless the run was stopped (the end marker always gets through)."""

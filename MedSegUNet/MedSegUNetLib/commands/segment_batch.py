@@ -66,7 +66,15 @@ def run_segment_batch(
                 row = _outcome_row(item)
                 summary.add(row)
                 message = f"{row.case}: {row.status}" + (f" ({row.error})" if row.error else "")
-                progress.update("cases", len(summary.rows), len(cases), message, case=row.case, status=row.status)
+                progress.update(
+                    "cases",
+                    len(summary.rows),
+                    len(cases),
+                    message,
+                    case=row.case,
+                    status=row.status,
+                    predictor=item.predictor,
+                )
                 if row.error:
                     progress.note(f"{row.case}: {row.error}")  # a log shows every failure, not one line in 30 s
             else:
