@@ -300,11 +300,16 @@ def test_sigterm_cancels_the_cohort_cleanly(tmp_path, cohort, small_bundle):
         (["--devices", "cuda:7"], "cuda:7"),
         (["--shard", "2/2"], "--shard 2/2"),
         (["--list", "missing.txt"], "missing.txt: cannot read the list file"),
+        (["--list", "empty.txt"], "no image file or DICOM series found"),
     ],
 )
 def test_what_cannot_work_at_all_is_refused_before_any_case(tmp_path, cohort, small_bundle, extra, message, capsys):
     out = tmp_path / "out"
-    code = main(["segment-batch", str(cohort), "-m", str(small_bundle), "-o", str(out), *extra])
+    (tmp_path / "nothing").mkdir()
+    (tmp_path / "empty.txt").write_text(f"# no case\n{tmp_path / 'nothing'}\n")
+    inputs = [] if "empty.txt" in extra else [str(cohort)]
+    extra = [str(tmp_path / argument) if argument == "empty.txt" else argument for argument in extra]
+    code = main(["segment-batch", *inputs, "-m", str(small_bundle), "-o", str(out), *extra])
     assert code == 1
     error = capsys.readouterr().err
     assert message in error and len(error.strip().splitlines()) == 1

@@ -56,6 +56,8 @@ def list_cases(inputs: Sequence[Path], list_file: Optional[Path], channels: int,
     for argument in arguments:
         for source in find_sources(Path(argument), skip):
             sources.setdefault((source.path, source.series), source)  # the same image listed twice is one case
+    if not sources:
+        raise MedSegError(f"no image file or DICOM series found in {', '.join(map(str, arguments[:3]))}")
     cases = group_channels(list(sources.values()), channels)
     return unique_ids(cases)
 
