@@ -19,7 +19,15 @@ from types import FrameType
 from typing import TYPE_CHECKING, Callable, NoReturn, Optional, Sequence
 
 from MedSegUNetLib import __version__
-from MedSegUNetLib.core.errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, Cancelled, MedSegError
+from MedSegUNetLib.core.errors import (
+    EXIT_CANCELLED,
+    EXIT_ERROR,
+    EXIT_OK,
+    OUT_OF_MEMORY,
+    Cancelled,
+    MedSegError,
+    describe_os_error,
+)
 
 if TYPE_CHECKING:
     from MedSegUNetLib.commands.segment import SegmentOptions
@@ -434,12 +442,11 @@ def run_command(args: argparse.Namespace, progress: Progress, progress_kind: str
         return EXIT_CANCELLED
     except MemoryError:
         progress.close()
-        report_error("out of memory: try a smaller --batch-size, a GPU, or a machine with more memory", progress_kind)
+        report_error(OUT_OF_MEMORY, progress_kind)
         return EXIT_ERROR
     except OSError as error:  # disk full, file too large, I/O error: the atomic writers left nothing behind
         progress.close()
-        where = f"{error.filename}: " if error.filename else ""
-        report_error(f"{where}{error.strerror or error}", progress_kind)
+        report_error(describe_os_error(error), progress_kind)
         return EXIT_ERROR
     finally:
         progress.close()

@@ -2,10 +2,11 @@
 
 One reader reads the next case onto the network grid while the predictors (one per device, each with its
 own copy of the loaded network) predict, and one writer writes the last result. What is held at most:
-per predictor, two cases on the network grid (the one predicted, one read ahead: a semaphore of two per
-predictor is taken before a case is read and given back when its prediction ends) and one label image
-waiting for the writer, plus the one label image being written. Reading, inflating, resampling and
-compressing release Python's lock for most of their time, so the stages really overlap.
+per predictor, two cases on the network grid (the one predicted and one read ahead: two slots per
+predictor, taken before a case is read and given back when its prediction ends) and two label images
+(one in the writer's queue, one made while that queue is full), plus the label image being written.
+Reading, inflating, resampling and compressing release Python's lock for most of their time, so the
+stages really overlap.
 
 Every stage reports a case's failure as that case's outcome and goes on with the next. A stop (a signal
 to the main thread) is noticed by every stage at its next progress step; a write under way finishes
@@ -25,7 +26,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Uni
 
 from MedSegUNetLib.commands.batch_cases import Case
 from MedSegUNetLib.commands.segment import SegmentOptions, labels_on_input_grid, read_network_input
-from MedSegUNetLib.core.errors import Cancelled, MedSegError
+from MedSegUNetLib.core.errors import OUT_OF_MEMORY, Cancelled, MedSegError, describe_os_error
 from MedSegUNetLib.core.progress import Progress
 from MedSegUNetLib.imageio.images import write_segmentation
 from MedSegUNetLib.model.bundle import Bundle
@@ -89,16 +90,15 @@ class _CaseProgress(Progress):
         self.notes.put(f"{self.case_id}: {message}")
 
 
-def describe_error(error: BaseException) -> str:
+def describe_error(error: Exception) -> str:
     """One line, as the command line reports the same failure of a single ``segment``."""
     if isinstance(error, MedSegError):
         return str(error)
     if isinstance(error, MemoryError):
-        return "out of memory: try a smaller --batch-size, a GPU, or a machine with more memory"
+        return OUT_OF_MEMORY
     if isinstance(error, OSError):
-        where = f"{error.filename}: " if error.filename else ""
-        return f"{where}{error.strerror or error}"
-    return " ".join(f"{type(error).__name__}: {error}".split())
+        return describe_os_error(error)
+    return " ".join(f"{type(error).__name__}: {error}".split())  # not expected: named, on one line
 
 
 class BatchPipeline:
@@ -162,7 +162,7 @@ class BatchPipeline:
     def _progress(self, job: Job) -> _CaseProgress:
         return _CaseProgress(self.stop, self.results, job.case.case_id)
 
-    def _fail(self, flight: _InFlight, error: BaseException) -> None:
+    def _fail(self, flight: _InFlight, error: Exception) -> None:
         seconds = flight.stage_ended()
         self.results.put(Outcome(flight.job, seconds, flight.voxels, describe_error(error), flight.predictor))
 
