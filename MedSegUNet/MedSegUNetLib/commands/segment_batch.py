@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 from MedSegUNetLib.commands.batch_cases import Case, in_shard, list_cases
 from MedSegUNetLib.commands.batch_pipeline import BatchPipeline, Job, Outcome
@@ -62,23 +62,7 @@ def run_segment_batch(
     if jobs:
         pipeline = BatchPipeline(jobs, load_bundle(bundle_path), devices, options.segment)
         for item in pipeline.outcomes():
-            if isinstance(item, Outcome):
-                row = _outcome_row(item)
-                summary.add(row)
-                message = f"{row.case}: {row.status}" + (f" ({row.error})" if row.error else "")
-                progress.update(
-                    "cases",
-                    len(summary.rows),
-                    len(cases),
-                    message,
-                    case=row.case,
-                    status=row.status,
-                    predictor=item.predictor,
-                )
-                if row.error:
-                    progress.note(f"{row.case}: {row.error}")  # a log shows every failure, not one line in 30 s
-            else:
-                progress.note(item)
+            _report(item, summary, len(cases), progress)
     return BatchResult(summary, len(cases))
 
 
@@ -119,6 +103,20 @@ def _jobs_to_run(cases: Sequence[Case], output_dir: Path, ending: str, summary: 
         else:
             jobs.append(Job(case, output))
     return jobs
+
+
+def _report(item: Union[Outcome, str], summary: Summary, total: int, progress: Progress) -> None:
+    """A finished case into the summary and the progress; a case's note to the progress."""
+    if not isinstance(item, Outcome):
+        progress.note(item)
+        return
+    row = _outcome_row(item)
+    summary.add(row)
+    message = f"{row.case}: {row.status}" + (f" ({row.error})" if row.error else "")
+    extra = {"case": row.case, "status": row.status, "predictor": item.predictor}
+    progress.update("cases", len(summary.rows), total, message, **extra)
+    if row.error:
+        progress.note(f"{row.case}: {row.error}")  # a log shows every failure, not one line in 30 s
 
 
 def _outcome_row(outcome: Outcome) -> SummaryRow:
