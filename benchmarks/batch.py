@@ -55,16 +55,15 @@ def make_cases(folder: Path, count: int, sizes: Sequence[volumes.VolumeSize]) ->
 
 def run_child(command: List[str]) -> Tuple[float, float]:
     """(wall seconds, the child's own peak resident memory in MB) of one whole process."""
-    start = time.perf_counter()
-    process = subprocess.Popen(
-        command, env=child_environment("ours"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    stderr = process.stderr.read() if process.stderr else ""
-    if process.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}): {stderr[-2000:]}")
+    with tempfile.TemporaryFile(mode="w+") as stderr:  # a file, not a pipe that a chatty child could fill
+        start = time.perf_counter()
+        process = subprocess.Popen(command, env=child_environment("ours"), stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            stderr.seek(0)
+            raise SystemExit(f"{' '.join(command)} failed ({process.returncode}): {stderr.read()[-2000:]}")
     return seconds, usage.ru_maxrss / 1024.0
 
 
