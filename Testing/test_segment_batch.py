@@ -127,9 +127,10 @@ def test_resume_after_sigkill_finishes_the_rest_and_leaves_no_partial_file(tmp_p
             break
     process.kill()
     process.communicate()
-    assert process.returncode == -signal.SIGKILL
     left = {name[: -len(".seg.nrrd")] for name in files_in(out) if name.endswith(".seg.nrrd") and name[0] != "."}
     assert left, "the first case was written before the kill"
+    # Killed, or (a machine fast enough to finish in the moment the kill took) ended with the corrupt case failed.
+    assert process.returncode == -signal.SIGKILL or (process.returncode == 1 and left == set(GOOD))
     for case in left:  # complete: a whole file, as `segment` writes it
         assert (out / f"{case}.seg.nrrd").read_bytes() == segment_alone([cohort / GOOD[case]], small_bundle, tmp_path)
 
