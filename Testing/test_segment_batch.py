@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -320,3 +321,23 @@ def test_what_cannot_work_at_all_is_refused_before_any_case(tmp_path, cohort, sm
 def test_a_missing_model_is_refused_at_once(tmp_path, cohort):
     result = run_cli("segment-batch", str(cohort), "-m", str(tmp_path / "none.safetensors"), "-o", str(tmp_path))
     assert_clean_failure(result, "none.safetensors")
+
+
+def test_another_machine_s_temporary_in_a_shared_folder_is_left_while_it_may_be_written(tmp_path):
+    """Shards on several machines share the output folder: a process id from another machine means nothing
+    here, so its temporary is removed only once untouched for an hour; this machine's dead ones at once."""
+    from MedSegUNetLib.core.atomic import FOREIGN_TEMPORARY_SECONDS, clean_stale_temporaries, temporary_sibling
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ours = temporary_sibling(tmp_path / "a.seg.nrrd")
+    mine_dead = ours.with_name(ours.name.replace(f"-tmp-{os.getpid()}-", f"-tmp-{dead.pid}-"))
+    host = ours.name.split("-tmp-")[1].split("-")[1]
+    foreign = mine_dead.with_name(mine_dead.name.replace(f"-{host}-", "-0f0f0f-"))
+    old_foreign = foreign.with_name(foreign.name.replace(".seg.nrrd", "x.seg.nrrd"))
+    for path in (ours, mine_dead, foreign, old_foreign):
+        path.write_bytes(b"half")
+    hours_ago = time.time() - FOREIGN_TEMPORARY_SECONDS - 60
+    os.utime(old_foreign, (hours_ago, hours_ago))
+    assert clean_stale_temporaries(tmp_path) == 2
+    assert files_in(tmp_path) == {ours.name, foreign.name}
