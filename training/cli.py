@@ -30,7 +30,7 @@ def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         nargs="+",
         metavar="DATA",
         help=".mrb bundles, .mrml scenes, folders of .mrb files, MSD / nnU-Net v2 folders (dataset.json), "
-        "or IMAGE:LABEL pairs",
+        "DICOM folders with an RT structure set (or folders of them), or IMAGE:LABEL pairs",
     )
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     parser.add_argument("--init", type=Path, help="fine-tune this bundle (keeps its labels, adds new ones)")
@@ -82,7 +82,16 @@ def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
 
 def discover(inputs: List[str], workdir: Path) -> Tuple[List[Case], Optional[str]]:
     """(cases, modality a dataset declared) from scenes, folders of scenes, MSD/nnU-Net folders, pairs."""
-    from .datasets import is_dataset_folder, looks_like_pair, read_dataset_folder, read_pair
+    from MedSegUNetLib.imageio.rtstruct import is_rtstruct
+
+    from .datasets import (
+        is_dataset_folder,
+        looks_like_pair,
+        read_dataset_folder,
+        read_pair,
+        rtstruct_case,
+        rtstruct_cases,
+    )
     from .scenes import read_scene
 
     cases: List[Case] = []
@@ -98,10 +107,14 @@ def discover(inputs: List[str], workdir: Path) -> Tuple[List[Case], Optional[str
                 modalities.add(dataset.modality)
         elif path.is_dir():
             scenes = sorted(path.glob("*.mrb"))
-            if not scenes:
-                raise MedSegError("folder holds no .mrb scene and no dataset.json", path)
+            found = [] if scenes else rtstruct_cases(path)
+            if not scenes and not found:
+                raise MedSegError("folder holds no .mrb scene, no dataset.json and no DICOM RT structure set", path)
             for scene in scenes:
                 cases += read_scene(scene, workdir)
+            cases += found
+        elif is_rtstruct(path):
+            cases.append(rtstruct_case(path))
         else:
             cases += read_scene(path, workdir)
     names = [case.name for case in cases]

@@ -33,6 +33,7 @@ from MedSegUNetLib.core.atomic import atomic_path, check_writable
 from MedSegUNetLib.core.errors import MedSegError, PathLike
 from MedSegUNetLib.core.geometry import Grid, image_from_ijk_array
 from MedSegUNetLib.imageio.images import SEGMENTATION_ENDING, has_ending, read_labelmap
+from MedSegUNetLib.imageio.rtstruct import find_rtstruct, is_rtstruct, read_structure_set
 from MedSegUNetLib.imageio.segmentation_nrrd import segment_names
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ def read_masks(path: Path) -> Masks:
         raise MedSegError("not found", path)
     if has_ending(path, (SEGMENTATION_ENDING,)):
         return _segmentation_masks(path)
+    if path.is_dir() or is_rtstruct(path):
+        return _structure_set_masks(path)
     label = read_labelmap(path)
     array = sitk.GetArrayFromImage(label)
     values = [int(v) for v in np.unique(array) if v != 0]
@@ -98,6 +101,20 @@ def _segmentation_masks(path: Path) -> Masks:
         masks[key] = np.ascontiguousarray(mask_ijk.transpose(2, 1, 0))  # ijk -> zyx, as SimpleITK arrays
         display[key], values[key] = name, int(segment["labelValue"])
     return Masks(path, Grid.of(grid_image), masks, display, values, True)
+
+
+def _structure_set_masks(path: Path) -> Masks:
+    """The ROIs of a DICOM RT structure set (a folder with the CT series, or the RTSTRUCT file), by name."""
+    structures = read_structure_set(path)
+    keys = [" ".join(label.name.split()).casefold() for label in structures.labels]
+    return Masks(
+        path,
+        Grid.of(structures.image),
+        {key: structures.masks[label.name] for key, label in zip(keys, structures.labels)},
+        {key: label.name for key, label in zip(keys, structures.labels)},
+        {key: label.value for key, label in zip(keys, structures.labels)},
+        True,
+    )
 
 
 # --- one lattice for both --------------------------------------------------------------------------
@@ -259,10 +276,17 @@ def case_name(path: Path) -> str:
 
 
 def match_cases(prediction: Path, reference: Path) -> List[Tuple[str, Path, Path]]:
-    """(case, prediction file, reference file): two files, or two folders matched by case name."""
-    if prediction.is_dir() != reference.is_dir():
-        raise MedSegError("give two files or two folders", prediction)
-    if not prediction.is_dir():
+    """(case, prediction file, reference file): two files, or two folders matched by case name. A DICOM
+    folder with an RT structure set counts as one file."""
+
+    def is_folder_of_cases(path: Path) -> bool:
+        return path.is_dir() and find_rtstruct(path) is None
+
+    if is_folder_of_cases(prediction) != is_folder_of_cases(reference):
+        raise MedSegError(
+            "give two files (a DICOM folder with an RT structure set counts as one) or two folders", prediction
+        )
+    if not is_folder_of_cases(prediction):
         return [(case_name(prediction), prediction, reference)]
 
     def listing(folder: Path) -> Dict[str, Path]:
