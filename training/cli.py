@@ -76,6 +76,20 @@ def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         help="processes that make the augmented crops ahead of the steps (default: all cores but one "
         "on a GPU, up to 8; one on a CPU with 2+ cores; 0: in the training process)",
     )
+    parser.add_argument(
+        "--foreground-fraction",
+        type=_fraction,
+        default=0.33,
+        metavar="P",
+        help="share of each batch's crops centered on a foreground voxel, the class drawn uniformly among the "
+        "case's (nnU-Net's 0.33; 0: uniform crops)",
+    )
+    parser.add_argument(
+        "--batch-dice",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Dice over the whole batch rather than per crop (default on: small structures)",
+    )
     add_progress_argument(parser)
     parser.set_defaults(handler=run_train_command)
 
@@ -133,6 +147,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value}")
+    return value
+
+
 def config_from(args: argparse.Namespace) -> TrainConfig:
     from .config import TrainConfig
 
@@ -157,6 +178,8 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         resume=args.resume,
         amp=args.amp,
         workers=args.workers,
+        foreground_fraction=args.foreground_fraction,
+        batch_dice=args.batch_dice,
     )
 
 

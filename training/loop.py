@@ -23,6 +23,7 @@ from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Plan, TrainConfig
 from .data import PreparedCase
 from .distributed import World
+from .loss import make_loss
 from .stream import Batch, batch_stream, default_workers
 
 if TYPE_CHECKING:
@@ -190,9 +191,7 @@ class Run:
         return save_bundle(self.folder / name, self.meta, self.network)
 
     def run(self) -> Path:
-        from monai.losses import DiceCELoss
-
-        loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+        loss_function = make_loss(self.config)
         self.network.to(self.device).train()
         model = self.world.wrap(self.network, self.device)
         # fp16 needs loss scaling against underflow; bf16 and fp32 do not
@@ -253,6 +252,7 @@ class Run:
             seed,
             workers,
             pin_memory=self.device.type == "cuda",
+            foreground_fraction=self.config.foreground_fraction,
         )
 
     def _deadline(self) -> float:
