@@ -109,3 +109,39 @@ def test_evaluate_lesions_on_labelmap_files(tmp_path):
     assert rows[0]["lesions_detected"] == "2" and rows[0]["false_positives"] == "2"
     plain = run_cli("evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.nii.gz"))
     assert plain.returncode == 0 and "lesions" not in plain.stdout
+
+
+def test_lesion_benchmark_table_and_means():
+    """benchmarks/lesions.py's report pieces (its runs train networks: minutes, not a unit test)."""
+    import importlib.util
+    import sys
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("lesions_benchmark", REPO / "benchmarks" / "lesions.py")
+    assert spec is not None and spec.loader is not None
+    benchmark = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = benchmark  # its dataclasses look their module up
+    spec.loader.exec_module(benchmark)  # by its path: benchmarks/ also holds a training.py
+
+    def fold(name, dice, detected, false_positives, error):
+        return {
+            "held_out": name,
+            "lesion_ml": 6.5,
+            "lesion_share": 0.0028,
+            "dice": dice,
+            "nsd": dice,
+            "detected": detected,
+            "false_positives": false_positives,
+            "volume_error_ml": error,
+        }
+
+    folds = {"uniform": [fold("pat_1", 0.2, 1, 3, -2.0), fold("pat_2", 0.0, 0, 1, -6.5)]}
+    folds["oversampling"] = [fold("pat_1", 0.6, 1, 0, 1.0), fold("pat_2", 0.4, 1, 2, -1.0)]
+    report = {"folds": folds, "mean": {arm: benchmark.means(rows) for arm, rows in folds.items()}}
+    assert report["mean"]["uniform"]["abs_volume_error_ml"] == pytest.approx(4.25)
+    assert report["mean"]["oversampling"]["detected"] == 1 and report["mean"]["oversampling"]["dice"] == 0.5
+    table = benchmark.markdown(report).splitlines()
+    assert len(table) == 2 + 4 + 2
+    assert table[2] == "| pat_1 | 6.5 (0.28%) | uniform | 0.200 | 0.200 | 1 | 3 | -2.0 |"
+    assert table[-1] == "| **mean** | | oversampling | 0.500 | 0.500 | 1.00 | 1.00 | +0.0 |"

@@ -40,8 +40,8 @@ class Budget:
 
 
 BUDGETS = {
-    "full": Budget(250, (64, 64, 32), (1.5, 1.5, 3.0), 8),
-    "quick": Budget(20, (48, 48, 16), (2.0, 2.0, 3.0), 4),
+    "full": Budget(150, (48, 48, 24), (2.0, 2.0, 3.0), 8),
+    "quick": Budget(10, (32, 32, 16), (3.0, 3.0, 3.0), 4),
 }
 
 
@@ -178,7 +178,7 @@ def harness(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps per fold: checks that the pieces run")
-    parser.add_argument("--steps", type=int, help="training steps per fold (default: 250, --quick 20)")
+    parser.add_argument("--steps", type=int, help="training steps per fold (default: 150, --quick 10)")
     parser.add_argument("--json", type=Path, help="write the report as JSON")
     harness(parser.parse_args())
 
