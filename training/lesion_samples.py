@@ -25,7 +25,7 @@ import SimpleITK as sitk
 
 from MedSegUNetLib.core.errors import MedSegError
 
-from .sampledata import cache_folder, download_from_index
+from .registry import cache_folder, download_from_index
 
 PACKAGE, VERSION = "pycerr", "2.5.1"
 WHEEL = f"{PACKAGE}-{VERSION}-py3-none-any.whl"

@@ -12,11 +12,8 @@ Label names come from the package's own class map (``totalsegmentator/map_to_bin
 from __future__ import annotations
 
 import ast
-import hashlib
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -28,6 +25,8 @@ import SimpleITK as sitk
 
 from MedSegUNetLib.core.errors import MedSegError
 from MedSegUNetLib.core.labels import Label, palette_color
+
+from .registry import cache_folder, download_from_index
 
 if TYPE_CHECKING:
     import argparse
@@ -96,12 +95,6 @@ def label_for(value: int, name: str) -> Label:
 # --- the cache ---------------------------------------------------------------------------------------
 
 
-def cache_folder() -> Path:
-    """``$MEDSEGUNET_CACHE``, else ``~/.cache/medsegunet``."""
-    configured = os.environ.get("MEDSEGUNET_CACHE")
-    return Path(configured) if configured else Path.home() / ".cache" / "medsegunet"
-
-
 def _wanted_members() -> List[str]:
     return [f"{REFERENCE}/{sample.reference}" for sample in SAMPLES] + [CLASS_MAP_FILE]
 
@@ -110,27 +103,6 @@ def _member_is_wanted(name: str) -> bool:
     if name in _wanted_members():
         return True
     return any(name.startswith(f"{REFERENCE}/{sample.image}") for sample in SAMPLES)
-
-
-def download_from_index(requirement: str, file_name: str, sha256: str, folder: Path, wheel: bool = False) -> Path:
-    """pip download of one exact file (no dependencies, nothing installed), checked against its known hash."""
-    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(folder)]
-    base += ["--only-binary", ":all:"] if wheel else ["--no-binary", ":all:"]
-    downloaded, last = folder / file_name, "no output"
-    # pip prepares an sdist's metadata; without build isolation it uses our setuptools (no extra download)
-    for extra in ([] if wheel else ["--no-build-isolation"], []):
-        result = subprocess.run(
-            base + extra + [requirement], capture_output=True, text=True, encoding="utf-8", errors="replace"
-        )
-        if result.returncode == 0 and downloaded.exists():
-            break
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-    else:
-        raise MedSegError(f"could not download {requirement} from the package index: {last}", folder)
-    digest = hashlib.sha256(downloaded.read_bytes()).hexdigest()
-    if digest != sha256:
-        raise MedSegError(f"downloaded file has sha256 {digest}, expected {sha256}", downloaded)
-    return downloaded
 
 
 def download_sdist(folder: Path) -> Path:
