@@ -1,10 +1,10 @@
 """Where training crops are taken: uniform crops, and a share forced onto foreground (nnU-Net's oversampling).
 
 A lesion of 0.01% of a scan's voxels is almost never in a uniformly placed patch: the network would
-learn that everything is background. As nnU-Net does by default, the last ``round(B * p)``-ish crops of
-each batch (``p = foreground_fraction``, 0.33) are centered on a voxel of a foreground class, the class
-drawn uniformly among those the case holds (so a small structure is drawn as often as a large one);
-the other crops are placed uniformly. ``foreground_fraction`` 0 gives uniform sampling, 1 only
+learn that everything is background. As nnU-Net does by default, the last ``B - round(B * (1 - p))``
+crops of each batch of ``B`` (``p = foreground_fraction``, 0.33: one of two) are centered on a voxel of a
+foreground class, the class drawn uniformly among those the case holds (so a small structure is drawn as
+often as a large one); the other crops are placed uniformly. ``foreground_fraction`` 0 gives uniform sampling, 1 only
 foreground-centered crops.
 """
 
