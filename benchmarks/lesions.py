@@ -40,7 +40,7 @@ class Budget:
 
 
 BUDGETS = {
-    "full": Budget(150, (48, 48, 24), (2.0, 2.0, 3.0), 8),
+    "full": Budget(80, (32, 32, 16), (2.0, 2.0, 3.0), 8),
     "quick": Budget(10, (32, 32, 16), (3.0, 3.0, 3.0), 4),
 }
 
@@ -161,6 +161,8 @@ def harness(args: argparse.Namespace) -> dict:
                     f"FP {row['false_positives']}, {row['cpu_s']:.0f} CPU s",
                     file=sys.stderr,
                 )
+                if args.json:  # every finished fold kept, should a long run be stopped
+                    Path(args.json).write_text(json.dumps({"budget": asdict(budget), "folds": folds}), "utf-8")
     report = {
         "budget": asdict(budget),
         "torch_threads": torch.get_num_threads(),
@@ -178,7 +180,7 @@ def harness(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps per fold: checks that the pieces run")
-    parser.add_argument("--steps", type=int, help="training steps per fold (default: 150, --quick 10)")
+    parser.add_argument("--steps", type=int, help="training steps per fold (default: 80, --quick 10)")
     parser.add_argument("--json", type=Path, help="write the report as JSON")
     harness(parser.parse_args())
 
