@@ -71,6 +71,7 @@ ENGINE_REQUIREMENTS = [
     "pynrrd>=1.0,<2",
     "safetensors>=0.4,<1",
     "defusedxml>=0.7,<1",
+    "pydicom>=2.4,<4",
     "tqdm>=4.60,<5",
     "scipy>=1.10,<2",
     "isal>=1.6,<2",

@@ -30,7 +30,7 @@ def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         nargs="+",
         metavar="DATA",
         help=".mrb bundles, .mrml scenes, folders of .mrb files, MSD / nnU-Net v2 folders (dataset.json), "
-        "or IMAGE:LABEL pairs",
+        "DICOM folders with an RT structure set (or folders of them), or IMAGE:LABEL pairs",
     )
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     parser.add_argument("--init", type=Path, help="fine-tune this bundle (keeps its labels, adds new ones)")
@@ -86,13 +86,36 @@ def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         help="processes that make the augmented crops ahead of the steps (default: all cores but one "
         "on a GPU, up to 8; one on a CPU with 2+ cores; 0: in the training process)",
     )
+    parser.add_argument(
+        "--foreground-fraction",
+        type=_fraction,
+        default=0.33,
+        metavar="P",
+        help="share of each batch's crops centered on a foreground voxel, the class drawn uniformly among the "
+        "case's (nnU-Net's 0.33; 0: uniform crops)",
+    )
+    parser.add_argument(
+        "--batch-dice",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Dice over the whole batch rather than per crop (default on: small structures)",
+    )
     add_progress_argument(parser)
     parser.set_defaults(handler=run_train_command)
 
 
 def discover(inputs: List[str], workdir: Path) -> Tuple[List[Case], Optional[str]]:
     """(cases, modality a dataset declared) from scenes, folders of scenes, MSD/nnU-Net folders, pairs."""
-    from .datasets import is_dataset_folder, looks_like_pair, read_dataset_folder, read_pair
+    from MedSegUNetLib.imageio.rtstruct import is_rtstruct
+
+    from .datasets import (
+        is_dataset_folder,
+        looks_like_pair,
+        read_dataset_folder,
+        read_pair,
+        rtstruct_case,
+        rtstruct_cases,
+    )
     from .scenes import read_scene
 
     cases: List[Case] = []
@@ -108,10 +131,14 @@ def discover(inputs: List[str], workdir: Path) -> Tuple[List[Case], Optional[str
                 modalities.add(dataset.modality)
         elif path.is_dir():
             scenes = sorted(path.glob("*.mrb"))
-            if not scenes:
-                raise MedSegError("folder holds no .mrb scene and no dataset.json", path)
+            found = [] if scenes else rtstruct_cases(path)
+            if not scenes and not found:
+                raise MedSegError("folder holds no .mrb scene, no dataset.json and no DICOM RT structure set", path)
             for scene in scenes:
                 cases += read_scene(scene, workdir)
+            cases += found
+        elif is_rtstruct(path):
+            cases.append(rtstruct_case(path))
         else:
             cases += read_scene(path, workdir)
     names = [case.name for case in cases]
@@ -127,6 +154,13 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value}")
     return value
 
 
@@ -154,6 +188,8 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         resume=args.resume,
         amp=args.amp,
         workers=args.workers,
+        foreground_fraction=args.foreground_fraction,
+        batch_dice=args.batch_dice,
     )
 
 

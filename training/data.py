@@ -67,34 +67,22 @@ def prepare(
     return PreparedCase(case.name, array[None], classes[None].astype(np.uint8), spacing, annotated)
 
 
-def train_transforms(patch_zyx: Sequence[int], classes: int, samples: int = 2) -> Compose:
-    """Foreground-balanced crops (every class sampled as often as background), then augmentation."""
+def augmentations() -> Compose:
+    """What every training crop goes through after it is cut (training/sampling.py places the crops)."""
     from monai.transforms import (
         Compose,
         RandAdjustContrastd,
         RandAffined,
-        RandCropByLabelClassesd,
         RandFlipd,
         RandGaussianNoised,
         RandGaussianSmoothd,
         RandScaleIntensityd,
         RandShiftIntensityd,
-        SpatialPadd,
     )
 
     keys = ["image", "label"]
     return Compose(
         [
-            SpatialPadd(keys, spatial_size=list(patch_zyx)),
-            RandCropByLabelClassesd(
-                keys,
-                label_key="label",
-                spatial_size=list(patch_zyx),
-                num_classes=classes,
-                ratios=[1.0] * classes,
-                num_samples=samples,
-                warn=False,
-            ),
             RandFlipd(keys, prob=0.5, spatial_axis=0),
             RandFlipd(keys, prob=0.5, spatial_axis=1),
             RandFlipd(keys, prob=0.5, spatial_axis=2),
@@ -115,6 +103,14 @@ def train_transforms(patch_zyx: Sequence[int], classes: int, samples: int = 2) -
             RandGaussianSmoothd("image", prob=0.1, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
         ]
     )
+
+
+def pad_to_patch(array: np.ndarray, patch_zyx: Sequence[int]) -> np.ndarray:
+    """A (C, Z, Y, X) array padded with zeros, centered, to at least the patch (as MONAI's SpatialPad)."""
+    missing = [max(p - s, 0) for s, p in zip(array.shape[1:], patch_zyx)]
+    if not any(missing):
+        return array
+    return np.pad(array, [(0, 0)] + [(m // 2, m - m // 2) for m in missing])
 
 
 def split(

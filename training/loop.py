@@ -24,7 +24,7 @@ from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Plan, TrainConfig
 from .data import PreparedCase
 from .distributed import World
-from .losses import IGNORE, PartialDiceCELoss
+from .losses import IGNORE, make_loss
 from .stream import Batch, batch_stream, default_workers
 
 if TYPE_CHECKING:
@@ -201,7 +201,7 @@ class Run:
         return save_bundle(self.folder / name, self.meta, self.network)
 
     def run(self) -> Path:
-        loss_function = PartialDiceCELoss()
+        loss_function = make_loss(self.config)
         teacher = self._teacher()
         self.network.to(self.device).train()
         model = self.world.wrap(self.network, self.device)
@@ -279,6 +279,7 @@ class Run:
             seed,
             workers,
             pin_memory=self.device.type == "cuda",
+            foreground_fraction=self.config.foreground_fraction,
         )
 
     def _deadline(self) -> float:

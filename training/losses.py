@@ -14,13 +14,23 @@ case leaves out, so their output is kept as the model made it (learning without 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 IGNORE = 255  # label value of voxels that are not annotated at all (class indices stay below it)
 SMOOTH = 1e-5  # MONAI DiceLoss's smooth_nr and smooth_dr
 NOTHING = -1e4  # a log-probability whose exp is 0 in float32, finite so that no gradient is nan
+
+
+def make_loss(config: TrainConfig) -> PartialDiceCELoss:
+    """Training's loss: Dice over the whole batch (``config.batch_dice``, nnU-Net's choice for small targets:
+    a crop without the structure adds its voxels to the batch's counts instead of a Dice term of its own)
+    and over the foreground classes only, as in nnU-Net; cross-entropy over every class."""
+    return PartialDiceCELoss(batch=config.batch_dice, include_background=False)
 
 
 class PartialDiceCELoss(torch.nn.Module):

@@ -12,11 +12,8 @@ Label names come from the package's own class map (``totalsegmentator/map_to_bin
 from __future__ import annotations
 
 import ast
-import hashlib
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -28,6 +25,8 @@ import SimpleITK as sitk
 
 from MedSegUNetLib.core.errors import MedSegError
 from MedSegUNetLib.core.labels import Label, palette_color
+
+from .registry import cache_folder, download_from_index
 
 if TYPE_CHECKING:
     import argparse
@@ -120,12 +119,6 @@ def label_for(value: int, name: str) -> Label:
 # --- the cache ---------------------------------------------------------------------------------------
 
 
-def cache_folder() -> Path:
-    """``$MEDSEGUNET_CACHE``, else ``~/.cache/medsegunet``."""
-    configured = os.environ.get("MEDSEGUNET_CACHE")
-    return Path(configured) if configured else Path.home() / ".cache" / "medsegunet"
-
-
 def _wanted_members() -> List[str]:
     files = [f"{REFERENCE}/{sample.reference}" for sample in SAMPLES if not sample.masks]
     masks = [f"{REFERENCE}/{sample.reference}/{mask}.nii.gz" for sample in SAMPLES for mask in sample.masks]
@@ -139,34 +132,8 @@ def _member_is_wanted(name: str) -> bool:
 
 
 def download_sdist(folder: Path) -> Path:
-    """pip download of the sdist (no dependencies, nothing installed), checked against its known hash."""
-    base = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        "--quiet",
-        "--dest",
-        str(folder),
-    ]
-    sdist, last = folder / SDIST, "no output"
-    # pip prepares an sdist's metadata; without build isolation it uses our setuptools (no extra download)
-    for extra in (["--no-build-isolation"], []):
-        result = subprocess.run(
-            base + extra + [f"{PACKAGE}=={VERSION}"], capture_output=True, text=True, encoding="utf-8", errors="replace"
-        )
-        if result.returncode == 0 and sdist.exists():
-            break
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-    else:
-        raise MedSegError(f"could not download {PACKAGE}=={VERSION} from the package index: {last}", folder)
-    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-    if digest != SDIST_SHA256:
-        raise MedSegError(f"downloaded file has sha256 {digest}, expected {SDIST_SHA256}", sdist)
-    return sdist
+    """The TotalSegmentator sdist, checked against its known hash."""
+    return download_from_index(f"{PACKAGE}=={VERSION}", SDIST, SDIST_SHA256, folder)
 
 
 def extract_members(sdist: Path, target: Path) -> None:
@@ -343,24 +310,47 @@ def write_samples(
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .lesion_samples import lesion_sample_names
+
     parser = commands.add_parser(
         "sample-data",
         help="write real sample CT/MR scans with reference segmentations as Slicer scenes and plain files",
-        description=f"{SOURCE_NOTE} Downloaded once into $MEDSEGUNET_CACHE (default ~/.cache/medsegunet).",
+        description=f"{SOURCE_NOTE} With --lesions: four lung CT lesion cases with DICOM RT structure sets "
+        "(pycerr 2.5.1's radiomics phantom, CC BY-NC 3.0, non-commercial). Downloaded once into "
+        "$MEDSEGUNET_CACHE (default ~/.cache/medsegunet).",
     )
     parser.add_argument(
         "--output", type=Path, default=Path("medsegunet-samples"), help="folder to write (medsegunet-samples)"
     )
-    parser.add_argument("--only", nargs="+", choices=[s.name for s in SAMPLES], help="just these samples")
+    parser.add_argument(
+        "--only", nargs="+", choices=[s.name for s in SAMPLES] + lesion_sample_names(), help="just these samples"
+    )
+    parser.add_argument(
+        "--lesions",
+        action="store_true",
+        help="write the four lung lesion cases (CT + RT structure set; CC BY-NC 3.0) instead of the default samples",
+    )
     parser.set_defaults(handler=run_sample_data_command, progress="none")
 
 
 def run_sample_data_command(args: argparse.Namespace, progress: Progress) -> dict:
-    written = write_samples(args.output, args.only)
-    for sample in written:
-        print(f"{sample.name:<11} {sample.role}")
-        print(f"  scene   {sample.scene}")
-        print(f"  image   {sample.dicom or sample.image}")
-        print(f"  labels  {sample.segmentation} ({sample.labelmap.name} as a labelmap)")
-    print(SOURCE_NOTE)
+    from .lesion_samples import LESION_NOTE, lesion_sample_names, write_lesion_samples
+
+    lesion_names = [n for n in args.only or [] if n in lesion_sample_names()]
+    other_names = [n for n in args.only or [] if n not in lesion_sample_names()]
+    if other_names or not (args.lesions or lesion_names):
+        written = write_samples(args.output, other_names or None)
+        for sample in written:
+            print(f"{sample.name:<11} {sample.role}")
+            print(f"  scene   {sample.scene}")
+            print(f"  image   {sample.dicom or sample.image}")
+            print(f"  labels  {sample.segmentation} ({sample.labelmap.name} as a labelmap)")
+        print(SOURCE_NOTE)
+    if args.lesions or lesion_names:
+        for lesion in write_lesion_samples(args.output, lesion_names or None):
+            print(f"{lesion.name:<11} lung CT, one GTV of {lesion.lesion_ml:.1f} mL")
+            print(f"  scene   {lesion.scene}")
+            print(f"  dicom   {lesion.dicom} (CT series + RT structure set)")
+            print(f"  labels  {lesion.segmentation}")
+        print(LESION_NOTE)
     return {"output": str(args.output)}
