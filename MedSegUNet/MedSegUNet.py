@@ -71,6 +71,7 @@ ENGINE_REQUIREMENTS = [
     "pynrrd>=1.0,<2",
     "safetensors>=0.4,<1",
     "defusedxml>=0.7,<1",
+    "pydicom>=2.4,<4",
     "tqdm>=4.60,<5",
     "scipy>=1.10,<2",
     "isal>=1.6,<2",
@@ -330,7 +331,7 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.retrainTargetLabel.text = text
 
     def onShow3DToggled(self, show: bool) -> None:
-        node = self.logic.getParameterNode().outputSegmentation
+        node = self._parameterNode.outputSegmentation if self._parameterNode else None
         if node is not None:
             with slicer.util.tryWithErrorDisplay(_("Could not change the 3D display."), waitCursor=True):
                 self.logic.showIn3D(node, show)
@@ -386,11 +387,13 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Could not start the segmentation."), waitCursor=True):
             self.logic.startSegment(
                 parameters.inputVolume,
+                output,
                 model,
                 self.ui.deviceComboBox.currentData,
                 parameters.overlap,
                 parameters.useTTA,
                 parameters.largestComponent,
+                parameters.show3D,
             )
             self.showRunning("segment", _("Writing the volume and starting the model..."))
 
@@ -458,6 +461,8 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 model=modelLabel(Path(message))
             )
         elif state == SUCCEEDED:
+            if self._parameterNode and self._parameterNode.outputSegmentation is None:
+                self._parameterNode.outputSegmentation = self.logic.resultNode  # the node made for the result
             statusLabel.text = message
         elif state == CANCELLED:
             statusLabel.text = _("Cancelled.")
@@ -615,6 +620,8 @@ class PendingRun:
     """What the end of a run needs: Segment's volume, result file and model; Retrain's output folder."""
 
     volumeNode: Any = None  # vtkMRMLScalarVolumeNode
+    outputNode: Any = None  # vtkMRMLSegmentationNode to fill; None: a new one
+    surfaces: bool = False  # make closed surfaces for the 3D view
     outputPath: Optional[Path] = None
     model: Optional[Path] = None
     output: Optional[Path] = None
@@ -639,6 +646,7 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         self.standby: Optional[StandbyEngine] = None  # the engine waiting for the next Segment
         self.lastRunWasReady = False  # the last Segment ran on the waiting engine
         self.trainedModelsRoot: Optional[Path] = None  # default: beside Slicer's settings
+        self.resultNode = None  # the segmentation node the last Segment filled
 
     def getParameterNode(self):
         return MedSegUNetParameterNode(super().getParameterNode())
@@ -704,7 +712,7 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
                     )
                     is None
                 ):
-                    raise RuntimeError("PyTorch was not installed")
+                    raise RuntimeError(_("PyTorch was not installed."))
             else:
                 slicer.util.pip_install([TORCH_REQUIREMENT])
         wanted = [r for r in ENGINE_REQUIREMENTS if distributionName(r) in missing]
@@ -773,7 +781,7 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
     def ensureIdle(self) -> None:
         """One run at a time (checked before anything is written: the running one's folder stays)."""
         if self.busy():
-            raise RuntimeError(f"a {self.busy()} run is still going")
+            raise RuntimeError(_("A {kind} run is still going.").format(kind=self.busy()))
 
     def startRun(self, kind: str, command: List[str], device: Optional[str], pending: "PendingRun") -> None:
         self.ensureIdle()
@@ -800,12 +808,24 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         """What Segment asks of the engine: its command line, or the waiting engine's job (tested outside Slicer)."""
         return SegmentRequest([inputPath], model, outputPath, device or "auto", overlap, tta, largest)
 
-    def startSegment(self, volumeNode, model: Path, device: str, overlap: float, tta: bool, largest: bool) -> None:
+    def startSegment(
+        self,
+        volumeNode,
+        outputNode,
+        model: Path,
+        device: str,
+        overlap: float,
+        tta: bool,
+        largest: bool,
+        surfaces: bool = False,
+    ) -> None:
+        """Segment volumeNode into outputNode (None: a new node, made when the result arrives)."""
         self.ensureIdle()
         folder = self.newWorkFolder()
         inputPath = self.writeVolume(volumeNode, folder / "input.nrrd")
         request = self.segmentRequest(inputPath, model, folder / "result.seg.nrrd", device, overlap, tta, largest)
-        pending = PendingRun(volumeNode=volumeNode, outputPath=request.output, model=model)
+        pending = PendingRun(volumeNode, outputNode, surfaces, outputPath=request.output, model=model)
+        self.resultNode = None
         standby, self.standby = self.standby, None
         run = standby.take(request) if standby is not None else None
         self.lastRunWasReady = run is not None
@@ -910,17 +930,21 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
     def finishSegment(self) -> str:
         pending = self.pending
         if pending.outputPath is None or pending.volumeNode is None or pending.model is None:
-            raise RuntimeError("the finished Segment run left no result to take over")
-        node = self.loadResult(pending.outputPath, pending.volumeNode, pending.model)
-        return f"Done: {node.GetSegmentation().GetNumberOfSegments()} segments in '{node.GetName()}'."
+            raise RuntimeError(_("The finished Segment run left no result to take over."))
+        self.resultNode = self.loadResult(
+            pending.outputPath, pending.volumeNode, pending.outputNode, pending.model, pending.surfaces
+        )
+        return _("Done: {count} segments in '{name}'.").format(
+            count=self.resultNode.GetSegmentation().GetNumberOfSegments(), name=self.resultNode.GetName()
+        )
 
     def finishTrain(self, run: ChildProcess) -> str:
         reported = (run.result or {}).get("bundle")
         if not reported and self.pending.output is None:
-            raise RuntimeError("training reported no bundle")
+            raise RuntimeError(_("Training reported no model bundle."))
         bundle = Path(reported or Path(self.pending.output) / "model.safetensors")
         if not bundle.is_file():
-            raise FileNotFoundError(f"training reported {bundle}, which does not exist")
+            raise FileNotFoundError(_("Training reported {bundle}, which does not exist.").format(bundle=bundle))
         self.rememberModel(bundle)
         return str(bundle)
 
@@ -942,19 +966,11 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         names = {label.name.casefold() for label in read_bundle_metadata(model).labels}
         return [name for name in self.segmentNames(segmentationNode) if name.casefold() in names]
 
-    def outputNodeFor(self, volumeNode):
-        parameters = self.getParameterNode()
-        node = parameters.outputSegmentation
-        if node is None:
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volumeNode.GetName()} segmentation")
-            node.CreateDefaultDisplayNodes()
-            parameters.outputSegmentation = node
-        return node
-
-    def loadResult(self, path: Path, volumeNode, model: Path):
-        """The engine's .seg.nrrd segments (names, colors, terminology) into the output node, on the volume."""
-        surfaces = bool(self.getParameterNode().show3D)
-        return segments.take_over_result(path, volumeNode, self.outputNodeFor(volumeNode), model, surfaces)
+    @staticmethod
+    def loadResult(path: Path, volumeNode, outputNode, model: Path, surfaces: bool):
+        """The engine's .seg.nrrd segments (names, colors, terminology) into outputNode (None, or a node
+        deleted meanwhile: a new one), on the volume; returns the node filled."""
+        return segments.take_over_result(path, volumeNode, outputNode, model, surfaces)
 
     @staticmethod
     def showIn3D(segmentationNode, show: bool) -> None:
@@ -974,8 +990,9 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         timeoutSeconds: float = 600,
         cancelAfterFirstProgress: bool = False,
         tta: bool = False,
+        outputNode=None,
     ):
-        self.startSegment(volumeNode, model, device, 0.25, tta, True)
+        self.startSegment(volumeNode, outputNode, model, device, 0.25, tta, True)
         return self.waitForEnd(timeoutSeconds, cancelAfterFirstProgress)
 
     def trainAndWait(self, segmentationNodes, init: Optional[Path], maxSteps: int, timeoutSeconds: float = 900):
@@ -994,7 +1011,11 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
                 return finished
             time.sleep(0.05)
         self.cancel()
-        raise TimeoutError(f"the engine did not finish within {timeoutSeconds} s:\n{self.logText()[-2000:]}")
+        raise TimeoutError(
+            _("The engine did not finish within {seconds} s:").format(seconds=timeoutSeconds)
+            + "\n"
+            + self.logText()[-2000:]
+        )
 
 
 # --- self-test, run inside Slicer --------------------------------------------------------------------
@@ -1136,11 +1157,11 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
 
         volume, array = self.syntheticVolume()
         logic = self.newLogic()
-        logic.getParameterNode().show3D = False
         kind, state, message = logic.segmentAndWait(volume, self.model())
         self.assertEqual((kind, state), ("segment", SUCCEEDED), f"{message}\n{logic.logText()}")
-        node = logic.getParameterNode().outputSegmentation
+        node = logic.resultNode
         self.assertIsNotNone(node)
+        self.assertEqual(slicer.util.getNodesByClass("vtkMRMLSegmentationNode"), [node])  # a new node, in the scene
         labels = read_bundle_metadata(self.model()).labels
         self.assertEqual(logic.segmentNames(node), [label.name for label in labels])  # every label, in order
         self.assertEqual(logic.referenceVolume(node).GetID(), volume.GetID())
@@ -1159,8 +1180,9 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
 
         # Again into the same node: same segments replaced in place, a user's own segment kept.
         segmentation.AddEmptySegment("my notes")
-        kind, state, message = logic.segmentAndWait(volume, self.model())
+        kind, state, message = logic.segmentAndWait(volume, self.model(), outputNode=node)
         self.assertEqual(state, SUCCEEDED, message)
+        self.assertIs(logic.resultNode, node)
         self.assertEqual(logic.segmentNames(node), [label.name for label in labels] + ["my notes"])
 
     def test_panel_segments_in_the_background(self):
@@ -1182,6 +1204,7 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
         parameters = widget.logic.getParameterNode()
         parameters.inputVolume = volume
         parameters.overlap = 0.25
+        parameters.show3D = False
         self.assertAlmostEqual(widget.ui.overlapSliderWidget.value, 0.25)  # parameter -> widget
         widget.ui.ttaCheckBox.checked = True
         self.assertTrue(parameters.useTTA)  # widget -> parameter
@@ -1196,7 +1219,15 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
         self.waitWhileBusy(widget.logic)
         self.assertEqual(widget.ui.segmentButton.text, "Segment")
         self.assertTrue(widget.ui.statusLabel.text.startswith("Done"), widget.ui.statusLabel.text)
-        self.assertIsNotNone(parameters.outputSegmentation)
+        self.assertIsNotNone(widget.logic.resultNode)
+        self.assertEqual(parameters.outputSegmentation.GetID(), widget.logic.resultNode.GetID())  # now the output
+        segmentation = parameters.outputSegmentation.GetSegmentation()
+        self.assertFalse(segmentation.ContainsRepresentation("Closed surface"))
+        widget.ui.show3DCheckBox.checked = True  # Show 3D on the result the panel shows
+        self.assertTrue(parameters.show3D)
+        self.assertTrue(segmentation.ContainsRepresentation("Closed surface"))
+        widget.ui.show3DCheckBox.checked = False
+        self.assertFalse(segmentation.ContainsRepresentation("Closed surface"))
         # Show log has the command line, or the job the engine kept ready was given
         self.assertRegex(widget.logic.logText(), r"MedSegUNetLib segment |job: \{\"segment\"")
 
@@ -1241,7 +1272,7 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
             logic.setKeepEngineReady(kept)
 
     def segmentArrays(self, logic, volume) -> dict:
-        node = logic.getParameterNode().outputSegmentation
+        node = logic.resultNode
         segmentation = node.GetSegmentation()
         arrays = {}
         for index in range(segmentation.GetNumberOfSegments()):
@@ -1259,7 +1290,7 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
         self.assertEqual((kind, state), ("segment", CANCELLED), logic.logText())
         self.assertLess(time.monotonic() - started, 60)
         self.assertIsNotNone(logic.run.process.poll())  # the engine is gone
-        self.assertIsNone(logic.getParameterNode().outputSegmentation)
+        self.assertIsNone(logic.resultNode)
         self.assertEqual(slicer.util.getNodesByClass("vtkMRMLSegmentationNode"), [])
         self.assertFalse((Path(logic.workFolder.name) / "result.seg.nrrd").exists())
         self.assertIsNone(logic.busy())

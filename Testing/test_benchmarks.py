@@ -73,3 +73,18 @@ def test_training_benchmark_reports(tmp_path):
     assert report["speedup_vs_monai_baseline"] > 0
     for side in ("ours", "baseline"):
         assert report[side]["steps_per_s"] > 0 and 0 <= report[side]["data_wait_share"] <= 1
+
+
+def test_batch_benchmark_reports(tmp_path):
+    """Two tiny cases: every side reports, and segment-batch's outputs equal the separate processes'."""
+    report_path = tmp_path / "batch.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "batch.py"), "--size", "tiny", "--cases", "2"]
+    result = subprocess.run([*command, "--json", str(report_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    for side in ("separate", "batch", "batch_two_predictors"):
+        assert report[side]["wall_s"] > 0 and report[side]["peak_rss_mb"] > 0 and report[side]["cases_per_hour"] > 0
+    assert report["batch"]["throughput_vs_separate"] > 0 and report["batch"]["peak_rss_vs_single_segment"] > 0
+    assert report["batch_outputs_equal_separate"] == 2  # one predictor: the very files `segment` writes
+    assert 0 < report["two_predictor_min_dice_vs_separate"] <= 1
+    assert "nnunetv2" in str(report["nnunet"])

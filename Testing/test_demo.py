@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import run_cli
@@ -17,7 +18,8 @@ from MedSegUNetLib.core.geometry import Grid
 from MedSegUNetLib.imageio.images import read_image
 from MedSegUNetLib.model.bundle import read_bundle_metadata
 from MedSegUNetLib.model.shipped import find_model
-from training.scenes import read_scene
+from training.label_table import build_label_table
+from training.scenes import load_case_arrays, read_scene
 
 SHIPPED = find_model("abdomen-ct")
 STRUCTURES = ["spleen", "kidney_right", "kidney_left", "liver", "stomach", "aorta"]
@@ -51,6 +53,16 @@ def test_sample_data_writes_scenes_and_plain_files(tmp_path, cache_env):
     reference = sitk.ReadImage(str(out / "heldout-ct" / "reference.nii.gz"))
     assert Grid.of(reference).matches(Grid.of(dicom))  # put on the DICOM's own grid (the package's is flipped)
     assert (out / "abdomen-mr.mrb").exists() and (out / "SOURCE.txt").exists()
+    aorta = read_scene(out / "aorta-ct.mrb", tmp_path / "work")[0]  # partial: vessels on a crop, the rest unlabeled
+    assert [s.name for s in aorta.segments][:2] == ["aorta", "brachiocephalic_trunk"]
+    assert aorta.segments[-1].name == "unlabeled" and len(aorta.segments) == 10
+    table = build_label_table([aorta])
+    assert "unlabeled" not in [label.name for label in table.labels]
+    assert table.describe(aorta).endswith("voxels of 'unlabeled' are ignored")
+    image, labels = load_case_arrays(aorta)
+    voxels, values = sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(labels)
+    assert (values == 1).sum() == 72810 and np.median(voxels[values == 1]) > 250  # the aorta, early arterial phase
+    assert 0 < (values == 10).mean() < 0.9  # outside TotalSegmentator's crop: not reviewed
     again = run_cli("sample-data", "--output", str(tmp_path / "again"), "--only", "abdomen-mr", env=cache_env)
     assert again.returncode == 0 and "downloading" not in again.stdout  # cached after the first time
 
@@ -69,4 +81,6 @@ def test_demo_segments_evaluates_and_draws(tmp_path, cache_env):
     # the shipped model scores liver 0.819, spleen 0.337 here (README); a regression falls below these
     assert rows["liver"]["dice"] > 0.75 and rows["spleen"]["dice"] > 0.2, rows
     table = result.stdout
-    assert "liver" in table and f"{rows['liver']['dice']:.3f}" in table and "(not in scan)" in table
+    assert "liver" in table and f"{rows['liver']['dice']:.3f}" in table
+    kidney = rows["kidney_left"]["volume_prediction_ml"]  # a false positive shows as a volume, not hidden
+    assert (f"false {kidney:.1f} ml" if kidney > 0 else "absent: none") in table

@@ -121,8 +121,6 @@ def segment(volume_node: Any, model: Path, work: Path, output_node: Any = None, 
     result = work / "result.seg.nrrd"
     run = run_cli("segment", str(source), "-m", str(model), "-o", str(result), "--device", "cpu", "--progress", "none")
     assert run.returncode == 0, run.stderr
-    if output_node is None:
-        output_node = new_segmentation_node(volume_node.GetScene(), f"{volume_node.GetName()} segmentation")
     return take_over_result(result, volume_node, output_node, model, surfaces=surfaces)
 
 
@@ -229,11 +227,35 @@ def test_names_colors_values_and_terminology_as_slicer_reads_them(tmp_path, ct_c
     node = segment(volume, model, tmp_path / "work")
     rows = segment_table(node)
     assert [row["name"] for row in rows] == [label.name for label in labels]
+    terminologies = slicer.vtkSlicerTerminologiesModuleLogic()
     for row, label in zip(rows, labels):
         assert row["color"] == tuple(round(c, 3) for c in label.color), label.name
         assert row["terminology"] == label.terminology, label.name
-        assert row["terminology"].split("~")[2].startswith("SCT^"), row["terminology"]  # category~type as Slicer parses
+        entry = slicer.vtkSlicerTerminologyEntry()
+        assert terminologies.DeserializeTerminologyEntry(row["terminology"], entry), row["terminology"]
+        assert entry.GetCategoryObject().GetCodeMeaning() == "Anatomical Structure", label.name
+        structure, side = entry.GetTypeObject(), entry.GetTypeModifierObject()
+        assert structure.GetCodingSchemeDesignator() == "SCT" and structure.GetCodeValue().isdigit(), label.name
+        words = [structure.GetCodeMeaning()] + ([side.GetCodeMeaning()] if side.GetCodeMeaning() else [])
+        assert "_".join(words).casefold() == label.name, label.name  # e.g. Kidney + Right: kidney_right
+        assert terminologies.SerializeTerminologyEntry(entry) == label.terminology  # nothing lost in Slicer's parse
     assert_result_matches_the_engine(volume, node, tmp_path / "work")
+
+
+def test_a_result_without_an_output_node_or_whose_node_was_deleted_gets_a_new_node(tmp_path, ct_chest, small_bundle):
+    scene = new_scene()
+    volume = load_volume(scene, ct_chest, "chest")
+    made = segment(volume, small_bundle, tmp_path / "a")
+    assert made.GetScene() is not None and made.GetName() == "chest segmentation"
+    deleted = new_segmentation_node(scene, "deleted while the engine ran")
+    scene.RemoveNode(deleted)
+    again = segment(volume, small_bundle, tmp_path / "b", output_node=deleted)
+    assert again.GetScene() is not None and again.GetID() != made.GetID()
+    nodes = scene.GetNodesByClass("vtkMRMLSegmentationNode")
+    assert sorted(nodes.GetItemAsObject(i).GetID() for i in range(nodes.GetNumberOfItems())) == sorted(
+        [made.GetID(), again.GetID()]
+    )
+    assert_result_matches_the_engine(volume, again, tmp_path / "b")
 
 
 def test_closed_surfaces_are_made_on_request_only(tmp_path, ct_chest, small_bundle):

@@ -114,7 +114,7 @@ def test_missing_segment_is_reported(tmp_path, chest_segmentation):
     b = Case("b", Path("b.nrrd"), chest_segmentation, [SegmentInfo("liver ", 7, 0, (1, 0, 0))])
     table = build_label_table([a, b])
     assert [label.name for label in table.labels] == ["Liver", "spleen"]
-    assert table.report() == ["'spleen' is missing from b"]
+    assert table.report() == ["'spleen' is not annotated in b"]
     np.testing.assert_array_equal(table.lookup_table(b), [0, 1])
 
 

@@ -595,6 +595,52 @@ def ui_layout_problems(text: str) -> List[str]:
     return problems
 
 
+SHOWN_ATTRIBUTES = {"text", "toolTip", "windowTitle", "placeholderText"}
+DISPLAY_CALLS = re.compile(r"(error|warning|info)Display|confirm\w*Display|tryWithErrorDisplay|delayDisplay")
+
+
+def prose(node: ast.AST) -> bool:
+    """A literal a person reads: an f-string, or a string with a letter and a space."""
+    if isinstance(node, ast.JoinedStr):
+        return True
+    text = node.value if isinstance(node, ast.Constant) else None
+    return isinstance(text, str) and bool(re.search(r"[A-Za-z].* ", text))
+
+
+def shown_texts(tree: ast.Module, classes: Set[str]) -> List[ast.AST]:
+    """Expressions these classes show: raised messages, widget texts and tooltips, message boxes."""
+    shown: List[ast.AST] = []
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in classes):
+        for node in ast.walk(cls):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+                shown += node.exc.args
+            elif isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Attribute) and t.attr in SHOWN_ATTRIBUTES for t in node.targets
+            ):
+                shown.append(node.value)
+            elif isinstance(node, ast.Call) and DISPLAY_CALLS.search(dotted(node.func)):
+                shown += node.args[:1]
+    return shown
+
+
+def bare_prose(node: ast.AST) -> List[ast.AST]:
+    """The literals in an expression that a person would read untranslated (outside any _() call)."""
+    if isinstance(node, ast.Call) and dotted(node.func) == "_":
+        return []
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "format":
+        return bare_prose(node.func.value)  # the template is what is read
+    if isinstance(node, ast.IfExp):
+        return bare_prose(node.body) + bare_prose(node.orelse)
+    if isinstance(node, ast.BinOp):
+        return bare_prose(node.left) + bare_prose(node.right)
+    return [node] if prose(node) else []  # names and other calls: texts made elsewhere
+
+
+def untranslated(tree: ast.Module, classes: Set[str]) -> List[str]:
+    """Prose the classes show that is not wrapped in _(), as Slicer's template wraps it."""
+    return [f"line {n.lineno}: {ast.unparse(n)[:60]}" for e in shown_texts(tree, classes) for n in bare_prose(e)]
+
+
 def module_level_imports(tree: ast.Module) -> Set[str]:
     names = set()
     for node in tree.body:
@@ -749,6 +795,85 @@ def test_the_four_classes_slicer_expects():
     body = ast.get_source_segment(source, run_test) or ""
     # runTest (Reload and Test) runs every test_ method, found in the class in the order written
     assert 'type(self).__dict__ if name.startswith("test_")' in body and "getattr(self, name)" in body, body
+
+
+def parameter_node_readers(tree: ast.Module, cls: str) -> List[str]:
+    """Methods of the class that read the panel's parameter node (besides getParameterNode itself)."""
+    logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    return [
+        method.name
+        for method in logic.body
+        if isinstance(method, ast.FunctionDef) and method.name != "getParameterNode"
+        for node in ast.walk(method)
+        if isinstance(node, ast.Attribute) and node.attr in ("getParameterNode", "_parameterNode")
+    ]
+
+
+def test_the_logic_takes_its_nodes_as_arguments():
+    """As in Slicer's template: the Logic works on the nodes it is given, never on the panel's parameter node."""
+    assert parameter_node_readers(module_tree(), "MedSegUNetLogic") == []
+    bad = module_tree("class L:\n    def run(self):\n        return self.getParameterNode().inputVolume\n")
+    assert parameter_node_readers(bad, "L") == ["run"]
+
+
+LOGIC_RECEIVERS = {"self.logic", "logic", "widget.logic", "MedSegUNetLogic", "MedSegUNetLogic()"}
+
+
+def logic_call_problems(tree: ast.Module) -> List[str]:
+    """Calls of the Logic's methods (from the panel, the self-test or the Logic) that do not fit their signature:
+    too many or too few positional arguments, or a keyword the method does not have."""
+    logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedSegUNetLogic")
+    methods = {f.name: f for f in logic.body if isinstance(f, ast.FunctionDef)}
+    problems = []
+    for cls in [n for n in tree.body if isinstance(n, ast.ClassDef)]:
+        receivers = LOGIC_RECEIVERS | ({"self"} if cls is logic else set())
+        for call in [n for n in ast.walk(cls) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]:
+            method = methods.get(call.func.attr)
+            if method is None or dotted(call.func.value) not in receivers:
+                continue
+            static = any(dotted(d) == "staticmethod" for d in method.decorator_list)
+            names = [a.arg for a in method.args.args][0 if static else 1 :]
+            required = names[: len(names) - len(method.args.defaults)]
+            given = names[: len(call.args)] + [k.arg for k in call.keywords]
+            wrong = (len(call.args) > len(names) and method.args.vararg is None) or not set(required) <= set(given)
+            unknown = [k.arg for k in call.keywords if k.arg not in names and method.args.kwarg is None]
+            if wrong or unknown:
+                problems.append(f"line {call.lineno}: {ast.unparse(call)[:80]}")
+    return problems
+
+
+def test_every_call_of_the_logic_fits_its_signature():
+    """The self-test runs only inside Slicer: its calls (and the panel's) are checked against the Logic here."""
+    assert logic_call_problems(module_tree()) == []
+    bad = module_tree(
+        "class MedSegUNetLogic:\n"
+        "    def startSegment(self, volumeNode, outputNode, model, surfaces=False): pass\n"
+        "    @staticmethod\n"
+        "    def loadResult(path, node): pass\n"
+        "class T:\n"
+        "    def test(self, logic):\n"
+        "        logic.startSegment(volume, model)\n"  # too few
+        "        logic.startSegment(volume, None, model, True, 1)\n"  # too many
+        "        self.logic.startSegment(volume, None, model, show3D=True)\n"  # unknown keyword
+        "        MedSegUNetLogic.loadResult(path, node)\n"  # fine: static
+        "        logic.startSegment(volume, None, model=model, surfaces=True)\n"  # fine
+    )
+    assert [p.split(":")[0] for p in logic_call_problems(bad)] == ["line 7", "line 8", "line 9"]
+
+
+def test_the_panel_and_logic_wrap_what_they_show_for_translation():
+    """As Slicer's template does: every message the Widget or Logic shows or raises goes through _()."""
+    assert untranslated(module_tree(), {"MedSegUNetWidget", "MedSegUNetLogic"}) == []
+    bad = module_tree(
+        "class W:\n"
+        "    def f(self):\n"
+        "        self.ui.label.text = 'Not wrapped here'\n"
+        "        self.ui.button.toolTip = _('Wrapped, fine') if x else f'{y} unwrapped'\n"
+        "        slicer.util.errorDisplay('Shown raw')\n"
+        "        raise RuntimeError(_('fine {a}').format(a=1) + ' raw tail')\n"
+        "        raise ValueError(_('Wrapped as well.'))\n"
+    )
+    assert len(untranslated(bad, {"W"})) == 4
 
 
 @pytest.mark.parametrize("version", API_VERSIONS)

@@ -134,9 +134,10 @@ def run_baseline(size: TrainSize, work: Path, device: str = "cpu") -> dict:
     import torch
     from monai.data import DataLoader, Dataset
     from monai.losses import DiceCELoss
+    from monai.transforms import Compose, RandCropByLabelClassesd, SpatialPadd
 
     from MedSegUNetLib.model.bundle import create_bundle
-    from training.data import train_transforms
+    from training.data import augmentations
     from training.loop import amp_dtype
 
     config, the_plan, labels, case = prepared_sample(size, work / "run", device)
@@ -148,7 +149,21 @@ def run_baseline(size: TrainSize, work: Path, device: str = "cpu") -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     patch_zyx = the_plan.preprocessing.patch_size[::-1]
     items = [{"image": case.image, "label": case.label}] * size.steps
-    transforms = train_transforms(patch_zyx, len(labels) + 1, samples=the_plan.batch_size)
+    # as a MONAI user crops: padding, then class-balanced crops (MONAI's own sampler), then our augmentation
+    transforms = Compose(
+        [
+            SpatialPadd(["image", "label"], spatial_size=list(patch_zyx)),
+            RandCropByLabelClassesd(
+                ["image", "label"],
+                label_key="label",
+                spatial_size=list(patch_zyx),
+                num_classes=len(labels) + 1,
+                num_samples=the_plan.batch_size,
+                warn=False,
+            ),
+            augmentations(),
+        ]
+    )
     loader = DataLoader(
         Dataset(items, transforms), batch_size=1, num_workers=2, shuffle=True, pin_memory=device == "cuda"
     )

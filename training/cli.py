@@ -30,7 +30,7 @@ def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         nargs="+",
         metavar="DATA",
         help=".mrb bundles, .mrml scenes, folders of .mrb files, MSD / nnU-Net v2 folders (dataset.json), "
-        "or IMAGE:LABEL pairs",
+        "DICOM folders with an RT structure set (or folders of them), or IMAGE:LABEL pairs",
     )
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     parser.add_argument("--init", type=Path, help="fine-tune this bundle (keeps its labels, adds new ones)")
@@ -42,7 +42,17 @@ def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         help="train only these segments (by name); the others count as background",
     )
     parser.add_argument(
-        "--dry-run", action="store_true", help="print the cases, their geometry and the label table, then stop"
+        "--missing-segments",
+        choices=["not-annotated", "background"],
+        default="not-annotated",
+        help="a structure a case has no segment for: not annotated there, so not taught as background (default), "
+        "or background (every case annotates every structure). A segment named 'ignore' or 'unlabeled' marks "
+        "voxels that teach nothing",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the cases, their geometry, what each annotates and the label table, then stop",
     )
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--max-steps", type=int)
@@ -76,13 +86,36 @@ def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         help="processes that make the augmented crops ahead of the steps (default: all cores but one "
         "on a GPU, up to 8; one on a CPU with 2+ cores; 0: in the training process)",
     )
+    parser.add_argument(
+        "--foreground-fraction",
+        type=_fraction,
+        default=0.33,
+        metavar="P",
+        help="share of each batch's crops centered on a foreground voxel, the class drawn uniformly among the "
+        "case's (nnU-Net's 0.33; 0: uniform crops)",
+    )
+    parser.add_argument(
+        "--batch-dice",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Dice over the whole batch rather than per crop (default on: small structures)",
+    )
     add_progress_argument(parser)
     parser.set_defaults(handler=run_train_command)
 
 
 def discover(inputs: List[str], workdir: Path) -> Tuple[List[Case], Optional[str]]:
     """(cases, modality a dataset declared) from scenes, folders of scenes, MSD/nnU-Net folders, pairs."""
-    from .datasets import is_dataset_folder, looks_like_pair, read_dataset_folder, read_pair
+    from MedSegUNetLib.imageio.rtstruct import is_rtstruct
+
+    from .datasets import (
+        is_dataset_folder,
+        looks_like_pair,
+        read_dataset_folder,
+        read_pair,
+        rtstruct_case,
+        rtstruct_cases,
+    )
     from .scenes import read_scene
 
     cases: List[Case] = []
@@ -98,10 +131,14 @@ def discover(inputs: List[str], workdir: Path) -> Tuple[List[Case], Optional[str
                 modalities.add(dataset.modality)
         elif path.is_dir():
             scenes = sorted(path.glob("*.mrb"))
-            if not scenes:
-                raise MedSegError("folder holds no .mrb scene and no dataset.json", path)
+            found = [] if scenes else rtstruct_cases(path)
+            if not scenes and not found:
+                raise MedSegError("folder holds no .mrb scene, no dataset.json and no DICOM RT structure set", path)
             for scene in scenes:
                 cases += read_scene(scene, workdir)
+            cases += found
+        elif is_rtstruct(path):
+            cases.append(rtstruct_case(path))
         else:
             cases += read_scene(path, workdir)
     names = [case.name for case in cases]
@@ -117,6 +154,13 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value}")
     return value
 
 
@@ -144,6 +188,8 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         resume=args.resume,
         amp=args.amp,
         workers=args.workers,
+        foreground_fraction=args.foreground_fraction,
+        batch_dice=args.batch_dice,
     )
 
 
@@ -187,8 +233,10 @@ def train(args: argparse.Namespace, progress: Progress, world: World) -> dict:
             f"case {c.name}: {Grid.of(loaded[c.name][0]).describe()}, {len(c.segments)} segments ({c.source})"
             for c in cases
         ]
+        partial = args.missing_segments == "not-annotated"
+        lines += [table.describe(c) if partial else f"case {c.name} annotates every structure" for c in cases]
         lines += [f"label {label.value}: {label.name}" for label in table.labels]
-        lines += [f"warning: {w}" for w in table.report()]
+        lines += [f"warning: {w}" for w in table.report()] if partial else []
         lines += [f"plan: {reason}" for reason in the_plan.reasons] + [f"split: {note}"]
         if args.dry_run:
             if world.is_main:
@@ -196,7 +244,7 @@ def train(args: argparse.Namespace, progress: Progress, world: World) -> dict:
             return {"message": "dry run", "cases": len(cases), "labels": [label.name for label in table.labels]}
         for line in lines:
             progress.note(line)
-        prepared = {c.name: prepare(c, *loaded[c.name], table, the_plan.preprocessing) for c in cases}
+        prepared = {c.name: prepare(c, *loaded[c.name], table, the_plan.preprocessing, partial) for c in cases}
     args.output.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         (args.output / "plan.json").write_text(json.dumps(the_plan.to_dict(), indent=2), encoding="utf-8")

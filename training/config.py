@@ -37,6 +37,10 @@ class TrainConfig:
     resume: bool = False
     amp: Optional[bool] = None  # None: mixed precision on CUDA only
     workers: Optional[int] = None  # processes making the augmented crops; None: stream.default_workers
+    # Imbalance (training/sampling.py, training/losses.py): the share of each batch's crops centered on a
+    # foreground voxel (nnU-Net's 0.33; 0: uniform crops), and Dice computed over the whole batch.
+    foreground_fraction: float = 0.33
+    batch_dice: bool = True
 
 
 @dataclass

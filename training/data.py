@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 class PreparedCase:
     name: str
     image: np.ndarray  # (1, Z, Y, X) float32, normalized
-    label: np.ndarray  # (1, Z, Y, X) uint8 class indices
+    label: np.ndarray  # (1, Z, Y, X) uint8 class indices, IGNORE where nothing is taught
     spacing_zyx: Tuple[float, float, float]
+    annotated: Tuple[int, ...] = ()  # the classes (1-based) this case teaches; () means every class
 
 
 def load_all(cases: Sequence[Case]) -> Dict[str, Tuple[sitk.Image, sitk.Image]]:
@@ -48,43 +49,40 @@ def fingerprint(loaded: Dict[str, Tuple[sitk.Image, sitk.Image]], orientation: s
 
 
 def prepare(
-    case: Case, image: sitk.Image, label: sitk.Image, table: LabelTable, preprocessing: Preprocessing
+    case: Case,
+    image: sitk.Image,
+    label: sitk.Image,
+    table: LabelTable,
+    preprocessing: Preprocessing,
+    partial: bool = True,
 ) -> PreparedCase:
+    """The case on the network grid. ``partial``: it teaches only the structures it annotates (else every
+    structure it lacks is taught as background)."""
     on_grid = to_network_grid(image, preprocessing)
     labels = resample_onto(reorient(label, preprocessing.orientation), Grid.of(on_grid), sitk.sitkNearestNeighbor)
     classes = table.lookup_table(case)[sitk.GetArrayFromImage(labels)]
     array = normalize(sitk.GetArrayFromImage(on_grid).astype(np.float32), preprocessing.normalization)
-    return PreparedCase(case.name, array[None], classes[None].astype(np.uint8), xyz_to_zyx(on_grid.GetSpacing()))
+    annotated = tuple(table.annotated(case)) if partial else tuple(range(1, len(table.labels) + 1))
+    spacing = xyz_to_zyx(on_grid.GetSpacing())
+    return PreparedCase(case.name, array[None], classes[None].astype(np.uint8), spacing, annotated)
 
 
-def train_transforms(patch_zyx: Sequence[int], classes: int, samples: int = 2) -> Compose:
-    """Foreground-balanced crops (every class sampled as often as background), then augmentation."""
+def augmentations() -> Compose:
+    """What every training crop goes through after it is cut (training/sampling.py places the crops)."""
     from monai.transforms import (
         Compose,
         RandAdjustContrastd,
         RandAffined,
-        RandCropByLabelClassesd,
         RandFlipd,
         RandGaussianNoised,
         RandGaussianSmoothd,
         RandScaleIntensityd,
         RandShiftIntensityd,
-        SpatialPadd,
     )
 
     keys = ["image", "label"]
     return Compose(
         [
-            SpatialPadd(keys, spatial_size=list(patch_zyx)),
-            RandCropByLabelClassesd(
-                keys,
-                label_key="label",
-                spatial_size=list(patch_zyx),
-                num_classes=classes,
-                ratios=[1.0] * classes,
-                num_samples=samples,
-                warn=False,
-            ),
             RandFlipd(keys, prob=0.5, spatial_axis=0),
             RandFlipd(keys, prob=0.5, spatial_axis=1),
             RandFlipd(keys, prob=0.5, spatial_axis=2),
@@ -105,6 +103,14 @@ def train_transforms(patch_zyx: Sequence[int], classes: int, samples: int = 2) -
             RandGaussianSmoothd("image", prob=0.1, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
         ]
     )
+
+
+def pad_to_patch(array: np.ndarray, patch_zyx: Sequence[int]) -> np.ndarray:
+    """A (C, Z, Y, X) array padded with zeros, centered, to at least the patch (as MONAI's SpatialPad)."""
+    missing = [max(p - s, 0) for s, p in zip(array.shape[1:], patch_zyx)]
+    if not any(missing):
+        return array
+    return np.pad(array, [(0, 0)] + [(m // 2, m - m // 2) for m in missing])
 
 
 def split(

@@ -157,6 +157,27 @@ def read_pair(text: str) -> Case:
     return Case(_case_name(image.name), image, label, segments, f"{image.name}:{label.name}")
 
 
+def rtstruct_case(path: Path) -> Case:
+    """A DICOM folder (CT series + RTSTRUCT) or an RTSTRUCT file beside its series: each ROI a segment by name."""
+    from MedSegUNetLib.imageio.rtstruct import find_rtstruct, roi_names
+
+    rtstruct = find_rtstruct(path)
+    if rtstruct is None:
+        raise MedSegError("holds no DICOM RT structure set", path)
+    segments = [SegmentInfo(label.name, label.value, 0, label.color) for label in roi_names(rtstruct)]
+    folder = rtstruct.parent
+    return Case(folder.name, folder, rtstruct, segments, f"{folder.name}/{rtstruct.name} (RT structure set)")
+
+
+def rtstruct_cases(folder: Path) -> List[Case]:
+    """The folder itself when it holds an RTSTRUCT, else each subfolder that does (one level)."""
+    from MedSegUNetLib.imageio.rtstruct import find_rtstruct
+
+    if find_rtstruct(folder) is not None:
+        return [rtstruct_case(folder)]
+    return [rtstruct_case(sub) for sub in sorted(folder.iterdir()) if sub.is_dir() and find_rtstruct(sub) is not None]
+
+
 def looks_like_pair(text: str) -> bool:
     image, separator, label = text.rpartition(":")
     return bool(separator and image and label) and not Path(text).exists() and Path(label).suffix != ""

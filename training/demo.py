@@ -150,7 +150,8 @@ def _labelmap(
 
 
 def print_table(reports: List[dict], titles: List[str]) -> None:
-    """Structure, Dice and HD95 per model; a structure absent from the held-out reference says so."""
+    """Structure, Dice and HD95 per model; for a structure absent from the held-out reference, the volume
+    predicted anyway (a false positive), which no Dice shows."""
     rows = {
         title: {row["label"]: row for row in report["cases"][0]["labels"]} for title, report in zip(titles, reports)
     }
@@ -161,11 +162,13 @@ def print_table(reports: List[dict], titles: List[str]) -> None:
         for title in titles:
             row = rows[title][name]
             if row["note"].startswith("not in the reference"):
-                line += f"{'(not in scan)':>16}{'':>10}"
+                volume = float(row.get("volume_prediction_ml") or 0.0)
+                line += f"{f'false {volume:.1f} ml' if volume > 0 else 'absent: none':>16}{'':>10}"
                 continue
             hd = "inf" if row["hd95_mm"] == float("inf") else f"{row['hd95_mm']:.1f}"
             line += f"{row['dice']:>16.3f}{hd:>10}"
         print(line)
+    print("false N ml: predicted where the reference has none of that structure; absent: none predicted either")
 
 
 def run_demo_command(args: argparse.Namespace, progress: Progress) -> dict:

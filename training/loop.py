@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -23,6 +24,7 @@ from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Plan, TrainConfig
 from .data import PreparedCase
 from .distributed import World
+from .losses import IGNORE, make_loss
 from .stream import Batch, batch_stream, default_workers
 
 if TYPE_CHECKING:
@@ -61,25 +63,31 @@ def validate(
     from monai.networks.utils import one_hot
 
     classes = len(labels) + 1
-    dice_sums = np.zeros(len(labels))
+    dice_values: List[List[float]] = [[] for _ in labels]
     hd_values: List[List[float]] = [[] for _ in labels]
     for case in cases:
         predicted = predict_labels(
             network, case.image, patch_zyx, PredictOptions(overlap=0.25, device=device), Progress()
         )
+        unreviewed = case.label[0] == IGNORE
+        predicted[unreviewed] = 0  # voxels nobody reviewed count for nothing
         prediction = one_hot(torch.as_tensor(predicted[None, None]).long(), classes)
-        reference = one_hot(torch.as_tensor(case.label[None]).long(), classes)
-        dice = compute_dice(prediction, reference, include_background=False, ignore_empty=False)[0]
-        dice_sums += np.nan_to_num(dice.numpy(), nan=0.0)
-        hd = compute_hausdorff_distance(prediction, reference, percentile=95, spacing=list(case.spacing_zyx))[0]
-        for index, value in enumerate(hd.numpy()):
-            if np.isfinite(value):
-                hd_values[index].append(float(value))
+        reference = one_hot(torch.as_tensor(np.where(unreviewed, 0, case.label[0])[None, None]).long(), classes)
+        dice = compute_dice(prediction, reference, include_background=False, ignore_empty=False)[0].numpy()
+        with warnings.catch_warnings():  # MONAI warns about its own deprecated call, and about empty classes
+            warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r"the (ground truth|prediction) of class \d+ is all 0")
+            hd = compute_hausdorff_distance(prediction, reference, percentile=95, spacing=list(case.spacing_zyx))[0]
+        for index in [c - 1 for c in case.annotated] if case.annotated else range(len(labels)):
+            dice_values[index].append(float(np.nan_to_num(dice[index], nan=0.0)))  # only where it is annotated
+            if np.isfinite(hd[index].item()):
+                hd_values[index].append(float(hd[index]))
     metrics: Dict[str, Optional[float]] = {}
     for index, label in enumerate(labels):
-        metrics[f"dice_{label.name}"] = round(float(dice_sums[index] / len(cases)), 4)
+        metrics[f"dice_{label.name}"] = round(float(np.mean(dice_values[index])), 4) if dice_values[index] else None
         metrics[f"hd95_mm_{label.name}"] = round(float(np.mean(hd_values[index])), 2) if hd_values[index] else None
-    metrics["dice_mean"] = round(float(dice_sums.mean() / len(cases)), 4)
+    measured = [float(np.mean(values)) for values in dice_values if values]
+    metrics["dice_mean"] = round(float(np.mean(measured)), 4) if measured else 0.0
     network.train()
     return metrics
 
@@ -135,6 +143,8 @@ class Run:
         self.amp = amp_dtype(self.device, config.amp)
         self.board: Optional[SummaryWriter] = None
         self.patch_zyx = xyz_to_zyx(plan.preprocessing.patch_size)
+        self.start_network: Optional[torch.nn.Module] = None  # the --init model, as it was
+        self.start_classes = 0
         self.meta = self._initial_meta()
         self.network = self.meta_network
         self.optimizer, self.schedule = make_optimizer(config, self.network, plan.steps)
@@ -151,6 +161,7 @@ class Run:
             bundle.meta.network = spec
             self.meta_network: torch.nn.Module = build_network(spec)
             grow_output(self.meta_network, old.network, len(old.meta.labels) + 1)
+            self.start_network, self.start_classes = old.network, len(old.meta.labels) + 1
         else:
             bundle = create_bundle(
                 self.labels,
@@ -190,9 +201,8 @@ class Run:
         return save_bundle(self.folder / name, self.meta, self.network)
 
     def run(self) -> Path:
-        from monai.losses import DiceCELoss
-
-        loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+        loss_function = make_loss(self.config)
+        teacher = self._teacher()
         self.network.to(self.device).train()
         model = self.world.wrap(self.network, self.device)
         # fp16 needs loss scaling against underflow; bf16 and fp32 do not
@@ -208,7 +218,10 @@ class Run:
                 self.optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                     images = batch["image"].to(self.device, non_blocking=True)
-                    loss = loss_function(model(images), batch["label"].to(self.device, non_blocking=True))
+                    labels = batch["label"].to(self.device, non_blocking=True)
+                    with torch.no_grad():
+                        kept = teacher(images) if teacher is not None else None
+                    loss = loss_function(model(images), labels, batch["annotated"].to(self.device), kept)
                 scaler.scale(loss).backward()
                 scaler.step(self.optimizer)
                 scaler.update()
@@ -242,6 +255,19 @@ class Run:
         self._write_logs()
         return self.folder / "model.safetensors" if (self.folder / "model.safetensors").exists() else last
 
+    def _teacher(self) -> Optional[torch.nn.Module]:
+        """The starting model, frozen, when some training case leaves out a structure it segments: its
+        output there is what fine-tuning keeps (see losses.py)."""
+        if self.start_network is None:
+            return None
+        known = set(range(1, self.start_classes))
+        if all(not case.annotated or known <= set(case.annotated) for case in self.train_cases):
+            return None
+        teacher = self.start_network.to(self.device).eval()
+        for parameter in teacher.parameters():
+            parameter.requires_grad_(False)
+        return teacher
+
     def _batch_stream(self, seed: int) -> Iterator[Batch]:
         workers = self.config.workers if self.config.workers is not None else default_workers(self.device)
         classes = len(self.labels) + 1
@@ -253,6 +279,7 @@ class Run:
             seed,
             workers,
             pin_memory=self.device.type == "cuda",
+            foreground_fraction=self.config.foreground_fraction,
         )
 
     def _deadline(self) -> float:

@@ -12,11 +12,8 @@ Label names come from the package's own class map (``totalsegmentator/map_to_bin
 from __future__ import annotations
 
 import ast
-import hashlib
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -28,6 +25,8 @@ import SimpleITK as sitk
 
 from MedSegUNetLib.core.errors import MedSegError
 from MedSegUNetLib.core.labels import Label, palette_color
+
+from .registry import cache_folder, download_from_index
 
 if TYPE_CHECKING:
     import argparse
@@ -51,9 +50,25 @@ class Sample:
     name: str  # our name for the scan (scene and folder name)
     image: str  # a file or a DICOM folder, relative to REFERENCE
     reference: str  # labelmap relative to REFERENCE
-    class_map: str  # key of map_to_binary.class_map naming its label values
+    class_map: str  # key of map_to_binary.class_map naming its label values ("": masks named by their files)
     role: str  # what the project uses it for
+    masks: Tuple[str, ...] = ()  # one mask file per structure in the folder ``reference`` (a partial annotation)
 
+
+# The aorta report's test CT: TotalSegmentator's vessel masks exist only on a crop of it, so the scene
+# annotates these vessels and marks the rest of the scan "unlabeled" (not reviewed, teaches nothing).
+AORTA_MASKS = (
+    "aorta",
+    "brachiocephalic_trunk",
+    "subclavian_artery_left",
+    "common_carotid_artery_left",
+    "celiac_trunk",
+    "superior_mesenteric_artery",
+    "renal_arteries",
+    "iliac_artery_left",
+    "iliac_artery_right",
+)
+UNLABELED = "unlabeled"  # training's name for voxels that teach nothing (training/label_table.py)
 
 SAMPLES = (
     Sample("abdomen-ct", "example_ct.nii.gz", "example_seg_fast_force_split.nii.gz", "total", "training"),
@@ -65,6 +80,14 @@ SAMPLES = (
         "held-out evaluation (another patient, DICOM)",
     ),
     Sample("abdomen-mr", "example_mr_sm.nii.gz", "example_seg_mr.nii.gz", "total_mr", "MRI example"),
+    Sample(
+        "aorta-ct",
+        "aorta_report/example_ct.nii.gz",
+        "aorta_report/test_result/models",
+        "",
+        "training (partial: aorta and branches on a crop; early arterial phase)",
+        AORTA_MASKS,
+    ),
 )
 
 # Slicer terminology (SNOMED CT codes) and GenericAnatomyColors-like colors for the structures the
@@ -96,14 +119,10 @@ def label_for(value: int, name: str) -> Label:
 # --- the cache ---------------------------------------------------------------------------------------
 
 
-def cache_folder() -> Path:
-    """``$MEDSEGUNET_CACHE``, else ``~/.cache/medsegunet``."""
-    configured = os.environ.get("MEDSEGUNET_CACHE")
-    return Path(configured) if configured else Path.home() / ".cache" / "medsegunet"
-
-
 def _wanted_members() -> List[str]:
-    return [f"{REFERENCE}/{sample.reference}" for sample in SAMPLES] + [CLASS_MAP_FILE]
+    files = [f"{REFERENCE}/{sample.reference}" for sample in SAMPLES if not sample.masks]
+    masks = [f"{REFERENCE}/{sample.reference}/{mask}.nii.gz" for sample in SAMPLES for mask in sample.masks]
+    return files + masks + [CLASS_MAP_FILE]
 
 
 def _member_is_wanted(name: str) -> bool:
@@ -113,34 +132,8 @@ def _member_is_wanted(name: str) -> bool:
 
 
 def download_sdist(folder: Path) -> Path:
-    """pip download of the sdist (no dependencies, nothing installed), checked against its known hash."""
-    base = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-binary",
-        ":all:",
-        "--quiet",
-        "--dest",
-        str(folder),
-    ]
-    sdist, last = folder / SDIST, "no output"
-    # pip prepares an sdist's metadata; without build isolation it uses our setuptools (no extra download)
-    for extra in (["--no-build-isolation"], []):
-        result = subprocess.run(
-            base + extra + [f"{PACKAGE}=={VERSION}"], capture_output=True, text=True, encoding="utf-8", errors="replace"
-        )
-        if result.returncode == 0 and sdist.exists():
-            break
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-    else:
-        raise MedSegError(f"could not download {PACKAGE}=={VERSION} from the package index: {last}", folder)
-    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-    if digest != SDIST_SHA256:
-        raise MedSegError(f"downloaded file has sha256 {digest}, expected {SDIST_SHA256}", sdist)
-    return sdist
+    """The TotalSegmentator sdist, checked against its known hash."""
+    return download_from_index(f"{PACKAGE}=={VERSION}", SDIST, SDIST_SHA256, folder)
 
 
 def extract_members(sdist: Path, target: Path) -> None:
@@ -165,15 +158,15 @@ def fetch_sources(cache: Optional[Path] = None, log: Callable[[str], None] = pri
     """The extracted sample files (``.../tests/reference_files``), downloading once into the cache."""
     cache = Path(cache or cache_folder())
     sources = cache / f"{PACKAGE}-{VERSION}-files"
-    if (sources / ".complete").exists():
-        return sources
+    wanted = _wanted_members() + [f"{REFERENCE}/{sample.image}" for sample in SAMPLES]
+    if (sources / ".complete").exists() and all(sources.joinpath(*PurePosixPath(m).parts[1:]).exists() for m in wanted):
+        return sources  # complete, with every file this version uses (an older cache lacks newer samples)
     cache.mkdir(parents=True, exist_ok=True)
     log(f"downloading {PACKAGE}=={VERSION} (source distribution, ~40 MB) from the package index, once")
     with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as work:
         sdist = download_sdist(Path(work))
         staging = Path(work) / "files"
         extract_members(sdist, staging)
-        wanted = _wanted_members() + [f"{REFERENCE}/{sample.image}" for sample in SAMPLES]
         missing = [m for m in wanted if not staging.joinpath(*PurePosixPath(m).parts[1:]).exists()]
         if missing:
             raise MedSegError(f"the downloaded package lacks {missing[0]}", sdist)
@@ -217,6 +210,35 @@ def labels_present(reference: sitk.Image, names: Dict[int, str]) -> List[Label]:
     return [label_for(value, names[value]) for value in values]
 
 
+def assembled_masks(folder: Path, masks: Sequence[str], image: sitk.Image) -> Tuple[sitk.Image, List[Label]]:
+    """One labelmap on the scan's grid from per-structure masks on a crop of it: structure ``i`` is ``i + 1``
+    (where two masks overlap, the earlier one keeps the voxel), and the scan outside the crop is
+    ``unlabeled``, since nobody looked there."""
+    from MedSegUNetLib.core.geometry import Grid, ijk_to_lps, resample_onto
+
+    grid = Grid.of(image)
+    merged = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
+    crop = None
+    for value, name in enumerate(masks, start=1):
+        path = folder / f"{name}.nii.gz"
+        mask = sitk.ReadImage(str(path))
+        if not grid.holds_lattice(ijk_to_lps(mask)):
+            raise MedSegError("is not on a crop of its scan's grid", path)
+        placed = sitk.GetArrayFromImage(resample_onto(mask, grid, sitk.sitkNearestNeighbor, default_value=0))
+        merged[(placed > 0) & (merged == 0)] = value
+        if crop is None:
+            ones = sitk.Image(mask.GetSize(), sitk.sitkUInt8) + 1
+            ones.CopyInformation(mask)
+            crop = sitk.GetArrayFromImage(resample_onto(ones, grid, sitk.sitkNearestNeighbor, default_value=0)) > 0
+    labels = [label_for(value, name) for value, name in enumerate(masks, start=1)]
+    if crop is not None and not crop.all():
+        merged[~crop] = len(masks) + 1
+        labels.append(Label(len(masks) + 1, UNLABELED, (0.5, 0.5, 0.5)))
+    reference = sitk.GetImageFromArray(merged)
+    reference.CopyInformation(image)
+    return reference, labels
+
+
 @dataclass
 class WrittenSample:
     name: str
@@ -238,12 +260,15 @@ def write_sample(sample: Sample, sources: Path, output: Path, class_maps: Dict[s
     folder.mkdir(parents=True, exist_ok=True)
     source_image = sources / sample.image
     image = read_image(source_image).image
-    reference = sitk.ReadImage(str(sources / sample.reference))
-    if not Grid.of(reference).same_voxels(Grid.of(image)):
-        raise MedSegError("reference is not on its scan's grid", sources / sample.reference)
-    # the held-out reference is stored flipped (LAS) against its DICOM (LPS): put it on the scan's own grid
-    reference = resample_onto(reference, Grid.of(image), sitk.sitkNearestNeighbor)
-    labels = labels_present(reference, class_maps[sample.class_map])
+    if sample.masks:
+        reference, labels = assembled_masks(sources / sample.reference, sample.masks, image)
+    else:
+        reference = sitk.ReadImage(str(sources / sample.reference))
+        if not Grid.of(reference).same_voxels(Grid.of(image)):
+            raise MedSegError("reference is not on its scan's grid", sources / sample.reference)
+        # the held-out reference is stored flipped (LAS) against its DICOM (LPS): put it on the scan's own grid
+        reference = resample_onto(reference, Grid.of(image), sitk.sitkNearestNeighbor)
+        labels = labels_present(reference, class_maps[sample.class_map])
     dicom = None
     if source_image.is_dir():
         dicom = folder / "dicom"
@@ -285,24 +310,47 @@ def write_samples(
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .lesion_samples import lesion_sample_names
+
     parser = commands.add_parser(
         "sample-data",
         help="write real sample CT/MR scans with reference segmentations as Slicer scenes and plain files",
-        description=f"{SOURCE_NOTE} Downloaded once into $MEDSEGUNET_CACHE (default ~/.cache/medsegunet).",
+        description=f"{SOURCE_NOTE} With --lesions: four lung CT lesion cases with DICOM RT structure sets "
+        "(pycerr 2.5.1's radiomics phantom, CC BY-NC 3.0, non-commercial). Downloaded once into "
+        "$MEDSEGUNET_CACHE (default ~/.cache/medsegunet).",
     )
     parser.add_argument(
         "--output", type=Path, default=Path("medsegunet-samples"), help="folder to write (medsegunet-samples)"
     )
-    parser.add_argument("--only", nargs="+", choices=[s.name for s in SAMPLES], help="just these samples")
+    parser.add_argument(
+        "--only", nargs="+", choices=[s.name for s in SAMPLES] + lesion_sample_names(), help="just these samples"
+    )
+    parser.add_argument(
+        "--lesions",
+        action="store_true",
+        help="write the four lung lesion cases (CT + RT structure set; CC BY-NC 3.0) instead of the default samples",
+    )
     parser.set_defaults(handler=run_sample_data_command, progress="none")
 
 
 def run_sample_data_command(args: argparse.Namespace, progress: Progress) -> dict:
-    written = write_samples(args.output, args.only)
-    for sample in written:
-        print(f"{sample.name:<11} {sample.role}")
-        print(f"  scene   {sample.scene}")
-        print(f"  image   {sample.dicom or sample.image}")
-        print(f"  labels  {sample.segmentation} ({sample.labelmap.name} as a labelmap)")
-    print(SOURCE_NOTE)
+    from .lesion_samples import LESION_NOTE, lesion_sample_names, write_lesion_samples
+
+    lesion_names = [n for n in args.only or [] if n in lesion_sample_names()]
+    other_names = [n for n in args.only or [] if n not in lesion_sample_names()]
+    if other_names or not (args.lesions or lesion_names):
+        written = write_samples(args.output, other_names or None)
+        for sample in written:
+            print(f"{sample.name:<11} {sample.role}")
+            print(f"  scene   {sample.scene}")
+            print(f"  image   {sample.dicom or sample.image}")
+            print(f"  labels  {sample.segmentation} ({sample.labelmap.name} as a labelmap)")
+        print(SOURCE_NOTE)
+    if args.lesions or lesion_names:
+        for lesion in write_lesion_samples(args.output, lesion_names or None):
+            print(f"{lesion.name:<11} lung CT, one GTV of {lesion.lesion_ml:.1f} mL")
+            print(f"  scene   {lesion.scene}")
+            print(f"  dicom   {lesion.dicom} (CT series + RT structure set)")
+            print(f"  labels  {lesion.segmentation}")
+        print(LESION_NOTE)
     return {"output": str(args.output)}

@@ -294,11 +294,35 @@ def read_segments(path: Path) -> List[SegmentInfo]:
 def load_case_arrays(case: Case) -> Tuple[sitk.Image, sitk.Image]:
     """The image (as read_image gives it) and a labelmap on its exact grid where segment ``i`` has value ``i + 1``."""
     from MedSegUNetLib.imageio.images import read_image
+    from MedSegUNetLib.imageio.rtstruct import is_rtstruct
 
+    if is_rtstruct(case.label_path):
+        return rtstruct_arrays(case)
     image = read_image(case.image_path).image
     if case.label_path.name.lower().endswith(".seg.nrrd"):
         return image, segments_labelmap(case.label_path, case.segments, image)
     return image, values_labelmap(case.label_path, case.segments, image)
+
+
+def rtstruct_arrays(case: Case) -> Tuple[sitk.Image, sitk.Image]:
+    """The CT series and its structure set's ROIs as one labelmap (segment ``i`` is ``i + 1``); ROIs that
+    overlap cannot train one label per voxel and are refused."""
+    from MedSegUNetLib.imageio.rtstruct import read_structure_set
+
+    structures = read_structure_set(case.label_path, [segment.name for segment in case.segments])
+    merged = np.zeros(Grid.of(structures.image).size[::-1], dtype=np.uint16)
+    for index, segment in enumerate(case.segments, start=1):
+        mask = structures.masks[segment.name]
+        clash = merged[mask]
+        if clash.any():
+            other = case.segments[int(clash[clash > 0][0]) - 1].name
+            raise SceneError(
+                f"ROIs '{other}' and '{segment.name}' overlap; training needs one label per voxel", case.label_path
+            )
+        merged[mask] = index
+    label = sitk.GetImageFromArray(merged)
+    label.CopyInformation(structures.image)
+    return structures.image, label
 
 
 def values_labelmap(path: Path, segments: List[SegmentInfo], reference: sitk.Image) -> sitk.Image:

@@ -10,46 +10,79 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Iterator, List, Optional, Sequence, TypedDict
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict
 
 import numpy as np
 import torch
 
-from .data import PreparedCase, train_transforms
+from .data import PreparedCase, augmentations, pad_to_patch
+from .sampling import class_voxels, crop_starts
 
 WORKER_SEED_STRIDE = 1_000_003  # far apart: the workers' streams never share a seed
+FOREGROUND_FRACTION = 0.33  # nnU-Net's default share of crops forced onto foreground
 
 
 class Batch(TypedDict):
     """One training batch: ``batch_size`` crops of one case."""
 
     image: torch.Tensor  # (B, C, Z, Y, X) float32
-    label: torch.Tensor  # (B, 1, Z, Y, X) int64 class indices
+    label: torch.Tensor  # (B, 1, Z, Y, X) int64 class indices (IGNORE: teaches nothing)
+    annotated: torch.Tensor  # (B, C) bool: the classes the case annotates (background always)
     case: str  # the case the crops were taken from
 
 
 def batches(
-    cases: List[PreparedCase], patch_zyx: Sequence[int], classes: int, batch_size: int, seed: int
+    cases: List[PreparedCase],
+    patch_zyx: Sequence[int],
+    classes: int,
+    batch_size: int,
+    seed: int,
+    foreground_fraction: float = FOREGROUND_FRACTION,
 ) -> Iterator[Batch]:
-    """An endless stream of augmented crops, cycling through the cases in a seeded random order."""
-    transforms = train_transforms(patch_zyx, classes, samples=batch_size)
-    transforms.set_random_state(seed=seed)
+    """An endless stream of augmented crops, cycling through the cases in a seeded random order; a share
+    ``foreground_fraction`` of each batch's crops is centered on foreground (training/sampling.py)."""
+    augment = augmentations()
+    augment.set_random_state(seed=seed)
     rng = np.random.default_rng(seed)
+    padded: Dict[str, Tuple[np.ndarray, np.ndarray, Dict[int, np.ndarray]]] = {}
     while True:
         for index in rng.permutation(len(cases)):
             case = cases[index]
-            crops = transforms({"image": case.image, "label": case.label})
+            if case.name not in padded:  # once per case: padding and where each class lies
+                label = pad_to_patch(case.label, patch_zyx)
+                padded[case.name] = (pad_to_patch(case.image, patch_zyx), label, class_voxels(label[0], classes))
+            image, label, voxels = padded[case.name]
+            crops = []
+            for start in crop_starts(label.shape[1:], patch_zyx, voxels, batch_size, foreground_fraction, rng):
+                box = (slice(None),) + tuple(slice(s, s + p) for s, p in zip(start, patch_zyx))
+                crops.append(augment({"image": image[box], "label": label[box]}))
             yield {
                 "image": torch.stack([torch.as_tensor(np.asarray(c["image"])) for c in crops]).float(),
                 "label": torch.stack([torch.as_tensor(np.asarray(c["label"])) for c in crops]).long(),
+                "annotated": annotated_classes(case, classes).repeat(len(crops), 1),
                 "case": case.name,
             }
+
+
+def annotated_classes(case: PreparedCase, classes: int) -> torch.Tensor:
+    """(1, C) booleans: background and the classes the case annotates (all when it names none)."""
+    row = torch.zeros(1, classes, dtype=torch.bool)
+    row[0, [0, *case.annotated]] = True
+    return row if case.annotated else torch.ones(1, classes, dtype=torch.bool)
 
 
 class CropBatches(torch.utils.data.IterableDataset):
     """:func:`batches` as a dataset: each DataLoader worker runs its own seeded stream."""
 
-    def __init__(self, cases: List[PreparedCase], patch_zyx: Sequence[int], classes: int, batch_size: int, seed: int):
+    def __init__(
+        self,
+        cases: List[PreparedCase],
+        patch_zyx: Sequence[int],
+        classes: int,
+        batch_size: int,
+        seed: int,
+        foreground_fraction: float = FOREGROUND_FRACTION,
+    ):
         super().__init__()
         self.cases, self.patch_zyx, self.classes, self.batch_size, self.seed = (
             cases,
@@ -58,12 +91,18 @@ class CropBatches(torch.utils.data.IterableDataset):
             batch_size,
             seed,
         )
+        self.foreground_fraction = foreground_fraction
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         return batches(
-            self.cases, self.patch_zyx, self.classes, self.batch_size, self.seed + WORKER_SEED_STRIDE * worker
+            self.cases,
+            self.patch_zyx,
+            self.classes,
+            self.batch_size,
+            self.seed + WORKER_SEED_STRIDE * worker,
+            self.foreground_fraction,
         )
 
 
@@ -99,13 +138,14 @@ def batch_stream(
     workers: int,
     pin_memory: bool = False,
     start_method: Optional[str] = None,
+    foreground_fraction: float = FOREGROUND_FRACTION,
 ) -> Iterator[Batch]:
     """The training batches: made in ``workers`` processes, or in this one when ``workers`` is 0.
     ``start_method``: how the workers start (default: the platform's; macOS and Windows spawn them)."""
     if workers <= 0:
-        return batches(cases, patch_zyx, classes, batch_size, seed)
+        return batches(cases, patch_zyx, classes, batch_size, seed, foreground_fraction)
     loader = torch.utils.data.DataLoader(
-        CropBatches(cases, patch_zyx, classes, batch_size, seed),
+        CropBatches(cases, patch_zyx, classes, batch_size, seed, foreground_fraction),
         batch_size=None,  # each item is already a batch
         num_workers=workers,
         worker_init_fn=_worker_signals,

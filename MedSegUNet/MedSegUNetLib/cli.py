@@ -19,15 +19,25 @@ from types import FrameType
 from typing import TYPE_CHECKING, Callable, NoReturn, Optional, Sequence
 
 from MedSegUNetLib import __version__
-from MedSegUNetLib.core.errors import EXIT_CANCELLED, EXIT_ERROR, EXIT_OK, Cancelled, MedSegError
+from MedSegUNetLib.core.errors import (
+    EXIT_CANCELLED,
+    EXIT_ERROR,
+    EXIT_OK,
+    OUT_OF_MEMORY,
+    Cancelled,
+    MedSegError,
+    describe_os_error,
+)
 
 if TYPE_CHECKING:
+    from MedSegUNetLib.commands.segment import SegmentOptions
     from MedSegUNetLib.commands.standby import LoadedModel
     from MedSegUNetLib.core.progress import Progress
 
 PROGRAM = "medsegunet"
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 PRECISIONS = ["auto", "fp32", "bf16"]  # inference.PRECISIONS, spelled out so that --help need not import torch
+BATCH_FORMATS = ["seg.nrrd", "nii.gz", "nrrd", "nii", "mha"]  # the output endings images.write_segmentation takes
 
 
 def _raise_cancelled(signum: int, frame: Optional[FrameType]) -> None:
@@ -54,6 +64,14 @@ def add_segment_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     parser.add_argument("-m", "--model", required=True, type=Path, help="model bundle (.safetensors)")
     parser.add_argument("-o", "--output", required=True, type=Path, help="OUTPUT.seg.nrrd, .nrrd, .nii.gz or .nii")
     parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--series", help="DICOM series instance UID, when the folder holds several")
+    add_prediction_arguments(parser)
+    add_progress_argument(parser)
+    parser.set_defaults(handler=run_segment_command, exit_at_once=True)
+
+
+def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
+    """What ``segment`` and ``segment-batch`` share: how to predict and what to do with the labels."""
     parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 0.95] (0.5)")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False, help="mirroring TTA (8x time)")
     parser.add_argument(
@@ -72,15 +90,29 @@ def add_segment_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         help="auto: fp16 on a CUDA GPU, float32 elsewhere; fp32: no reduced precision; bf16: on a GPU, or on a CPU "
         "with AVX512-BF16/AMX (there only slightly faster, and labels can differ slightly from float32)",
     )
-    parser.add_argument("--series", help="DICOM series instance UID, when the folder holds several")
     parser.add_argument(
         "--body-crop",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="CT models: run the network only on the box around the body, air is background (default on)",
     )
-    add_progress_argument(parser)
-    parser.set_defaults(handler=run_segment_command, exit_at_once=True)
+
+
+def segment_options(args: argparse.Namespace) -> SegmentOptions:
+    """The parsed prediction arguments (:func:`add_prediction_arguments`), checked."""
+    from MedSegUNetLib.commands.segment import SegmentOptions
+    from MedSegUNetLib.prediction.inference import PredictOptions
+
+    if not 0.0 <= args.overlap <= 0.95:
+        raise MedSegError(f"--overlap must be between 0 and 0.95, not {args.overlap}")
+    _check_batch_size(args.batch_size)
+    device = getattr(args, "device", "auto")
+    return SegmentOptions(
+        predict=PredictOptions(args.overlap, args.tta, args.batch_size, device, args.precision),
+        largest_component=args.largest_component,
+        series=getattr(args, "series", None),
+        crop_to_body=args.body_crop,
+    )
 
 
 def add_progress_argument(parser: argparse.ArgumentParser) -> None:
@@ -95,24 +127,68 @@ def add_progress_argument(parser: argparse.ArgumentParser) -> None:
 
 def run_segment_command(args: argparse.Namespace, progress: Progress, preloaded: Optional[LoadedModel] = None) -> dict:
     """``segment``; ``preloaded`` (a standby.LoadedModel) serves the job when it holds the job's model."""
-    from MedSegUNetLib.commands.segment import SegmentOptions, run_segment
-    from MedSegUNetLib.prediction.inference import PredictOptions
+    from MedSegUNetLib.commands.segment import run_segment
 
-    if not 0.0 <= args.overlap <= 0.95:
-        raise MedSegError(f"--overlap must be between 0 and 0.95, not {args.overlap}")
-    _check_batch_size(args.batch_size)
-    options = SegmentOptions(
-        predict=PredictOptions(args.overlap, args.tta, args.batch_size, args.device, args.precision),
-        largest_component=args.largest_component,
-        series=args.series,
-        crop_to_body=args.body_crop,
-    )
+    options = segment_options(args)
     bundle = preloaded.bundle if preloaded is not None and preloaded.serves(args.model) else None
     output = run_segment(args.inputs, args.model, args.output, options, progress, preloaded=bundle)
     progress.close()
     if args.progress != "json":
         print(f"wrote {output}")
     return {"message": f"wrote {output}", "output": str(output)}
+
+
+# --- segment-batch: a cohort ------------------------------------------------------------------------
+
+
+def add_segment_batch_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "segment-batch",
+        help="segment a cohort with the model loaded once (resumable, in shards across machines)",
+        description="Segment every case of the inputs (image files, folders of them, folder trees of DICOM series: "
+        "one case per series; channels as CASE_0000, CASE_0001, ...) into DIR/CASE.FORMAT. Outputs that exist are "
+        "skipped; a failed case does not stop the others (exit 1 if any failed); DIR/summary.csv has a row per case.",
+    )
+    parser.add_argument("inputs", nargs="*", type=Path, metavar="INPUT", help="image files, folders, DICOM trees")
+    parser.add_argument("-m", "--model", required=True, type=Path, help="model bundle (.safetensors)")
+    parser.add_argument("--output-dir", "-o", required=True, type=Path, help="folder of the outputs and summary.csv")
+    parser.add_argument("--format", default="seg.nrrd", choices=BATCH_FORMATS, help="output format (seg.nrrd)")
+    parser.add_argument("--list", type=Path, help="a text file of inputs, one per line (# comments)")
+    parser.add_argument(
+        "--shard", help="I/N: only the cases of shard I (0 to N-1) of N, by a hash of the case id (for job arrays)"
+    )
+    parser.add_argument(
+        "--devices", default="auto", help="comma-separated, one predictor each: e.g. cuda:0,cuda:1 or cpu,cpu (auto)"
+    )
+    add_prediction_arguments(parser)
+    add_progress_argument(parser)
+    parser.set_defaults(handler=run_segment_batch_command, exit_at_once=True)
+
+
+def run_segment_batch_command(args: argparse.Namespace, progress: Progress) -> dict:
+    """``segment-batch``: exit 1, with one line, when any case failed (the summary has their errors)."""
+    from MedSegUNetLib.commands.batch_cases import parse_shard
+    from MedSegUNetLib.commands.segment_batch import BatchOptions, run_segment_batch
+    from MedSegUNetLib.core.progress import make_progress
+    from MedSegUNetLib.imageio.console import python_streams_apart
+
+    options = BatchOptions(
+        segment=segment_options(args),
+        output_format=args.format,
+        devices=tuple(device for device in args.devices.split(",") if device.strip()),
+        shard=parse_shard(args.shard) if args.shard is not None else None,
+    )
+    with python_streams_apart():
+        result = run_segment_batch(
+            args.inputs, args.list, args.model, args.output_dir, options, make_progress(args.progress)
+        )
+    progress.close()
+    failed = result.summary.count("failed")
+    if failed:
+        raise MedSegError(f"{failed} of {result.cases} case(s) failed (their errors: {result.summary.path})")
+    if args.progress != "json":
+        print(result.describe())
+    return {"message": result.describe(), "summary": str(result.summary.path)}
 
 
 # --- standby: the engine started before the click ----------------------------------------------------
@@ -265,6 +341,7 @@ def build_parser(extra: Sequence[AddParsers] = ()) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_segment_parser(commands)
+    add_segment_batch_parser(commands)
     add_standby_parser(commands)
     add_info_parser(commands)
     add_create_bundle_parser(commands)
@@ -332,7 +409,7 @@ def main(
     parser = build()
     args = parser.parse_args(argv)
     install_signal_handlers()
-    if args.command in ("segment", "standby"):
+    if args.command in ("segment", "segment-batch", "standby"):
         from MedSegUNetLib.commands.skipped_imports import skip_unused_imports
 
         skip_unused_imports()  # before anything imports MONAI
@@ -368,12 +445,11 @@ def run_command(args: argparse.Namespace, progress: Progress, progress_kind: str
         return EXIT_CANCELLED
     except MemoryError:
         progress.close()
-        report_error("out of memory: try a smaller --batch-size, a GPU, or a machine with more memory", progress_kind)
+        report_error(OUT_OF_MEMORY, progress_kind)
         return EXIT_ERROR
     except OSError as error:  # disk full, file too large, I/O error: the atomic writers left nothing behind
         progress.close()
-        where = f"{error.filename}: " if error.filename else ""
-        report_error(f"{where}{error.strerror or error}", progress_kind)
+        report_error(describe_os_error(error), progress_kind)
         return EXIT_ERROR
     finally:
         progress.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from MedSegUNetMRML.nodefiles import Node, read_segmentation, read_segmentation_into
+from MedSegUNetMRML.nodefiles import Node, new_segmentation_node, read_segmentation, read_segmentation_into
 
 MODEL_ATTRIBUTE = "MedSegUNet.Model"  # the bundle that made a segmentation node's segments
 
@@ -82,10 +82,15 @@ def copy_segments(source_node: Node, target_node: Node) -> None:
     # (benchmarks/takeover.py); the Segment Editor edits separate layers as well.
 
 
-def take_over_result(path: Path, volume_node: Node, output_node: Node, model: Path, surfaces: bool = True) -> Node:
+def take_over_result(
+    path: Path, volume_node: Node, output_node: Optional[Node], model: Path, surfaces: bool = True
+) -> Node:
     """The engine's ``.seg.nrrd`` (names, colors, terminology) into ``output_node``, tied to ``volume_node``
-    and under its transform (the file is in the volume's own frame); closed surfaces for 3D on request."""
+    and under its transform (the file is in the volume's own frame); closed surfaces for 3D on request.
+    With no output node, or one removed from the scene while the engine ran, a new node is made."""
     scene = volume_node.GetScene()
+    if output_node is None or output_node.GetScene() is None:
+        output_node = new_segmentation_node(scene, f"{volume_node.GetName()} segmentation")
     if output_node.GetSegmentation().GetNumberOfSegments() == 0:
         read_segmentation_into(output_node, path)  # nothing to keep: the file's layers as they are, no copy
     else:

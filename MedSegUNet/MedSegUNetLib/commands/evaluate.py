@@ -21,23 +21,23 @@ import csv
 import io
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
+from MedSegUNetLib.commands.lesions import lesion_scores, summarize
+from MedSegUNetLib.commands.metrics import score_masks
 from MedSegUNetLib.core.atomic import atomic_path, check_writable
 from MedSegUNetLib.core.errors import MedSegError, PathLike
 from MedSegUNetLib.core.geometry import Grid, image_from_ijk_array
 from MedSegUNetLib.imageio.images import SEGMENTATION_ENDING, has_ending, read_labelmap
+from MedSegUNetLib.imageio.rtstruct import find_rtstruct, is_rtstruct, read_structure_set
 from MedSegUNetLib.imageio.segmentation_nrrd import segment_names
 
 if TYPE_CHECKING:
-    import torch
-
     from MedSegUNetLib.core.progress import Progress
 
 IMAGE_ENDINGS = (SEGMENTATION_ENDING, ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -64,6 +64,8 @@ def read_masks(path: Path) -> Masks:
         raise MedSegError("not found", path)
     if has_ending(path, (SEGMENTATION_ENDING,)):
         return _segmentation_masks(path)
+    if path.is_dir() or is_rtstruct(path):
+        return _structure_set_masks(path)
     label = read_labelmap(path)
     array = sitk.GetArrayFromImage(label)
     values = [int(v) for v in np.unique(array) if v != 0]
@@ -98,6 +100,20 @@ def _segmentation_masks(path: Path) -> Masks:
         masks[key] = np.ascontiguousarray(mask_ijk.transpose(2, 1, 0))  # ijk -> zyx, as SimpleITK arrays
         display[key], values[key] = name, int(segment["labelValue"])
     return Masks(path, Grid.of(grid_image), masks, display, values, True)
+
+
+def _structure_set_masks(path: Path) -> Masks:
+    """The ROIs of a DICOM RT structure set (a folder with the CT series, or the RTSTRUCT file), by name."""
+    structures = read_structure_set(path)
+    keys = [" ".join(label.name.split()).casefold() for label in structures.labels]
+    return Masks(
+        path,
+        Grid.of(structures.image),
+        {key: structures.masks[label.name] for key, label in zip(keys, structures.labels)},
+        {key: label.name for key, label in zip(keys, structures.labels)},
+        {key: label.value for key, label in zip(keys, structures.labels)},
+        True,
+    )
 
 
 # --- one lattice for both --------------------------------------------------------------------------
@@ -141,63 +157,18 @@ def on_common_lattice(prediction: Masks, reference: Masks) -> Tuple[Dict[str, np
 # --- metrics ---------------------------------------------------------------------------------------
 
 
-def _crop_to_both(predicted: np.ndarray, reference: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Surface distances only depend on the masks: crop to their joint box (plus a border) for speed."""
-    points = np.argwhere(predicted | reference)
-    low = np.maximum(points.min(axis=0) - 2, 0)
-    high = points.max(axis=0) + 3
-    box = tuple(slice(a, b) for a, b in zip(low, high))
-    return np.pad(predicted[box], 2), np.pad(reference[box], 2)
-
-
-def _one_hot(mask: np.ndarray) -> torch.Tensor:
-    import torch
-
-    tensor = torch.as_tensor(mask[None, None])
-    return torch.cat([~tensor, tensor], dim=1).float()
-
-
-def score_masks(
-    predicted: np.ndarray, reference: np.ndarray, spacing_zyx: Sequence[float], tolerance_mm: float
-) -> dict:
-    """Dice, HD95 (mm), NSD at ``tolerance_mm`` and volumes (mL) of two boolean masks on one grid."""
-    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
-
-    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
-    volumes = {
-        "volume_reference_ml": float(reference.sum()) * voxel_ml,
-        "volume_prediction_ml": float(predicted.sum()) * voxel_ml,
-    }
-    volumes["volume_difference_ml"] = volumes["volume_prediction_ml"] - volumes["volume_reference_ml"]
-    if not predicted.any() and not reference.any():
-        return {"dice": 1.0, "hd95_mm": 0.0, "nsd": 1.0, **volumes, "note": "both empty"}
-    if not predicted.any() or not reference.any():
-        note = "empty prediction" if not predicted.any() else "empty reference"
-        return {"dice": 0.0, "hd95_mm": math.inf, "nsd": 0.0, **volumes, "note": note}
-    predicted, reference = _crop_to_both(predicted, reference)
-    y_pred, y = _one_hot(predicted), _one_hot(reference)
-    spacing = [float(s) for s in spacing_zyx]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # MONAI's own deprecation notice, not the user's concern
-        dice = float(compute_dice(y_pred, y, include_background=False)[0, 0])
-        hd95 = float(
-            compute_hausdorff_distance(y_pred, y, include_background=False, percentile=95, spacing=spacing)[0, 0]
-        )
-        nsd = float(
-            compute_surface_dice(y_pred, y, class_thresholds=[tolerance_mm], include_background=False, spacing=spacing)[
-                0, 0
-            ]
-        )
-    return {"dice": dice, "hd95_mm": hd95, "nsd": nsd, **volumes, "note": ""}
-
-
 def evaluate_pair(
-    prediction_path: Path, reference_path: Path, tolerance_mm: float = 2.0, case: Optional[str] = None
+    prediction_path: Path,
+    reference_path: Path,
+    tolerance_mm: float = 2.0,
+    case: Optional[str] = None,
+    lesions: bool = False,
 ) -> dict:
     """One case: ``{"case", "prediction", "reference", "labels": [row...], "notes": [...]}``.
 
     Each row: ``label`` (name or value), ``dice``, ``hd95_mm`` (``inf`` when one mask is empty),
-    ``nsd``, ``volume_reference_ml``, ``volume_prediction_ml``, ``volume_difference_ml``, ``note``.
+    ``nsd``, ``volume_reference_ml``, ``volume_prediction_ml``, ``volume_difference_ml``, ``note``;
+    with ``lesions``, also ``lesions``: the lesion-wise scores of commands/lesions.py.
     """
     prediction, reference = read_masks(prediction_path), read_masks(reference_path)
     notes: List[str] = []
@@ -215,6 +186,8 @@ def evaluate_pair(
     rows = []
     for key in predicted:
         row = score_masks(predicted[key], referenced.get(key, empty), spacing_zyx, tolerance_mm)
+        if lesions:
+            row["lesions"] = lesion_scores(predicted[key], referenced.get(key, empty), spacing_zyx, tolerance_mm)
         if key not in referenced:
             row["note"] = "not in the reference" if predicted[key].any() else "not in the reference; both empty"
         rows.append({"label": prediction.display.get(key, key), **row})
@@ -259,10 +232,17 @@ def case_name(path: Path) -> str:
 
 
 def match_cases(prediction: Path, reference: Path) -> List[Tuple[str, Path, Path]]:
-    """(case, prediction file, reference file): two files, or two folders matched by case name."""
-    if prediction.is_dir() != reference.is_dir():
-        raise MedSegError("give two files or two folders", prediction)
-    if not prediction.is_dir():
+    """(case, prediction file, reference file): two files, or two folders matched by case name. A DICOM
+    folder with an RT structure set counts as one file."""
+
+    def is_folder_of_cases(path: Path) -> bool:
+        return path.is_dir() and find_rtstruct(path) is None
+
+    if is_folder_of_cases(prediction) != is_folder_of_cases(reference):
+        raise MedSegError(
+            "give two files (a DICOM folder with an RT structure set counts as one) or two folders", prediction
+        )
+    if not is_folder_of_cases(prediction):
         return [(case_name(prediction), prediction, reference)]
 
     def listing(folder: Path) -> Dict[str, Path]:
@@ -284,20 +264,38 @@ def match_cases(prediction: Path, reference: Path) -> List[Tuple[str, Path, Path
 
 
 def evaluate_paths(
-    prediction: PathLike, reference: PathLike, tolerance_mm: float = 2.0, progress: Optional[Progress] = None
+    prediction: PathLike,
+    reference: PathLike,
+    tolerance_mm: float = 2.0,
+    progress: Optional[Progress] = None,
+    lesions: bool = False,
 ) -> dict:
-    """Every case: ``{"cases": [evaluate_pair(...)...], "mean": mean_per_label(...), "tolerance_mm"}``."""
+    """Every case: ``{"cases": [evaluate_pair(...)...], "mean": mean_per_label(...), "tolerance_mm"}``,
+    and with ``lesions`` a ``"lesions"`` summary per label over the cases."""
     pairs = match_cases(Path(prediction), Path(reference))
     cases = []
     for index, (name, predicted, referenced) in enumerate(pairs):
         if progress is not None:
             progress.update("evaluate", index, len(pairs), name)
-        cases.append(evaluate_pair(predicted, referenced, tolerance_mm, case=name))
+        cases.append(evaluate_pair(predicted, referenced, tolerance_mm, case=name, lesions=lesions))
     if progress is not None:
         progress.update("evaluate", len(pairs), len(pairs), "evaluated")
-    return {"cases": cases, "mean": mean_per_label(cases), "tolerance_mm": tolerance_mm}
+    report = {"cases": cases, "mean": mean_per_label(cases), "tolerance_mm": tolerance_mm}
+    if lesions:
+        report["lesions"] = lesion_summary(cases)
+    return report
 
 
+def lesion_summary(cases: List[dict]) -> List[dict]:
+    """Per label, the lesion-wise scores summed and averaged over the cases that score it."""
+    labels: Dict[str, List[dict]] = {}
+    for case in cases:
+        for row in case["labels"]:
+            labels.setdefault(row["label"], []).append(row["lesions"])
+    return [{"label": label, **summarize(per_case)} for label, per_case in labels.items()]
+
+
+LESION_COLUMNS = ["lesions_reference", "lesions_detected", "lesions_missed", "false_positives"]
 COLUMNS = [
     "case",
     "label",
@@ -323,11 +321,13 @@ def _json_safe(value: object) -> object:
 
 def csv_text(report: dict) -> str:
     stream = io.StringIO()
-    writer = csv.DictWriter(stream, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    columns = COLUMNS + (LESION_COLUMNS if "lesions" in report else [])
+    writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for case in report["cases"]:
         for row in case["labels"]:
-            writer.writerow({"case": case["case"], **{k: _format(v) for k, v in row.items()}})
+            counts = {k: v for k, v in row.get("lesions", {}).items() if k in LESION_COLUMNS}
+            writer.writerow({"case": case["case"], **{k: _format(v) for k, v in row.items()}, **counts})
     for row in report["mean"]:
         writer.writerow(
             {
@@ -372,7 +372,24 @@ def table(report: dict) -> str:
                 f"{'mean':<20} {row['label'][:22]:<22} {row['dice']:>6.3f} {hd:>8} {row['nsd']:>6.3f} "
                 f"{row['volume_difference_ml']:>12.1f}"
             )
+    for row in report.get("lesions", []):
+        lines.append(lesion_line(row, report["tolerance_mm"]))
     return "\n".join(lines)
+
+
+def lesion_line(row: dict, tolerance_mm: float) -> str:
+    """One label's lesion-wise summary in words."""
+
+    def number(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    return (
+        f"lesions {row['label']}: {row['lesions_detected']} of {row['lesions_reference']} detected, "
+        f"{row['lesions_missed']} missed, {row['false_positives_per_scan']:.2f} false positives per scan; "
+        f"per lesion Dice {number(row['lesion_dice'])}, "
+        f"surface Dice ({tolerance_mm:g} mm) {number(row['lesion_nsd'])}, "
+        f"|volume error| {number(row['lesion_abs_volume_error_ml'])} mL"
+    )
 
 
 # --- the command -----------------------------------------------------------------------------------
@@ -391,6 +408,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--csv", type=Path, help="write every row and the means as CSV")
     parser.add_argument("--json", type=Path, help="write the full report as JSON")
     parser.add_argument("--tolerance-mm", type=float, default=2.0, help="normalized surface Dice tolerance (2 mm)")
+    parser.add_argument(
+        "--lesions",
+        action="store_true",
+        help="also count lesions (26-connected components matched by overlap): detected, missed, false positives "
+        "per scan, and per-lesion Dice, surface Dice and volume error",
+    )
     parser.set_defaults(handler=run_evaluate_command, progress="none")
 
 
@@ -398,7 +421,7 @@ def run_evaluate_command(args: argparse.Namespace, progress: Progress) -> dict:
     for path in (args.csv, args.json):
         if path is not None:
             check_writable(path)
-    report = evaluate_paths(args.prediction, args.reference, args.tolerance_mm)
+    report = evaluate_paths(args.prediction, args.reference, args.tolerance_mm, lesions=args.lesions)
     write_reports(report, args.json, args.csv)
     print(table(report))
     return {"cases": len(report["cases"])}

@@ -7,8 +7,11 @@ file beside the target, flushed to disk, and renamed over the target only on suc
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
+import socket
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -26,10 +29,20 @@ def _suffixes(path: Path) -> str:
     return path.suffix
 
 
+# Another machine's temporary (a folder shared by the jobs of an array) is left alone while it can still be
+# written: its process id means nothing here. Untouched this long, it is a killed run's.
+FOREIGN_TEMPORARY_SECONDS = 3600.0
+
+
+def _host_mark() -> str:
+    """A short mark of this machine in a temporary's name."""
+    return hashlib.sha256(socket.gethostname().encode("utf-8")).hexdigest()[:6]
+
+
 def temporary_sibling(path: Path) -> Path:
     ending = _suffixes(path)
     stem = path.name[: len(path.name) - len(ending)] if ending else path.name
-    return path.with_name(f".{stem}{_TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{ending}")
+    return path.with_name(f".{stem}{_TEMP_MARK}{os.getpid()}-{_host_mark()}-{secrets.token_hex(4)}{ending}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -50,15 +63,28 @@ def clean_stale_temporaries(folder: Path) -> int:
     if not folder.is_dir():
         return 0
     for candidate in folder.glob(f".*{_TEMP_MARK}*"):
-        try:
-            pid = int(candidate.name.split(_TEMP_MARK, 1)[1].split("-", 1)[0])
-        except (IndexError, ValueError):
-            continue
-        if not _pid_alive(pid):
+        if _is_stale(candidate):
             with contextlib.suppress(OSError):
                 candidate.unlink()
                 removed += 1
     return removed
+
+
+def _is_stale(temporary: Path) -> bool:
+    """This machine's temporary whose process is gone, or another machine's left untouched for long."""
+    fields = temporary.name.split(_TEMP_MARK, 1)[1].split("-")  # pid-host-token (pid-token: before the host)
+    if not fields[0].isdigit():
+        return False
+    if len(fields) > 2 and fields[1] != _host_mark():
+        return _untouched_for(temporary, FOREIGN_TEMPORARY_SECONDS)
+    return not _pid_alive(int(fields[0]))
+
+
+def _untouched_for(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
 
 
 def check_writable(path: Path) -> None:

@@ -27,6 +27,15 @@ class MedSegError(Exception):
         return f"{self.path}: {one_line}" if self.path else one_line
 
 
+OUT_OF_MEMORY = "out of memory: try a smaller --batch-size, a GPU, or a machine with more memory"
+
+
+def describe_os_error(error: OSError) -> str:
+    """Disk full, file too large, I/O error: one line naming the file when the error names one."""
+    where = f"{error.filename}: " if error.filename else ""
+    return f"{where}{error.strerror or error}"
+
+
 class Cancelled(BaseException):
     """The run was asked to stop (SIGINT/SIGTERM or the panel's Cancel).
 

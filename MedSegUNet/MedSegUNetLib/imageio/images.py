@@ -286,8 +286,9 @@ def _read_nifti_gz(path: Path, reader: sitk.ImageFileReader) -> Optional[sitk.Im
 
 
 def dicom_series(folder: Path) -> List[str]:
-    """The DICOM series IDs in ``folder`` (not its subfolders)."""
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
+    """The DICOM series IDs in ``folder`` (not its subfolders); ITK's warning for none is silenced."""
+    with _quiet_native_output():
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
 
 
 def _read_dicom_folder(folder: Path, series: Optional[str], max_voxels: int) -> sitk.Image:

@@ -72,12 +72,15 @@ def select_device(name: str) -> torch.device:
     mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if name == "cuda" and not cuda:
-        raise MedSegError(f"--device cuda was asked for, but this torch {torch.__version__} sees no CUDA GPU")
+    kind, _, index = name.partition(":")
+    if kind == "cuda" and not cuda:
+        raise MedSegError(f"--device {name} was asked for, but this torch {torch.__version__} sees no CUDA GPU")
     if name == "mps" and not mps:
         raise MedSegError("--device mps was asked for, but Apple's MPS is not available here")
-    if name not in ("cpu", "cuda", "mps"):
-        raise MedSegError(f"unknown device '{name}' (use auto, cpu, cuda or mps)")
+    if name not in ("cpu", "cuda", "mps") and not (kind == "cuda" and index.isdigit()):
+        raise MedSegError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise MedSegError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return torch.device(name)
 
 
