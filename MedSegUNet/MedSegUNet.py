@@ -8,6 +8,7 @@ Slicer starts as fast with this module as without it.
 """
 
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
 import sys
@@ -42,6 +43,7 @@ from MedSegUNetLib.host.childprocess import (
     devices_from_names,
     engine_environment,
     engine_python,
+    import_command,
     parse_devices,
     segment_arguments,
     segment_command,
@@ -171,7 +173,7 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def connectSignals(self) -> None:
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.retrainButton.connect("clicked(bool)", self.onRetrainButton)
-        self.ui.addModelButton.connect("clicked(bool)", self.onAddModel)
+        self.addModelMenu()
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.modelDetailsButton.connect("toggled(bool)", self.onModelDetailsToggled)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
@@ -239,11 +241,13 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateButtons(self, caller=None, event=None) -> None:
         busy = self.logic.busy()
         ready = bool(self._parameterNode and self._parameterNode.inputVolume and self.currentModel())
-        self.ui.segmentButton.text = _("Cancel") if busy == "segment" else _("Segment")
+        underSegment = busy in ("segment", "import")  # both show their progress under the Segment button
+        self.ui.segmentButton.text = _("Cancel") if underSegment else _("Segment")
         self.ui.retrainButton.text = _("Cancel") if busy == "train" else _("Retrain")
-        self.ui.segmentButton.enabled = (busy == "segment" and not self.cancelling) or (not busy and ready)
+        self.ui.segmentButton.enabled = (underSegment and not self.cancelling) or (not busy and ready)
         self.ui.retrainButton.enabled = (busy == "train" and not self.cancelling) or not busy
-        if busy == "segment":
+        self.ui.addModelButton.enabled = not busy
+        if underSegment:
             self.ui.segmentButton.toolTip = _("Ends the background run.")
         elif ready:
             self.ui.segmentButton.toolTip = _("Run the model in a background process.")
@@ -269,6 +273,18 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.setCurrentIndex(max(index, 0))
         self.onModelChanged()
 
+    def addModelMenu(self) -> None:
+        """Add model...: a MedSegUNet bundle, or another tool's model (imported in the background)."""
+        menu = qt.QMenu(self.ui.addModelButton)
+        for text, slot in (
+            (_("MedSegUNet bundle (.safetensors)..."), self.onAddModel),
+            (_("nnU-Net or MONAI model as a .zip..."), self.onImportModelFile),
+            (_("nnU-Net results folder or MONAI bundle folder..."), self.onImportModelFolder),
+        ):
+            menu.addAction(text).connect("triggered()", slot)
+        self.ui.addModelButton.setMenu(menu)
+        self.ui.addModelButton.popupMode = qt.QToolButton.InstantPopup
+
     def onAddModel(self) -> None:
         path = qt.QFileDialog.getOpenFileName(
             self.parent, _("Add a MedSegUNet model"), "", _("Model bundles (*.safetensors)")
@@ -279,6 +295,24 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.describeModel(Path(path))  # refuses pickles and other files before it is listed
             self.logic.rememberModel(Path(path))
             self.refreshModels(select=Path(path))
+
+    def onImportModelFile(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(self.parent, _("Import a model"), "", _("Zipped models (*.zip)"))
+        if path:
+            self.importModel(Path(path))
+
+    def onImportModelFolder(self) -> None:
+        path = qt.QFileDialog.getExistingDirectory(self.parent, _("Import a model folder"))
+        if path:
+            self.importModel(Path(path))
+
+    def importModel(self, source: Path) -> None:
+        """Another tool's model into a bundle, in a child process with progress under Segment."""
+        if not self.ensureDependencies():
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not start the import."), waitCursor=True):
+            self.logic.startImport(source)
+            self.showRunning("import", _("Importing {source}...").format(source=source.name))
 
     def onModelChanged(self, index: int = 0) -> None:
         """One line under the list; the rest (scores per structure, resolution, training) behind Details."""
@@ -369,7 +403,7 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- Segment ---
 
     def onSegmentButton(self) -> None:
-        if self.logic.busy() == "segment":
+        if self.logic.busy() in ("segment", "import"):
             self.cancelRun()
             return
         if not self.ensureDependencies():
@@ -400,7 +434,8 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- progress, under the button that started the run ---
 
     def runWidgets(self, kind: str) -> Tuple[Any, Any, Any]:
-        """The progress bar, status line and Show log button of a run of this kind ('segment' or 'train')."""
+        """The progress bar, status line and Show log button of a run of this kind ('segment', 'import' or
+        'train')."""
         if kind == "train":
             return self.ui.retrainProgressBar, self.ui.retrainStatusLabel, self.ui.retrainShowLogButton
         return self.ui.progressBar, self.ui.statusLabel, self.ui.showLogButton
@@ -458,6 +493,11 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if state == SUCCEEDED and kind == "train":
             self.refreshModels(select=Path(message))
             statusLabel.text = _("New model '{model}' trained and selected in the model list.").format(
+                model=modelLabel(Path(message))
+            )
+        elif state == SUCCEEDED and kind == "import":
+            self.refreshModels(select=Path(message))
+            statusLabel.text = _("Model '{model}' imported and selected in the model list.").format(
                 model=modelLabel(Path(message))
             )
         elif state == SUCCEEDED:
@@ -717,7 +757,11 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
                 slicer.util.pip_install([TORCH_REQUIREMENT])
         wanted = [r for r in ENGINE_REQUIREMENTS if distributionName(r) in missing]
         if wanted:
-            slicer.util.pip_install(wanted)  # a list: no shell quoting of the version ranges
+            # torch held at the installed build: dynamic-network-architectures pulls timm and torchvision,
+            # and pip would otherwise replace torch (e.g. a CUDA build) to fit the newest torchvision.
+            importlib.invalidate_caches()
+            held = f"torch=={importlib.metadata.version('torch')}"
+            slicer.util.pip_install(wanted + [held])  # a list: no shell quoting of the version ranges
         importlib.invalidate_caches()
 
     # --- devices ---
@@ -885,6 +929,30 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         root.mkdir(parents=True, exist_ok=True)
         return root
 
+    # --- Add model: another tool's model ---
+
+    def importedModelsFolder(self) -> Path:
+        folder = self.trainedModelsFolder().parent / "imported"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def startImport(self, source: Path) -> Path:
+        """Write a bundle from an nnU-Net results folder or .zip, or a MONAI bundle, in a child process;
+        returns where the bundle will be (a new file: an earlier import is never overwritten)."""
+        self.ensureIdle()
+        stem = source.name[: -len(".zip")] if source.name.lower().endswith(".zip") else source.name
+        output = self.importedModelsFolder() / f"{stem or 'model'}-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
+        self.startRun("import", import_command(source, output), None, PendingRun(output=output))
+        return output
+
+    def finishImport(self, run: ChildProcess) -> str:
+        bundle = Path((run.result or {}).get("output") or self.pending.output or "")
+        if not bundle.is_file():
+            raise FileNotFoundError(_("The import reported {bundle}, which does not exist.").format(bundle=bundle))
+        self.describeModel(bundle)  # a bundle the panel can read, before it is listed
+        self.rememberModel(bundle)
+        return str(bundle)
+
     def saveAnnotatedScene(self, segmentationNodes, folder: Path) -> Optional[Path]:
         """The checked (volume, segmentation) pairs as a scene that `training` reads: folder/scene/annotations.mrml."""
         return annotations.save_annotated_scene(segmentationNodes, folder)
@@ -922,6 +990,8 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
                 message = self.finishSegment()
             elif state == SUCCEEDED and kind == "train":
                 message = self.finishTrain(run)
+            elif state == SUCCEEDED and kind == "import":
+                message = self.finishImport(run)
         except Exception as error:  # report in the panel; the engine itself succeeded
             logging.exception("MedSegUNet: could not take over the result")
             state, message = FAILED, f"could not take over the result: {error}"
@@ -997,6 +1067,10 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
 
     def trainAndWait(self, segmentationNodes, init: Optional[Path], maxSteps: int, timeoutSeconds: float = 900):
         self.startTrain(segmentationNodes, [], init, None, "cpu", maxSteps)
+        return self.waitForEnd(timeoutSeconds, False)
+
+    def importAndWait(self, source: Path, timeoutSeconds: float = 600):
+        self.startImport(source)
         return self.waitForEnd(timeoutSeconds, False)
 
     def waitForEnd(self, timeoutSeconds: float, cancelAfterFirstProgress: bool = False):
@@ -1185,6 +1259,103 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
         self.assertIs(logic.resultNode, node)
         self.assertEqual(logic.segmentNames(node), [label.name for label in labels] + ["my notes"])
 
+    def test_add_model_imports_an_nnunet_model(self):
+        self.delayDisplay("Add model: an nnU-Net results folder")
+        from MedSegUNetLib.model.bundle import read_bundle_metadata
+
+        logic = self.newLogic()
+        folder = Path(slicer.app.temporaryPath) / "MedSegUNetTest" / "no model here"
+        folder.mkdir(parents=True, exist_ok=True)
+        kind, state, message = logic.importAndWait(folder)
+        self.assertEqual((kind, state), ("import", FAILED), logic.logText())
+        self.assertIn("no model here", message)  # one line that names the folder
+        self.assertNotIn("\n", message.strip())
+        self.assertFalse(qt.QSettings().value(self.TEST_MODELS_KEY))  # nothing remembered
+
+        kind, state, message = logic.importAndWait(self.smallNnunetModel())
+        self.assertEqual((kind, state), ("import", SUCCEEDED), f"{message}\n{logic.logText()}")
+        bundle = Path(message)
+        self.assertTrue(bundle.is_file())
+        self.assertEqual(bundle.parent, logic.importedModelsFolder())
+        self.assertIn(bundle, logic.availableModels())
+        meta = read_bundle_metadata(bundle)
+        self.assertEqual([label.name for label in meta.labels], ["organ"])
+        self.assertEqual(meta.provenance["source"]["format"], "nnU-Net v2")
+        volume, _ = self.syntheticVolume()
+        kind, state, message = logic.segmentAndWait(volume, bundle)
+        self.assertEqual((kind, state), ("segment", SUCCEEDED), f"{message}\n{logic.logText()}")
+        self.assertEqual(logic.segmentNames(logic.resultNode), ["organ"])
+
+    def smallNnunetModel(self) -> Path:
+        """A trained-model folder laid out as nnU-Net v2 writes it (plans, dataset description, one fold's
+        checkpoint of the planned network with seeded weights), made with the nnU-Net team's network package."""
+        import json
+        import shutil
+
+        import torch
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+        folder = (
+            Path(slicer.app.temporaryPath)
+            / "MedSegUNetTest"
+            / "Dataset900_Test"
+            / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+        (folder / "fold_0").mkdir(parents=True)
+        layers = {
+            "n_stages": 2,
+            "features_per_stage": [4, 8],
+            "kernel_sizes": [[3, 3, 3], [3, 3, 3]],
+            "strides": [[1, 1, 1], [2, 2, 2]],
+            "n_conv_per_stage": [1, 1],
+            "n_conv_per_stage_decoder": [1],
+            "conv_bias": True,
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+            "dropout_op": None,
+            "dropout_op_kwargs": None,
+            "nonlin_kwargs": {"inplace": True},
+        }
+        ops = {"conv_op": "torch.nn.modules.conv.Conv3d", "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d"}
+        ops["nonlin"] = "torch.nn.LeakyReLU"
+        configuration = {
+            "spacing": [2.0, 2.0, 2.0],
+            "patch_size": [16, 32, 32],
+            "normalization_schemes": ["ZScoreNormalization"],
+            "use_mask_for_norm": [False],
+            "architecture": {
+                "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                "arch_kwargs": {**layers, **ops},
+                "_kw_requires_import": list(ops),
+            },
+        }
+        plans = {
+            "plans_name": "nnUNetPlans",
+            "transpose_forward": [0, 1, 2],
+            "configurations": {"3d_fullres": configuration},
+        }
+        dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "file_ending": ".nrrd"}
+        (folder / "plans.json").write_text(json.dumps(plans))
+        (folder / "dataset.json").write_text(json.dumps(dataset))
+        torch.manual_seed(0)
+        network = PlainConvUNet(
+            input_channels=1,
+            num_classes=2,
+            conv_op=torch.nn.Conv3d,
+            norm_op=torch.nn.InstanceNorm3d,
+            nonlin=torch.nn.LeakyReLU,
+            deep_supervision=False,
+            **layers,
+        )
+        checkpoint = {
+            "network_weights": network.state_dict(),
+            "trainer_name": "nnUNetTrainer",
+            "inference_allowed_mirroring_axes": (0, 1, 2),
+            "current_epoch": 1,
+        }
+        torch.save(checkpoint, folder / "fold_0" / "checkpoint_final.pth")
+        return folder
+
     def test_panel_segments_in_the_background(self):
         self.delayDisplay("Segment through the panel")
         volume, _ = self.syntheticVolume()
@@ -1194,6 +1365,8 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
             widget.logic.rememberModel(self.model())
             widget.refreshModels(select=self.model())
             widget.initializeParameterNode()
+            menu = [action.text for action in widget.ui.addModelButton.menu().actions()]
+            self.assertEqual(len(menu), 3)  # a bundle, a zipped model, a model folder
             self.segmentThroughThePanel(widget, volume)
         finally:
             widget.logic.stopStandby()  # one may have been started for the test's model after the run

@@ -255,3 +255,44 @@ def test_what_cannot_be_imported_faithfully_is_refused(model_folder, tmp_path, c
     output = tmp_path / "out.safetensors"
     assert_clean_failure(run_cli("import-model", str(copy), "-o", str(output)), message)
     assert not output.exists()
+
+
+def test_the_panels_import_command_runs_as_a_child_with_progress(model_folder, tmp_path):
+    """Add model... runs import_command in a ChildProcess and polls it: progress records, then the bundle."""
+    import time
+
+    from conftest import MODULE_DIR
+
+    from MedSegUNetLib.host.childprocess import (
+        FAILED,
+        RUNNING,
+        SUCCEEDED,
+        ChildProcess,
+        engine_environment,
+        import_command,
+    )
+    from MedSegUNetLib.model.bundle import read_bundle_metadata
+
+    def run(source: Path, output: Path) -> tuple:
+        process = ChildProcess(import_command(source, output, python=sys.executable), engine_environment(MODULE_DIR))
+        records, deadline = [], time.monotonic() + 600
+        while process.state == RUNNING:
+            assert time.monotonic() < deadline, process.log_text()
+            records += process.poll()
+            time.sleep(0.05)
+        return process, records + process.poll()
+
+    output = tmp_path / "imported.safetensors"
+    process, records = run(model_folder, output)
+    assert process.state == SUCCEEDED, process.log_text()
+    assert {"read", "convert", "write"} <= {record["stage"] for record in records}
+    assert process.result is not None and Path(process.result["output"]) == output
+    assert read_bundle_metadata(output).provenance["source"]["format"] == "nnU-Net v2"
+
+    empty = tmp_path / "no model here"
+    empty.mkdir()
+    process, _ = run(empty, tmp_path / "nothing.safetensors")
+    assert process.state == FAILED
+    assert process.last_error is not None and "no model here" in process.last_error
+    assert "holds no nnU-Net trained model" in process.last_error and "\n" not in process.last_error
+    assert not (tmp_path / "nothing.safetensors").exists()

@@ -62,3 +62,18 @@ def test_durations_distances_and_counts_in_plain_units(words):
     ]  # fmt: skip
     assert words.millimetres((3.0, 3.0, 3.0)) == "3 mm" and words.millimetres((0.8, 0.8, 1.5)) == "0.8 × 0.8 × 1.5 mm"
     assert [words.casesText(n) for n in (1, 4)] == ["1 case", "4 cases"]
+
+
+def test_an_imported_models_details_say_where_it_came_from_and_its_licence(words):
+    import dataclasses
+
+    meta = shipped_meta()
+    assert not [line for line in words.modelDetails(meta, Path("m.safetensors")).splitlines() if "Imported" in line]
+    source = {"format": "nnU-Net v2", "trainer": "nnUNetTrainer_4000epochs", "folds": ["0", "1"]}
+    imported = dataclasses.replace(
+        meta, provenance={**meta.provenance, "source": {**source, "licence": "CC BY 4.0 " * 60}}
+    )
+    details = words.modelDetails(imported, Path("m.safetensors")).splitlines()
+    assert "Imported from nnU-Net v2: trainer nnUNetTrainer_4000epochs; folds 0, 1" in details
+    licence = [line for line in details if line.startswith("Licence of the source (it applies): CC BY 4.0")]
+    assert len(licence) == 1 and licence[0].endswith("…") and len(licence[0]) < 400

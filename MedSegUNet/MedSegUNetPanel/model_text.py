@@ -125,6 +125,27 @@ def validationLines(meta) -> List[str]:
     return lines
 
 
+LICENCE_SHOWN = 300  # characters of an imported model's licence text; `medsegunet info` shows it whole
+
+
+def sourceLines(meta) -> List[str]:
+    """Where an imported model came from (format, dataset, trainer, folds) and the start of its licence."""
+    source = meta.provenance.get("source") if isinstance(meta.provenance, dict) else None
+    if not isinstance(source, dict) or not source:
+        return []
+    facts = "; ".join(
+        f"{key} {', '.join(map(str, value)) if isinstance(value, list) else value}"
+        for key, value in source.items()
+        if key not in ("format", "licence")
+    )
+    lines = [_("Imported from {format}: {facts}").format(format=source.get("format", "?"), facts=facts)]
+    licence = " ".join(str(source.get("licence") or "").split())
+    if licence:
+        shown = licence if len(licence) <= LICENCE_SHOWN else licence[:LICENCE_SHOWN] + "…"
+        lines.append(_("Licence of the source (it applies): {licence}").format(licence=shown))
+    return lines
+
+
 def modelDetails(meta, path: Path) -> str:
     """The model's details: every structure, the validation scores, the input it expects, its training."""
     prep, training = meta.preprocessing, trainingOf(meta)
@@ -147,6 +168,7 @@ def modelDetails(meta, path: Path) -> str:
             text += _(", in {duration}").format(duration=duration(training["seconds"]))
         lines.append(text)
     lines += validationLines(meta)
+    lines += sourceLines(meta)
     created = meta.provenance.get("created") if isinstance(meta.provenance, dict) else None
     if created:
         lines.append(

@@ -189,6 +189,15 @@ def train_command(request: TrainRequest, python: Optional[str] = None) -> List[s
     return command + ["--device", device, *request.extra, "--progress", "json"]
 
 
+def import_command(source: Path, output: Path, python: Optional[str] = None) -> List[str]:
+    """``PythonSlicer -m MedSegUNetLib import-model SOURCE -o OUTPUT --progress json``: another tool's model
+    (an nnU-Net trained-model folder or .zip, a MONAI bundle) written as a bundle, as Add model runs it."""
+    return [python or engine_python(), "-m", "MedSegUNetLib", "import-model", str(source), "-o", str(output)] + [
+        "--progress",
+        "json",
+    ]
+
+
 def devices_command(python: Optional[str] = None) -> List[str]:
     """``PythonSlicer -m MedSegUNetLib devices``: one JSON line naming the GPUs torch sees."""
     return [python or engine_python(), "-m", "MedSegUNetLib", "devices"]
