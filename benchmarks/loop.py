@@ -10,7 +10,10 @@ before and after. Three ways of saving the corrected scan are compared:
 - kept: the other structures left as the model made them (the user saved the whole segmentation);
 - partial: only the corrected structure saved; the others not annotated (training keeps them, losses.py);
 - background: only the corrected structure saved, and training told to read the missing ones as
-  background (`--missing-segments background`, what training did before partial annotations).
+  background (`--missing-segments background`, what training did before partial annotations);
+- replay: partial, fine-tuned together with the scene the shipped model learned from (abdomen-ct), as a
+  user retrains with their new scan and the model's own training scans (fine-tuning on one scan alone
+  forgets what the others taught).
 
 Everything goes through the `medsegunet` command line, as a user would run it. The references are
 TotalSegmentator's output, so the numbers are agreement with TotalSegmentator. Nothing is tuned on the
@@ -44,7 +47,8 @@ from training.scene_writer import ScenePair, write_mrb  # noqa: E402
 from training.scenes import read_segments, segments_labelmap  # noqa: E402
 
 POOL, HELDOUT, CORRECTED = "aorta-ct", "heldout-ct", ("aorta",)
-VARIANTS = ("kept", "partial", "background")
+TRAINED_ON = "abdomen-ct"  # the shipped model's training scene (replayed by the replay variant)
+VARIANTS = ("kept", "partial", "background", "replay")
 
 
 def medsegunet(*arguments: str) -> None:
@@ -95,14 +99,15 @@ def evaluate(model: Path, heldout: Path, folder: Path) -> Dict[str, dict]:
     return {row["label"]: row for row in rows}
 
 
-def fine_tune(variant: str, scene: Path, model: Path, steps: int, folder: Path) -> tuple:
+def fine_tune(variant: str, scenes: List[Path], model: Path, steps: int, folder: Path) -> tuple:
     output = folder / f"tuned-{variant}"
     missing = ["--missing-segments", "background"] if variant == "background" else []
     names = ",".join(label.name for label in read_bundle_metadata(model).labels)
     started = time.monotonic()
     medsegunet(
-        "train", str(scene), "-o", str(output), "--init", str(model), "--labels", names, "--max-steps", str(steps),
-        "--validate-every", str(steps), "--lr", "5e-4", "--seed", "0", "--device", "cpu", "--progress", "none",
+        "train", *map(str, scenes), "-o", str(output), "--init", str(model), "--labels", names,
+        "--max-steps", str(steps), "--validate-every", str(steps), "--lr", "5e-4", "--seed", "0",
+        "--device", "cpu", "--progress", "none",
         *missing,
     )  # fmt: skip
     return output / "model.safetensors", time.monotonic() - started
@@ -120,8 +125,8 @@ def verdict(before: Dict[str, dict], after: Dict[str, dict]) -> Dict[str, object
     }
 
 
-def run(steps: int, work: Path) -> dict:
-    samples = {s.name: s for s in write_samples(work / "samples", [POOL, HELDOUT], log=lambda m: print(m))}
+def run(steps: int, work: Path, variants: List[str]) -> dict:
+    samples = {s.name: s for s in write_samples(work / "samples", [POOL, HELDOUT, TRAINED_ON], log=print)}
     pool, heldout = samples[POOL].image.parent, samples[HELDOUT].image.parent
     model = find_model("abdomen-ct")
     start = work / "start"
@@ -131,9 +136,12 @@ def run(steps: int, work: Path) -> dict:
     before = evaluate(model, heldout, start)
     report: Dict[str, object] = {"steps": steps, "corrected": list(CORRECTED), "pool": POOL, "heldout": HELDOUT}
     report["before"] = {n: _short(row) for n, row in before.items()}
-    for variant in VARIANTS:
-        scene = corrected_scene(variant, pool, predicted, model, work / variant)
-        tuned, seconds = fine_tune(variant, scene, model, steps, work)
+    report["variants"] = variants
+    for variant in variants:
+        saved_as = "partial" if variant == "replay" else variant
+        scenes = [corrected_scene(saved_as, pool, predicted, model, work / variant)]
+        scenes += [samples[TRAINED_ON].scene] if variant == "replay" else []
+        tuned, seconds = fine_tune(variant, scenes, model, steps, work)
         after = evaluate(tuned, heldout, work / variant)
         report[variant] = {
             "minutes": round(seconds / 60, 2),
@@ -156,11 +164,12 @@ def _short(row: dict) -> dict:
 
 def print_table(report: dict) -> None:
     print(f"\nheld-out {report['heldout']}, corrected {', '.join(report['corrected'])} on {report['pool']}")
-    print(f"{'structure':<14}{'before':>14}" + "".join(f"{v:>16}" for v in VARIANTS))
+    variants = report["variants"]
+    print(f"{'structure':<14}{'before':>14}" + "".join(f"{v:>16}" for v in variants))
     for name, row in report["before"].items():
-        cells = [_cell(row)] + [_cell(report[v]["after"][name]) for v in VARIANTS]
+        cells = [_cell(row)] + [_cell(report[v]["after"][name]) for v in variants]
         print(f"{name:<14}{cells[0]:>14}" + "".join(f"{c:>16}" for c in cells[1:]))
-    print(f"{'minutes':<14}{'':>14}" + "".join(f"{report[v]['minutes']:>16}" for v in VARIANTS))
+    print(f"{'minutes':<14}{'':>14}" + "".join(f"{report[v]['minutes']:>16}" for v in variants))
 
 
 def _cell(row: dict) -> str:
@@ -173,13 +182,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 4-step fine-tune: checks the pipeline, not the loop")
     parser.add_argument("--steps", type=int, default=100, help="fine-tuning steps per variant (default 100)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="which to run")
     parser.add_argument("--json", type=Path, help="write the report here")
     parser.add_argument("--work", type=Path, help="keep the files here (default: a temporary folder)")
     args = parser.parse_args()
     steps = 4 if args.quick else args.steps
     with tempfile.TemporaryDirectory(prefix="medsegunet-loop-") as temporary:
         work = args.work or Path(temporary)
-        report = run(steps, work)
+        report = run(steps, work, args.variants)
         report["threads"] = os.cpu_count()
     print_table(report)
     if args.json:
