@@ -147,6 +147,14 @@ def test_labelmap_with_unnamed_values_is_refused(tmp_path, chest_files):
     assert_clean_failure(result, "chest_001.nii.gz", "does not name")
 
 
+def test_val_fraction_zero_trains_on_every_case():
+    names = ["a", "b", "c"]
+    train, validation, note = split(names, 0.0, seed=0)
+    assert train == names and validation == names and "optimistic" in note
+    train, validation, _ = split(names, 0.2, seed=0)
+    assert len(validation) == 1 and sorted(train + validation) == names
+
+
 def test_folds_partition_the_cases():
     names = [f"case{i}" for i in range(7)]
     validated = []

@@ -64,7 +64,12 @@ def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     parser.add_argument("--schedule", choices=["poly", "cosine"], default="poly")
-    parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=0.2,
+        help="cases held out for validation (0.2); 0: every case trains and validation is on them (optimistic)",
+    )
     parser.add_argument("--validate-every", type=int, default=50)
     parser.add_argument(
         "--modality", choices=["ct", "mri"], help="intensity normalization (default: the dataset's, else ct)"

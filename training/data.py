@@ -121,6 +121,8 @@ def split(
     With one case, validation is on the training case, and says so."""
     if len(names) < 2:
         return names, names, "one case only: validating on the training case (optimistic)"
+    if fraction == 0 and not folds:
+        return names, names, "--val-fraction 0: every case trains, validating on the training cases (optimistic)"
     order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
     if folds:
         if not 2 <= folds <= len(names):
