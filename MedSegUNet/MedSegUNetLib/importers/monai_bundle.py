@@ -71,16 +71,17 @@ class MonaiBundle:
     metadata: Dict[str, Any]
     notes: List[str] = field(default_factory=list)  # what was translated approximately, said at import
 
-    def resolve(self, value: Any, key: str, depth: int = 0) -> Any:
+    def resolve(self, value: Any, key: str, depth: int = 0, deep: bool = True) -> Any:
         """``value`` with its plain references resolved: ``@id`` (another entry of the configuration, ``#``
         for nested ones) and ``$`` followed by a number or a plain reference. Any other expression or macro
-        (``$...``, ``%...``) is refused: it would need Python evaluated."""
+        (``$...``, ``%...``) is refused: it would need Python evaluated. ``deep=False``: what is inside a list
+        or mapping is left as it is."""
         if depth > _MAX_DEPTH:
             raise MedSegError(f"'{key}' has references nested too deeply", self.config_path)
         if isinstance(value, dict):
-            return {k: self.resolve(v, f"{key}#{k}", depth + 1) for k, v in value.items()}
+            return {k: self.resolve(v, f"{key}#{k}", depth + 1) for k, v in value.items()} if deep else value
         if isinstance(value, list):
-            return [self.resolve(v, f"{key}#{i}", depth + 1) for i, v in enumerate(value)]
+            return [self.resolve(v, f"{key}#{i}", depth + 1) for i, v in enumerate(value)] if deep else value
         if not isinstance(value, str) or not value[:1] in ("@", "$", "%"):
             return value
         text = value[1:].strip() if value.startswith("$") else value
@@ -92,7 +93,7 @@ class MonaiBundle:
                 f"'{key}' is the expression {value!r}, which is not evaluated (only numbers and @references are read)",
                 self.config_path,
             )
-        return self.resolve(self.entry(match.group(1), key), f"{key}->{match.group(1)}", depth + 1)
+        return self.resolve(self.entry(match.group(1), key), f"{key}->{match.group(1)}", depth + 1, deep)
 
     def entry(self, path: str, key: str) -> Any:
         current: Any = self.config
@@ -147,16 +148,38 @@ def _class_name(target: Any) -> str:
     return text
 
 
-def _transforms(bundle: MonaiBundle, key: str) -> List[Tuple[str, Dict[str, Any]]]:
-    """The (class name, arguments) of the Compose at ``key`` (``preprocessing``, ``postprocessing``)."""
+# The arguments read of each transform (the others, e.g. SaveImaged's output_dir, stay unread and unevaluated).
+_READ_ARGS = {
+    "Orientation": ("axcodes",),
+    "Spacing": ("pixdim", "mode"),
+    "ScaleIntensityRange": ("a_min", "a_max", "b_min", "b_max", "clip"),
+    "NormalizeIntensity": ("nonzero", "subtrahend", "divisor", "channel_wise"),
+    "Activations": ("sigmoid", "softmax", "other"),
+    "AsDiscrete": ("argmax", "threshold", "to_onehot", "rounding"),
+}
+
+
+def _transforms(bundle: MonaiBundle, key: str) -> List[Tuple[str, str, Dict[str, Any]]]:
+    """The (class name without ``d``, class name, read arguments) of the Compose at ``key`` (``preprocessing``,
+    ``postprocessing``); only the arguments in :data:`_READ_ARGS` are resolved."""
     if key not in bundle.config:
         return []
-    compose = bundle.resolve(bundle.config[key], key)
+    compose = bundle.resolve(bundle.config[key], key, deep=False)
     if isinstance(compose, dict) and _class_name(compose.get("_target_")) == "Compose":
-        compose = compose.get("transforms")
-    if not isinstance(compose, list) or not all(isinstance(t, dict) and "_target_" in t for t in compose):
+        compose = bundle.resolve(compose.get("transforms"), f"{key}#transforms", deep=False)
+    if not isinstance(compose, list):
         raise MedSegError(f"'{key}' is not a Compose of transforms", bundle.config_path)
-    return [(_class_name(t["_target_"]), t) for t in compose]
+    read = []
+    for index, item in enumerate(compose):
+        where = f"{key}#transforms#{index}"
+        transform = bundle.resolve(item, where, deep=False)
+        if not isinstance(transform, dict) or "_target_" not in transform:
+            raise MedSegError(f"'{where}' is not a transform with a _target_", bundle.config_path)
+        name = _class_name(transform["_target_"])
+        base = _base(name)
+        wanted = [name for name in _READ_ARGS.get(base, ()) if name in transform]
+        read.append((base, name, {arg: bundle.resolve(transform[arg], f"{where}#{arg}") for arg in wanted}))
+    return read
 
 
 def _base(name: str) -> str:
@@ -182,8 +205,8 @@ def preprocessing_of(bundle: MonaiBundle) -> _Prep:
     """Orientation, spacing and normalization from the preprocessing transforms; others refused by name."""
     prep = _Prep()
     intensity_seen = False
-    for index, (name, args) in enumerate(_transforms(bundle, "preprocessing")):
-        key, base = f"preprocessing#transforms#{index}", _base(name)
+    for index, (base, name, args) in enumerate(_transforms(bundle, "preprocessing")):
+        key = f"preprocessing#transforms#{index}"
         if base not in PREPROCESSING:
             raise MedSegError(
                 f"the preprocessing transform '{name}' ({key}) has no engine equivalent; the bundle is not imported",
@@ -283,8 +306,8 @@ def restore_of(bundle: MonaiBundle) -> str:
     """``scores`` when Invertd puts the probabilities back before the argmax, else ``labels``; the
     post-processing must end in one label per voxel (softmax or none, then argmax)."""
     invert_first, argmax = False, False
-    for index, (name, args) in enumerate(_transforms(bundle, "postprocessing")):
-        key, base = f"postprocessing#transforms#{index}", _base(name)
+    for index, (base, name, args) in enumerate(_transforms(bundle, "postprocessing")):
+        key = f"postprocessing#transforms#{index}"
         if base not in POSTPROCESSING:
             raise MedSegError(
                 f"the postprocessing transform '{name}' ({key}) has no engine equivalent; the bundle is not imported",
