@@ -91,7 +91,11 @@ INFERENCE = {
         ],
     },
     "handlers": [
-        {"_target_": "CheckpointLoader", "load_path": "$@bundle_root + '/models/model.pt'", "load_dict": {"model": "@network"}},
+        {
+            "_target_": "CheckpointLoader",
+            "load_path": "$@bundle_root + '/models/model.pt'",
+            "load_dict": {"model": "@network"},
+        },
         {"_target_": "StatsHandler", "iteration_log": False},
     ],
     "evaluator": {
@@ -199,7 +203,9 @@ def train_briefly(folder: Path, ct: Path) -> None:
     for _ in range(STEPS):
         start = [int(generator.integers(0, max(s - r, 0) + 1)) for s, r in zip(array.shape[2:], CROP)]
         box = tuple(slice(a, a + r) for a, r in zip(start, CROP))
-        loss = torch.nn.functional.cross_entropy(network(array[(slice(None), slice(None), *box)]), target[(slice(None), *box)])
+        loss = torch.nn.functional.cross_entropy(
+            network(array[(slice(None), slice(None), *box)]), target[(slice(None), *box)]
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

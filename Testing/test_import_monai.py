@@ -44,7 +44,9 @@ def test_segment_agrees_with_monai_bundle_inference(monai_work, imported):
     import slicerio
 
     output = monai_work / "ours.seg.nrrd"
-    result = run_cli("segment", str(monai_work / "ct.nii.gz"), "-m", str(imported), "-o", str(output), "--progress", "none")
+    result = run_cli(
+        "segment", str(monai_work / "ct.nii.gz"), "-m", str(imported), "-o", str(output), "--progress", "none"
+    )
     assert result.returncode == 0, result.stderr
     segmentation = slicerio.read_segmentation(str(output))
     ours = np.transpose(segmentation["voxels"])  # slicerio's (i, j, k) as SimpleITK's (k, j, i)
@@ -99,7 +101,11 @@ def test_zip_imports_as_the_folder_does(monai_work, imported, tmp_path):
     ours, reference = load_file(str(output)), load_file(str(imported))
     assert ours.keys() == reference.keys() and all(np.array_equal(ours[k], reference[k]) for k in ours)
     made, expected = read_bundle_metadata(output), read_bundle_metadata(imported)
-    assert (made.network, made.preprocessing, made.labels) == (expected.network, expected.preprocessing, expected.labels)
+    assert (made.network, made.preprocessing, made.labels) == (
+        expected.network,
+        expected.preprocessing,
+        expected.labels,
+    )
 
 
 def test_zip_entry_outside_its_folder_is_refused(tmp_path):

@@ -1,5 +1,6 @@
 """``import-model``: another tool's trained model (an nnU-Net v2 trained-model folder, a MONAI bundle, or a
-.zip of either; the kind is detected) written as a MedSegUNet bundle. The Slicer panel runs it in a child process with ``--progress json``."""
+.zip of either; the kind is detected) written as a MedSegUNet bundle. The Slicer panel runs it in a child
+process with ``--progress json``."""
 
 from __future__ import annotations
 
@@ -154,10 +155,13 @@ def _write_monai_bundle(bundle: MonaiBundle, name: str, output: Path, progress: 
     except RuntimeError as error:
         detail = " ".join(str(error).split())[:300]
         raise MedSegError(
-            f"the weights do not fit the network 'network_def' describes ({detail})", bundle.folder / "models" / "model.pt"
+            f"the weights do not fit the network 'network_def' describes ({detail})",
+            bundle.folder / "models" / "model.pt",
         ) from None
     if inferer.overlap != 0.5:
-        bundle.notes.append(f"the bundle's inferer overlaps windows by {inferer.overlap:g}: segment with --overlap {inferer.overlap:g}")
+        bundle.notes.append(
+            f"the bundle's inferer overlaps windows by {inferer.overlap:g}: segment with --overlap {inferer.overlap:g}"
+        )
     for note in bundle.notes:
         progress.note(note)
     progress.update("convert", 1, 1, f"{meta.network.cls}, {len(meta.labels)} labels")

@@ -28,8 +28,8 @@ CONFIGS = ("inference.json", "inference.yaml", "inference.yml")
 LICENCE_FILES = ("LICENSE", "LICENCE", "LICENSE.txt", "docs/data_license.txt")
 # The MONAI network classes the engine builds, by the names a configuration may give them.
 NETWORKS = {
-    **{name: "UNet" for name in ("UNet", "monai.networks.nets.UNet", "monai.networks.nets.unet.UNet")},
-    **{name: "DynUNet" for name in ("DynUNet", "monai.networks.nets.DynUNet", "monai.networks.nets.dynunet.DynUNet")},
+    **dict.fromkeys(("UNet", "monai.networks.nets.UNet", "monai.networks.nets.unet.UNet"), "UNet"),
+    **dict.fromkeys(("DynUNet", "monai.networks.nets.DynUNet", "monai.networks.nets.dynunet.DynUNet"), "DynUNet"),
 }
 # Per network class: the arguments that hold one value per network level, each per axis (reversed for (z, y, x)),
 # and those that hold one value per axis.
@@ -53,7 +53,9 @@ def find_bundle_folder(root: Path) -> Optional[Path]:
     """``root`` or the one folder below it (at most two levels) laid out as a MONAI bundle; None when none is."""
     if is_bundle_folder(root):
         return root
-    found = sorted({p.parent.parent for p in root.glob("**/configs/metadata.json") if is_bundle_folder(p.parent.parent)})
+    found = sorted(
+        {p.parent.parent for p in root.glob("**/configs/metadata.json") if is_bundle_folder(p.parent.parent)}
+    )
     found = [folder for folder in found if len(folder.relative_to(root).parts) <= 2]
     if len(found) > 1:
         names = ", ".join(str(folder.relative_to(root)) for folder in found[:4])
@@ -82,7 +84,7 @@ class MonaiBundle:
             return {k: self.resolve(v, f"{key}#{k}", depth + 1) for k, v in value.items()} if deep else value
         if isinstance(value, list):
             return [self.resolve(v, f"{key}#{i}", depth + 1) for i, v in enumerate(value)] if deep else value
-        if not isinstance(value, str) or not value[:1] in ("@", "$", "%"):
+        if not isinstance(value, str) or value[:1] not in ("@", "$", "%"):
             return value
         text = value[1:].strip() if value.startswith("$") else value
         if value.startswith("$") and _NUMBER.match(text):
@@ -103,7 +105,9 @@ class MonaiBundle:
             elif isinstance(current, dict) and part in current:
                 current = current[part]
             else:
-                raise MedSegError(f"'{key}' refers to '@{path}', which the configuration does not have", self.config_path)
+                raise MedSegError(
+                    f"'{key}' refers to '@{path}', which the configuration does not have", self.config_path
+                )
         return current
 
 
@@ -240,12 +244,18 @@ def preprocessing_of(bundle: MonaiBundle) -> _Prep:
 def _spacing(bundle: MonaiBundle, key: str, args: Dict[str, Any]) -> Tuple[float, float, float]:
     pixdim = args.get("pixdim")
     pixdim = [pixdim] * 3 if isinstance(pixdim, (int, float)) else pixdim
-    if not isinstance(pixdim, list) or len(pixdim) != 3 or not all(isinstance(p, (int, float)) and p > 0 for p in pixdim):
+    if (
+        not isinstance(pixdim, list)
+        or len(pixdim) != 3
+        or not all(isinstance(p, (int, float)) and p > 0 for p in pixdim)
+    ):
         raise MedSegError(f"'{key}' pixdim {args.get('pixdim')!r} is not three positive numbers", bundle.config_path)
     mode = args.get("mode", "bilinear")
     mode = mode[0] if isinstance(mode, list) and mode else mode
     if mode not in ("bilinear", 1, "linear"):
-        raise MedSegError(f"'{key}' resamples the image with mode {mode!r}; only bilinear is supported", bundle.config_path)
+        raise MedSegError(
+            f"'{key}' resamples the image with mode {mode!r}; only bilinear is supported", bundle.config_path
+        )
     return float(pixdim[0]), float(pixdim[1]), float(pixdim[2])
 
 
@@ -268,7 +278,9 @@ def _zscore(bundle: MonaiBundle, key: str, args: Dict[str, Any], seen: bool) -> 
     if seen:
         raise MedSegError(f"'{key}' is a second intensity transform; only one is supported", bundle.config_path)
     if args.get("subtrahend") is not None or args.get("divisor") is not None:
-        raise MedSegError(f"'{key}' NormalizeIntensityd with a fixed subtrahend/divisor is not supported", bundle.config_path)
+        raise MedSegError(
+            f"'{key}' NormalizeIntensityd with a fixed subtrahend/divisor is not supported", bundle.config_path
+        )
     return Normalization("zscore", None, nonzero=bool(args.get("nonzero", False)))
 
 
@@ -322,7 +334,9 @@ def restore_of(bundle: MonaiBundle) -> str:
         if base == "Invertd" and not argmax:
             invert_first = True
     if not argmax:
-        raise MedSegError("the postprocessing has no AsDiscreted argmax; only label outputs are supported", bundle.config_path)
+        raise MedSegError(
+            "the postprocessing has no AsDiscreted argmax; only label outputs are supported", bundle.config_path
+        )
     return "scores" if invert_first else "labels"
 
 
@@ -430,8 +444,8 @@ def model_weights(bundle: MonaiBundle) -> Dict[str, Any]:
     if not path.is_file():
         if (bundle.folder / "models" / "model.ts").is_file():
             raise MedSegError(
-                "holds only a TorchScript model (models/model.ts), which is code and is not imported; a models/model.pt "
-                "state dict is needed",
+                "holds only a TorchScript model (models/model.ts), which is code and is not imported; "
+                "a models/model.pt state dict is needed",
                 bundle.folder,
             )
         raise MedSegError("has no models/model.pt", bundle.folder)

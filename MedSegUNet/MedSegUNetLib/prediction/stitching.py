@@ -133,7 +133,11 @@ def blended_scores(
 
 
 def summed_weights(
-    shape_zyx: Sequence[int], window_zyx: Sequence[int], overlap: float, placement: str = "monai", blend: str = "gaussian"
+    shape_zyx: Sequence[int],
+    window_zyx: Sequence[int],
+    overlap: float,
+    placement: str = "monai",
+    blend: str = "gaussian",
 ) -> torch.Tensor:
     """The sum of the windows' weights at each voxel of a volume of ``shape_zyx``: what MONAI divides by."""
     ones = torch.zeros((1, *shape_zyx), dtype=torch.float32)
