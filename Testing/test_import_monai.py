@@ -185,3 +185,19 @@ def test_checkpoint_holding_a_pickled_object_is_refused_and_runs_nothing(monai_w
     output = tmp_path / "out.safetensors"
     assert_clean_failure(run_cli("import-model", str(copy), "-o", str(output)), "model.pt", "more than tensors")
     assert not marker.exists() and not output.exists()
+
+
+def test_yaml_configuration_imports_as_json_does(monai_work, imported, tmp_path):
+    yaml = pytest.importorskip("yaml")  # PyYAML: MONAI's optional dependency for .yaml configurations
+    from MedSegUNetLib.model.bundle import read_bundle_metadata
+
+    copy = copy_bundle(monai_work, tmp_path)
+    config = json.loads((copy / "configs" / "inference.json").read_text())
+    (copy / "configs" / "inference.yaml").write_text(yaml.safe_dump(config))
+    (copy / "configs" / "inference.json").unlink()
+    output = tmp_path / "from-yaml.safetensors"
+    result = run_cli("import-model", str(copy), "-o", str(output), "--progress", "none")
+    assert result.returncode == 0, result.stderr
+    made, expected = read_bundle_metadata(output), read_bundle_metadata(imported)
+    assert made.network == expected.network and made.preprocessing == expected.preprocessing
+    assert made.labels == expected.labels
