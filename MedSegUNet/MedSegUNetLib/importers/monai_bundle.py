@@ -403,7 +403,8 @@ def bundle_meta(bundle: MonaiBundle, name: str) -> Tuple[BundleMeta, Inferer]:
     network = network_spec(bundle)
     labels = labels_of(bundle, network.out_channels)
     prep, inferer, restore = preprocessing_of(bundle), inferer_of(bundle), restore_of(bundle)
-    if prep.orientation != IMAGE_AXES and not set(prep.orientation) <= set("LRAPIS"):
+    pairs = ("LR", "AP", "IS")
+    if prep.orientation != IMAGE_AXES and sorted(p for c in prep.orientation for p in pairs if c in p) != sorted(pairs):
         raise MedSegError(f"Orientationd axcodes '{prep.orientation}' is not an orientation", bundle.config_path)
     source: Dict[str, Any] = {
         "format": "monai-bundle",
