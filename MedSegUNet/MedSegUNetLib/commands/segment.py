@@ -64,15 +64,21 @@ def predict_in_body(
     every_channel_in_body = (slice(None), *body)
     array = network_input.array[every_channel_in_body]  # a view: no copy
     window = _window(bundle, array.shape[1:])
-    predict = replace(options.predict, windows=bundle.meta.windows)
-    if bundle.meta.mirror_axes is not None:  # an imported model mirrors along the axes its trainer allowed
-        predict = replace(predict, mirror_axes=bundle.meta.mirror_axes)
-    inside = predict_labels(bundle.network, array, window, predict, progress)
+    inside = predict_labels(bundle.network, array, window, _bundle_predict_options(bundle, options), progress)
     if inside.shape == network_input.array.shape[1:]:
         return inside
     classes = np.zeros(network_input.array.shape[1:], dtype=inside.dtype)
     classes[body] = inside
     return classes
+
+
+def _bundle_predict_options(bundle: Bundle, options: SegmentOptions) -> PredictOptions:
+    """The prediction options with what the bundle fixes: window placement and blending, and for an
+    imported model the mirroring axes its trainer allowed."""
+    predict = replace(options.predict, windows=bundle.meta.windows, blend=bundle.meta.blend)
+    if bundle.meta.mirror_axes is not None:
+        predict = replace(predict, mirror_axes=bundle.meta.mirror_axes)
+    return predict
 
 
 def _window(bundle: Bundle, shape_zyx: Sequence[int]) -> List[int]:
@@ -163,10 +169,8 @@ def _labels_from_scores(
     network_input: NetworkInput, input_grid: Grid, bundle: Bundle, options: SegmentOptions, progress: Progress
 ) -> sitk.Image:
     """The scores on the whole network grid, resampled onto the input grid, then the argmax (nnU-Net's way)."""
-    predict = replace(options.predict, windows=bundle.meta.windows)
-    if bundle.meta.mirror_axes is not None:
-        predict = replace(predict, mirror_axes=bundle.meta.mirror_axes)
     window = _window(bundle, network_input.array.shape[1:])
+    predict = _bundle_predict_options(bundle, options)
     scores = predict_scores(bundle.network, network_input.array, window, predict, progress)
     progress.update("restore", 0, 1, "scores back onto the input grid")
     table = class_to_value_table(bundle)

@@ -38,6 +38,8 @@ _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float
 
 
 NORMALIZATIONS = ("ct", "zscore", "none", "rescale")
+# BundleMeta.blend: the weights of overlapping windows (MONAI's importance-map modes)
+BLENDS = ("gaussian", "constant")
 # Preprocessing.orientation for a model that keeps each image's own axes (nnU-Net), permuted by ``transpose``
 IMAGE_AXES = "image"
 
@@ -128,6 +130,9 @@ class BundleMeta:
     # "scores": the class scores are resampled to the input grid before the argmax (nnU-Net's way); "labels":
     # the argmax on the network grid, the labels put back by nearest neighbour (faster, less memory)
     restore: str = "labels"
+    # How the windows' scores are weighted where they overlap: "gaussian" (nnU-Net's and the engine's own) or
+    # "constant" (MONAI's SlidingWindowInferer default, for an imported MONAI bundle that keeps it)
+    blend: str = "gaussian"
 
     def validate(self) -> None:
         if not self.labels:
@@ -152,6 +157,8 @@ class BundleMeta:
             raise ValueError(f"unknown restore '{self.restore}' (known: labels, scores)")
         if self.windows not in ("monai", "nnunet"):
             raise ValueError(f"unknown window placement '{self.windows}' (known: monai, nnunet)")
+        if self.blend not in BLENDS:
+            raise ValueError(f"unknown window blending '{self.blend}' (known: {', '.join(BLENDS)})")
         if self.mirror_axes is not None and not set(self.mirror_axes) <= {0, 1, 2}:
             raise ValueError(f"mirror axes must be among 0, 1, 2, not {list(self.mirror_axes)}")
 
@@ -172,6 +179,8 @@ class BundleMeta:
             data["windows"] = self.windows
         if self.restore != "labels":
             data["restore"] = self.restore
+        if self.blend != "gaussian":
+            data["blend"] = self.blend
         return json.dumps(data)
 
     @classmethod
@@ -194,6 +203,7 @@ class BundleMeta:
             mirror_axes=None if data.get("mirror_axes") is None else tuple(int(a) for a in data["mirror_axes"]),
             windows=str(data.get("windows", "monai")),
             restore=str(data.get("restore", "labels")),
+            blend=str(data.get("blend", "gaussian")),
         )
         meta.validate()
         return meta
