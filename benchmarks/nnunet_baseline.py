@@ -149,8 +149,8 @@ def plan_and_train(work: Path, ct: Path, spacing: float, steps: int, dataset_id:
     }
 
 
-def predict_with_nnunet(model: Path, image: Path, output: Path) -> None:
-    """(A child) nnUNetPredictor as its users run it on one CT, without mirroring, on the CPU."""
+def predict_with_nnunet(model: Path, image: Path, output: Path, device: str = "cpu") -> None:
+    """(A child) nnUNetPredictor as its users run it on one CT, without mirroring (on the CPU by default)."""
     import torch
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -169,7 +169,7 @@ def predict_with_nnunet(model: Path, image: Path, output: Path) -> None:
         use_gaussian=True,
         use_mirroring=False,
         perform_everything_on_device=False,
-        device=torch.device("cpu"),
+        device=torch.device(device),
         verbose=False,
         allow_tqdm=False,
     )
@@ -189,7 +189,7 @@ def worker(args: argparse.Namespace) -> None:
         described = plan_and_train(Path(args.work), Path(args.image), args.spacing[0], args.steps, args.dataset_id)
         Path(args.output).write_text(json.dumps(described))
     else:
-        predict_with_nnunet(Path(args.model), Path(args.image), Path(args.output))
+        predict_with_nnunet(Path(args.model), Path(args.image), Path(args.output), args.device)
 
 
 # --- the harness ---------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def quiet_run(command: List[str]) -> None:
         raise SystemExit(f"{' '.join(command[:4])} ... failed:\n{result.stderr[-3000:]}")
 
 
-def compare(work: Path, ct: Path, spacing: float, steps: int, dataset_id: int, log) -> dict:
+def compare(work: Path, ct: Path, spacing: float, steps: int, dataset_id: int, log, device: str = "cpu") -> dict:
     """One spacing: plan, train briefly, import, then nnU-Net's predictor and ours, each a whole process."""
     described_path = work / f"plan-{spacing:g}.json"
     start = time.perf_counter()
@@ -220,10 +220,10 @@ def compare(work: Path, ct: Path, spacing: float, steps: int, dataset_id: int, l
     quiet_run(engine("import-model", described["model"], "-o", str(bundle), "--progress", "none"))
     theirs, ours = work / f"nnunet-{spacing:g}.nii.gz", work / f"ours-{spacing:g}.nii.gz"
     nnunet_s, nnunet_mb = run_child(child("--worker", "nnunet", "--model", described["model"], "--image", str(ct),
-                                          "--output", str(theirs)))  # fmt: skip
+                                          "--output", str(theirs), "--device", device))  # fmt: skip
     log(f"{spacing:g} mm: nnUNetPredictor {nnunet_s:.1f} s, {nnunet_mb:.0f} MB")
     ours_s, ours_mb = run_child(
-        engine("segment", str(ct), "-m", str(bundle), "-o", str(ours), "--device", "cpu", "--progress", "none")
+        engine("segment", str(ct), "-m", str(bundle), "-o", str(ours), "--device", device, "--progress", "none")
     )
     log(f"{spacing:g} mm: ours {ours_s:.1f} s, {ours_mb:.0f} MB")
     return {
@@ -248,13 +248,17 @@ def with_dice(run: dict) -> dict:
 
 def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {"cpus": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in load], "python": sys.version.split()[0]}
+    return {
+        "cpus": os.cpu_count(),
+        "load_average_1_5_15": [round(x, 2) for x in load],
+        "python": sys.version.split()[0],
+    }
 
 
 def harness(args: argparse.Namespace, log=print) -> dict:
     size = "tiny" if args.quick else args.size
     spacings = args.spacing or ([6.0] if args.quick else [3.0])
-    steps = args.steps if args.steps is not None else (3 if args.quick else 6)
+    steps = args.steps if args.steps is not None else (10 if args.quick else 6)
     with tempfile.TemporaryDirectory(prefix="nnunet-bench-") as temporary:
         work = Path(args.work or temporary)
         work.mkdir(parents=True, exist_ok=True)
@@ -264,7 +268,11 @@ def harness(args: argparse.Namespace, log=print) -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "volume": volumes.SIZES[size].describe(),
             "machine_before": machine(),
-            "runs": [compare(work, ct, spacing, steps, 950 + index, log) for index, spacing in enumerate(spacings)],
+            "device": args.device,
+            "runs": [
+                compare(work, ct, spacing, steps, 950 + index, log, args.device)
+                for index, spacing in enumerate(spacings)
+            ],
         }
         report["runs"] = [with_dice(run) for run in report["runs"]]
         report["machine_after"] = machine()
@@ -279,16 +287,18 @@ def print_table(report: dict) -> None:
             f"{run['spacing_zyx'][0]:g} mm | {run['network']} ({run['parameters'] / 1e6:.1f} M, patch "
             f"{'x'.join(map(str, run['patch_zyx']))}) | {run['nnunet']['wall_s']:.1f} / "
             f"{run['nnunet']['peak_rss_mb']:.0f} | {run['ours']['wall_s']:.1f} / {run['ours']['peak_rss_mb']:.0f} | "
-            f"{run['speedup_vs_nnunet']:.2f}x | {run['peak_rss_ratio_vs_nnunet']:.2f}x | {run['dice_ours_vs_nnunet']:.4f}"
+            f"{run['speedup_vs_nnunet']:.2f}x | {run['peak_rss_ratio_vs_nnunet']:.2f}x | "
+            f"{run['dice_ours_vs_nnunet']:.4f}"
         )
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(volumes.SIZES), default="full", help="the benchmark volume (full)")
-    parser.add_argument("--quick", action="store_true", help="the smoke check: tiny volume, 6 mm plan, 3 steps")
+    parser.add_argument("--quick", action="store_true", help="the smoke check: tiny volume, 6 mm plan, 10 steps")
     parser.add_argument("--spacing", type=float, nargs="+", help="isotropic spacings to plan for, mm (3)")
-    parser.add_argument("--steps", type=int, help="training steps before the checkpoint is written (6; quick 3)")
+    parser.add_argument("--steps", type=int, help="training steps before the checkpoint is written (6; quick 10)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both predict (cpu)")
     parser.add_argument("--work", help="keep the models and outputs in this folder")
     parser.add_argument("--json", help="write the report as JSON here")
     parser.add_argument("--worker", choices=["volume", "plan", "nnunet"], help=argparse.SUPPRESS)
