@@ -61,7 +61,15 @@ def add_segment_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "bundle and write a .seg.nrrd (Slicer segmentation) or a labelmap on the input's exact grid.",
     )
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="one image per model input channel")
-    parser.add_argument("-m", "--model", required=True, type=Path, help="model bundle (.safetensors)")
+    parser.add_argument(
+        "-m",
+        "--model",
+        required=True,
+        type=Path,
+        action="append",
+        help="model bundle (.safetensors); several -m run as one: the input read once, the labels merged (the first "
+        "model given keeps a voxel two models label)",
+    )
     parser.add_argument("-o", "--output", required=True, type=Path, help="OUTPUT.seg.nrrd, .nrrd, .nii.gz or .nii")
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--series", help="DICOM series instance UID, when the folder holds several")
@@ -130,8 +138,14 @@ def run_segment_command(args: argparse.Namespace, progress: Progress, preloaded:
     from MedSegUNetLib.commands.segment import run_segment
 
     options = segment_options(args)
-    bundle = preloaded.bundle if preloaded is not None and preloaded.serves(args.model) else None
-    output = run_segment(args.inputs, args.model, args.output, options, progress, preloaded=bundle)
+    if len(args.model) > 1:
+        from MedSegUNetLib.commands.segment_set import run_segment_set
+
+        output = run_segment_set(args.inputs, args.model, args.output, options, progress)
+    else:
+        model = args.model[0]
+        bundle = preloaded.bundle if preloaded is not None and preloaded.serves(model) else None
+        output = run_segment(args.inputs, model, args.output, options, progress, preloaded=bundle)
     progress.close()
     if args.progress != "json":
         print(f"wrote {output}")
