@@ -80,7 +80,12 @@ def add_segment_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
 
 def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
     """What ``segment`` and ``segment-batch`` share: how to predict and what to do with the labels."""
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 0.95] (0.5)")
+    parser.add_argument(
+        "--overlap",
+        type=float,
+        default=None,
+        help="sliding-window overlap in [0, 0.95] (default: an imported model's own, else 0.5)",
+    )
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False, help="mirroring TTA (8x time)")
     parser.add_argument(
         "--largest-component",
@@ -111,15 +116,17 @@ def segment_options(args: argparse.Namespace) -> SegmentOptions:
     from MedSegUNetLib.commands.segment import SegmentOptions
     from MedSegUNetLib.prediction.inference import PredictOptions
 
-    if not 0.0 <= args.overlap <= 0.95:
-        raise MedSegError(f"--overlap must be between 0 and 0.95, not {args.overlap}")
+    overlap = PredictOptions.overlap if args.overlap is None else args.overlap
+    if not 0.0 <= overlap <= 0.95:
+        raise MedSegError(f"--overlap must be between 0 and 0.95, not {overlap}")
     _check_batch_size(args.batch_size)
     device = getattr(args, "device", "auto")
     return SegmentOptions(
-        predict=PredictOptions(args.overlap, args.tta, args.batch_size, device, args.precision),
+        predict=PredictOptions(overlap, args.tta, args.batch_size, device, args.precision),
         largest_component=args.largest_component,
         series=getattr(args, "series", None),
         crop_to_body=args.body_crop,
+        overlap_given=args.overlap is not None,
     )
 
 

@@ -158,10 +158,6 @@ def _write_monai_bundle(bundle: MonaiBundle, name: str, output: Path, progress: 
             f"the weights do not fit the network 'network_def' describes ({detail})",
             bundle.folder / "models" / "model.pt",
         ) from None
-    if inferer.overlap != 0.5:
-        bundle.notes.append(
-            f"the bundle's inferer overlaps windows by {inferer.overlap:g}: segment with --overlap {inferer.overlap:g}"
-        )
     for note in bundle.notes:
         progress.note(note)
     progress.update("convert", 1, 1, f"{meta.network.cls}, {len(meta.labels)} labels")

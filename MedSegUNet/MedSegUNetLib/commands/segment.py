@@ -46,6 +46,7 @@ class SegmentOptions:
     largest_component: bool = False
     series: Optional[str] = None  # DICOM series UID when a folder holds several
     crop_to_body: bool = True  # CT models: run the network only on the box around the body
+    overlap_given: bool = True  # False: the bundle's own overlap, when it has one, replaces predict.overlap
 
 
 def class_to_value_table(bundle: Bundle) -> np.ndarray:
@@ -76,6 +77,8 @@ def _bundle_predict_options(bundle: Bundle, options: SegmentOptions) -> PredictO
     """The prediction options with what the bundle fixes: window placement and blending, and for an
     imported model the mirroring axes its trainer allowed."""
     predict = replace(options.predict, windows=bundle.meta.windows, blend=bundle.meta.blend)
+    if not options.overlap_given and bundle.meta.overlap is not None:
+        predict = replace(predict, overlap=bundle.meta.overlap)
     if bundle.meta.mirror_axes is not None:
         predict = replace(predict, mirror_axes=bundle.meta.mirror_axes)
     return predict
@@ -91,11 +94,11 @@ def _body_if_it_pays(bundle: Bundle, network_input: NetworkInput, options: Segme
     Windows placed differently see other instance-norm statistics and shift the output a little: a crop
     that saves no window would only do that."""
     whole = (slice(None),) * 3
-    if not options.crop_to_body or network_input.body is None or bundle.meta.windows == "nnunet":
+    if not options.crop_to_body or network_input.body is None or not bundle.meta.body_crop:
         return whole
     first_channel_in_body = (0, *network_input.body)
     shape, box = network_input.array.shape[1:], network_input.array[first_channel_in_body].shape
-    overlap = options.predict.overlap
+    overlap = _bundle_predict_options(bundle, options).overlap
     if count_windows(box, _window(bundle, box), overlap) < count_windows(shape, _window(bundle, shape), overlap):
         return network_input.body
     return whole

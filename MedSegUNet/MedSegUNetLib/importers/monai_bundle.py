@@ -124,10 +124,8 @@ def _read_json(path: Path) -> Dict[str, Any]:
 def _read_config(path: Path) -> Dict[str, Any]:
     if path.suffix == ".json":
         return _read_json(path)
-    try:
-        import yaml
-    except ImportError:
-        raise MedSegError("is YAML, and PyYAML is not installed (pip install pyyaml)", path) from None
+    import yaml
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))  # safe_load: plain YAML, no Python objects
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
@@ -230,8 +228,8 @@ def preprocessing_of(bundle: MonaiBundle) -> _Prep:
             prep.normalization, intensity_seen = _zscore(bundle, key, args, intensity_seen), True
         elif base == "CropForeground":
             bundle.notes.append(
-                "CropForegroundd: the engine runs its windows on its own body box (CT) or the whole image, "
-                "not on MONAI's foreground crop; window positions and so a few boundary voxels may differ"
+                "CropForegroundd: the engine runs its windows over the whole image, not on MONAI's foreground "
+                "crop; window positions and so a few boundary voxels may differ"
             )
     if prep.spacing is None:
         raise MedSegError(
@@ -426,6 +424,8 @@ def bundle_meta(bundle: MonaiBundle, name: str) -> Tuple[BundleMeta, Inferer]:
         name=name,
         restore=restore,
         blend=inferer.blend,
+        body_crop=False,
+        overlap=inferer.overlap,
     )
     try:
         meta.validate()

@@ -304,6 +304,7 @@ def bundle_meta(
         name=name,
         mirror_axes=tuple(int(a) for a in mirror_axes) if mirror_axes else (),
         windows="nnunet",
+        body_crop=False,
         restore="scores",
     )
     try:
