@@ -98,3 +98,24 @@ def test_sample_data_labels_come_from_the_same_table():
     # the colors the shipped model's structures had before the table moved into the engine
     assert label_for(1, "spleen").color == (0.616, 0.424, 0.635)
     assert label_for(1, "kidney_right").color == (0.725, 0.4, 0.325)
+
+
+def test_codes_agree_with_dicoms_snomed_list():
+    """Each code DICOM's SNOMED CT list (pydicom's copy) knows names the same structure and side: a code for
+    'upper lobe of lung' is not 'upper lobe of left lung' (the side is a modifier). Core organs must be there."""
+    from pydicom.sr._concepts_dict import concepts
+
+    from MedSegUNetLib.core.anatomy import SIDES, STRUCTURES
+
+    dicom: dict = {}
+    for entries in concepts["SCT"].values():
+        for code, (meaning, _groups) in entries.items():
+            dicom.setdefault(code, []).append(meaning.lower())
+    typed = [type_code for _rgb, type_code in STRUCTURES.values()] + list(SIDES.values())
+    for type_code in typed:
+        _scheme, code, meaning = type_code.split("^")
+        for side in ("left", "right"):
+            if code in dicom:
+                assert all((side in meaning.lower().split()) == (side in m.split()) for m in dicom[code]), type_code
+    for organ in ("liver", "spleen", "kidney", "stomach", "aorta", "pancreas", "lung"):
+        assert STRUCTURES[organ][1].split("^")[1] in dicom, organ
