@@ -73,6 +73,7 @@ ENGINE_REQUIREMENTS = [
     "pynrrd>=1.0,<2",
     "safetensors>=0.4,<1",
     "defusedxml>=0.7,<1",
+    "pyyaml>=6,<7",
     "pydicom>=2.4,<4",
     "tqdm>=4.60,<5",
     "scipy>=1.10,<2",
@@ -83,6 +84,7 @@ ENGINE_REQUIREMENTS = [
 ]
 IMPORT_NAMES = {
     "pynrrd": "nrrd",
+    "pyyaml": "yaml",
     "dynamic-network-architectures": "dynamic_network_architectures",
 }  # import name differs
 

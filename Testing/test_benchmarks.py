@@ -88,3 +88,39 @@ def test_batch_benchmark_reports(tmp_path):
     assert report["batch_outputs_equal_separate"] == 2  # one predictor: the very files `segment` writes
     assert 0 < report["two_predictor_min_dice_vs_separate"] <= 1
     assert "nnunetv2" in str(report["nnunet"])
+
+
+def test_nnunet_baseline_quick_form_compares_the_two_predictors(tmp_path):
+    """The tiny form: nnU-Net's planner and trainer make a model, import-model brings it in, and
+    nnUNetPredictor and segment run it on the same volume, each a whole process; the outputs must agree."""
+    report_path = tmp_path / "nnunet.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "nnunet_baseline.py"), "--quick", "--json", str(report_path)]
+    result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    (run,) = report["runs"]
+    assert run["network"] == "PlainConvUNet" and run["parameters"] > 0
+    for side in ("nnunet", "ours"):
+        assert run[side]["wall_s"] > 0 and run[side]["peak_rss_mb"] > 0
+    assert run["speedup_vs_nnunet"] > 0 and run["peak_rss_ratio_vs_nnunet"] > 0
+    # the same grid and labels that mostly agree (a briefly trained network: not the full form's 0.98);
+    # a flipped, shifted or renumbered output falls far below this
+    assert run["dice_ours_vs_nnunet"] > 0.7, run["dice_ours_vs_nnunet"]
+    assert set(run["goals_met"]) == {"speedup >= 3", "peak memory <= 0.5x", "dice >= 0.98"}
+
+
+def test_gpu_check_script_parses_and_its_python_parts_answer_help():
+    """gpu-check.sh --device cpu --quick takes minutes here (the nnU-Net planner alone about one): its
+    syntax, its argument checks and every benchmark it runs are checked instead."""
+    script = REPO / "benchmarks" / "gpu-check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    refused = subprocess.run(["bash", str(script), "--device", "tpu"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "cuda or cpu" in refused.stderr
+    text = script.read_text(encoding="utf-8")
+    for part in ("inference.py", "nnunet_baseline.py", "training.py"):
+        assert part in text
+        helped = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / part), "--help"], capture_output=True, text=True, timeout=120
+        )
+        assert helped.returncode == 0 and "--device" in helped.stdout, part
+    assert "--tta" in text and "out_of_memory" in text

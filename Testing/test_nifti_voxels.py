@@ -349,7 +349,7 @@ def test_stream_image_slices_applies_to_integer_nifti_gz_only(tmp_path):
 
 
 def test_a_ct_resampled_as_it_inflates_is_never_held_whole(tmp_path, monkeypatch):
-    """segment's read of a single .nii.gz (stream_network_input): the 78 MB volume goes to the network grid
+    """segment's read of a single .nii.gz (stream_network_inputs): the 78 MB volume goes to the network grid
     slice by slice; what is held at once is the read-ahead, a few pieces and slices, and the coarse grid."""
     from conftest import streamed_onto_a_coarse_grid
 

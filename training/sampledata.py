@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tupl
 import numpy as np
 import SimpleITK as sitk
 
+from MedSegUNetLib.core.anatomy import known_label
 from MedSegUNetLib.core.errors import MedSegError
-from MedSegUNetLib.core.labels import Label, palette_color
+from MedSegUNetLib.core.labels import Label
 
 from .registry import cache_folder, download_from_index
 
@@ -90,30 +91,10 @@ SAMPLES = (
     ),
 )
 
-# Slicer terminology (SNOMED CT codes) and GenericAnatomyColors-like colors for the structures the
-# shipped model segments, so that Slicer shows them as it shows its own anatomy.
-_ANATOMY = "Segmentation category and type - 3D Slicer General Anatomy list"
-_REGION = "Anatomic codes - DICOM master list"
-KNOWN_STRUCTURES: Dict[str, Tuple[Tuple[float, float, float], str, str]] = {  # (color, type code, modifier code)
-    "liver": ((0.867, 0.510, 0.396), "SCT^10200004^Liver", ""),
-    "spleen": ((0.616, 0.424, 0.635), "SCT^78961009^Spleen", ""),
-    "kidney_left": ((0.725, 0.400, 0.325), "SCT^64033007^Kidney", "SCT^7771000^Left"),
-    "kidney_right": ((0.725, 0.400, 0.325), "SCT^64033007^Kidney", "SCT^24028007^Right"),
-    "stomach": ((0.847, 0.518, 0.412), "SCT^69695003^Stomach", ""),
-    "aorta": ((0.878, 0.380, 0.298), "SCT^15825003^Aorta", ""),
-}
-
-
-def terminology(type_code: str, modifier: str) -> str:
-    """A terminology string as Slicer writes it into a .seg.nrrd (category~type~modifier~context~region...)."""
-    return f"{_ANATOMY}~SCT^123037004^Anatomical Structure~{type_code}~{modifier or '^^'}~{_REGION}~^^~^^"
-
 
 def label_for(value: int, name: str) -> Label:
-    if name in KNOWN_STRUCTURES:
-        color, code, modifier = KNOWN_STRUCTURES[name]
-        return Label(value, name, color, terminology(code, modifier))
-    return Label(value, name, palette_color(value - 1))
+    """Slicer terminology and colors for well-known structures (the engine's one table, core/anatomy.py)."""
+    return known_label(value, name)
 
 
 # --- the cache ---------------------------------------------------------------------------------------

@@ -61,7 +61,15 @@ def add_segment_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "bundle and write a .seg.nrrd (Slicer segmentation) or a labelmap on the input's exact grid.",
     )
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="one image per model input channel")
-    parser.add_argument("-m", "--model", required=True, type=Path, help="model bundle (.safetensors)")
+    parser.add_argument(
+        "-m",
+        "--model",
+        required=True,
+        type=Path,
+        action="append",
+        help="model bundle (.safetensors); several -m run as one: the input read once, the labels merged (the first "
+        "model given keeps a voxel two models label)",
+    )
     parser.add_argument("-o", "--output", required=True, type=Path, help="OUTPUT.seg.nrrd, .nrrd, .nii.gz or .nii")
     parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--series", help="DICOM series instance UID, when the folder holds several")
@@ -72,7 +80,12 @@ def add_segment_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
 
 def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
     """What ``segment`` and ``segment-batch`` share: how to predict and what to do with the labels."""
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 0.95] (0.5)")
+    parser.add_argument(
+        "--overlap",
+        type=float,
+        default=None,
+        help="sliding-window overlap in [0, 0.95] (default: an imported model's own, else 0.5)",
+    )
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False, help="mirroring TTA (8x time)")
     parser.add_argument(
         "--largest-component",
@@ -103,15 +116,17 @@ def segment_options(args: argparse.Namespace) -> SegmentOptions:
     from MedSegUNetLib.commands.segment import SegmentOptions
     from MedSegUNetLib.prediction.inference import PredictOptions
 
-    if not 0.0 <= args.overlap <= 0.95:
-        raise MedSegError(f"--overlap must be between 0 and 0.95, not {args.overlap}")
+    overlap = PredictOptions.overlap if args.overlap is None else args.overlap
+    if not 0.0 <= overlap <= 0.95:
+        raise MedSegError(f"--overlap must be between 0 and 0.95, not {overlap}")
     _check_batch_size(args.batch_size)
     device = getattr(args, "device", "auto")
     return SegmentOptions(
-        predict=PredictOptions(args.overlap, args.tta, args.batch_size, device, args.precision),
+        predict=PredictOptions(overlap, args.tta, args.batch_size, device, args.precision),
         largest_component=args.largest_component,
         series=getattr(args, "series", None),
         crop_to_body=args.body_crop,
+        overlap_given=args.overlap is not None,
     )
 
 
@@ -130,8 +145,14 @@ def run_segment_command(args: argparse.Namespace, progress: Progress, preloaded:
     from MedSegUNetLib.commands.segment import run_segment
 
     options = segment_options(args)
-    bundle = preloaded.bundle if preloaded is not None and preloaded.serves(args.model) else None
-    output = run_segment(args.inputs, args.model, args.output, options, progress, preloaded=bundle)
+    if len(args.model) > 1:
+        from MedSegUNetLib.commands.segment_set import run_segment_set
+
+        output = run_segment_set(args.inputs, args.model, args.output, options, progress)
+    else:
+        model = args.model[0]
+        bundle = preloaded.bundle if preloaded is not None and preloaded.serves(model) else None
+        output = run_segment(args.inputs, model, args.output, options, progress, preloaded=bundle)
     progress.close()
     if args.progress != "json":
         print(f"wrote {output}")

@@ -1,5 +1,6 @@
-"""``import-model``: another tool's trained model (an nnU-Net v2 trained-model folder or a .zip of one)
-written as a MedSegUNet bundle. The Slicer panel runs it in a child process with ``--progress json``."""
+"""``import-model``: another tool's trained model (an nnU-Net v2 trained-model folder, a MONAI bundle, or a
+.zip of either; the kind is detected) written as a MedSegUNet bundle. The Slicer panel runs it in a child
+process with ``--progress json``."""
 
 from __future__ import annotations
 
@@ -11,16 +12,18 @@ from MedSegUNetLib.core.errors import MedSegError
 
 if TYPE_CHECKING:
     from MedSegUNetLib.core.progress import Progress
+    from MedSegUNetLib.importers.monai_bundle import MonaiBundle
     from MedSegUNetLib.importers.nnunet import NnUNetModel
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "import-model",
-        help="write a bundle from an nnU-Net v2 trained model (folder or .zip)",
+        help="write a bundle from an nnU-Net v2 trained model or a MONAI bundle (folder or .zip)",
         description="SOURCE: an nnU-Net v2 trained-model folder (TRAINER__PLANS__CONFIGURATION with plans.json, "
-        "dataset.json and fold_K/checkpoint_final.pth), a folder above it, or a .zip of one. Checkpoints are "
-        "read without running any code they might hold.",
+        "dataset.json and fold_K/checkpoint_final.pth), a folder above it, a MONAI bundle (configs/inference.json "
+        "or .yaml, configs/metadata.json, models/model.pt), or a .zip of one. Checkpoints are read without running "
+        "any code they might hold; a MONAI configuration is read as data, never evaluated.",
     )
     parser.add_argument("source", type=Path)
     parser.add_argument("-o", "--output", required=True, type=Path, help="the bundle to write (.safetensors)")
@@ -42,12 +45,18 @@ def run_import_command(args: argparse.Namespace, progress: Progress) -> dict:
 
 
 def _wanted(checkpoint: str) -> Callable[[str], bool]:
-    """Which entries of a zip are unpacked: the JSON files, the chosen checkpoints and licence files."""
+    """Which entries of a zip are unpacked: the JSON and YAML files, the chosen nnU-Net checkpoints, a MONAI
+    bundle's models/model.pt (and model.ts, to say why it is refused) and licence files."""
     from MedSegUNetLib.importers.nnunet import LICENCE_NAMES
 
     def wanted(name: str) -> bool:
         base = name.rsplit("/", 1)[-1]
-        return base.endswith(".json") or base == checkpoint or base.lower() in LICENCE_NAMES
+        return (
+            base.endswith((".json", ".yaml", ".yml"))
+            or base == checkpoint
+            or name.endswith(("models/model.pt", "models/model.ts", "docs/data_license.txt"))
+            or base.lower() in LICENCE_NAMES
+        )
 
     return wanted
 
@@ -60,10 +69,12 @@ def import_model(
     name: Optional[str] = None,
     progress: Optional[Progress] = None,
 ) -> Path:
-    """Write the bundle for the nnU-Net model at ``source``; the checks that can fail run before the long work."""
+    """Write the bundle for the nnU-Net model or MONAI bundle at ``source``; the checks that can fail run
+    before the long work."""
     from MedSegUNetLib.core.atomic import check_writable
     from MedSegUNetLib.core.progress import Progress
     from MedSegUNetLib.importers.archive import source_folder
+    from MedSegUNetLib.importers.monai_bundle import find_bundle_folder, read_bundle
     from MedSegUNetLib.importers.nnunet import CHECKPOINTS, choose_folds, find_model_folder, read_model
 
     progress = progress or Progress()
@@ -74,6 +85,13 @@ def import_model(
     checkpoint_name = CHECKPOINTS[checkpoint]
     progress.update("read", 0, 1, f"{source}")
     with source_folder(Path(source), _wanted(checkpoint_name)) as root:
+        monai_folder = find_bundle_folder(root)
+        if monai_folder is not None:
+            if folds is not None:
+                raise MedSegError("--folds applies to nnU-Net models; this is a MONAI bundle", Path(source))
+            bundle = read_bundle(monai_folder)
+            progress.update("read", 1, 1, f"MONAI bundle {monai_folder.name}")
+            return _write_monai_bundle(bundle, name or output.name.split(".")[0], output, progress)
         model = read_model(find_model_folder(root))
         chosen = choose_folds(model.folder, folds, checkpoint_name)
         progress.update("read", 1, 1, f"{model.folder.name}: folds {', '.join(chosen)}")
@@ -113,6 +131,36 @@ def _write_bundle(
                 model.folder / f"fold_{fold}" / checkpoint,
             ) from None
     progress.update("convert", len(folds), len(folds), f"{meta.network.cls}, {len(meta.labels)} labels")
+    progress.update("write", 0, 1, str(output))
+    save_bundle(output, meta, network.eval())
+    progress.update("write", 1, 1, str(output))
+    return output
+
+
+def _write_monai_bundle(bundle: MonaiBundle, name: str, output: Path, progress: Progress) -> Path:
+    from MedSegUNetLib.importers.monai_bundle import bundle_meta, model_weights
+    from MedSegUNetLib.model.bundle import save_bundle
+    from MedSegUNetLib.model.network import build_network
+
+    meta, inferer = bundle_meta(bundle, name)
+    progress.update("convert", 0, 1, f"{bundle.folder / 'models' / 'model.pt'}")
+    weights = model_weights(bundle)
+    try:
+        network = build_network(meta.network)
+    except Exception as error:  # arguments from an untrusted file: MONAI may raise anything
+        detail = " ".join(str(error).split())[:300]
+        raise MedSegError(f"cannot build 'network_def' {meta.network.cls} ({detail})", bundle.config_path) from None
+    try:
+        network.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:300]
+        raise MedSegError(
+            f"the weights do not fit the network 'network_def' describes ({detail})",
+            bundle.folder / "models" / "model.pt",
+        ) from None
+    for note in bundle.notes:
+        progress.note(note)
+    progress.update("convert", 1, 1, f"{meta.network.cls}, {len(meta.labels)} labels")
     progress.update("write", 0, 1, str(output))
     save_bundle(output, meta, network.eval())
     progress.update("write", 1, 1, str(output))

@@ -46,6 +46,7 @@ class SegmentOptions:
     largest_component: bool = False
     series: Optional[str] = None  # DICOM series UID when a folder holds several
     crop_to_body: bool = True  # CT models: run the network only on the box around the body
+    overlap_given: bool = True  # False: the bundle's own overlap, when it has one, replaces predict.overlap
 
 
 def class_to_value_table(bundle: Bundle) -> np.ndarray:
@@ -64,15 +65,23 @@ def predict_in_body(
     every_channel_in_body = (slice(None), *body)
     array = network_input.array[every_channel_in_body]  # a view: no copy
     window = _window(bundle, array.shape[1:])
-    predict = replace(options.predict, windows=bundle.meta.windows)
-    if bundle.meta.mirror_axes is not None:  # an imported model mirrors along the axes its trainer allowed
-        predict = replace(predict, mirror_axes=bundle.meta.mirror_axes)
-    inside = predict_labels(bundle.network, array, window, predict, progress)
+    inside = predict_labels(bundle.network, array, window, _bundle_predict_options(bundle, options), progress)
     if inside.shape == network_input.array.shape[1:]:
         return inside
     classes = np.zeros(network_input.array.shape[1:], dtype=inside.dtype)
     classes[body] = inside
     return classes
+
+
+def _bundle_predict_options(bundle: Bundle, options: SegmentOptions) -> PredictOptions:
+    """The prediction options with what the bundle fixes: window placement and blending, and for an
+    imported model the mirroring axes its trainer allowed."""
+    predict = replace(options.predict, windows=bundle.meta.windows, blend=bundle.meta.blend)
+    if not options.overlap_given and bundle.meta.overlap is not None:
+        predict = replace(predict, overlap=bundle.meta.overlap)
+    if bundle.meta.mirror_axes is not None:
+        predict = replace(predict, mirror_axes=bundle.meta.mirror_axes)
+    return predict
 
 
 def _window(bundle: Bundle, shape_zyx: Sequence[int]) -> List[int]:
@@ -85,11 +94,11 @@ def _body_if_it_pays(bundle: Bundle, network_input: NetworkInput, options: Segme
     Windows placed differently see other instance-norm statistics and shift the output a little: a crop
     that saves no window would only do that."""
     whole = (slice(None),) * 3
-    if not options.crop_to_body or network_input.body is None or bundle.meta.windows == "nnunet":
+    if not options.crop_to_body or network_input.body is None or not bundle.meta.body_crop:
         return whole
     first_channel_in_body = (0, *network_input.body)
     shape, box = network_input.array.shape[1:], network_input.array[first_channel_in_body].shape
-    overlap = options.predict.overlap
+    overlap = _bundle_predict_options(bundle, options).overlap
     if count_windows(box, _window(bundle, box), overlap) < count_windows(shape, _window(bundle, shape), overlap):
         return network_input.body
     return whole
@@ -163,10 +172,8 @@ def _labels_from_scores(
     network_input: NetworkInput, input_grid: Grid, bundle: Bundle, options: SegmentOptions, progress: Progress
 ) -> sitk.Image:
     """The scores on the whole network grid, resampled onto the input grid, then the argmax (nnU-Net's way)."""
-    predict = replace(options.predict, windows=bundle.meta.windows)
-    if bundle.meta.mirror_axes is not None:
-        predict = replace(predict, mirror_axes=bundle.meta.mirror_axes)
     window = _window(bundle, network_input.array.shape[1:])
+    predict = _bundle_predict_options(bundle, options)
     scores = predict_scores(bundle.network, network_input.array, window, predict, progress)
     progress.update("restore", 0, 1, "scores back onto the input grid")
     table = class_to_value_table(bundle)
@@ -228,46 +235,63 @@ def read_network_input(
     """The inputs on the network's grid, and the grid the labels go back onto.
 
     A single plain ``.nii.gz`` (the usual CT) is resampled slice by slice while it inflates, never held
-    at full resolution (:func:`stream_network_input`); anything else is read whole, then resampled."""
+    at full resolution (:func:`stream_network_inputs`); anything else is read whole, then resampled."""
     streamed = (
-        stream_network_input(inputs[0], meta, options, progress) if len(inputs) == 1 == len(meta.channels) else None
+        stream_network_inputs(inputs[0], [meta], options, progress) if len(inputs) == 1 == len(meta.channels) else None
     )
     if streamed is not None:
-        return streamed
+        return streamed[0][0], streamed[1]
+    return preprocess(read_whole(inputs, options, progress), meta, options, progress)
+
+
+def read_whole(inputs: Sequence[Path], options: SegmentOptions, progress: Progress) -> List[sitk.Image]:
+    """The input channels read whole; one on another grid than the first is said to be resampled onto it."""
     channels = read_channels(inputs, options, progress)
     for path, channel in zip(inputs[1:], channels[1:]):
         if not _same_physical_box(channels[0], channel):
             progress.note(f"{Path(path).name} is on another grid than {Path(inputs[0]).name}: resampled onto it")
-    return preprocess(channels, meta, options, progress)
+    return channels
 
 
-def stream_network_input(
-    path: Path, meta: BundleMeta, options: SegmentOptions, progress: Progress
-) -> Optional[Tuple[NetworkInput, Grid]]:
-    """One input resampled onto the network grid as it is read (imageio.stream_image_slices); None
-    where the file is not read that way."""
+def stream_network_inputs(
+    path: Path, metas: Sequence[BundleMeta], options: SegmentOptions, progress: Progress
+) -> Optional[Tuple[List[NetworkInput], Grid]]:
+    """One input resampled onto each model's network grid as it is read (imageio.stream_image_slices):
+    every slice goes to every model's resampler, so the file is read once for all. None where the file is
+    not read that way."""
     made: List[Tuple[SliceResampler, Grid]] = []  # made once the header is read
 
     def start(input_grid: Grid) -> Callable[[np.ndarray], None]:
-        _check_network_memory(input_grid, meta)
+        for meta in metas:
+            _check_network_memory(input_grid, meta)
         progress.update("read", 0, 2, f"{Path(path).name}: {input_grid.describe()}, to the network grid as it is read")
-        made.append(network_resampler(input_grid, meta.preprocessing))
-        return made[0][0].add
+        made.extend(network_resampler(input_grid, meta.preprocessing) for meta in metas)
+        if len(made) == 1:
+            return made[0][0].add
+        adders = [resampler.add for resampler, _ in made]
+
+        def add_to_each(slice_yx: np.ndarray) -> None:
+            for add in adders:
+                add(slice_yx)
+
+        return add_to_each
 
     input_grid = stream_image_slices(path, start)
     if input_grid is None:
         return None
     progress.update("read", 1, 2, f"{Path(path).name}: {input_grid.describe()}")
-    resampler, grid = made[0]
-    progress.update(
-        "preprocess",
-        0,
-        1,
-        f"resampled to {meta.preprocessing.orientation} at {meta.preprocessing.target_spacing} mm while read",
-    )
-    on_grid = stack_network_input([resampler.result()], grid, meta.preprocessing)
-    progress.update("preprocess", 1, 1, f"network grid {grid.describe()}{_describe_body(on_grid, options)}")
-    return on_grid, input_grid
+    on_grids = []
+    for meta, (resampler, grid) in zip(metas, made):
+        progress.update(
+            "preprocess",
+            0,
+            1,
+            f"resampled to {meta.preprocessing.orientation} at {meta.preprocessing.target_spacing} mm while read",
+        )
+        on_grid = stack_network_input([resampler.result()], grid, meta.preprocessing)
+        progress.update("preprocess", 1, 1, f"network grid {grid.describe()}{_describe_body(on_grid, options)}")
+        on_grids.append(on_grid)
+    return on_grids, input_grid
 
 
 def read_channels(inputs: Sequence[Path], options: SegmentOptions, progress: Progress) -> List[sitk.Image]:

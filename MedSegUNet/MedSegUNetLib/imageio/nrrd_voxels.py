@@ -3,7 +3,7 @@
 The Slicer panel hands the engine its volume as an uncompressed ``.nrrd``. Read whole by ITK, a CT
 becomes a full-resolution image (fresh memory and a copy) that is then resampled whole; handed on slice
 by slice (gzip_stream.slices_of), it is resampled onto the network grid as it
-is read and never held (segment.stream_network_input), as a ``.nii.gz`` is. As in nifti_voxels, ITK reads the
+is read and never held (segment.stream_network_inputs), as a ``.nii.gz`` is. As in nifti_voxels, ITK reads the
 header and owns the geometry: this module only supplies the voxels, and only for the plain case (3
 dimensions, data in the same file right after the header, no line or byte skips, raw or gzip encoding,
 the type and size ITK reported). Anything else returns False and ITK reads the file as before.

@@ -4,7 +4,8 @@
 What nnU-Net's predictor does, carried over: the configuration's network (PlainConvUNet or
 ResidualEncoderUNet, its layer types from an allowlist), spacing, ``transpose_forward`` and patch; the
 image's own axes (no reorientation); the normalization the plans name per channel; the mirroring axes the
-checkpoint allows (never a trainer class looked up by name); the folds' logits averaged.
+checkpoint allows (never a trainer class looked up by name); the folds' logits averaged. Labels named as
+TotalSegmentator names its classes get Slicer's terminology and colors (core/anatomy.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from MedSegUNetLib.core.anatomy import known_labels
 from MedSegUNetLib.core.errors import MedSegError
-from MedSegUNetLib.core.labels import default_labels
 from MedSegUNetLib.model.bundle import IMAGE_AXES, BundleMeta, Normalization, Preprocessing, default_provenance
 from MedSegUNetLib.model.network import NNUNET_CLASSES, NNUNET_LAYERS, NetworkSpec
 
@@ -296,13 +297,14 @@ def bundle_meta(
         source["licence"] = licence
     meta = BundleMeta(
         network=network_spec(model, len(channels), len(labels) + 1, len(folds)),
-        labels=default_labels(labels),
+        labels=known_labels(labels),  # well-known structure names get Slicer's terminology and colors
         channels=channels,
         preprocessing=preprocessing(model, len(channels)),
         provenance=default_provenance(source=source),
         name=name,
         mirror_axes=tuple(int(a) for a in mirror_axes) if mirror_axes else (),
         windows="nnunet",
+        body_crop=False,
         restore="scores",
     )
     try:

@@ -38,6 +38,8 @@ _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float
 
 
 NORMALIZATIONS = ("ct", "zscore", "none", "rescale")
+# BundleMeta.blend: the weights of overlapping windows (MONAI's importance-map modes)
+BLENDS = ("gaussian", "constant")
 # Preprocessing.orientation for a model that keeps each image's own axes (nnU-Net), permuted by ``transpose``
 IMAGE_AXES = "image"
 
@@ -123,11 +125,19 @@ class BundleMeta:
     name: str = "model"
     # The (z, y, x) network-array axes that test-time mirroring may flip; None: all three.
     mirror_axes: Optional[Tuple[int, ...]] = None
-    # "nnunet": windows spread as nnU-Net's predictor spreads them, over the whole volume (no body crop)
+    # "nnunet": windows spread as nnU-Net's predictor spreads them
     windows: str = "monai"
     # "scores": the class scores are resampled to the input grid before the argmax (nnU-Net's way); "labels":
     # the argmax on the network grid, the labels put back by nearest neighbour (faster, less memory)
     restore: str = "labels"
+    # How the windows' scores are weighted where they overlap: "gaussian" (nnU-Net's and the engine's own) or
+    # "constant" (MONAI's SlidingWindowInferer default, for an imported MONAI bundle that keeps it)
+    blend: str = "gaussian"
+    # False: the network always sees the whole volume, as the tool an imported model comes from runs it (a
+    # CT model of our own runs only on the box around the body, which changes instance-norm statistics)
+    body_crop: bool = True
+    # The sliding-window overlap the model's own tool runs it with; segment uses it unless --overlap is given
+    overlap: Optional[float] = None
 
     def validate(self) -> None:
         if not self.labels:
@@ -152,6 +162,10 @@ class BundleMeta:
             raise ValueError(f"unknown restore '{self.restore}' (known: labels, scores)")
         if self.windows not in ("monai", "nnunet"):
             raise ValueError(f"unknown window placement '{self.windows}' (known: monai, nnunet)")
+        if self.blend not in BLENDS:
+            raise ValueError(f"unknown window blending '{self.blend}' (known: {', '.join(BLENDS)})")
+        if self.overlap is not None and not 0.0 <= self.overlap <= 0.95:
+            raise ValueError(f"the overlap must be between 0 and 0.95, not {self.overlap}")
         if self.mirror_axes is not None and not set(self.mirror_axes) <= {0, 1, 2}:
             raise ValueError(f"mirror axes must be among 0, 1, 2, not {list(self.mirror_axes)}")
 
@@ -172,6 +186,12 @@ class BundleMeta:
             data["windows"] = self.windows
         if self.restore != "labels":
             data["restore"] = self.restore
+        if self.blend != "gaussian":
+            data["blend"] = self.blend
+        if not self.body_crop:
+            data["body_crop"] = False
+        if self.overlap is not None:
+            data["overlap"] = self.overlap
         return json.dumps(data)
 
     @classmethod
@@ -194,6 +214,9 @@ class BundleMeta:
             mirror_axes=None if data.get("mirror_axes") is None else tuple(int(a) for a in data["mirror_axes"]),
             windows=str(data.get("windows", "monai")),
             restore=str(data.get("restore", "labels")),
+            blend=str(data.get("blend", "gaussian")),
+            body_crop=data.get("body_crop", True) is not False,
+            overlap=None if data.get("overlap") is None else float(data["overlap"]),
         )
         meta.validate()
         return meta

@@ -32,6 +32,7 @@ class PredictOptions:
     precision: str = "auto"  # auto | fp32 | bf16: see network_precision
     mirror_axes: Optional[Tuple[int, ...]] = None  # (z, y, x) axes TTA may flip (the bundle's); None: all
     windows: str = "monai"  # where the windows go: stitching.PLACEMENTS (the bundle's)
+    blend: str = "gaussian"  # how overlapping windows are weighted: "gaussian" or "constant" (the bundle's)
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -229,9 +230,10 @@ def _sliding_window(
             device,
             float(array.min()),
             options.windows,
+            options.blend,
         )
         if mean_scores:
-            weights = summed_weights(array.shape[1:], patch_size_zyx, options.overlap, options.windows)
+            weights = summed_weights(array.shape[1:], patch_size_zyx, options.overlap, options.windows, options.blend)
             return (scores.cpu() / weights).numpy()
         return class_indices(scores).cpu().numpy()
 

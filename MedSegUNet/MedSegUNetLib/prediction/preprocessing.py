@@ -175,9 +175,10 @@ def restore_scores(scores_czyx: np.ndarray, network_grid: Grid, input_grid: Grid
         image.SetSpacing(network_grid.spacing)
         image.SetOrigin(network_grid.origin)
         image.SetDirection(network_grid.direction)
-        on_input = sitk.GetArrayViewFromImage(
-            resample_onto(image, input_grid, sitk.sitkLinear, float(class_scores.min()))
-        )
+        # the image held while its view is used: a view of a temporary reads freed memory (a crash on a
+        # 512x512x300 CT, where the freed buffer goes back to the system)
+        resampled = resample_onto(image, input_grid, sitk.sitkLinear, float(class_scores.min()))
+        on_input = sitk.GetArrayViewFromImage(resampled)
         higher = on_input > best
         labels[higher] = values[index]
         np.maximum(best, on_input, out=best)

@@ -89,20 +89,22 @@ def blended_scores(
     window_device: torch.device,
     fill_value: float,
     placement: str = "monai",
+    blend: str = "gaussian",
 ) -> torch.Tensor:
     """The Gaussian-weighted sums of ``predict``'s (B, classes, *window) scores over the windows of
     ``volume`` (C, Z, Y, X), as a (classes, Z, Y, X) float32 tensor on ``volume``'s device. Windows go to
     ``predict`` on ``window_device``, ``batch_size`` at a time; where the volume is thinner than the window
     it is padded with ``fill_value``. Not normalized: divide by :func:`summed_weights` for MONAI's average.
     ``classes``: what the network declares (its ``out_channels``); None sizes the buffer from the first
-    window's scores instead (a network that does not say), made after that window's call then."""
+    window's scores instead (a network that does not say), made after that window's call then.
+    ``blend``: MONAI's importance-map mode, "gaussian" or "constant" (every voxel of a window weighs 1)."""
     from monai.data.utils import compute_importance_map
 
     padding = _padding(volume.shape[1:], window_zyx)
     if any(before or after for before, after in padding):
         flat = [amount for pair in reversed(padding) for amount in pair]  # F.pad wants the last axis first
         volume = F.pad(volume[None], flat, mode="constant", value=fill_value)[0]
-    weight = compute_importance_map(tuple(window_zyx), mode="gaussian", device=volume.device)
+    weight = compute_importance_map(tuple(window_zyx), mode=blend, device=volume.device)
     scores = (
         None
         if classes is None
@@ -131,7 +133,11 @@ def blended_scores(
 
 
 def summed_weights(
-    shape_zyx: Sequence[int], window_zyx: Sequence[int], overlap: float, placement: str = "monai"
+    shape_zyx: Sequence[int],
+    window_zyx: Sequence[int],
+    overlap: float,
+    placement: str = "monai",
+    blend: str = "gaussian",
 ) -> torch.Tensor:
     """The sum of the windows' weights at each voxel of a volume of ``shape_zyx``: what MONAI divides by."""
     ones = torch.zeros((1, *shape_zyx), dtype=torch.float32)
@@ -145,4 +151,5 @@ def summed_weights(
         torch.device("cpu"),
         0.0,
         placement,
+        blend,
     )[0]

@@ -1,0 +1,122 @@
+"""``segment IN -m A -m B ...``: several bundles run as one, the input read once, the labels merged (the
+first model given keeps a voxel two models label), against each model's own single-model run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import REPO, assert_clean_failure, make_small_bundle, run_cli
+
+SHIPPED = REPO / "Resources" / "Models" / "abdomen-ct.safetensors"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, small_bundle) -> dict:
+    """Two untrained bundles on other network grids (their labels cover much of the scan, so they overlap),
+    and the shipped demo model."""
+    folder = tmp_path_factory.mktemp("models")
+    other = make_small_bundle(folder / "other.safetensors", names=("lungs", "heart"), spacing=(5.0, 5.0, 7.0), seed=3)
+    return {"small": small_bundle, "other": other, "shipped": SHIPPED}
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory, ct_chest) -> dict:
+    """The chest CT as an NRRD (streamed as it is read) and as MetaImage (read whole)."""
+    folder = tmp_path_factory.mktemp("scans")
+    whole = folder / "chest.mha"
+    sitk.WriteImage(sitk.ReadImage(str(ct_chest)), str(whole), useCompression=True)
+    return {"streamed": ct_chest, "whole": whole}
+
+
+def segment(scan: Path, bundles: list, output: Path) -> list:
+    """Run segment; its JSON progress records."""
+    arguments = [item for bundle in bundles for item in ("-m", str(bundle))]
+    result = run_cli("segment", str(scan), *arguments, "-o", str(output), "--progress", "json")
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def segmentation(path: Path) -> tuple:
+    """The .seg.nrrd's labelmap on the input grid and its segments' [(value, name, color)]."""
+    import slicerio
+
+    read = slicerio.read_segmentation(str(path))
+    segments = [(s["labelValue"], s["name"], tuple(round(c, 3) for c in s["color"])) for s in read["segments"]]
+    return read["voxels"], sorted(segments)
+
+
+def reads_of(records: list, scan: Path) -> int:
+    """How many times the run reported reading the scan (once per read of the file)."""
+    return sum(1 for r in records if r["stage"] == "read" and r["message"].startswith(f"{scan.name}:"))
+
+
+@pytest.mark.parametrize("form", ["streamed", "whole"])
+def test_several_models_give_their_single_runs_merged_first_model_first(tmp_path, models, scans, form):
+    scan = scans[form]
+    order = ["small", "other", "shipped"]
+    singles = {}
+    for name in order:
+        records = segment(scan, [models[name]], tmp_path / f"{name}.seg.nrrd")
+        singles[name] = (*segmentation(tmp_path / f"{name}.seg.nrrd"), reads_of(records, scan))
+    records = segment(scan, [models[name] for name in order], tmp_path / "set.seg.nrrd")
+    voxels, segments = segmentation(tmp_path / "set.seg.nrrd")
+
+    expected = np.zeros_like(voxels)
+    expected_segments, offset = [], 0
+    for name in order:
+        single, single_segments, _ = singles[name]
+        for value, label, color in single_segments:
+            expected_segments.append((offset + value, label, color))
+        free = (expected == 0) & (single > 0)
+        expected[free] = single[free] + offset
+        offset += len(single_segments)
+    small, other = singles["small"][0], singles["other"][0]
+    assert ((small > 0) & (other > 0)).sum() > 1000, "the test needs models whose labels overlap"
+    assert ((small > 0) & (other > 0) & (small != other)).any()
+    np.testing.assert_array_equal(voxels, expected)
+    assert segments == sorted(expected_segments)
+    assert len(np.unique(voxels)) > 3
+
+    # read once: as many read records as one single-model run makes, each model's progress named
+    assert reads_of(records, scan) == singles["small"][2] >= 1
+    assert sum("as it is read" in r["message"] for r in records) == (form == "streamed")
+    for index, name in enumerate(order, start=1):
+        prefix = f"model {index}/3 {Path(models[name]).name}:"
+        assert any(r["stage"] == "predict" and r["message"].startswith(prefix) for r in records), prefix
+    assert records[-1]["stage"] == "done"
+
+
+def test_labelmap_output_of_a_model_set(tmp_path, models, scans):
+    """A .nii.gz labelmap gets the same merged values as the .seg.nrrd."""
+    segment(scans["whole"], [models["small"], models["other"]], tmp_path / "set.seg.nrrd")
+    segment(scans["whole"], [models["small"], models["other"]], tmp_path / "set.nii.gz")
+    voxels, _ = segmentation(tmp_path / "set.seg.nrrd")
+    labelmap = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "set.nii.gz")))
+    np.testing.assert_array_equal(np.transpose(voxels, (2, 1, 0)), labelmap)
+
+
+def test_two_models_naming_one_structure_are_refused_before_reading(tmp_path, models, scans):
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(models["small"], copy)
+    output = tmp_path / "set.seg.nrrd"
+    result = run_cli(
+        "segment", str(scans["whole"]), "-m", str(models["small"]), "-m", str(copy), "-o", str(output),
+        "--progress", "none",
+    )  # fmt: skip
+    assert_clean_failure(result, "copy.safetensors", "'ribs'", "small.safetensors")
+    assert not output.exists()
+
+
+def test_a_bad_bundle_among_several_is_one_clear_line(tmp_path, models, scans):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a bundle")
+    result = run_cli(
+        "segment", str(scans["whole"]), "-m", str(models["small"]), "-m", str(bad), "-o", str(tmp_path / "x.nii.gz"),
+        "--progress", "none",
+    )  # fmt: skip
+    assert_clean_failure(result, "bad.safetensors")

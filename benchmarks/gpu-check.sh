@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Every GPU measurement the project has, in one run, for the day a GPU machine is lent (under 8 minutes
+# on one GPU in the full form; see benchmarks/README.md):
+#   1. inference against the MONAI pipeline     (benchmarks/inference.py)
+#   2. inference against nnU-Net's predictor     (benchmarks/nnunet_baseline.py, 3 mm; the quick form 6 mm)
+#   3. training throughput against MONAI's loop  (benchmarks/training.py)
+#   4. TTA: segment with and without --tta on the same volume (wall time of each whole process)
+#   5. the out-of-memory fallback (Testing/test_inference.py: smaller batches, then the CPU, then a clear error)
+#
+#   benchmarks/gpu-check.sh [--device cuda|cpu] [--quick] [--out DIR]
+#
+# --quick runs the tiny sizes (the CPU smoke form: benchmarks/gpu-check.sh --device cpu --quick). Each
+# step's JSON report and log go to DIR (default benchmarks/results/gpu-check-DATE); a failed step is
+# reported and the others still run; the exit status is 1 when any step failed.
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+python="${PYTHON:-$root/.venv/bin/python}"
+device=cuda
+quick=0
+out=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) device="${2:?--device needs cuda or cpu}"; shift 2 ;;
+    --quick) quick=1; shift ;;
+    --out) out="${2:?--out needs a folder}"; shift 2 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu-check.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+case "$device" in cuda|cpu) ;; *) echo "gpu-check.sh: --device must be cuda or cpu, not $device" >&2; exit 2 ;; esac
+out="${out:-$root/benchmarks/results/gpu-check-$(date +%Y%m%d-%H%M)}"
+mkdir -p "$out"
+if [ "$quick" = 1 ]; then size=tiny; repeats=1; nnunet=(--quick); else size=full; repeats=2; nnunet=(--spacing 3); fi
+export PYTHONPATH="$root/MedSegUNet:$root${PYTHONPATH:+:$PYTHONPATH}"
+failed=0
+
+step() {  # step NAME COMMAND...: run, time, log to $out/NAME.log
+  local name="$1"; shift
+  local start=$SECONDS
+  echo "== $name: $*" >&2
+  if "$@" > "$out/$name.log" 2>&1; then
+    echo "   $name: ok in $((SECONDS - start)) s" >&2
+  else
+    echo "   $name: FAILED after $((SECONDS - start)) s (see $out/$name.log)" >&2
+    tail -5 "$out/$name.log" >&2
+    failed=1
+  fi
+}
+
+"$python" -m MedSegUNetLib devices > "$out/devices.json"
+step inference "$python" "$root/benchmarks/inference.py" --size "$size" --repeats "$repeats" --device "$device" \
+  --json "$out/inference.json"
+step nnunet "$python" "$root/benchmarks/nnunet_baseline.py" "${nnunet[@]}" --device "$device" --json "$out/nnunet.json"
+step training "$python" "$root/benchmarks/training.py" --size "$size" --repeats 1 --device "$device" \
+  --json "$out/training.json"
+
+tta() {  # the shipped model on the benchmark volume, without and with --tta: seconds of each whole process
+  local volume="$out/volume.nii.gz"
+  "$python" -c "import sys; sys.path.insert(0, '$root/benchmarks'); import volumes; \
+volumes.write_volume(__import__('pathlib').Path('$volume'), volumes.SIZES['$size'])" || return 1
+  local plain=$SECONDS
+  "$python" -m MedSegUNetLib segment "$volume" -m "$root/Resources/Models/abdomen-ct.safetensors" \
+    -o "$out/plain.nii.gz" --device "$device" --progress none || return 1
+  local with_tta=$SECONDS
+  "$python" -m MedSegUNetLib segment "$volume" -m "$root/Resources/Models/abdomen-ct.safetensors" \
+    -o "$out/tta.nii.gz" --device "$device" --tta --progress none || return 1
+  echo "{\"plain_s\": $((with_tta - plain)), \"tta_s\": $((SECONDS - with_tta))}" | tee "$out/tta.json"
+}
+step tta tta
+step oom-fallback "$python" -m pytest -q -p no:cacheprovider "$root/Testing/test_inference.py" -k "out_of_memory"
+
+echo "reports in $out" >&2
+exit "$failed"
