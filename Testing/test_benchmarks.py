@@ -117,10 +117,24 @@ def test_gpu_check_script_parses_and_its_python_parts_answer_help():
     refused = subprocess.run(["bash", str(script), "--device", "tpu"], capture_output=True, text=True)
     assert refused.returncode == 2 and "cuda or cpu" in refused.stderr
     text = script.read_text(encoding="utf-8")
-    for part in ("inference.py", "nnunet_baseline.py", "training.py"):
+    for part in ("inference.py", "nnunet_baseline.py", "training.py", "tta.py"):
         assert part in text
         helped = subprocess.run(
             [sys.executable, str(REPO / "benchmarks" / part), "--help"], capture_output=True, text=True, timeout=120
         )
         assert helped.returncode == 0 and "--device" in helped.stdout, part
-    assert "--tta" in text and "out_of_memory" in text
+    assert "out_of_memory" in text
+
+
+def test_tta_benchmark_times_both_runs(tmp_path):
+    report_file = tmp_path / "tta.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "tta.py"), "--size", "tiny", "--json", str(report_file)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    assert report["plain_s"] > 0 and report["tta_s"] > 0
+    assert report["tta_over_plain"] == pytest.approx(report["tta_s"] / report["plain_s"], abs=0.02)  # rounded

@@ -4,7 +4,7 @@
 #   1. inference against the MONAI pipeline     (benchmarks/inference.py)
 #   2. inference against nnU-Net's predictor     (benchmarks/nnunet_baseline.py, 3 mm; the quick form 6 mm)
 #   3. training throughput against MONAI's loop  (benchmarks/training.py)
-#   4. TTA: segment with and without --tta on the same volume (wall time of each whole process)
+#   4. TTA: segment with and without --tta on the same volume (benchmarks/tta.py)
 #   5. the out-of-memory fallback (Testing/test_inference.py: smaller batches, then the CPU, then a clear error)
 #
 #   benchmarks/gpu-check.sh [--device cuda|cpu] [--quick] [--out DIR]
@@ -54,19 +54,7 @@ step nnunet "$python" "$root/benchmarks/nnunet_baseline.py" "${nnunet[@]}" --dev
 step training "$python" "$root/benchmarks/training.py" --size "$size" --repeats 1 --device "$device" \
   --json "$out/training.json"
 
-tta() {  # the shipped model on the benchmark volume, without and with --tta: seconds of each whole process
-  local volume="$out/volume.nii.gz"
-  "$python" -c "import sys; sys.path.insert(0, '$root/benchmarks'); import volumes; \
-volumes.write_volume(__import__('pathlib').Path('$volume'), volumes.SIZES['$size'])" || return 1
-  local plain=$SECONDS
-  "$python" -m MedSegUNetLib segment "$volume" -m "$root/Resources/Models/abdomen-ct.safetensors" \
-    -o "$out/plain.nii.gz" --device "$device" --progress none || return 1
-  local with_tta=$SECONDS
-  "$python" -m MedSegUNetLib segment "$volume" -m "$root/Resources/Models/abdomen-ct.safetensors" \
-    -o "$out/tta.nii.gz" --device "$device" --tta --progress none || return 1
-  echo "{\"plain_s\": $((with_tta - plain)), \"tta_s\": $((SECONDS - with_tta))}" | tee "$out/tta.json"
-}
-step tta tta
+step tta "$python" "$root/benchmarks/tta.py" --size "$size" --device "$device" --json "$out/tta.json"
 step oom-fallback "$python" -m pytest -q -p no:cacheprovider "$root/Testing/test_inference.py" -k "out_of_memory"
 
 echo "reports in $out" >&2
