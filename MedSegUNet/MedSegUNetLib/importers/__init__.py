@@ -1,1 +1,1 @@
-"""Importers: other tools ' trained models (nnU-Net v2) turned into MedSegUNet bundles."""
+"""Importers: other tools' trained models (nnU-Net v2 results, MONAI bundles) turned into MedSegUNet bundles."""

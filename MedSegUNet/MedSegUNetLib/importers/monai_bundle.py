@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from MedSegUNetLib.core.errors import MedSegError
 from MedSegUNetLib.core.labels import default_labels
+from MedSegUNetLib.importers.json_files import read_json_object
 from MedSegUNetLib.model.bundle import IMAGE_AXES, BundleMeta, Normalization, Preprocessing, default_provenance
 from MedSegUNetLib.model.network import NetworkSpec
 
@@ -111,19 +112,9 @@ class MonaiBundle:
         return current
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MedSegError(f"is not readable JSON ({error})", path) from None
-    if not isinstance(data, dict):
-        raise MedSegError("does not hold a JSON object", path)
-    return data
-
-
 def _read_config(path: Path) -> Dict[str, Any]:
     if path.suffix == ".json":
-        return _read_json(path)
+        return read_json_object(path)
     import yaml
 
     try:
@@ -138,7 +129,9 @@ def _read_config(path: Path) -> Dict[str, Any]:
 
 def read_bundle(folder: Path) -> MonaiBundle:
     config_path = next(folder / "configs" / name for name in CONFIGS if (folder / "configs" / name).is_file())
-    return MonaiBundle(folder, config_path, _read_config(config_path), _read_json(folder / "configs" / "metadata.json"))
+    return MonaiBundle(
+        folder, config_path, _read_config(config_path), read_json_object(folder / "configs" / "metadata.json")
+    )
 
 
 def _class_name(target: Any) -> str:

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from MedSegUNetLib.core.anatomy import known_labels
 from MedSegUNetLib.core.errors import MedSegError
+from MedSegUNetLib.importers.json_files import read_json_object
 from MedSegUNetLib.model.bundle import IMAGE_AXES, BundleMeta, Normalization, Preprocessing, default_provenance
 from MedSegUNetLib.model.network import NNUNET_CLASSES, NNUNET_LAYERS, NetworkSpec
 
@@ -58,19 +59,9 @@ def find_model_folder(root: Path) -> Path:
     return found[0]
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MedSegError(f"is not readable JSON ({error})", path) from None
-    if not isinstance(data, dict):
-        raise MedSegError("does not hold a JSON object", path)
-    return data
-
-
 def read_model(folder: Path) -> NnUNetModel:
     """The folder's plans and dataset description; its name ``TRAINER__PLANS__CONFIGURATION`` when it has one."""
-    plans, dataset = _read_json(folder / "plans.json"), _read_json(folder / "dataset.json")
+    plans, dataset = read_json_object(folder / "plans.json"), read_json_object(folder / "dataset.json")
     parts = folder.name.split("__")
     trainer, plans_name, configuration = parts if len(parts) == 3 else ("?", str(plans.get("plans_name", "?")), "")
     if not configuration:
