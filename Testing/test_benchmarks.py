@@ -79,7 +79,14 @@ def test_batch_benchmark_reports(tmp_path):
     """Two tiny cases: every side reports, and segment-batch's outputs equal the separate processes'."""
     report_path = tmp_path / "batch.json"
     command = [sys.executable, str(REPO / "benchmarks" / "batch.py"), "--size", "tiny", "--cases", "2"]
-    result = subprocess.run([*command, "--json", str(report_path)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [*command, "--json", str(report_path)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(report_path.read_text(encoding="utf-8"))
     for side in ("separate", "batch", "batch_two_predictors"):
@@ -120,7 +127,12 @@ def test_gpu_check_script_parses_and_its_python_parts_answer_help():
     for part in ("inference.py", "nnunet_baseline.py", "training.py", "tta.py"):
         assert part in text
         helped = subprocess.run(
-            [sys.executable, str(REPO / "benchmarks" / part), "--help"], capture_output=True, text=True, timeout=120
+            [sys.executable, str(REPO / "benchmarks" / part), "--help"],
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+            timeout=120,
         )
         assert helped.returncode == 0 and "--device" in helped.stdout, part
     assert "out_of_memory" in text
@@ -132,6 +144,8 @@ def test_tta_benchmark_times_both_runs(tmp_path):
         [sys.executable, str(REPO / "benchmarks" / "tta.py"), "--size", "tiny", "--json", str(report_file)],
         capture_output=True,
         text=True,
+        encoding="utf-8",
+        errors="replace",
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-2000:]

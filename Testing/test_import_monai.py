@@ -26,7 +26,12 @@ def monai_work(tmp_path_factory, ct_chest) -> Path:
     work = tmp_path_factory.mktemp("monai-bundle")
     script = REPO / "Testing" / "monai_bundle_model.py"
     result = subprocess.run(
-        [sys.executable, str(script), str(work), str(ct_chest)], capture_output=True, text=True, timeout=600
+        [sys.executable, str(script), str(work), str(ct_chest)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return work
