@@ -129,6 +129,7 @@ def plan_and_train(work: Path, ct: Path, spacing: float, steps: int, dataset_id:
         [str(raw / "imagesTr" / "ct_0000.nii.gz")], str(raw / "labelsTr" / "ct.nii.gz"), manager, configuration, dataset
     )
     trainer = nnUNetTrainer({**plans, "continue_training": False}, "3d_fullres", 0, dataset, torch.device("cpu"))
+    torch.manual_seed(0)  # the network's initial weights too: an unseeded start made some runs near-ties
     trainer.initialize()
     strides = configuration.network_arch_init_kwargs["strides"]
     divisor = [int(np.prod([s[axis] for s in strides])) for axis in range(3)]
