@@ -285,8 +285,8 @@ def predict_scores(
     options: PredictOptions,
     progress: Progress,
 ) -> np.ndarray:
-    """The windows' Gaussian-weighted mean scores (logits), (classes, Z, Y, X) float32: for a bundle whose
-    labels are taken after the scores are resampled to the input grid (an imported nnU-Net model)."""
+    """The windows' blended mean scores (logits; the bundle's blending), (classes, Z, Y, X) float32: for a
+    bundle whose labels are taken after the scores are resampled to the input grid (an imported model)."""
     return _predict(network, array, patch_size_zyx, options, progress, mean_scores=True)
 
 
