@@ -454,3 +454,29 @@ def test_a_grid_holds_a_lattice_of_its_own_voxels_in_any_axis_order_and_nothing_
     a = np.deg2rad(10.0)
     turned = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ axes
     assert not grid.holds_lattice(lattice([0, 0, 0], turned))  # oblique to it
+
+
+@pytest.mark.parametrize("angle, flip, code", [(0.0, False, "RAS"), (20.0, True, "LPS")])
+def test_restoring_scores_in_slabs_equals_the_argmax_of_whole_resampled_scores(monkeypatch, angle, flip, code):
+    """restore_scores resamples each class onto one slab of input slices at a time: the labels must be
+    voxel for voxel the argmax of every class resampled onto the whole grid at once (nnU-Net's way)."""
+    import MedSegUNetLib.prediction.preprocessing as preprocessing
+
+    direction = tuple(oblique_direction(angle, flip).ravel())
+    input_grid = Grid((70, 60, 41), (0.8, 0.9, 1.5), (-60.0, 20.0, 100.0), direction)
+    network = resampled_grid(reoriented_grid(input_grid, code), (2.3, 3.1, 2.9))
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(4, *network.size[::-1])).astype(np.float32)
+    values = np.array([0, 5, 9, 200], dtype=np.uint8)
+    whole = []
+    for class_scores in scores:
+        image = sitk.GetImageFromArray(class_scores)
+        image.SetSpacing(network.spacing), image.SetOrigin(network.origin), image.SetDirection(network.direction)
+        resampled = resample_onto(image, input_grid, sitk.sitkLinear, float(class_scores.min()))
+        whole.append(sitk.GetArrayFromImage(resampled))
+    expected = values[np.argmax(np.stack(whole), axis=0)]
+    monkeypatch.setattr(preprocessing, "RESTORE_SLAB_VOXELS", 70 * 60 * 4)  # 11 slabs, the last one short
+    restored = preprocessing.restore_scores(scores, network, input_grid, values)
+    assert Grid.of(restored).matches(input_grid, tolerance=1e-9)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(restored), expected)
+    assert set(np.unique(expected)) == set(values.tolist())

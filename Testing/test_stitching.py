@@ -133,3 +133,18 @@ def test_a_network_with_other_output_is_refused_with_the_shapes():
             torch.device("cpu"),
             0.0,
         )
+
+
+@pytest.mark.parametrize("window", [(128, 128, 128), (64, 160, 96), (7, 20, 33), (1, 40, 40)])
+def test_imported_nnunet_models_blend_with_nnunets_own_gaussian(window):
+    """The weights of windows placed as nnU-Net places them are its predictor's compute_gaussian, as the
+    predictor calls it (scale 10, float16), to one float16 step."""
+    from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+    from MedSegUNetLib.prediction.stitching import window_weights
+
+    theirs = compute_gaussian(window, sigma_scale=1.0 / 8, value_scaling_factor=10, device=torch.device("cpu"))
+    ours = window_weights(window, "gaussian", "nnunet", torch.device("cpu"))
+    assert ours.dtype == torch.float32 and ours.shape == window
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-3, atol=0)
+    assert float(ours.min()) > 0  # a voxel of weight 0 in every window would divide by zero in nnU-Net

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from MedSegUNetLib.model.lean_decoder import with_lean_decoders
+
 
 class ChannelNorm(torch.nn.Module):
     """An ``InstanceNorm3d`` without running statistics, computed as a group norm of one group per channel."""
@@ -184,6 +186,7 @@ def for_cpu(network: torch.nn.Module, dtype: torch.dtype = torch.float32) -> tor
     fast.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     _with_pointwise_head(fast)
     _swap_modules(fast, direct_convolutions_available())
+    with_lean_decoders(fast)  # nnU-Net's decoders: each skip freed once used, no concatenated copy
     fast.to(dtype)
     for module in fast.modules():
         if isinstance(module, ChannelNorm):

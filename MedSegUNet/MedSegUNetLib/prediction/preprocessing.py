@@ -164,27 +164,46 @@ def stack_network_input(arrays: Sequence[np.ndarray], grid: Grid, preprocessing:
     return NetworkInput(stacked, grid, body)
 
 
+RESTORE_SLAB_VOXELS = 1 << 22  # input voxels per slab of restore_scores (16 MB of float32 per class)
+
+
 def restore_scores(scores_czyx: np.ndarray, network_grid: Grid, input_grid: Grid, values: np.ndarray) -> sitk.Image:
     """Labels from scores resampled onto the input's grid, as nnU-Net's predictor takes them: each class's
-    scores linearly interpolated there (one class at a time, so memory holds two input-sized float
-    arrays), then the best class's value (``values[class]``) per voxel, ties to the lower class."""
-    best = np.full(input_grid.size[::-1], -np.inf, dtype=np.float32)
-    labels = np.zeros(input_grid.size[::-1], dtype=values.dtype)
-    for index, class_scores in enumerate(scores_czyx):
-        image = sitk.GetImageFromArray(class_scores)
-        image.SetSpacing(network_grid.spacing)
-        image.SetOrigin(network_grid.origin)
-        image.SetDirection(network_grid.direction)
-        # the image held while its view is used: a view of a temporary reads freed memory (a crash on a
-        # 512x512x300 CT, where the freed buffer goes back to the system)
-        resampled = resample_onto(image, input_grid, sitk.sitkLinear, float(class_scores.min()))
-        on_input = sitk.GetArrayViewFromImage(resampled)
-        higher = on_input > best
-        labels[higher] = values[index]
-        np.maximum(best, on_input, out=best)
+    scores linearly interpolated there, then the best class's value (``values[class]``) per voxel, ties to
+    the lower class. Done in slabs of the input's slices, so that memory holds the labels and one slab's
+    scores rather than input-sized float arrays (nnU-Net holds every class's at once)."""
+    images = [_image_on(class_scores, network_grid) for class_scores in scores_czyx]
+    defaults = [float(class_scores.min()) for class_scores in scores_czyx]
+    width, height, depth = input_grid.size
+    labels = np.zeros((depth, height, width), dtype=values.dtype)
+    step = max(1, RESTORE_SLAB_VOXELS // (width * height))
+    for z in range(0, depth, step):
+        slab = input_grid.sub_grid((0, 0, z), (width, height, min(step, depth - z)))
+        labels[z : z + step] = _best_values(images, defaults, slab, values)
     restored = sitk.GetImageFromArray(labels)
     restored.CopyInformation(input_grid.empty_image())
     return restored
+
+
+def _image_on(array_zyx: np.ndarray, grid: Grid) -> sitk.Image:
+    image = sitk.GetImageFromArray(array_zyx)
+    image.SetSpacing(grid.spacing)
+    image.SetOrigin(grid.origin)
+    image.SetDirection(grid.direction)
+    return image
+
+
+def _best_values(images: Sequence[sitk.Image], defaults: Sequence[float], grid: Grid, values: np.ndarray) -> np.ndarray:
+    """The value of the class whose resampled score is highest at each voxel of ``grid``."""
+    best = np.full(grid.size[::-1], -np.inf, dtype=np.float32)
+    labels = np.zeros(grid.size[::-1], dtype=values.dtype)
+    for index, (image, default) in enumerate(zip(images, defaults)):
+        # the image held while its view is used: a view of a temporary reads freed memory
+        resampled = resample_onto(image, grid, sitk.sitkLinear, default)
+        on_grid = sitk.GetArrayViewFromImage(resampled)
+        labels[on_grid > best] = values[index]
+        np.maximum(best, on_grid, out=best)
+    return labels
 
 
 def restore_labels(labels_zyx: np.ndarray, network_grid: Grid, input_grid: Grid) -> sitk.Image:

@@ -18,6 +18,7 @@ import itertools
 import math
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -54,9 +55,9 @@ def window_slices(
     """Where the windows go in a volume of ``shape_zyx`` (already padded to the window where thinner):
     MONAI's sliding window places them at its scan interval, the last one against the far edge; ``nnunet``
     spreads the same number evenly from edge to edge, as nnU-Net's predictor does (imported models)."""
-    from monai.data.utils import dense_patch_slices
-
     if placement == "monai":
+        from monai.data.utils import dense_patch_slices
+
         return dense_patch_slices(list(shape_zyx), list(window_zyx), scan_interval(shape_zyx, window_zyx, overlap))
     starts = []
     for size, window, step in zip(shape_zyx, window_zyx, scan_interval(shape_zyx, window_zyx, overlap)):
@@ -67,6 +68,37 @@ def window_slices(
         tuple(slice(start, start + window) for start, window in zip(corner, window_zyx))
         for corner in itertools.product(*starts)
     ]
+
+
+def window_weights(window_zyx: Sequence[int], blend: str, placement: str, device: torch.device) -> torch.Tensor:
+    """Each window voxel's weight in the blend: MONAI's importance map, or for windows placed as nnU-Net
+    places them (imported nnU-Net models) nnU-Net's own Gaussian (:func:`nnunet_gaussian`)."""
+    if placement == "nnunet" and blend == "gaussian":
+        return torch.from_numpy(nnunet_gaussian(window_zyx)).to(device)
+    from monai.data.utils import compute_importance_map
+
+    return compute_importance_map(tuple(window_zyx), mode=blend, device=device)
+
+
+def nnunet_gaussian(window_zyx: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
+    """nnU-Net's predictor's blending weights (its ``compute_gaussian`` as the predictor calls it): a unit
+    impulse at voxel size//2 filtered by SciPy's ``gaussian_filter`` (sigma an eighth of the window,
+    truncated at 4 sigma), scaled to a maximum of 10, rounded to float16, its zeros raised to its smallest
+    positive value. The filtered impulse is the product of the sampled 1-D kernels and is computed here as
+    that product: an imported nnU-Net model then imports neither SciPy's filter nor MONAI (about 190 MB
+    resident), and the weights are nnU-Net's rather than MONAI's (centred half a voxel apart, floored at
+    0.001)."""
+    axes = []
+    for size in window_zyx:
+        sigma = size * sigma_scale
+        offsets = np.arange(size) - size // 2
+        radius = int(4.0 * sigma + 0.5)
+        kernel = np.exp(-0.5 * (offsets / sigma) ** 2) if sigma > 0 else (offsets == 0).astype(float)
+        axes.append(np.where(np.abs(offsets) <= radius, kernel, 0.0))
+    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    rounded = (weights * (10.0 / weights.max())).astype(np.float16)
+    rounded[rounded == 0] = rounded[rounded > 0].min()
+    return rounded.astype(np.float32)
 
 
 def _all_channels(where: Sequence[slice]) -> Tuple[slice, ...]:
@@ -98,13 +130,11 @@ def blended_scores(
     ``classes``: what the network declares (its ``out_channels``); None sizes the buffer from the first
     window's scores instead (a network that does not say), made after that window's call then.
     ``blend``: MONAI's importance-map mode, "gaussian" or "constant" (every voxel of a window weighs 1)."""
-    from monai.data.utils import compute_importance_map
-
     padding = _padding(volume.shape[1:], window_zyx)
     if any(before or after for before, after in padding):
         flat = [amount for pair in reversed(padding) for amount in pair]  # F.pad wants the last axis first
         volume = F.pad(volume[None], flat, mode="constant", value=fill_value)[0]
-    weight = compute_importance_map(tuple(window_zyx), mode=blend, device=volume.device)
+    weight = window_weights(window_zyx, blend, placement, volume.device)
     scores = (
         None
         if classes is None
