@@ -50,7 +50,7 @@ from MedSegUNetLib.host.childprocess import (
     train_command,
 )
 from MedSegUNetMRML import annotations, nodefiles, segments
-from MedSegUNetPanel.model_text import modelDetails, modelLabel, modelSummary
+from MedSegUNetPanel.model_text import modelDetails, modelLabel, modelSetText, modelSummary
 
 try:  # Slicer's translation function, as the module template uses it; absent from the API snapshots
     from slicer.i18n import tr as _
@@ -282,6 +282,7 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (_("MedSegUNet bundle (.safetensors)..."), self.onAddModel),
             (_("nnU-Net or MONAI model as a .zip..."), self.onImportModelFile),
             (_("nnU-Net results folder or MONAI bundle folder..."), self.onImportModelFolder),
+            (_("Model set: several listed models run as one..."), self.onAddModelSet),
         ):
             menu.addAction(text).connect("triggered()", slot)
         self.ui.addModelButton.setMenu(menu)
@@ -297,6 +298,22 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.describeModel(Path(path))  # refuses pickles and other files before it is listed
             self.logic.rememberModel(Path(path))
             self.refreshModels(select=Path(path))
+
+    def onAddModelSet(self) -> None:
+        """Several bundles (e.g. the five models of one TotalSegmentator task) listed, and run, as one."""
+        paths = qt.QFileDialog.getOpenFileNames(
+            self.parent, _("Models of the set, in order of precedence"), "", _("Model bundles (*.safetensors)")
+        )
+        if len(paths) < 2:
+            if paths:
+                slicer.util.warningDisplay(_("A model set needs at least two models."))
+            return
+        name = qt.QInputDialog.getText(self.parent, _("Model set"), _("Name of the set:"))
+        if not name or not name.strip():
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not make the model set."), waitCursor=True):
+            path = self.logic.createModelSet(name.strip(), [Path(p) for p in paths])
+            self.refreshModels(select=path)
 
     def onImportModelFile(self) -> None:
         path = qt.QFileDialog.getOpenFileName(self.parent, _("Import a model"), "", _("Zipped models (*.zip)"))
@@ -360,6 +377,8 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         model = self.currentModel()
         if self.ui.fromScratchCheckBox.checked:
             text = _("Trains a new model {device}.").format(device=self.deviceDescription())
+        elif model and self.logic.isModelSet(model):
+            text = _("A model set is not fine-tuned as one: select one of its models, or check 'Train from scratch'.")
         elif model:
             text = _("Fine-tunes {model} {device}.").format(model=modelLabel(model), device=self.deviceDescription())
         else:
@@ -606,6 +625,9 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not parameters.retrainFromScratch and init is None:
             slicer.util.warningDisplay(_("Select the model to fine-tune, or check 'Train from scratch'."))
             return
+        if init is not None and self.logic.isModelSet(init):
+            slicer.util.warningDisplay(_("A model set is not fine-tuned as one: select one of its models."))
+            return
         if not self.ensureDependencies():
             return
         with slicer.util.tryWithErrorDisplay(_("Could not start training."), waitCursor=True):
@@ -726,9 +748,36 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         the model list, then its details (every structure with its validation Dice and 95% Hausdorff distance,
         the input it expects, how it was trained)."""
         from MedSegUNetLib.model.bundle import read_bundle_metadata
+        from MedSegUNetLib.model.model_set import is_model_set, read_model_set
 
+        if is_model_set(path):
+            modelSet = read_model_set(path)
+            metas = [read_bundle_metadata(member) for member in modelSet.models]
+            return modelSetText(modelSet.name, metas, modelSet.models)
         meta = read_bundle_metadata(path)
         return modelSummary(meta, path) + "\n" + modelDetails(meta, path)
+
+    @staticmethod
+    def isModelSet(path: Path) -> bool:
+        from MedSegUNetLib.model.model_set import is_model_set
+
+        return is_model_set(path)
+
+    def createModelSet(self, name: str, models: List[Path]) -> Path:
+        """A model set of ``models`` (in order of precedence) in the imported models folder, remembered and
+        listed; every model is checked as a bundle first."""
+        from MedSegUNetLib.model.model_set import SUFFIX, write_model_set
+
+        for model in models:
+            self.describeModel(model)  # a pickle or another file is refused before the set is written
+        stem = "".join(c if c.isalnum() or c in "-_ " else "_" for c in name).strip() or "models"
+        path = self.importedModelsFolder() / f"{stem}{SUFFIX}"
+        if path.exists():
+            path = self.importedModelsFolder() / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}{SUFFIX}"
+        write_model_set(path, name, models)
+        self.describeModel(path)
+        self.rememberModel(path)
+        return path
 
     # --- dependencies ---
 
@@ -903,6 +952,8 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         self.stopStandby()
         if not model or not self.keepEngineReady() or self.busy() or self.dependenciesMissing():
             return False
+        if self.isModelSet(model):  # the waiting engine holds one bundle; Segment starts a fresh one for a set
+            return False
         self.standby = StandbyEngine(model, device, engine_environment(MODULE_DIR, device=device))
         logging.info("MedSegUNet: engine started ahead for %s on %s", model.name, device or "auto")
         return True
@@ -1034,8 +1085,9 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
     def segmentsToReplace(self, segmentationNode, model: Path) -> List[str]:
         """Segments of an existing output that Segment would replace (same name as a model structure)."""
         from MedSegUNetLib.model.bundle import read_bundle_metadata
+        from MedSegUNetLib.model.model_set import expand_models
 
-        names = {label.name.casefold() for label in read_bundle_metadata(model).labels}
+        names = {label.name.casefold() for m in expand_models([model]) for label in read_bundle_metadata(m).labels}
         return [name for name in self.segmentNames(segmentationNode) if name.casefold() in names]
 
     @staticmethod
@@ -1147,8 +1199,8 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
         shipped = MedSegUNetLogic.shippedModels()
         return shipped[0] if shipped else self.createdModel()
 
-    def createdModel(self) -> Path:
-        path = Path(slicer.app.temporaryPath) / "MedSegUNetTest" / "selftest.safetensors"
+    def createdModel(self, labels: str = "organ,rim", name: str = "selftest") -> Path:
+        path = Path(slicer.app.temporaryPath) / "MedSegUNetTest" / f"{name}.safetensors"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             command = [
@@ -1159,7 +1211,7 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
                 "-o",
                 str(path),
                 "--labels",
-                "organ,rim",
+                labels,
                 "--spacing",
                 "3",
                 "3",
@@ -1287,6 +1339,37 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
         kind, state, message = logic.segmentAndWait(volume, bundle)
         self.assertEqual((kind, state), ("segment", SUCCEEDED), f"{message}\n{logic.logText()}")
         self.assertEqual(logic.segmentNames(logic.resultNode), ["organ"])
+
+    def test_a_model_set_segments_with_each_of_its_models(self):
+        self.delayDisplay("Add model: a model set")
+        from MedSegUNetLib.core.errors import MedSegError
+        from MedSegUNetLib.model.bundle import read_bundle_metadata
+
+        logic = self.newLogic()
+        first, second = self.createdModel(), self.createdModel("vessel", "selftest-vessel")
+        modelSet = logic.createModelSet("organs and vessels", [first, second])
+        self.assertTrue(logic.isModelSet(modelSet))
+        self.assertEqual(modelSet.parent, logic.importedModelsFolder())
+        self.assertIn(modelSet, logic.availableModels())
+        self.assertEqual(modelLabel(modelSet), "organs and vessels")
+        self.assertTrue(logic.describeModel(modelSet).startswith("Set of 2 models, 3 structures"))
+        self.assertFalse(logic.prepareStandby(modelSet, "cpu"))  # the waiting engine holds one bundle
+        self.assertIsNone(logic.standby)
+
+        volume, array = self.syntheticVolume()
+        kind, state, message = logic.segmentAndWait(volume, modelSet)
+        self.assertEqual((kind, state), ("segment", SUCCEEDED), f"{message}\n{logic.logText()}")
+        node = logic.resultNode
+        expected = [label.name for model in (first, second) for label in read_bundle_metadata(model).labels]
+        self.assertEqual(logic.segmentNames(node), expected)  # every model's structures, in the set's order
+        self.assertEqual(logic.segmentsToReplace(node, modelSet), expected)
+        for index in range(len(expected)):
+            self.assertOnVolumeGrid(node, node.GetSegmentation().GetNthSegmentID(index), volume)
+        self.assertEqual(node.GetAttribute("MedSegUNet.Model"), str(modelSet))
+
+        with self.assertRaises(MedSegError):  # a set of one bundle twice is refused, and nothing is listed
+            logic.createModelSet("twice", [first, first])
+        self.assertEqual([m for m in logic.availableModels() if logic.isModelSet(m)], [modelSet])
 
     def smallNnunetModel(self) -> Path:
         """A trained-model folder laid out as nnU-Net v2 writes it (plans, dataset description, one fold's

@@ -120,3 +120,53 @@ def test_a_bad_bundle_among_several_is_one_clear_line(tmp_path, models, scans):
         "--progress", "none",
     )  # fmt: skip
     assert_clean_failure(result, "bad.safetensors")
+
+
+def test_a_model_set_file_segments_as_its_bundles_given_with_m(tmp_path, models, scans):
+    """``-m NAME.modelset.json`` is ``-m A -m B``: the same labels; info describes each model; batch and
+    standby, which hold one bundle, refuse a set in one line."""
+    from MedSegUNetLib.model.model_set import read_model_set, write_model_set
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    inside = shutil.copy(models["other"], folder / "other.safetensors")
+    model_set = write_model_set(folder / "chest.modelset.json", "Chest", [models["small"], inside])
+    written = json.loads(model_set.read_text())
+    assert written["models"] == [str(Path(models["small"]).resolve()), "other.safetensors"]  # beside it: relative
+    moved = shutil.copytree(folder, tmp_path / "moved")
+    assert read_model_set(moved / "chest.modelset.json").models[1] == moved / "other.safetensors"
+
+    segment(scans["whole"], [models["small"], models["other"]], tmp_path / "given.seg.nrrd")
+    segment(scans["whole"], [model_set], tmp_path / "set.seg.nrrd")
+    given, set_ = segmentation(tmp_path / "given.seg.nrrd"), segmentation(tmp_path / "set.seg.nrrd")
+    assert set_[1] == given[1] and len(set_[1]) == 4  # every model's structures, same values and names
+    np.testing.assert_array_equal(set_[0], given[0])
+
+    info = run_cli("info", str(model_set))
+    assert info.returncode == 0, info.stderr
+    assert info.stdout.startswith("model set Chest: 2 models") and "lungs" in info.stdout and "ribs" in info.stdout
+    for command in (["segment-batch", str(scans["whole"]), "-o", str(tmp_path / "batch")], ["standby"]):
+        result = run_cli(*command, "-m", str(model_set), "--progress", "none")
+        assert_clean_failure(result, "chest.modelset.json", "model set")
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("{not json", "not a readable model set"),
+        ('{"models": ["a.safetensors"]}', '"model_set": 1'),
+        ('{"model_set": 1, "models": []}', "non-empty list"),
+        ('{"model_set": 1, "models": ["missing.safetensors"]}', "missing.safetensors, which does not exist"),
+        ('{"model_set": 1, "models": ["other.modelset.json"]}', "another model set"),
+        ('{"model_set": 1, "models": ["small.safetensors", "./small.safetensors"]}', "one bundle twice"),
+    ],
+)
+def test_a_bad_model_set_is_one_clear_line_before_any_reading(tmp_path, models, scans, content, fragment):
+    shutil.copy(models["small"], tmp_path / "small.safetensors")
+    (tmp_path / "other.modelset.json").write_text('{"model_set": 1, "models": ["small.safetensors"]}')
+    bad = tmp_path / "bad.modelset.json"
+    bad.write_text(content)
+    output = tmp_path / "out.seg.nrrd"
+    result = run_cli("segment", str(scans["whole"]), "-m", str(bad), "-o", str(output), "--progress", "none")
+    assert_clean_failure(result, "bad.modelset.json", fragment)
+    assert not output.exists()

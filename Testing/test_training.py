@@ -77,7 +77,7 @@ def REPO_SEG():
     return slicerio_data("Segmentation.seg.nrrd")
 
 
-def synthetic_scene(folder: Path, seed: int) -> Path:
+def synthetic_scene(folder: Path, seed: int, names=("lesion", "organ")) -> Path:
     """A noisy volume with a bright ball ('lesion') and a dim box ('organ'), as a .mrb scene."""
     rng = np.random.default_rng(seed)
     array = rng.normal(-100, 30, (40, 48, 48)).astype(np.float32)
@@ -95,7 +95,7 @@ def synthetic_scene(folder: Path, seed: int) -> Path:
     sitk.WriteImage(image, str(folder / "image.nrrd"))
     label_image = sitk.GetImageFromArray(label)
     label_image.CopyInformation(image)
-    write_segmentation(folder / "seg.seg.nrrd", label_image, default_labels(["lesion", "organ"]))
+    write_segmentation(folder / "seg.seg.nrrd", label_image, default_labels(list(names)))
     return write_mrb(
         folder / f"case{seed}.mrb",
         f"case{seed}",
@@ -305,3 +305,60 @@ def test_default_crop_workers_per_device():
     assert default_workers(torch.device("cuda"), cpus=1) == 1
     assert default_workers(torch.device("cpu"), cpus=2) == 1
     assert default_workers(torch.device("cpu"), cpus=1) == 0
+
+
+def test_crops_are_never_mirrored_left_right_when_a_structure_names_a_side():
+    """kidney_left mirrored left to right lies where kidney_right does: a table with sided names keeps the
+    left-right axis unmirrored (the x axis of an RAS grid, the z axis of a PIR one) and the others mirrored."""
+    from MedSegUNetLib.model.bundle import IMAGE_AXES, Normalization, Preprocessing
+    from training.data import ALL_AXES, augmentations, mirror_axes
+
+    def prep(orientation: str) -> Preprocessing:
+        return Preprocessing((3.0, 3.0, 3.0), (32, 32, 16), orientation, Normalization("ct", clip=(-100.0, 200.0)))
+
+    assert mirror_axes(["liver", "spleen"], prep("RAS")) == ALL_AXES
+    assert mirror_axes(["liver", "kidney_left"], prep("RAS")) == (0, 1)
+    assert mirror_axes(["Right lung"], prep("LPS")) == (0, 1)
+    assert mirror_axes(["kidney_right"], prep("PIR")) == (1, 2)
+    assert mirror_axes(["kidney_right"], prep(IMAGE_AXES)) == ALL_AXES  # an imported model's own axes: unknown sides
+    assert mirror_axes(["bright", "wright"], prep("RAS")) == ALL_AXES  # a side is a word, not letters in one
+
+    label = np.zeros((1, 8, 12, 16), dtype=np.uint8)
+    label[:, :, :, :5] = 1  # a block on the low-x side
+    image = label.astype(np.float32)
+
+    def low_x_side_kept(flip_axes) -> list:
+        augment = augmentations(flip_axes)
+        augment.set_random_state(seed=0)
+        kept = []
+        for _ in range(24):
+            out = np.asarray(augment({"image": image.copy(), "label": label.copy()})["label"])
+            kept.append(out[..., :8].sum() > out[..., 8:].sum())
+        return kept
+
+    assert all(low_x_side_kept((0, 1)))
+    assert not all(low_x_side_kept(ALL_AXES))  # the check can fail: mirrored along x, the block changes side
+
+
+def test_a_model_of_sided_structures_keeps_its_mirror_axes_for_tta(tmp_path):
+    """Trained on kidney_left and kidney_right, the bundle records the axes its crops were mirrored along
+    (not left-right), and --tta mirrors along those only; a model without sides records none (all axes)."""
+    from MedSegUNetLib.prediction.inference import mirror_axes as tta_flips
+
+    scene = synthetic_scene(tmp_path / "data", seed=2, names=("kidney_left", "kidney_right"))
+    out = tmp_path / "model"
+    common = ["--max-steps", "2", "--spacing", "4", "4", "4", "--patch-size", "16", "16", "16", "--filters", "4"]
+    result = run_cli("train", str(scene), "-o", str(out), *common, "--progress", "none", timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    meta = read_bundle_metadata(out / "model.safetensors")
+    assert meta.preprocessing.orientation == "RAS" and meta.mirror_axes == (0, 1)  # z and y; x is left-right
+    assert all(4 not in flip for flip in tta_flips(allowed=meta.mirror_axes))  # (B, C, Z, Y, X): x is dim 4
+    segmented = tmp_path / "tta.nii.gz"
+    result = run_cli("segment", str(tmp_path / "data" / "image.nrrd"), "-m", str(out / "model.safetensors"),
+                     "-o", str(segmented), "--tta", "--progress", "none")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+    plain = synthetic_scene(tmp_path / "plain", seed=2)
+    result = run_cli("train", str(plain), "-o", str(tmp_path / "plain-model"), *common, "--progress", "none")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_bundle_metadata(tmp_path / "plain-model" / "model.safetensors").mirror_axes is None

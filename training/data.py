@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from MedSegUNetLib.core.anatomy import names_a_side
 from MedSegUNetLib.core.geometry import Grid, reorient, resample_onto, xyz_to_zyx
-from MedSegUNetLib.model.bundle import Preprocessing
+from MedSegUNetLib.model.bundle import IMAGE_AXES, Preprocessing
 from MedSegUNetLib.prediction.preprocessing import normalize, to_network_grid
 
 from .config import Fingerprint
@@ -67,8 +68,24 @@ def prepare(
     return PreparedCase(case.name, array[None], classes[None].astype(np.uint8), spacing, annotated)
 
 
-def augmentations() -> Compose:
-    """What every training crop goes through after it is cut (training/sampling.py places the crops)."""
+ALL_AXES = (0, 1, 2)
+
+
+def mirror_axes(names: Sequence[str], preprocessing: Preprocessing) -> Tuple[int, ...]:
+    """The (z, y, x) axes of the network grid a training crop may be mirrored along: all three, but never
+    left-right when a structure's name says a side. Mirrored left to right, a left kidney lies where the
+    right one does and would be taught under the other's name (TotalSegmentator, whose names these are,
+    trains without mirroring for that reason). The bundle keeps these axes, so that --tta mirrors only
+    along them."""
+    if preprocessing.orientation == IMAGE_AXES or not any(names_a_side(name) for name in names):
+        return ALL_AXES
+    left_right = next(i for i, letter in enumerate(preprocessing.orientation.upper()) if letter in "RL")
+    return tuple(axis for axis in ALL_AXES if axis != 2 - left_right)  # the code is x, y, z; the axes z, y, x
+
+
+def augmentations(flip_axes: Sequence[int] = ALL_AXES) -> Compose:
+    """What every training crop goes through after it is cut (training/sampling.py places the crops);
+    mirrored only along ``flip_axes`` (:func:`mirror_axes`)."""
     from monai.transforms import (
         Compose,
         RandAdjustContrastd,
@@ -83,9 +100,7 @@ def augmentations() -> Compose:
     keys = ["image", "label"]
     return Compose(
         [
-            RandFlipd(keys, prob=0.5, spatial_axis=0),
-            RandFlipd(keys, prob=0.5, spatial_axis=1),
-            RandFlipd(keys, prob=0.5, spatial_axis=2),
+            *[RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in flip_axes],
             RandAffined(
                 keys,
                 prob=0.3,

@@ -22,7 +22,7 @@ from MedSegUNetLib.prediction.inference import PredictOptions, predict_labels, s
 
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Plan, TrainConfig
-from .data import PreparedCase
+from .data import ALL_AXES, PreparedCase, mirror_axes
 from .distributed import World
 from .losses import IGNORE, make_loss
 from .stream import Batch, batch_stream, default_workers
@@ -171,6 +171,8 @@ class Run:
                 base_filters=self.config.filters,
             )
             self.meta_network = bundle.network
+        axes = mirror_axes([label.name for label in self.labels], bundle.meta.preprocessing)
+        bundle.meta.mirror_axes = None if axes == ALL_AXES else axes  # None: every axis, as before
         return bundle.meta
 
     def resume(self) -> None:
@@ -280,6 +282,7 @@ class Run:
             workers,
             pin_memory=self.device.type == "cuda",
             foreground_fraction=self.config.foreground_fraction,
+            flip_axes=self.meta.mirror_axes if self.meta.mirror_axes is not None else ALL_AXES,
         )
 
     def _deadline(self) -> float:

@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict
 import numpy as np
 import torch
 
-from .data import PreparedCase, augmentations, pad_to_patch
+from .data import ALL_AXES, PreparedCase, augmentations, pad_to_patch
 from .sampling import class_voxels, crop_starts
 
 WORKER_SEED_STRIDE = 1_000_003  # far apart: the workers' streams never share a seed
@@ -38,10 +38,12 @@ def batches(
     batch_size: int,
     seed: int,
     foreground_fraction: float = FOREGROUND_FRACTION,
+    flip_axes: Sequence[int] = ALL_AXES,
 ) -> Iterator[Batch]:
     """An endless stream of augmented crops, cycling through the cases in a seeded random order; a share
-    ``foreground_fraction`` of each batch's crops is centered on foreground (training/sampling.py)."""
-    augment = augmentations()
+    ``foreground_fraction`` of each batch's crops is centered on foreground (training/sampling.py); mirrored
+    only along ``flip_axes``."""
+    augment = augmentations(flip_axes)
     augment.set_random_state(seed=seed)
     rng = np.random.default_rng(seed)
     padded: Dict[str, Tuple[np.ndarray, np.ndarray, Dict[int, np.ndarray]]] = {}
@@ -82,8 +84,10 @@ class CropBatches(torch.utils.data.IterableDataset):
         batch_size: int,
         seed: int,
         foreground_fraction: float = FOREGROUND_FRACTION,
+        flip_axes: Sequence[int] = ALL_AXES,
     ):
         super().__init__()
+        self.flip_axes = tuple(flip_axes)
         self.cases, self.patch_zyx, self.classes, self.batch_size, self.seed = (
             cases,
             patch_zyx,
@@ -103,6 +107,7 @@ class CropBatches(torch.utils.data.IterableDataset):
             self.batch_size,
             self.seed + WORKER_SEED_STRIDE * worker,
             self.foreground_fraction,
+            self.flip_axes,
         )
 
 
@@ -139,13 +144,14 @@ def batch_stream(
     pin_memory: bool = False,
     start_method: Optional[str] = None,
     foreground_fraction: float = FOREGROUND_FRACTION,
+    flip_axes: Sequence[int] = ALL_AXES,
 ) -> Iterator[Batch]:
     """The training batches: made in ``workers`` processes, or in this one when ``workers`` is 0.
     ``start_method``: how the workers start (default: the platform's; macOS and Windows spawn them)."""
     if workers <= 0:
-        return batches(cases, patch_zyx, classes, batch_size, seed, foreground_fraction)
+        return batches(cases, patch_zyx, classes, batch_size, seed, foreground_fraction, flip_axes)
     loader = torch.utils.data.DataLoader(
-        CropBatches(cases, patch_zyx, classes, batch_size, seed, foreground_fraction),
+        CropBatches(cases, patch_zyx, classes, batch_size, seed, foreground_fraction, flip_axes),
         batch_size=None,  # each item is already a batch
         num_workers=workers,
         worker_init_fn=_worker_signals,

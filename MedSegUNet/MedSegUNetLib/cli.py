@@ -67,8 +67,8 @@ def add_segment_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         required=True,
         type=Path,
         action="append",
-        help="model bundle (.safetensors); several -m run as one: the input read once, the labels merged (the first "
-        "model given keeps a voxel two models label)",
+        help="model bundle (.safetensors) or model set (.modelset.json: several bundles); several -m run as one: the "
+        "input read once, the labels merged (the first model given keeps a voxel two models label)",
     )
     parser.add_argument("-o", "--output", required=True, type=Path, help="OUTPUT.seg.nrrd, .nrrd, .nii.gz or .nii")
     parser.add_argument("--device", default="auto", choices=DEVICES)
@@ -143,14 +143,16 @@ def add_progress_argument(parser: argparse.ArgumentParser) -> None:
 def run_segment_command(args: argparse.Namespace, progress: Progress, preloaded: Optional[LoadedModel] = None) -> dict:
     """``segment``; ``preloaded`` (a standby.LoadedModel) serves the job when it holds the job's model."""
     from MedSegUNetLib.commands.segment import run_segment
+    from MedSegUNetLib.model.model_set import expand_models
 
     options = segment_options(args)
-    if len(args.model) > 1:
+    models = expand_models(args.model)
+    if len(models) > 1:
         from MedSegUNetLib.commands.segment_set import run_segment_set
 
-        output = run_segment_set(args.inputs, args.model, args.output, options, progress)
+        output = run_segment_set(args.inputs, models, args.output, options, progress)
     else:
-        model = args.model[0]
+        model = models[0]
         bundle = preloaded.bundle if preloaded is not None and preloaded.serves(model) else None
         output = run_segment(args.inputs, model, args.output, options, progress, preloaded=bundle)
     progress.close()
@@ -193,6 +195,7 @@ def run_segment_batch_command(args: argparse.Namespace, progress: Progress) -> d
     from MedSegUNetLib.core.progress import make_progress
     from MedSegUNetLib.imageio.console import python_streams_apart
 
+    _refuse_model_set(args.model, "segment-batch")
     options = BatchOptions(
         segment=segment_options(args),
         output_format=args.format,
@@ -210,6 +213,13 @@ def run_segment_batch_command(args: argparse.Namespace, progress: Progress) -> d
     if args.progress != "json":
         print(result.describe())
     return {"message": result.describe(), "summary": str(result.summary.path)}
+
+
+def _refuse_model_set(model: Path, command: str) -> None:
+    from MedSegUNetLib.model.model_set import is_model_set
+
+    if is_model_set(model):
+        raise MedSegError(f"is a model set; {command} runs one bundle (segment runs a set)", model)
 
 
 # --- standby: the engine started before the click ----------------------------------------------------
@@ -240,6 +250,7 @@ def _check_batch_size(batch_size: Optional[int]) -> None:
 def run_standby_command(args: argparse.Namespace, progress: Progress) -> dict:
     from MedSegUNetLib.commands.standby import load_and_warm, wait_for_job
 
+    _refuse_model_set(args.model, "standby")
     _check_batch_size(args.batch_size)
     if not args.idle_minutes > 0:  # NaN too
         raise MedSegError("--idle-minutes must be positive")
@@ -276,17 +287,28 @@ def parse_standby_job(arguments: Sequence[str], progress_kind: str) -> argparse.
 
 
 def add_info_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser("info", help="describe a model bundle (labels, spacing, provenance)")
-    parser.add_argument("bundle", type=Path)
-    parser.add_argument("--json", action="store_true", help="print the bundle's metadata as JSON")
+    parser = commands.add_parser("info", help="describe a model bundle or set (labels, spacing, provenance)")
+    parser.add_argument("bundle", type=Path, help="a bundle (.safetensors) or a model set (.modelset.json)")
+    parser.add_argument("--json", action="store_true", help="print the metadata as JSON (a set: one per bundle)")
     parser.set_defaults(handler=run_info_command, progress="none")
 
 
 def run_info_command(args: argparse.Namespace, progress: Progress) -> dict:
     from MedSegUNetLib.model.bundle import describe, read_bundle_metadata
+    from MedSegUNetLib.model.model_set import is_model_set, read_model_set
 
-    meta = read_bundle_metadata(args.bundle)
-    print(json.dumps(json.loads(meta.to_json()), indent=2) if args.json else describe(meta))
+    if not is_model_set(args.bundle):
+        meta = read_bundle_metadata(args.bundle)
+        print(json.dumps(json.loads(meta.to_json()), indent=2) if args.json else describe(meta))
+        return {}
+    model_set = read_model_set(args.bundle)
+    metas = [read_bundle_metadata(model) for model in model_set.models]
+    if args.json:
+        print(json.dumps([json.loads(meta.to_json()) for meta in metas], indent=2))
+        return {}
+    print(f"model set {model_set.name}: {len(metas)} models, run as one (the first model keeps a voxel two label)")
+    for index, (model, meta) in enumerate(zip(model_set.models, metas), start=1):
+        print(f"\n[{index}] {model}\n{describe(meta)}")
     return {}
 
 

@@ -15,9 +15,29 @@ except ImportError:  # outside Slicer, and in Slicer releases without it (not in
         return text
 
 
+MODEL_SET_SUFFIX = ".modelset.json"  # MedSegUNetLib.model.model_set.SUFFIX, spelled here to stay plain Python
+
+
 def modelLabel(path: Path) -> str:
-    """What the model list shows: the file name, or the folder's for a trained OUTDIR/model.safetensors."""
+    """What the model list shows: the file name, or the folder's for a trained OUTDIR/model.safetensors,
+    and for a model set its name with the number of models."""
+    if path.name.lower().endswith(MODEL_SET_SUFFIX):
+        return path.name[: -len(MODEL_SET_SUFFIX)]
     return path.parent.name if path.stem == "model" else path.stem
+
+
+def modelSetText(name: str, metas: List, paths: List[Path]) -> str:
+    """A model set as the panel describes a model: one line (its models' structures), then each model's
+    own summary line and file."""
+    count = sum(len(meta.labels) for meta in metas)
+    summary = _("Set of {models} models, {count} structures: {names}").format(
+        models=len(metas), count=count, names=", ".join(modelLabel(path) for path in paths)
+    )
+    lines = [_("Run as one: the input is read once; where two models label a voxel, the first listed keeps it.")]
+    for index, (meta, path) in enumerate(zip(metas, paths), start=1):
+        lines.append(f"{index}. {modelLabel(path)}: {modelSummary(meta, path)}")
+        lines.append("   " + _("File: {path}").format(path=path))
+    return summary + "\n" + "\n".join(lines)
 
 
 SIDES = ("left", "right")

@@ -80,6 +80,12 @@ def known_structure(name: str) -> Optional[Tuple[Tuple[float, float, float], str
     return color, terminology(type_code, side)
 
 
+def names_a_side(name: str) -> bool:
+    """Whether a structure's name says left or right (``kidney_left``, ``Left lung``, ``rib_right_4``)."""
+    words = "".join(c if c.isalnum() else " " for c in name.lower()).split()
+    return any(word in SIDES for word in words)
+
+
 def known_label(value: int, name: str) -> Label:
     """The label of value ``value`` named ``name``: the table's color and terminology, else the palette's color."""
     known = known_structure(name)

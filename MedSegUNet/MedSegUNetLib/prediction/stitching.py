@@ -170,10 +170,10 @@ def summed_weights(
     blend: str = "gaussian",
 ) -> torch.Tensor:
     """The sum of the windows' weights at each voxel of a volume of ``shape_zyx``: what MONAI divides by."""
-    ones = torch.zeros((1, *shape_zyx), dtype=torch.float32)
+    nothing = torch.zeros((), dtype=torch.float32).expand(1, *shape_zyx)  # a volume's shape without its memory
     return blended_scores(
         lambda windows: torch.ones((windows.shape[0], 1, *window_zyx)),
-        ones,
+        nothing,
         window_zyx,
         1,
         overlap,
