@@ -1,7 +1,7 @@
 """nnU-Net's own predictor as a baseline: the network nnU-Net's planner makes for a CT, run by
 ``nnUNetPredictor`` and by our ``segment`` on the bundle ``import-model`` writes from it.
 
-    python benchmarks/nnunet_baseline.py [--size full|quick|tiny] [--spacing 3 [1.5]] [--steps N] [--json FILE]
+    python benchmarks/nnunet_baseline.py [--size full|quick|tiny] [--spacing 3 [1.5]] [--steps N] [--bf16] [--json FILE]
     python benchmarks/nnunet_baseline.py --quick      # the smoke check's tiny form (Testing/test_benchmarks.py)
 
 For each spacing: the benchmark volume (volumes.py; 512x512x300 at 0.8x0.8x1.5 mm in full) resampled to
@@ -207,8 +207,11 @@ def quiet_run(command: List[str]) -> None:
         raise SystemExit(f"{' '.join(command[:4])} ... failed:\n{result.stderr[-3000:]}")
 
 
-def compare(work: Path, ct: Path, spacing: float, steps: int, dataset_id: int, log, device: str = "cpu") -> dict:
-    """One spacing: plan, train briefly, import, then nnU-Net's predictor and ours, each a whole process."""
+def compare(
+    work: Path, ct: Path, spacing: float, steps: int, dataset_id: int, log, device: str = "cpu", bf16: bool = False
+) -> dict:
+    """One spacing: plan, train briefly, import, then nnU-Net's predictor and ours, each a whole process;
+    with ``bf16`` ours a second time in bfloat16 (``--precision bf16``)."""
     described_path = work / f"plan-{spacing:g}.json"
     start = time.perf_counter()
     quiet_run(
@@ -227,18 +230,34 @@ def compare(work: Path, ct: Path, spacing: float, steps: int, dataset_id: int, l
         engine("segment", str(ct), "-m", str(bundle), "-o", str(ours), "--device", device, "--progress", "none")
     )
     log(f"{spacing:g} mm: ours {ours_s:.1f} s, {ours_mb:.0f} MB")
-    return {
+    run = {
         **described,
         "nnunet": {"wall_s": nnunet_s, "peak_rss_mb": nnunet_mb, "output": str(theirs)},
         "ours": {"wall_s": ours_s, "peak_rss_mb": ours_mb, "output": str(ours)},
         "speedup_vs_nnunet": nnunet_s / ours_s,
         "peak_rss_ratio_vs_nnunet": ours_mb / nnunet_mb,
     }
+    if bf16:
+        reduced = work / f"ours-bf16-{spacing:g}.nii.gz"
+        command = engine("segment", str(ct), "-m", str(bundle), "-o", str(reduced), "--device", device)
+        bf16_s, bf16_mb = run_child([*command, "--precision", "bf16", "--progress", "none"])
+        log(f"{spacing:g} mm: ours in bf16 {bf16_s:.1f} s, {bf16_mb:.0f} MB")
+        run["ours_bf16"] = {
+            "wall_s": bf16_s,
+            "peak_rss_mb": bf16_mb,
+            "output": str(reduced),
+            "speedup_vs_nnunet": nnunet_s / bf16_s,
+            "peak_rss_ratio_vs_nnunet": bf16_mb / nnunet_mb,
+        }
+    return run
 
 
 def with_dice(run: dict) -> dict:
     """The Dice between the outputs (read only now: the harness must stay small while children are measured)."""
     run["dice_ours_vs_nnunet"] = volumes.dice_between(Path(run["ours"]["output"]), Path(run["nnunet"]["output"]))
+    if "ours_bf16" in run:
+        bf16 = run["ours_bf16"]
+        bf16["dice_vs_nnunet"] = volumes.dice_between(Path(bf16["output"]), Path(run["nnunet"]["output"]))
     run["goals_met"] = {
         "speedup >= 3": run["speedup_vs_nnunet"] >= GOALS["speedup"],
         "peak memory <= 0.5x": run["peak_rss_ratio_vs_nnunet"] <= GOALS["peak_rss_ratio"],
@@ -271,7 +290,7 @@ def harness(args: argparse.Namespace, log=print) -> dict:
             "machine_before": machine(),
             "device": args.device,
             "runs": [
-                compare(work, ct, spacing, steps, 950 + index, log, args.device)
+                compare(work, ct, spacing, steps, 950 + index, log, args.device, args.bf16)
                 for index, spacing in enumerate(spacings)
             ],
         }
@@ -291,6 +310,13 @@ def print_table(report: dict) -> None:
             f"{run['speedup_vs_nnunet']:.2f}x | {run['peak_rss_ratio_vs_nnunet']:.2f}x | "
             f"{run['dice_ours_vs_nnunet']:.4f}"
         )
+        if "ours_bf16" in run:
+            bf16 = run["ours_bf16"]
+            print(
+                f"  ours in bf16: {bf16['wall_s']:.1f} s / {bf16['peak_rss_mb']:.0f} MB | "
+                f"{bf16['speedup_vs_nnunet']:.2f}x | {bf16['peak_rss_ratio_vs_nnunet']:.2f}x | "
+                f"{bf16['dice_vs_nnunet']:.4f}"
+            )
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -300,6 +326,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--spacing", type=float, nargs="+", help="isotropic spacings to plan for, mm (3)")
     parser.add_argument("--steps", type=int, help="training steps before the checkpoint is written (6; quick 10)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both predict (cpu)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="ours once more with --precision bf16 (CPUs with AVX512-BF16 or AMX)"
+    )
     parser.add_argument("--work", help="keep the models and outputs in this folder")
     parser.add_argument("--json", help="write the report as JSON here")
     parser.add_argument("--worker", choices=["volume", "plan", "nnunet"], help=argparse.SUPPRESS)

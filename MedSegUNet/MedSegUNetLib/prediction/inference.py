@@ -43,9 +43,9 @@ def network_precision(precision: str, device: torch.device) -> Optional[torch.dt
 
     auto: fp16 autocast on CUDA (nnU-Net's and MONAI's usual setting), float32 elsewhere. bf16: bf16
     autocast on CUDA; on the CPU a bf16 copy of the network, which oneDNN runs on AVX512-BF16 or AMX
-    and PyTorch refuses elsewhere (so it is refused here first, with the reason). On the CPU it gains
-    little (the norms dominate) and labels differ slightly from float32 (benchmarks/README.md): an
-    opt-in, never the default.
+    and PyTorch refuses elsewhere (so it is refused here first, with the reason). On the CPU it pays on
+    wide networks (an imported nnU-Net model's) more than on the small shipped one, and labels differ
+    slightly from float32 (benchmarks/README.md): an opt-in, never the default.
     Scores are blended in float32 whatever the precision."""
     if precision not in PRECISIONS:
         raise MedSegError(f"unknown precision '{precision}' (use {', '.join(PRECISIONS)})")
