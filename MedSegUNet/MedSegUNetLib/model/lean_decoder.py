@@ -94,12 +94,14 @@ def _is_unet_decoder(module: Any) -> bool:
     if type(module).__name__ != "UNetDecoder" or getattr(module, "deep_supervision", True):
         return False
     try:
-        return all(
-            len(list(stage.convs)) >= 1 and hasattr(stage.convs[0], "all_modules") and len(stage.convs[0].all_modules)
-            for stage in module.stages
-        )
-    except (AttributeError, TypeError):
+        return all(_plain_first_conv(stage.convs[0].all_modules[0]) for stage in module.stages)
+    except (AttributeError, TypeError, IndexError):
         return False
+
+
+def _plain_first_conv(conv: Any) -> bool:
+    """A convolution that :class:`SplitInputConv` computes exactly: no dilation, one group."""
+    return set(conv.dilation) == {1} and conv.groups == 1 and conv.weight.dim() == 5
 
 
 def with_lean_decoders(module: torch.nn.Module) -> None:
