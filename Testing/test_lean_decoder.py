@@ -75,3 +75,19 @@ def test_a_decoder_with_deep_supervision_is_left_as_the_library_made_it():
     network.decoder.deep_supervision = True
     with_lean_decoders(network)
     assert type(network.decoder).__name__ == "UNetDecoder"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_split_convolution_is_the_convolution_of_the_concatenation(bias):
+    """The split as PyTorch computes it where oneDNN is not called directly (a plain Conv3d)."""
+    from MedSegUNetLib.model.lean_decoder import SplitInputConv
+
+    torch.manual_seed(3)
+    conv = torch.nn.Conv3d(5, 4, 3, padding=1, bias=bias).eval()
+    first, second = torch.randn(2, 2, 6, 7, 8), torch.randn(2, 3, 6, 7, 8)
+    with torch.inference_mode():
+        expected = conv(torch.cat((first, second), 1))
+        features = [first, second]
+        got = SplitInputConv(conv, 2)(features)
+    assert features == []  # both inputs handed over, so that the caller's references are the last ones
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

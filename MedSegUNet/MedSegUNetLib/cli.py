@@ -306,7 +306,7 @@ def run_info_command(args: argparse.Namespace, progress: Progress) -> dict:
     if args.json:
         print(json.dumps([json.loads(meta.to_json()) for meta in metas], indent=2))
         return {}
-    print(f"model set {model_set.name}: {len(metas)} models, run as one (the first model keeps a voxel two label)")
+    print(f"model set {model_set.name}: {len(metas)} models, run as one (where two label a voxel, the first keeps it)")
     for index, (model, meta) in enumerate(zip(model_set.models, metas), start=1):
         print(f"\n[{index}] {model}\n{describe(meta)}")
     return {}
