@@ -76,8 +76,8 @@ def _stem(path: Path) -> str:
 
 def write_model_set(path: Path, name: str, models: Sequence[Path]) -> Path:
     """Write a set of ``models`` (bundles; a set among them is flattened into its bundles) at ``path``, in
-    one rename. Members in the
-    set's folder are named relative to it, so that the folder can be moved as a whole."""
+    one rename. Members in the set's folder are named relative to it, so that the folder can be moved
+    as a whole."""
     path = Path(path)
     if not is_model_set(path):
         raise MedSegError(f"a model set's name must end in {SUFFIX}", path)

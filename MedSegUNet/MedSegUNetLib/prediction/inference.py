@@ -235,7 +235,7 @@ def _sliding_window(
         if mean_scores:
             weights = summed_weights(array.shape[1:], patch_size_zyx, options.overlap, options.windows, options.blend)
             scores = scores.cpu()
-            scores /= weights  # in place: a second scores-sized array would be the stage's peak at fine spacings
+            scores /= weights  # in place: no second scores-sized array
             return scores.numpy()
         return class_indices(scores).cpu().numpy()
 

@@ -214,10 +214,7 @@ def restore_labels(labels_zyx: np.ndarray, network_grid: Grid, input_grid: Grid)
     input grid that can receive a label is resampled (the rest is background): on a CT the labelled
     organs fill a fraction of a 512x512x300 volume.
     """
-    predicted = sitk.GetImageFromArray(labels_zyx)
-    predicted.SetSpacing(network_grid.spacing)
-    predicted.SetOrigin(network_grid.origin)
-    predicted.SetDirection(network_grid.direction)
+    predicted = _image_on(labels_zyx, network_grid)
     restored = input_grid.empty_image(predicted.GetPixelID())
     present = [np.flatnonzero(labels_zyx.any(axis=tuple(a for a in range(3) if a != axis))) for axis in (2, 1, 0)]
     if any(indices.size == 0 for indices in present):
