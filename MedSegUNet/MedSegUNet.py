@@ -1369,6 +1369,9 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
 
         with self.assertRaises(MedSegError):  # a set of one bundle twice is refused, and nothing is listed
             logic.createModelSet("twice", [first, first])
+        overlapping = self.createdModel("vessel,organ", "selftest-overlapping")
+        with self.assertRaisesRegex(MedSegError, "'organ'"):  # one structure from two models: refused when made
+            logic.createModelSet("overlapping", [first, overlapping])
         self.assertEqual([m for m in logic.availableModels() if logic.isModelSet(m)], [modelSet])
 
     def smallNnunetModel(self) -> Path:

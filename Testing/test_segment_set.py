@@ -12,6 +12,8 @@ import pytest
 import SimpleITK as sitk
 from conftest import REPO, assert_clean_failure, make_small_bundle, run_cli
 
+from MedSegUNetLib.core.errors import MedSegError
+
 SHIPPED = REPO / "Resources" / "Models" / "abdomen-ct.safetensors"
 
 
@@ -148,6 +150,18 @@ def test_a_model_set_file_segments_as_its_bundles_given_with_m(tmp_path, models,
     for command in (["segment-batch", str(scans["whole"]), "-o", str(tmp_path / "batch")], ["standby"]):
         result = run_cli(*command, "-m", str(model_set), "--progress", "none")
         assert_clean_failure(result, "chest.modelset.json", "model set")
+
+
+def test_a_model_set_of_two_bundles_naming_one_structure_is_refused_when_made(tmp_path, models):
+    """The duplicate is refused when the set is written (the panel's *Model set*), not later at Segment."""
+    from MedSegUNetLib.model.model_set import write_model_set
+
+    copy = shutil.copy(models["small"], tmp_path / "copy.safetensors")
+    path = tmp_path / "twice.modelset.json"
+    with pytest.raises(MedSegError, match=r"copy\.safetensors.*'ribs' as small\.safetensors does"):
+        write_model_set(path, "Twice", [models["small"], copy])
+    assert not path.exists()
+    assert write_model_set(path, "Distinct", [models["small"], models["other"]]).exists()
 
 
 @pytest.mark.parametrize(

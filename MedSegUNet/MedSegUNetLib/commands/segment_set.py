@@ -17,7 +17,7 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -36,6 +36,7 @@ from MedSegUNetLib.core.labels import Label
 from MedSegUNetLib.core.progress import Progress
 from MedSegUNetLib.imageio.images import check_output_type, write_segmentation
 from MedSegUNetLib.model.bundle import Bundle, BundleMeta, load_bundle, read_bundle_metadata
+from MedSegUNetLib.model.model_set import check_distinct_structures
 from MedSegUNetLib.prediction.inference import network_precision, select_device
 from MedSegUNetLib.prediction.preprocessing import NetworkInput
 
@@ -50,20 +51,12 @@ class MergedLabels:
 
 def merged_labels(metas: Sequence[BundleMeta], paths: Sequence[Path]) -> MergedLabels:
     """Values 1, 2, ... in model order; a structure two models name is refused, naming both."""
-    seen: Dict[str, Path] = {}
+    check_distinct_structures(metas, paths)
     labels: List[Label] = []
     tables: List[np.ndarray] = []
-    for path, meta in zip(paths, metas):
+    for meta in metas:
         table = np.zeros(max((label.value for label in meta.labels), default=0) + 1, dtype=np.uint16)
         for label in sorted(meta.labels, key=lambda label: label.value):
-            key = label.name.strip().casefold()
-            if key in seen:
-                raise MedSegError(
-                    f"names '{label.name}' as {Path(seen[key]).name} does: two models of one run must not "
-                    "segment the same structure",
-                    path,
-                )
-            seen[key] = path
             labels.append(Label(len(labels) + 1, label.name, label.color, label.terminology))
             table[label.value] = len(labels)
         tables.append(table)

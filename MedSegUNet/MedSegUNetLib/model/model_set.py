@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 from MedSegUNetLib.core.atomic import atomic_path
 from MedSegUNetLib.core.errors import MedSegError
+from MedSegUNetLib.model.bundle import BundleMeta, read_bundle_metadata
 
 SUFFIX = ".modelset.json"
 FORMAT_VERSION = 1
@@ -76,8 +77,8 @@ def _stem(path: Path) -> str:
 
 def write_model_set(path: Path, name: str, models: Sequence[Path]) -> Path:
     """Write a set of ``models`` (bundles; a set among them is flattened into its bundles) at ``path``, in
-    one rename. Members in the set's folder are named relative to it, so that the folder can be moved
-    as a whole."""
+    one rename; bundles that name one structure are refused here rather than at Segment. Members in the
+    set's folder are named relative to it, so that the folder can be moved as a whole."""
     path = Path(path)
     if not is_model_set(path):
         raise MedSegError(f"a model set's name must end in {SUFFIX}", path)
@@ -85,6 +86,7 @@ def write_model_set(path: Path, name: str, models: Sequence[Path]) -> Path:
         raise MedSegError(f"a model set holds 1 to {MAX_MODELS} bundles, not {len(models)}", path)
     folder = path.parent.resolve()
     members = [_member(path, str(Path(model).resolve())) for model in expand_models(models)]
+    check_distinct_structures([read_bundle_metadata(member) for member in members], members)
     resolved = [member.resolve() for member in members]
     names = [str(m.relative_to(folder)) if m.parent == folder else str(m) for m in resolved]
     with atomic_path(path) as temporary:
@@ -104,3 +106,19 @@ def expand_models(paths: Sequence[Path]) -> List[Path]:
             raise MedSegError("is given twice (directly or through a model set)", model)
         seen.add(model.resolve())
     return expanded
+
+
+def check_distinct_structures(metas: Sequence[BundleMeta], paths: Sequence[Path]) -> None:
+    """Refuse a structure that two models name (ignoring case), naming both: a merged output holds each
+    structure once, from one model."""
+    owners: Dict[str, Path] = {}
+    for path, meta in zip(paths, metas):
+        for label in meta.labels:
+            key = label.name.strip().casefold()
+            if key in owners:
+                raise MedSegError(
+                    f"names '{label.name}' as {Path(owners[key]).name} does: two models of one run must not "
+                    "segment the same structure",
+                    path,
+                )
+            owners[key] = path
