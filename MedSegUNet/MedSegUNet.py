@@ -144,6 +144,7 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
+        self.shownModelOverlap: Optional[float] = None  # what showModelOverlap put in Overlap
         self._parameterNodeGuiTag = None
         self.timer = None
         self.cancelling = False
@@ -347,9 +348,31 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelDetailsLabel.text = details
         self.ui.modelDetailsButton.enabled = bool(details)
         self.onModelDetailsToggled(self.ui.modelDetailsButton.checked)
+        self.showModelOverlap(model)
         self.updateButtons()
         self.updateRetrainTarget()
         self.prepareEngine()
+
+    def showModelOverlap(self, model: Optional[Path]) -> None:
+        """Overlap starts at the model's own (an imported model's tool's); left there, Segment runs each
+        model, of a set too, with its own."""
+        self.shownModelOverlap = None
+        if not model or not self._parameterNode:
+            return
+        try:
+            own = self.logic.modelOverlap(model)
+        except Exception:  # the line under the list already says why the model cannot be read
+            return
+        self._parameterNode.overlap = min(own, self.ui.overlapSliderWidget.maximum)
+        self.shownModelOverlap = self._parameterNode.overlap
+
+    def chosenOverlap(self) -> Optional[float]:
+        """The overlap the user set, or None while Overlap still shows the model's own."""
+        overlap = self._parameterNode.overlap
+        step = self.ui.overlapSliderWidget.singleStep
+        if self.shownModelOverlap is not None and abs(overlap - self.shownModelOverlap) < step / 2:
+            return None
+        return overlap
 
     def onModelDetailsToggled(self, shown: bool) -> None:
         shown = bool(shown and self.ui.modelDetailsLabel.text)
@@ -445,7 +468,7 @@ class MedSegUNetWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 output,
                 model,
                 self.ui.deviceComboBox.currentData,
-                parameters.overlap,
+                self.chosenOverlap(),
                 parameters.useTTA,
                 parameters.largestComponent,
                 parameters.show3D,
@@ -758,6 +781,16 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         return modelSummary(meta, path) + "\n" + modelDetails(meta, path)
 
     @staticmethod
+    def modelOverlap(path: Path) -> float:
+        """The window overlap the model runs with when none is given: an imported model's own (a set: its
+        first model's), else the engine's default."""
+        from MedSegUNetLib.model.bundle import read_bundle_metadata
+        from MedSegUNetLib.model.model_set import is_model_set, read_model_set
+
+        first = read_model_set(path).models[0] if is_model_set(path) else path
+        return read_bundle_metadata(first).run_overlap
+
+    @staticmethod
     def isModelSet(path: Path) -> bool:
         from MedSegUNetLib.model.model_set import is_model_set
 
@@ -898,9 +931,16 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def segmentRequest(
-        inputPath: Path, model: Path, outputPath: Path, device: str, overlap: float, tta: bool, largest: bool
+        inputPath: Path,
+        model: Path,
+        outputPath: Path,
+        device: str,
+        overlap: Optional[float],
+        tta: bool,
+        largest: bool,
     ) -> SegmentRequest:
-        """What Segment asks of the engine: its command line, or the waiting engine's job (tested outside Slicer)."""
+        """What Segment asks of the engine: its command line, or the waiting engine's job (tested outside
+        Slicer). overlap None: each model's own."""
         return SegmentRequest([inputPath], model, outputPath, device or "auto", overlap, tta, largest)
 
     def startSegment(
@@ -909,12 +949,13 @@ class MedSegUNetLogic(ScriptedLoadableModuleLogic):
         outputNode,
         model: Path,
         device: str,
-        overlap: float,
+        overlap: Optional[float],
         tta: bool,
         largest: bool,
         surfaces: bool = False,
     ) -> None:
-        """Segment volumeNode into outputNode (None: a new node, made when the result arrives)."""
+        """Segment volumeNode into outputNode (None: a new node, made when the result arrives); overlap None
+        runs each model with its own (modelOverlap)."""
         self.ensureIdle()
         folder = self.newWorkFolder()
         inputPath = self.writeVolume(volumeNode, folder / "input.nrrd")
@@ -1464,7 +1505,11 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
     def segmentThroughThePanel(self, widget, volume):
         parameters = widget.logic.getParameterNode()
         parameters.inputVolume = volume
+        widget.onModelChanged()
+        self.assertAlmostEqual(parameters.overlap, widget.logic.modelOverlap(widget.currentModel()))
+        self.assertIsNone(widget.chosenOverlap())  # left at the model's own: each model runs with its own
         parameters.overlap = 0.25
+        self.assertAlmostEqual(widget.chosenOverlap(), 0.25)
         parameters.show3D = False
         self.assertAlmostEqual(widget.ui.overlapSliderWidget.value, 0.25)  # parameter -> widget
         widget.ui.ttaCheckBox.checked = True

@@ -168,6 +168,36 @@ def test_the_segment_command_the_panel_builds_runs_on_a_real_file(tmp_path, ct_c
     assert "segment" in process.log_text().splitlines()[0]  # the log starts with the command
 
 
+def test_the_panel_leaves_each_model_its_own_overlap_until_one_is_chosen(tmp_path, ct_chest):
+    """Overlap shows the model's own (a set: its first model's); a request without one runs every model
+    with its own, as `segment` without --overlap does."""
+    import dataclasses
+
+    from conftest import make_small_bundle
+
+    from MedSegUNetLib.model.bundle import load_bundle, save_bundle
+    from MedSegUNetLib.model.model_set import write_model_set
+
+    base = make_small_bundle(tmp_path / "base.safetensors", patch=(16, 16, 8))
+    bundle = load_bundle(base)
+    own = tmp_path / "own.safetensors"
+    save_bundle(own, dataclasses.replace(bundle.meta, overlap=0.0, name="own"), bundle.network)
+    model_overlap = logic_method("modelOverlap")
+    assert (model_overlap(base), model_overlap(own)) == (0.5, 0.0)
+    other = make_small_bundle(tmp_path / "other.safetensors", names=("lungs",), patch=(16, 16, 8))
+    assert model_overlap(write_model_set(tmp_path / "s.modelset.json", "S", [own, other])) == 0.0
+
+    def windows(overlap):
+        request = logic_method("segmentRequest")(ct_chest, own, tmp_path / "o.seg.nrrd", "cpu", overlap, False, True)
+        command = segment_command(request, python=sys.executable)
+        assert ("--overlap" in command) == (overlap is not None)
+        result = subprocess.run(command, capture_output=True, text=True, env=engine_environment(MODULE_DIR))
+        assert result.returncode == 0, result.stderr
+        return [json.loads(line) for line in result.stdout.splitlines() if '"predict"' in line][-1]["total"]
+
+    assert windows(None) == windows(0.0) < windows(0.5)
+
+
 def test_options_reach_the_command_line():
     request = SegmentRequest(
         [Path("a.nrrd"), Path("b.nrrd")],

@@ -46,7 +46,7 @@ class SegmentOptions:
     largest_component: bool = False
     series: Optional[str] = None  # DICOM series UID when a folder holds several
     crop_to_body: bool = True  # CT models: run the network only on the box around the body
-    overlap_given: bool = True  # False: the bundle's own overlap, when it has one, replaces predict.overlap
+    overlap_given: bool = True  # False: the bundle's own overlap (BundleMeta.run_overlap) replaces predict.overlap
 
 
 def class_to_value_table(bundle: Bundle) -> np.ndarray:
@@ -77,8 +77,8 @@ def _bundle_predict_options(bundle: Bundle, options: SegmentOptions) -> PredictO
     """The prediction options with what the bundle fixes: window placement and blending, and for an
     imported model the mirroring axes its trainer allowed."""
     predict = replace(options.predict, windows=bundle.meta.windows, blend=bundle.meta.blend)
-    if not options.overlap_given and bundle.meta.overlap is not None:
-        predict = replace(predict, overlap=bundle.meta.overlap)
+    if not options.overlap_given:
+        predict = replace(predict, overlap=bundle.meta.run_overlap)
     if bundle.meta.mirror_axes is not None:
         predict = replace(predict, mirror_axes=bundle.meta.mirror_axes)
     return predict

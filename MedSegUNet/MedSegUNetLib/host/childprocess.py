@@ -122,7 +122,7 @@ class SegmentRequest:
     model: Path
     output: Path  # a .seg.nrrd
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    overlap: float = 0.5
+    overlap: Optional[float] = None  # None: each model's own overlap (segment's default)
     tta: bool = False
     largest_component: bool = True
 
@@ -144,7 +144,9 @@ def segment_arguments(request: SegmentRequest) -> List[str]:
     """The ``segment`` arguments of a request (a fresh engine's command line, or a standby engine's job)."""
     device, _ = split_device(request.device)
     arguments = [*map(str, request.inputs), "-m", str(request.model), "-o", str(request.output), "--device", device]
-    arguments += ["--overlap", f"{request.overlap:g}", "--tta" if request.tta else "--no-tta"]
+    if request.overlap is not None:
+        arguments += ["--overlap", f"{request.overlap:g}"]
+    arguments.append("--tta" if request.tta else "--no-tta")
     return arguments + ["--largest-component" if request.largest_component else "--no-largest-component"]
 
 

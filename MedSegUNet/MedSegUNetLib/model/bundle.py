@@ -42,6 +42,8 @@ NORMALIZATIONS = ("ct", "zscore", "none", "rescale")
 BLENDS = ("gaussian", "constant")
 # Preprocessing.orientation for a model that keeps each image's own axes (nnU-Net), permuted by ``transpose``
 IMAGE_AXES = "image"
+# The sliding-window overlap of a bundle that names none of its own
+DEFAULT_OVERLAP = 0.5
 
 
 @dataclass
@@ -138,6 +140,11 @@ class BundleMeta:
     body_crop: bool = True
     # The sliding-window overlap the model's own tool runs it with; segment uses it unless --overlap is given
     overlap: Optional[float] = None
+
+    @property
+    def run_overlap(self) -> float:
+        """The overlap segment runs this model with when none is given."""
+        return DEFAULT_OVERLAP if self.overlap is None else self.overlap
 
     def validate(self) -> None:
         if not self.labels:

@@ -18,6 +18,7 @@ import torch
 from MedSegUNetLib.core.errors import MedSegError
 from MedSegUNetLib.core.memory import available_memory_bytes
 from MedSegUNetLib.core.progress import Progress
+from MedSegUNetLib.model.bundle import DEFAULT_OVERLAP
 from MedSegUNetLib.prediction.stitching import blended_scores, count_windows, summed_weights
 
 T = TypeVar("T")
@@ -25,7 +26,7 @@ T = TypeVar("T")
 
 @dataclass
 class PredictOptions:
-    overlap: float = 0.5
+    overlap: float = DEFAULT_OVERLAP
     tta: bool = False
     sw_batch_size: Optional[int] = None  # windows per batch; None: windows_per_batch(device)
     device: str = "auto"
