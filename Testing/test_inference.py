@@ -220,6 +220,32 @@ def test_the_cpu_network_is_an_equivalent_copy_and_the_original_is_untouched():
     assert all(torch.equal(before[name], tensor) for name, tensor in network.state_dict().items())
 
 
+def test_a_prepared_network_is_kept_not_copied_again():
+    """A run keeps the copy it prepared (network_for), so only one copy of the weights lives: preparing it
+    again returns it as it is; in another precision it is prepared afresh from the network inside it,
+    never wrapped twice, and the float32 copy is left as it was."""
+    from MedSegUNetLib.core.labels import default_labels
+    from MedSegUNetLib.model.bundle import Preprocessing, create_bundle
+    from MedSegUNetLib.model.cpu_network import ChannelsLast
+    from MedSegUNetLib.prediction.inference import network_for, output_classes, prepare_network
+
+    network = create_bundle(
+        default_labels(["a", "b"]), Preprocessing((2.0, 2.0, 2.0), (32, 32, 16)), base_filters=4
+    ).network
+    cpu = torch.device("cpu")
+    prepared = network_for(network, PredictOptions(device="cpu"))
+    assert isinstance(prepared, ChannelsLast) and prepared is not network
+    assert output_classes(prepared) == output_classes(network) == 3  # the stitching buffer is sized up front
+    assert prepare_network(prepared, cpu) is prepared
+    half = prepare_network(prepared, cpu, torch.bfloat16)
+    assert isinstance(half, ChannelsLast) and not isinstance(half.network, ChannelsLast)
+    assert half.dtype == torch.bfloat16 and prepared.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in prepared.parameters())
+    windows = torch.randn(1, 1, 16, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        torch.testing.assert_close(prepared(windows), network.eval()(windows), atol=1e-4, rtol=1e-4)
+
+
 def test_precision_choices(monkeypatch):
     """auto: fp16 autocast on CUDA, float32 elsewhere; fp32 everywhere; bf16 on CUDA, and on a CPU only
     where oneDNN runs bf16 (else a clear refusal); never on MPS."""

@@ -19,6 +19,7 @@ from MedSegUNetLib.model.bundle import Bundle, BundleMeta, load_bundle, read_bun
 from MedSegUNetLib.prediction.inference import (
     PredictOptions,
     check_memory,
+    network_for,
     network_precision,
     predict_labels,
     predict_scores,
@@ -150,8 +151,11 @@ def _check_network_memory(input_grid: Grid, meta: BundleMeta, channels: int = 1)
 def labels_on_input_grid(
     network_input: NetworkInput, input_grid: Grid, bundle: Bundle, options: SegmentOptions, progress: Progress
 ) -> sitk.Image:
-    """Predict, then put the labels (as uint8 where they fit, never probabilities) onto the input grid."""
+    """Predict, then put the labels (as uint8 where they fit, never probabilities) onto the input grid.
+
+    The bundle keeps its network as prepared for the run: one copy of the weights, reused by the next case."""
     meta = bundle.meta
+    bundle.network = network_for(bundle.network, _bundle_predict_options(bundle, options))
     if meta.restore == "scores":
         labels = _labels_from_scores(network_input, input_grid, bundle, options, progress)
     else:

@@ -134,10 +134,19 @@ def prepare_network(
     CPU a copy in ``dtype`` when given (elsewhere reduced precision is autocast: :func:`_autocast`)."""
     network.eval()
     if device.type == "cpu":
-        from MedSegUNetLib.model.cpu_network import for_cpu
+        from MedSegUNetLib.model.cpu_network import ChannelsLast, for_cpu
 
+        if isinstance(network, ChannelsLast) and network.dtype == (dtype or torch.float32):
+            return network  # prepared already (network_for): no second copy of the weights
         return for_cpu(network, dtype or torch.float32)
     return network.to(device)
+
+
+def network_for(network: torch.nn.Module, options: PredictOptions) -> torch.nn.Module:
+    """The network prepared once as ``options`` run it, for a caller that keeps only this copy (a segment
+    run, a waiting engine): every prediction then uses it as it is, and the original's weights can go."""
+    device = select_device(options.device)
+    return prepare_network(network, device, network_precision(options.precision, device))
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager[object]:
