@@ -49,14 +49,14 @@ def test_the_bundles_overlap_is_used_unless_overlap_is_given(padded_ct, tmp_path
     assert windows_predicted(padded_ct, own, tmp_path, "--overlap", "0.5") == default
 
 
-def test_an_imported_model_sees_the_whole_volume(padded_ct, tmp_path):
+def test_an_imported_model_sees_the_whole_volume_unless_body_crop_is_given(padded_ct, tmp_path):
     base = make_small_bundle(tmp_path / "base.safetensors", patch=(16, 16, 8))
     whole = variant(base, tmp_path, "whole", body_crop=False)
     cropped = windows_predicted(padded_ct, base, tmp_path)
-    assert windows_predicted(padded_ct, whole, tmp_path) > cropped
-    assert windows_predicted(padded_ct, base, tmp_path, "--no-body-crop") == windows_predicted(
-        padded_ct, whole, tmp_path
-    )
+    uncropped = windows_predicted(padded_ct, whole, tmp_path)
+    assert uncropped > cropped
+    assert windows_predicted(padded_ct, base, tmp_path, "--no-body-crop") == uncropped
+    assert windows_predicted(padded_ct, whole, tmp_path, "--body-crop") == cropped  # asked for: imported too
 
 
 def test_the_options_round_trip_and_are_checked(tmp_path):

@@ -106,8 +106,9 @@ def add_prediction_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--body-crop",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="CT models: run the network only on the box around the body, air is background (default on)",
+        default=None,
+        help="CT models: run the network only on the box around the body, air is background (default: on for "
+        "the engine's own models, off for imported ones, which their tools run on the whole volume)",
     )
 
 

@@ -46,7 +46,9 @@ class SegmentOptions:
     predict: PredictOptions = field(default_factory=PredictOptions)
     largest_component: bool = False
     series: Optional[str] = None  # DICOM series UID when a folder holds several
-    crop_to_body: bool = True  # CT models: run the network only on the box around the body
+    # CT models: the network runs only on the box around the body. None: as the bundle says (the engine's own
+    # models crop, imported ones see the whole volume as their tools do); True: every CT model; False: none
+    crop_to_body: Optional[bool] = None
     overlap_given: bool = True  # False: the bundle's own overlap (BundleMeta.run_overlap) replaces predict.overlap
 
 
@@ -95,7 +97,7 @@ def _body_if_it_pays(bundle: Bundle, network_input: NetworkInput, options: Segme
     Windows placed differently see other instance-norm statistics and shift the output a little: a crop
     that saves no window would only do that."""
     whole = (slice(None),) * 3
-    if not options.crop_to_body or network_input.body is None or not bundle.meta.body_crop:
+    if not _crops_to_body(bundle.meta, options) or network_input.body is None:
         return whole
     first_channel_in_body = (0, *network_input.body)
     shape, box = network_input.array.shape[1:], network_input.array[first_channel_in_body].shape
@@ -105,8 +107,12 @@ def _body_if_it_pays(bundle: Bundle, network_input: NetworkInput, options: Segme
     return whole
 
 
-def _describe_body(network_input: NetworkInput, options: SegmentOptions) -> str:
-    if not options.crop_to_body or network_input.body is None:
+def _crops_to_body(meta: BundleMeta, options: SegmentOptions) -> bool:
+    return meta.body_crop if options.crop_to_body is None else options.crop_to_body
+
+
+def _describe_body(network_input: NetworkInput, meta: BundleMeta, options: SegmentOptions) -> str:
+    if not _crops_to_body(meta, options) or network_input.body is None:
         return ""
     first_channel_in_body = (0, *network_input.body)
     box = network_input.array[first_channel_in_body].shape[::-1]
@@ -136,9 +142,8 @@ def preprocess(
         "preprocess", 0, 1, f"to {meta.preprocessing.orientation} at {meta.preprocessing.target_spacing} mm"
     )
     network_input = prepare_channels(channels, meta.preprocessing)
-    progress.update(
-        "preprocess", 1, 1, f"network grid {network_input.grid.describe()}{_describe_body(network_input, options)}"
-    )
+    body = _describe_body(network_input, meta, options)
+    progress.update("preprocess", 1, 1, f"network grid {network_input.grid.describe()}{body}")
     return network_input, input_grid
 
 
@@ -293,7 +298,7 @@ def stream_network_inputs(
             f"resampled to {meta.preprocessing.orientation} at {meta.preprocessing.target_spacing} mm while read",
         )
         on_grid = stack_network_input([resampler.result()], grid, meta.preprocessing)
-        progress.update("preprocess", 1, 1, f"network grid {grid.describe()}{_describe_body(on_grid, options)}")
+        progress.update("preprocess", 1, 1, f"network grid {grid.describe()}{_describe_body(on_grid, meta, options)}")
         on_grids.append(on_grid)
     return on_grids, input_grid
 
