@@ -105,7 +105,8 @@ def test_nnunet_baseline_quick_form_compares_the_two_predictors(tmp_path):
     report_path = tmp_path / "nnunet.json"
     command = [sys.executable, str(REPO / "benchmarks" / "nnunet_baseline.py"), "--quick", "--json", str(report_path)]
     bf16 = cpu_runs_bf16()  # the bf16 arm where this CPU runs it (segment refuses bf16 elsewhere, tested apart)
-    result = subprocess.run(command + ["--bf16"] * bf16, capture_output=True, text=True, encoding="utf-8", timeout=900)
+    command += ["--body-crop"] + ["--bf16"] * bf16
+    result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(report_path.read_text(encoding="utf-8"))
     (run,) = report["runs"]
@@ -117,9 +118,11 @@ def test_nnunet_baseline_quick_form_compares_the_two_predictors(tmp_path):
     # a flipped, shifted or renumbered output falls far below this
     assert run["dice_ours_vs_nnunet"] > 0.7, run["dice_ours_vs_nnunet"]
     assert set(run["goals_met"]) == {"speedup >= 3", "peak memory <= 0.5x", "dice >= 0.98"}
-    assert ("ours_bf16" in run) == bf16
-    if bf16:
-        assert run["ours_bf16"]["wall_s"] > 0 and run["ours_bf16"]["dice_vs_nnunet"] > 0.7
+    arms = {"ours_body_crop": True, "ours_bf16": bf16, "ours_bf16_body_crop": bf16}
+    assert {arm: arm in run for arm in arms} == arms
+    for arm in (arm for arm, ran in arms.items() if ran):
+        assert run[arm]["wall_s"] > 0 and run[arm]["dice_vs_nnunet"] > 0.7, (arm, run[arm])
+    assert "--body-crop" in run["ours_body_crop"]["options"]
 
 
 def test_gpu_check_script_parses_and_its_python_parts_answer_help():

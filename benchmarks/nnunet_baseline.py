@@ -1,7 +1,8 @@
 """nnU-Net's own predictor as a baseline: the network nnU-Net's planner makes for a CT, run by
 ``nnUNetPredictor`` and by our ``segment`` on the bundle ``import-model`` writes from it.
 
-    python benchmarks/nnunet_baseline.py [--size full|quick|tiny] [--spacing 3 [1.5]] [--steps N] [--bf16] [--json FILE]
+    python benchmarks/nnunet_baseline.py [--size full|quick|tiny] [--spacing 3 [1.5]] [--steps N] [--bf16]
+        [--body-crop] [--json FILE]
     python benchmarks/nnunet_baseline.py --quick      # the smoke check's tiny form (Testing/test_benchmarks.py)
 
 For each spacing: the benchmark volume (volumes.py; 512x512x300 at 0.8x0.8x1.5 mm in full) resampled to
@@ -27,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "MedSegUNet"), str(REPO), str(Path(__file__).resolve().parent)]
@@ -37,6 +38,12 @@ from batch import engine, run_child  # noqa: E402
 
 LABELS = {"background": 0, "soft_tissue": 1, "bone": 2}
 GOALS = {"speedup": 3.0, "peak_rss_ratio": 0.5, "dice": 0.98}
+# Our further arms beside the faithful float32 run: report key -> (words, segment's options)
+VARIANTS = {
+    "ours_bf16": ("in bf16", ["--precision", "bf16"]),
+    "ours_body_crop": ("cropped to the body", ["--body-crop"]),
+    "ours_bf16_body_crop": ("in bf16, cropped to the body", ["--precision", "bf16", "--body-crop"]),
+}
 CROP = 64  # the side of the training crops (voxels), rounded to the network's strides
 
 
@@ -208,10 +215,17 @@ def quiet_run(command: List[str]) -> None:
 
 
 def compare(
-    work: Path, ct: Path, spacing: float, steps: int, dataset_id: int, log, device: str = "cpu", bf16: bool = False
+    work: Path,
+    ct: Path,
+    spacing: float,
+    steps: int,
+    dataset_id: int,
+    log,
+    device: str = "cpu",
+    variants: Sequence[str] = (),
 ) -> dict:
     """One spacing: plan, train briefly, import, then nnU-Net's predictor and ours, each a whole process;
-    with ``bf16`` ours a second time in bfloat16 (``--precision bf16``)."""
+    then ours once more for each of ``variants`` (VARIANTS' keys)."""
     described_path = work / f"plan-{spacing:g}.json"
     start = time.perf_counter()
     quiet_run(
@@ -237,17 +251,19 @@ def compare(
         "speedup_vs_nnunet": nnunet_s / ours_s,
         "peak_rss_ratio_vs_nnunet": ours_mb / nnunet_mb,
     }
-    if bf16:
-        reduced = work / f"ours-bf16-{spacing:g}.nii.gz"
-        command = engine("segment", str(ct), "-m", str(bundle), "-o", str(reduced), "--device", device)
-        bf16_s, bf16_mb = run_child([*command, "--precision", "bf16", "--progress", "none"])
-        log(f"{spacing:g} mm: ours in bf16 {bf16_s:.1f} s, {bf16_mb:.0f} MB")
-        run["ours_bf16"] = {
-            "wall_s": bf16_s,
-            "peak_rss_mb": bf16_mb,
-            "output": str(reduced),
-            "speedup_vs_nnunet": nnunet_s / bf16_s,
-            "peak_rss_ratio_vs_nnunet": bf16_mb / nnunet_mb,
+    for variant in variants:
+        words, options = VARIANTS[variant]
+        output = work / f"{variant.replace('_', '-')}-{spacing:g}.nii.gz"
+        command = engine("segment", str(ct), "-m", str(bundle), "-o", str(output), "--device", device)
+        wall_s, peak_mb = run_child([*command, *options, "--progress", "none"])
+        log(f"{spacing:g} mm: ours {words} {wall_s:.1f} s, {peak_mb:.0f} MB")
+        run[variant] = {
+            "options": options,
+            "wall_s": wall_s,
+            "peak_rss_mb": peak_mb,
+            "output": str(output),
+            "speedup_vs_nnunet": nnunet_s / wall_s,
+            "peak_rss_ratio_vs_nnunet": peak_mb / nnunet_mb,
         }
     return run
 
@@ -255,9 +271,10 @@ def compare(
 def with_dice(run: dict) -> dict:
     """The Dice between the outputs (read only now: the harness must stay small while children are measured)."""
     run["dice_ours_vs_nnunet"] = volumes.dice_between(Path(run["ours"]["output"]), Path(run["nnunet"]["output"]))
-    if "ours_bf16" in run:
-        bf16 = run["ours_bf16"]
-        bf16["dice_vs_nnunet"] = volumes.dice_between(Path(bf16["output"]), Path(run["nnunet"]["output"]))
+    for variant in VARIANTS:
+        if variant in run:
+            arm = run[variant]
+            arm["dice_vs_nnunet"] = volumes.dice_between(Path(arm["output"]), Path(run["nnunet"]["output"]))
     run["goals_met"] = {
         "speedup >= 3": run["speedup_vs_nnunet"] >= GOALS["speedup"],
         "peak memory <= 0.5x": run["peak_rss_ratio_vs_nnunet"] <= GOALS["peak_rss_ratio"],
@@ -279,6 +296,9 @@ def harness(args: argparse.Namespace, log=print) -> dict:
     size = "tiny" if args.quick else args.size
     spacings = args.spacing or ([6.0] if args.quick else [3.0])
     steps = args.steps if args.steps is not None else (10 if args.quick else 6)
+    variants = [v for v, on in [("ours_bf16", args.bf16), ("ours_body_crop", args.body_crop)] if on]
+    if args.bf16 and args.body_crop:
+        variants.append("ours_bf16_body_crop")
     with tempfile.TemporaryDirectory(prefix="nnunet-bench-") as temporary:
         work = Path(args.work or temporary)
         work.mkdir(parents=True, exist_ok=True)
@@ -290,7 +310,7 @@ def harness(args: argparse.Namespace, log=print) -> dict:
             "machine_before": machine(),
             "device": args.device,
             "runs": [
-                compare(work, ct, spacing, steps, 950 + index, log, args.device, args.bf16)
+                compare(work, ct, spacing, steps, 950 + index, log, args.device, variants)
                 for index, spacing in enumerate(spacings)
             ],
         }
@@ -310,13 +330,14 @@ def print_table(report: dict) -> None:
             f"{run['speedup_vs_nnunet']:.2f}x | {run['peak_rss_ratio_vs_nnunet']:.2f}x | "
             f"{run['dice_ours_vs_nnunet']:.4f}"
         )
-        if "ours_bf16" in run:
-            bf16 = run["ours_bf16"]
-            print(
-                f"  ours in bf16: {bf16['wall_s']:.1f} s / {bf16['peak_rss_mb']:.0f} MB | "
-                f"{bf16['speedup_vs_nnunet']:.2f}x | {bf16['peak_rss_ratio_vs_nnunet']:.2f}x | "
-                f"{bf16['dice_vs_nnunet']:.4f}"
-            )
+        for variant, (words, _) in VARIANTS.items():
+            if variant in run:
+                arm = run[variant]
+                print(
+                    f"  ours {words}: {arm['wall_s']:.1f} s / {arm['peak_rss_mb']:.0f} MB | "
+                    f"{arm['speedup_vs_nnunet']:.2f}x | {arm['peak_rss_ratio_vs_nnunet']:.2f}x | "
+                    f"{arm['dice_vs_nnunet']:.4f}"
+                )
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -328,6 +349,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both predict (cpu)")
     parser.add_argument(
         "--bf16", action="store_true", help="ours once more with --precision bf16 (CPUs with AVX512-BF16 or AMX)"
+    )
+    parser.add_argument(
+        "--body-crop", action="store_true", help="ours once more with --body-crop (and in bf16 too, with --bf16)"
     )
     parser.add_argument("--work", help="keep the models and outputs in this folder")
     parser.add_argument("--json", help="write the report as JSON here")
