@@ -67,3 +67,18 @@ def test_the_options_round_trip_and_are_checked(tmp_path):
     assert (BundleMeta.from_json(meta.to_json()).body_crop, meta.overlap) == (True, None)
     with pytest.raises(ValueError, match="overlap"):
         dataclasses.replace(meta, overlap=1.5).validate()
+
+
+def test_body_crop_on_a_model_that_restores_scores_leaves_background_beyond_the_box(padded_ct, tmp_path):
+    """nnU-Net's way (scores resampled to the input, then the argmax) with --body-crop: the windows cover
+    only the body's box, and the labels beyond it are background, on the input's exact grid."""
+    base = make_small_bundle(tmp_path / "base.safetensors", patch=(16, 16, 8))
+    scores = variant(base, tmp_path, "scores", body_crop=False, restore="scores")
+    whole = windows_predicted(padded_ct, scores, tmp_path)
+    assert windows_predicted(padded_ct, scores, tmp_path, "--body-crop") < whole
+    cropped = sitk.ReadImage(str(tmp_path / "scores1.nii.gz"))
+    image = sitk.ReadImage(str(padded_ct))
+    assert cropped.GetSize() == image.GetSize() and cropped.GetOrigin() == image.GetOrigin()
+    labels = sitk.GetArrayFromImage(cropped)
+    assert labels[:, :, :20].max() == 0 and labels[:, :, -20:].max() == 0  # 40 voxels of air each side
+    assert labels.max() > 0  # the body is labelled

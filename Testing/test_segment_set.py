@@ -125,8 +125,8 @@ def test_a_bad_bundle_among_several_is_one_clear_line(tmp_path, models, scans):
 
 
 def test_a_model_set_file_segments_as_its_bundles_given_with_m(tmp_path, models, scans):
-    """``-m NAME.modelset.json`` is ``-m A -m B``: the same labels; info describes each model; batch and
-    standby, which hold one bundle, refuse a set in one line."""
+    """``-m NAME.modelset.json`` is ``-m A -m B``: the same labels; info describes each model; standby,
+    which holds one bundle, refuses a set in one line; segment-batch writes what segment writes."""
     from MedSegUNetLib.model.model_set import read_model_set, write_model_set
 
     folder = tmp_path / "set"
@@ -147,9 +147,22 @@ def test_a_model_set_file_segments_as_its_bundles_given_with_m(tmp_path, models,
     info = run_cli("info", str(model_set))
     assert info.returncode == 0, info.stderr
     assert info.stdout.startswith("model set Chest: 2 models") and "lungs" in info.stdout and "ribs" in info.stdout
-    for command in (["segment-batch", str(scans["whole"]), "-o", str(tmp_path / "batch")], ["standby"]):
-        result = run_cli(*command, "-m", str(model_set), "--progress", "none")
-        assert_clean_failure(result, "chest.modelset.json", "model set")
+    result = run_cli("standby", "-m", str(model_set), "--progress", "none")
+    assert_clean_failure(result, "chest.modelset.json", "model set")
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for name, form in (("a", "streamed"), ("b", "whole")):  # both of segment's ways of reading
+        shutil.copy(scans[form], cases / f"{name}{scans[form].suffix}")
+    segment(scans["streamed"], [model_set], tmp_path / "a.seg.nrrd")
+    batch = run_cli(
+        "segment-batch", str(cases), "-m", str(model_set), "-o", str(tmp_path / "batch"), "--progress", "none"
+    )
+    assert batch.returncode == 0, batch.stderr
+    for name, single in (("a", tmp_path / "a.seg.nrrd"), ("b", tmp_path / "set.seg.nrrd")):
+        written, expected = segmentation(tmp_path / "batch" / f"{name}.seg.nrrd"), segmentation(single)
+        assert written[1] == expected[1]
+        np.testing.assert_array_equal(written[0], expected[0])
 
 
 def test_a_model_set_of_two_bundles_naming_one_structure_is_refused_when_made(tmp_path, models):
@@ -162,6 +175,22 @@ def test_a_model_set_of_two_bundles_naming_one_structure_is_refused_when_made(tm
         write_model_set(path, "Twice", [models["small"], copy])
     assert not path.exists()
     assert write_model_set(path, "Distinct", [models["small"], models["other"]]).exists()
+
+
+def test_segment_batch_refuses_a_set_whose_models_take_different_channels(tmp_path, models, scans):
+    """A case is read once for every model of the set, so they must take the same images."""
+    from MedSegUNetLib.core.labels import default_labels
+    from MedSegUNetLib.model.bundle import Normalization, Preprocessing, create_bundle, save_bundle
+    from MedSegUNetLib.model.model_set import write_model_set
+
+    preprocessing = Preprocessing((6.0, 6.0, 6.0), (32, 32, 16), "RAS", Normalization("ct", (-1000.0, 1000.0)))
+    two = create_bundle(default_labels(["tumour"]), preprocessing, ["CT", "PET"], name="two", base_filters=4)
+    save_bundle(tmp_path / "two.safetensors", two.meta, two.network)
+    mixed = write_model_set(tmp_path / "mixed.modelset.json", "Mixed", [models["small"], tmp_path / "two.safetensors"])
+    output = tmp_path / "batch"
+    result = run_cli("segment-batch", str(scans["whole"]), "-m", str(mixed), "-o", str(output), "--progress", "none")
+    assert_clean_failure(result, "mixed.modelset.json", "different numbers of input channels")
+    assert not output.exists()
 
 
 @pytest.mark.parametrize(

@@ -174,7 +174,9 @@ def add_segment_batch_parser(commands: argparse._SubParsersAction[argparse.Argum
         "skipped; a failed case does not stop the others (exit 1 if any failed); DIR/summary.csv has a row per case.",
     )
     parser.add_argument("inputs", nargs="*", type=Path, metavar="INPUT", help="image files, folders, DICOM trees")
-    parser.add_argument("-m", "--model", required=True, type=Path, help="model bundle (.safetensors)")
+    parser.add_argument(
+        "-m", "--model", required=True, type=Path, help="model bundle (.safetensors) or model set (.modelset.json)"
+    )
     parser.add_argument("--output-dir", "-o", required=True, type=Path, help="folder of the outputs and summary.csv")
     parser.add_argument("--format", default="seg.nrrd", choices=BATCH_FORMATS, help="output format (seg.nrrd)")
     parser.add_argument("--list", type=Path, help="a text file of inputs, one per line (# comments)")
@@ -196,7 +198,6 @@ def run_segment_batch_command(args: argparse.Namespace, progress: Progress) -> d
     from MedSegUNetLib.core.progress import make_progress
     from MedSegUNetLib.imageio.console import python_streams_apart
 
-    _refuse_model_set(args.model, "segment-batch")
     options = BatchOptions(
         segment=segment_options(args),
         output_format=args.format,
@@ -220,7 +221,7 @@ def _refuse_model_set(model: Path, command: str) -> None:
     from MedSegUNetLib.model.model_set import is_model_set
 
     if is_model_set(model):
-        raise MedSegError(f"is a model set; {command} runs one bundle (segment runs a set)", model)
+        raise MedSegError(f"is a model set; {command} runs one bundle (segment and segment-batch run a set)", model)
 
 
 # --- standby: the engine started before the click ----------------------------------------------------

@@ -1,10 +1,14 @@
 """The cases of a batch run through ``segment``'s own steps in three overlapped stages, in threads.
 
+The model is one bundle, or a model set's bundles: then, as ``segment -m SET`` does (segment_set.py),
+each case is read once onto every model's grid and their labels are merged.
+
 One reader reads the next case onto the network grid while the predictors (one per device, each with its
 own copy of the loaded network) predict, and one writer writes the last result. What is held at most:
-per predictor, two cases on the network grid (the one predicted and one read ahead: two slots per
-predictor, taken before a case is read and given back when its prediction ends) and two label images
-(one in the writer's queue, one made while that queue is full), plus the label image being written.
+per predictor, two cases on the network grid, a set's on each model's grid (the one predicted and one
+read ahead: two slots per predictor, taken before a case is read and given back when its prediction
+ends), and two label images (one in the writer's queue, one made while that queue is full), plus the
+label image being written.
 Reading, inflating, resampling and compressing release Python's lock for most of their time, so the
 stages really overlap.
 
@@ -26,13 +30,33 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Uni
 
 from MedSegUNetLib.commands.batch_cases import Case
 from MedSegUNetLib.commands.segment import SegmentOptions, labels_on_input_grid, read_network_input
+from MedSegUNetLib.commands.segment_set import MergedLabels, merged_labels_on_input_grid, network_inputs
 from MedSegUNetLib.core.errors import OUT_OF_MEMORY, Cancelled, MedSegError, describe_os_error
+from MedSegUNetLib.core.labels import Label
 from MedSegUNetLib.core.progress import Progress
 from MedSegUNetLib.imageio.images import write_segmentation
 from MedSegUNetLib.model.bundle import Bundle
 
 POLL_SECONDS = 0.2  # how often a waiting stage looks whether the run was stopped
 _END = object()  # no more cases for a predictor / the writer
+
+
+@dataclass
+class BatchModel:
+    """What a batch runs: one bundle (``merged`` None: its own labels), or a set's bundles in order."""
+
+    bundles: List[Bundle]
+    paths: List[Path]
+    merged: Optional[MergedLabels] = None
+
+    @property
+    def labels(self) -> List[Label]:
+        return self.bundles[0].meta.labels if self.merged is None else self.merged.labels
+
+    def copy(self) -> "BatchModel":
+        """Another predictor's own copy of the networks."""
+        bundles = [replace(bundle, network=copy.deepcopy(bundle.network)) for bundle in self.bundles]
+        return replace(self, bundles=bundles)
 
 
 @dataclass(frozen=True)
@@ -64,7 +88,7 @@ class _InFlight:
     busy: float = 0.0  # seconds of its finished stages: its own work, not its time waiting in a queue
     voxels: Optional[int] = None
     predictor: str = ""
-    payload: Any = None  # (network input, input grid) after reading, the label image after predicting
+    payload: Any = None  # each model's (network input, input grid) after reading, the label image after predicting
 
     def stage_starts(self) -> None:
         self.started = time.monotonic()
@@ -102,11 +126,11 @@ def describe_error(error: Exception) -> str:
 
 
 class BatchPipeline:
-    """Run ``jobs`` with ``bundle`` on ``devices`` (one predictor each); iterate :meth:`outcomes`."""
+    """Run ``jobs`` with ``model`` on ``devices`` (one predictor each); iterate :meth:`outcomes`."""
 
-    def __init__(self, jobs: Sequence[Job], bundle: Bundle, devices: Sequence[str], options: SegmentOptions):
+    def __init__(self, jobs: Sequence[Job], model: BatchModel, devices: Sequence[str], options: SegmentOptions):
         self.jobs, self.devices, self.options = list(jobs), list(devices), options
-        self.bundles = [bundle] + [replace(bundle, network=copy.deepcopy(bundle.network)) for _ in devices[1:]]
+        self.models = [model] + [model.copy() for _ in devices[1:]]
         self.stop = threading.Event()
         self.results: "queue.Queue[Union[Outcome, str, _Crash]]" = queue.Queue()
         self.slots = threading.Semaphore(2 * len(devices))
@@ -138,8 +162,8 @@ class BatchPipeline:
         threads = _threads_per_predictor(self.devices)
         targets: List[Tuple[Callable[..., None], Tuple[Any, ...]]] = [(self._read, ())]
         targets += [
-            (self._predict, (bundle, f"{device}#{index}", threads))
-            for index, (bundle, device) in enumerate(zip(self.bundles, self.devices))
+            (self._predict, (model, f"{device}#{index}", threads))
+            for index, (model, device) in enumerate(zip(self.models, self.devices))
         ]
         targets += [(self._write, ())]
         for index, (target, arguments) in enumerate(targets):
@@ -175,20 +199,27 @@ class BatchPipeline:
                         return
                 flight = _InFlight(job, time.monotonic())
                 try:
-                    options = replace(self.options, series=job.case.series)
-                    read = read_network_input(job.case.inputs, self.bundles[0].meta, options, self._progress(job))
+                    read = self._read_case(job)
                 except Exception as error:  # this case failed; the next may be fine
                     self.slots.release()
                     self._fail(flight, error)
                     continue
-                flight.voxels, flight.payload = _voxels(read[1].size), read
+                flight.voxels, flight.payload = _voxels(read[0][1].size), read
                 flight.stage_ended()
                 self.ready.put(flight)
         finally:
             for _ in self.devices:
                 self.ready.put(_END)
 
-    def _predict(self, bundle: Bundle, name: str, torch_threads: Optional[int]) -> None:
+    def _read_case(self, job: Job) -> List[Tuple[Any, Any]]:
+        """Each model's (network input, input grid) of the case, its files read once."""
+        options, progress = replace(self.options, series=job.case.series), self._progress(job)
+        metas = [bundle.meta for bundle in self.models[0].bundles]
+        if len(metas) == 1:
+            return [read_network_input(job.case.inputs, metas[0], options, progress)]
+        return list(network_inputs(job.case.inputs, metas, options, progress))
+
+    def _predict(self, model: BatchModel, name: str, torch_threads: Optional[int]) -> None:
         """Predict the cases read, in this thread (its OpenMP team and arena stay warm from case to case)."""
         if torch_threads is not None:
             import torch
@@ -202,20 +233,25 @@ class BatchPipeline:
                 if flight is _END or self.stop.is_set():
                     break
                 flight.predictor = name
-                flight.payload = self._labels(flight, bundle, options)
+                flight.payload = self._labels(flight, model, options)
                 if flight.payload is not None:
                     flight.stage_ended()
                     self._put(self.to_write, flight)
         finally:
             self._put(self.to_write, _END)
 
-    def _labels(self, flight: _InFlight, bundle: Bundle, options: SegmentOptions) -> Any:
-        """The case's label image, or None when it failed (reported); its network input let go either way."""
-        network_input, input_grid = flight.payload
+    def _labels(self, flight: _InFlight, model: BatchModel, options: SegmentOptions) -> Any:
+        """The case's label image, or None when it failed (reported); its network inputs let go either way."""
+        inputs: List[Tuple[Any, Any]] = flight.payload
         flight.payload = None
         flight.stage_starts()
+        progress = self._progress(flight.job)
         try:
-            return labels_on_input_grid(network_input, input_grid, bundle, options, self._progress(flight.job))
+            if model.merged is None:
+                network_input, input_grid = inputs.pop()
+                return labels_on_input_grid(network_input, input_grid, model.bundles[0], options, progress)
+            runs = ((*inputs.pop(0), bundle) for bundle in model.bundles)  # each input let go once predicted
+            return merged_labels_on_input_grid(runs, model.paths, model.merged, options, progress)
         except Exception as error:
             self._fail(flight, error)
             return None
@@ -233,7 +269,7 @@ class BatchPipeline:
                 continue
             flight.stage_starts()
             try:
-                write_segmentation(flight.job.output, flight.payload, self.bundles[0].meta.labels)
+                write_segmentation(flight.job.output, flight.payload, self.models[0].labels)
             except Exception as error:
                 self._fail(flight, error)
                 continue

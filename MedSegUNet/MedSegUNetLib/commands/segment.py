@@ -180,15 +180,24 @@ def labels_on_input_grid(
 def _labels_from_scores(
     network_input: NetworkInput, input_grid: Grid, bundle: Bundle, options: SegmentOptions, progress: Progress
 ) -> sitk.Image:
-    """The scores on the whole network grid, resampled onto the input grid, then the argmax (nnU-Net's way)."""
-    window = _window(bundle, network_input.array.shape[1:])
-    predict = _bundle_predict_options(bundle, options)
-    scores = predict_scores(bundle.network, network_input.array, window, predict, progress)
+    """The scores on the network grid (the body's box when cropping: background beyond it), resampled onto
+    the input grid, then the argmax (nnU-Net's way)."""
+    body = _body_if_it_pays(bundle, network_input, options)
+    every_channel_in_body = (slice(None), *body)
+    array = network_input.array[every_channel_in_body]  # a view: no copy
+    scores = predict_scores(
+        bundle.network, array, _window(bundle, array.shape[1:]), _bundle_predict_options(bundle, options), progress
+    )
+    del array
+    cropped = scores.shape[1:] != network_input.array.shape[1:]
+    grid = network_input.grid
+    if cropped:
+        start_zyx = [axis.indices(size)[0] for axis, size in zip(body, network_input.array.shape[1:])]
+        grid = grid.sub_grid(start_zyx[::-1], scores.shape[1:][::-1])
     progress.update("restore", 0, 1, "scores back onto the input grid")
     table = class_to_value_table(bundle)
-    return restore_scores(
-        scores, network_input.grid, input_grid, table.astype(np.uint8) if table.max() < 256 else table
-    )
+    values = table.astype(np.uint8) if table.max() < 256 else table
+    return restore_scores(scores, grid, input_grid, values, background_outside=cropped)
 
 
 def run_segment(

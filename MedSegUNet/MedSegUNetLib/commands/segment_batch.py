@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
 from MedSegUNetLib.commands.batch_cases import Case, in_shard, list_cases
-from MedSegUNetLib.commands.batch_pipeline import BatchPipeline, Job, Outcome
+from MedSegUNetLib.commands.batch_pipeline import BatchModel, BatchPipeline, Job, Outcome
 from MedSegUNetLib.commands.batch_summary import Summary, SummaryRow, summary_name
 from MedSegUNetLib.commands.segment import SegmentOptions
+from MedSegUNetLib.commands.segment_set import merged_labels
 from MedSegUNetLib.core.atomic import clean_stale_temporaries
 from MedSegUNetLib.core.errors import MedSegError
 from MedSegUNetLib.core.progress import Progress
-from MedSegUNetLib.model.bundle import load_bundle, read_bundle_metadata
+from MedSegUNetLib.model.bundle import BundleMeta, load_bundle, read_bundle_metadata
+from MedSegUNetLib.model.model_set import expand_models
 from MedSegUNetLib.prediction.inference import network_precision, select_device
 
 
@@ -49,21 +51,33 @@ def run_segment_batch(
     options: BatchOptions,
     progress: Progress,
 ) -> BatchResult:
-    """Every case of the inputs (of this shard) segmented into ``output_dir``; what cannot work at all
-    (a bad model, device or output folder) is refused before any case."""
-    meta = read_bundle_metadata(bundle_path)
+    """Every case of the inputs (of this shard) segmented into ``output_dir`` by the bundle or model set at
+    ``bundle_path``; what cannot work at all (a bad model, device or output folder) is refused before any case."""
+    paths = expand_models([Path(bundle_path)])
+    metas = [read_bundle_metadata(path) for path in paths]
+    channels = _channel_count(metas, Path(bundle_path))
+    merged = merged_labels(metas, paths) if len(paths) > 1 else None
     devices = resolve_devices(options.devices, options.segment.predict.precision)
     output_dir = prepare_output_dir(Path(output_dir))
-    cases = in_shard(list_cases(inputs, list_file, len(meta.channels), skip=output_dir), options.shard)
+    cases = in_shard(list_cases(inputs, list_file, channels, skip=output_dir), options.shard)
     summary = Summary(output_dir / summary_name(options.shard))
     jobs = _jobs_to_run(cases, output_dir, f".{options.output_format}", summary)
     summary.write()
     progress.update("cases", len(summary.rows), len(cases), f"{len(cases)} case(s), {len(jobs)} to segment")
     if jobs:
-        pipeline = BatchPipeline(jobs, load_bundle(bundle_path), devices, options.segment)
+        model = BatchModel([load_bundle(path) for path in paths], paths, merged)
+        pipeline = BatchPipeline(jobs, model, devices, options.segment)
         for item in pipeline.outcomes():
             _report(item, summary, len(cases), progress)
     return BatchResult(summary, len(cases))
+
+
+def _channel_count(metas: Sequence[BundleMeta], model: Path) -> int:
+    """The images a case gives: the same for every model of a set (a case is read once for all)."""
+    counts = sorted({len(meta.channels) for meta in metas})
+    if len(counts) > 1:
+        raise MedSegError(f"its models take different numbers of input channels ({counts}): one case feeds all", model)
+    return counts[0]
 
 
 def resolve_devices(devices: Sequence[str], precision: str) -> List[str]:

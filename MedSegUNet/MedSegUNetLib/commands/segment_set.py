@@ -17,7 +17,7 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -130,22 +130,38 @@ def run_segment_set(
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medsegunet-bundle")
     try:
         loading: List[Future[Bundle]] = [loader.submit(load_bundle, path) for path in paths]
-        merged: Optional[np.ndarray] = None
-        template: Optional[sitk.Image] = None  # the first model's labels: the input's grid
-        for index, (network_input, input_grid) in enumerate(network_inputs(inputs, metas, options, progress)):
-            bundle = loading[index].result()
-            model_progress = ModelProgress(progress, index + 1, len(paths), paths[index].name)
-            model_progress.update("predict", 0, 1, bundle.meta.network.cls)
-            labels = labels_on_input_grid(network_input, input_grid, bundle, options, model_progress)
-            del network_input
-            merged = merge_first_wins(merged, labels, merged_table.tables[index])
-            template = template or labels
+        runs = (  # each bundle taken from the list as its model runs, so that its weights go once it has run
+            (network_input, input_grid, loading.pop(0).result())
+            for network_input, input_grid in network_inputs(inputs, metas, options, progress)
+        )
+        image = merged_labels_on_input_grid(runs, paths, merged_table, options, progress)
     finally:
         loader.shutdown(wait=False)
-    assert merged is not None and template is not None
-    image = sitk.GetImageFromArray(merged.astype(np.uint8) if len(merged_table.labels) < 256 else merged)
-    image.CopyInformation(template)
     progress.update("write", 0, 1, str(output))
     write_segmentation(output, image, merged_table.labels)
     progress.update("write", 1, 1, str(output))
     return output
+
+
+def merged_labels_on_input_grid(
+    runs: Iterable[Tuple[NetworkInput, Grid, Bundle]],
+    paths: Sequence[Path],
+    merged_table: MergedLabels,
+    options: SegmentOptions,
+    progress: Progress,
+) -> sitk.Image:
+    """Each model's labels on the input grid, in turn (a model's input and network let go once it has
+    predicted), merged into one image of the merged labels' values."""
+    merged: Optional[np.ndarray] = None
+    template: Optional[sitk.Image] = None  # the first model's labels: the input's grid
+    for index, (network_input, input_grid, bundle) in enumerate(runs):
+        model_progress = ModelProgress(progress, index + 1, len(paths), Path(paths[index]).name)
+        model_progress.update("predict", 0, 1, bundle.meta.network.cls)
+        labels = labels_on_input_grid(network_input, input_grid, bundle, options, model_progress)
+        del network_input, bundle
+        merged = merge_first_wins(merged, labels, merged_table.tables[index])
+        template = template or labels
+    assert merged is not None and template is not None
+    image = sitk.GetImageFromArray(merged.astype(np.uint8) if len(merged_table.labels) < 256 else merged)
+    image.CopyInformation(template)
+    return image

@@ -167,13 +167,20 @@ def stack_network_input(arrays: Sequence[np.ndarray], grid: Grid, preprocessing:
 RESTORE_SLAB_VOXELS = 1 << 22  # input voxels per slab of restore_scores (16 MB of float32 per class)
 
 
-def restore_scores(scores_czyx: np.ndarray, network_grid: Grid, input_grid: Grid, values: np.ndarray) -> sitk.Image:
+def restore_scores(
+    scores_czyx: np.ndarray, network_grid: Grid, input_grid: Grid, values: np.ndarray, background_outside: bool = False
+) -> sitk.Image:
     """Labels from scores resampled onto the input's grid, as nnU-Net's predictor takes them: each class's
     scores linearly interpolated there, then the best class's value (``values[class]``) per voxel, ties to
     the lower class. Done in slabs of the input's slices, so that memory holds the labels and one slab's
-    scores rather than input-sized float arrays (nnU-Net holds every class's at once)."""
+    scores rather than input-sized float arrays (nnU-Net holds every class's at once).
+
+    ``background_outside``: the scores cover only a box of the network grid (the body's), and beyond it
+    is background (class 0)."""
     images = [_image_on(class_scores, network_grid) for class_scores in scores_czyx]
     defaults = [float(class_scores.min()) for class_scores in scores_czyx]
+    if background_outside:
+        defaults[0] = float(scores_czyx[0].max())  # at least every other class's lowest: background wins
     width, height, depth = input_grid.size
     labels = np.zeros((depth, height, width), dtype=values.dtype)
     step = max(1, RESTORE_SLAB_VOXELS // (width * height))
