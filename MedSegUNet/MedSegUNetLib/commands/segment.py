@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from MedSegUNetLib.core.atomic import check_writable
 from MedSegUNetLib.core.errors import MedSegError
 from MedSegUNetLib.core.geometry import Grid, xyz_to_zyx
+from MedSegUNetLib.core.memory import return_freed_memory
 from MedSegUNetLib.core.progress import Progress
 from MedSegUNetLib.imageio.images import check_output_type, read_image, stream_image_slices, write_segmentation
 from MedSegUNetLib.model.bundle import Bundle, BundleMeta, load_bundle, read_bundle_metadata
@@ -160,7 +161,10 @@ def labels_on_input_grid(
 
     The bundle keeps its network as prepared for the run: one copy of the weights, reused by the next case."""
     meta = bundle.meta
-    bundle.network = network_for(bundle.network, _bundle_predict_options(bundle, options))
+    prepared = network_for(bundle.network, _bundle_predict_options(bundle, options))
+    if prepared is not bundle.network:
+        bundle.network = prepared
+        return_freed_memory()  # the loaded weights, let go just now
     if meta.restore == "scores":
         labels = _labels_from_scores(network_input, input_grid, bundle, options, progress)
     else:

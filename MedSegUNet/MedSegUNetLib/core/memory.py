@@ -8,7 +8,10 @@ this process's address-space limit (``ulimit -v``, ``RLIMIT_AS``).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -85,3 +88,16 @@ def available_memory_bytes() -> Optional[int]:
 
 def describe_bytes(count: float) -> str:
     return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
+
+
+def return_freed_memory() -> None:
+    """Hand the memory malloc holds freed back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    The engine's malloc keeps up to 256 MB freed for the windows to reuse (host/childprocess.py,
+    MALLOC_TUNABLES), which would keep a copy of the weights let go before the windows resident through them."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
