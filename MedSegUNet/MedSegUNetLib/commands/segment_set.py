@@ -150,8 +150,9 @@ def merged_labels_on_input_grid(
     options: SegmentOptions,
     progress: Progress,
 ) -> sitk.Image:
-    """Each model's labels on the input grid, in turn (a model's input and network let go once it has
-    predicted), merged into one image of the merged labels' values."""
+    """Each model's labels on the input grid, in turn (each network input let go once its model has
+    predicted, and the bundle too unless the caller keeps it), merged into one image of the merged labels'
+    values."""
     merged: Optional[np.ndarray] = None
     template: Optional[sitk.Image] = None  # the first model's labels: the input's grid
     for index, (network_input, input_grid, bundle) in enumerate(runs):
