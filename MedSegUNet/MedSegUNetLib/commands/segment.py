@@ -154,17 +154,23 @@ def _check_network_memory(input_grid: Grid, meta: BundleMeta, channels: int = 1)
     check_memory((channels, *xyz_to_zyx(network_size)), len(meta.labels) + 1)
 
 
+def prepare_bundle(bundle: Bundle, predict: PredictOptions) -> None:
+    """The bundle's network replaced by the copy prepared for ``predict`` (a later call finds it prepared),
+    and the loaded weights' memory handed back: one copy of the weights while the windows run."""
+    prepared = network_for(bundle.network, predict)
+    if prepared is not bundle.network:
+        bundle.network = prepared
+        return_freed_memory()
+
+
 def labels_on_input_grid(
     network_input: NetworkInput, input_grid: Grid, bundle: Bundle, options: SegmentOptions, progress: Progress
 ) -> sitk.Image:
     """Predict, then put the labels (as uint8 where they fit, never probabilities) onto the input grid.
 
-    The bundle keeps its network as prepared for the run: one copy of the weights, reused by the next case."""
+    The bundle keeps its network as prepared for the run (prepare_bundle), reused by the next case."""
     meta = bundle.meta
-    prepared = network_for(bundle.network, _bundle_predict_options(bundle, options))
-    if prepared is not bundle.network:
-        bundle.network = prepared
-        return_freed_memory()  # the loaded weights, let go just now
+    prepare_bundle(bundle, _bundle_predict_options(bundle, options))
     if meta.restore == "scores":
         labels = _labels_from_scores(network_input, input_grid, bundle, options, progress)
     else:

@@ -80,14 +80,15 @@ def warm_up(bundle: Bundle, options: PredictOptions) -> None:
     benchmarks/README.md). oneDNN's kernels are kept per shape, so the window is the bundle's patch."""
     import numpy as np
 
+    from MedSegUNetLib.commands.segment import prepare_bundle
     from MedSegUNetLib.core.geometry import xyz_to_zyx
-    from MedSegUNetLib.prediction.inference import network_for, predict_labels, select_device, windows_per_batch
+    from MedSegUNetLib.prediction.inference import predict_labels, select_device, windows_per_batch
 
     window = list(xyz_to_zyx(bundle.meta.preprocessing.patch_size))
     batch = options.sw_batch_size or windows_per_batch(select_device(options.device))
     shape = [*window[:2], window[2] + (batch - 1) * max(window[2] // 2, 1)]  # `batch` windows along x at overlap 0.5
     zeros = np.zeros((len(bundle.meta.channels), *shape), dtype=np.float32)
-    bundle.network = network_for(bundle.network, options)  # the job's run finds it prepared: no copy then
+    prepare_bundle(bundle, options)  # the job's run finds it prepared: no copy then
     predict_labels(bundle.network, zeros, window, options, Progress())
 
 
