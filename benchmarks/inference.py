@@ -52,6 +52,16 @@ class TimedNetwork:
 
     def __init__(self, network):
         self.network, self.seconds = network, 0.0
+        self.out_channels = getattr(network, "out_channels", None)  # as the prediction reads it
+
+    # A run keeps its prepared network (segment.prepare_bundle), and the prediction calls these on it.
+    def eval(self) -> "TimedNetwork":
+        self.network.eval()
+        return self
+
+    def to(self, *args, **kwargs) -> "TimedNetwork":
+        self.network.to(*args, **kwargs)
+        return self
 
     def __call__(self, *args, **kwargs):
         import torch
@@ -92,9 +102,14 @@ def run_ours(
     timed: List[TimedNetwork] = []
     prepare = inference.prepare_network
 
-    def prepare_timed(*args, **kwargs):
-        timed.append(TimedNetwork(prepare(*args, **kwargs)))
-        return timed[-1]
+    def prepare_timed(network, *args, **kwargs):
+        """The prepared network, timed; one prepared already (a run keeps its copy) is returned as it is."""
+        if not isinstance(network, TimedNetwork):
+            network = TimedNetwork(prepare(network, *args, **kwargs))
+        if network not in timed:
+            network.seconds = 0.0  # a warm-up's windows are not the run's
+            timed.append(network)
+        return network
 
     inference.prepare_network = prepare_timed
 

@@ -123,7 +123,8 @@ def _describe_body(network_input: NetworkInput, meta: BundleMeta, options: Segme
 def segment_images(
     channels: Sequence[sitk.Image], bundle: Bundle, options: SegmentOptions, progress: Progress
 ) -> sitk.Image:
-    """The label image (bundle label values) on the first channel's exact grid."""
+    """The label image (bundle label values) on the first channel's exact grid; the bundle keeps the
+    network prepared for it (prepare_bundle)."""
     network_input, input_grid = preprocess(channels, bundle.meta, options, progress)
     return labels_on_input_grid(network_input, input_grid, bundle, options, progress)
 
