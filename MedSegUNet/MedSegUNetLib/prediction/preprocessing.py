@@ -180,7 +180,7 @@ def restore_scores(
     images = [_image_on(class_scores, network_grid) for class_scores in scores_czyx]
     defaults = [float(class_scores.min()) for class_scores in scores_czyx]
     if background_outside:
-        defaults[0] = float(scores_czyx[0].max())  # at least every other class's lowest: background wins
+        defaults[0] = max(float(class_scores.max()) for class_scores in scores_czyx)  # background wins there
     width, height, depth = input_grid.size
     labels = np.zeros((depth, height, width), dtype=values.dtype)
     step = max(1, RESTORE_SLAB_VOXELS // (width * height))
