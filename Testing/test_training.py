@@ -348,10 +348,13 @@ def test_a_model_of_sided_structures_keeps_its_mirror_axes_for_tta(tmp_path):
     scene = synthetic_scene(tmp_path / "data", seed=2, names=("kidney_left", "kidney_right"))
     out = tmp_path / "model"
     common = ["--max-steps", "2", "--spacing", "4", "4", "4", "--patch-size", "16", "16", "16", "--filters", "4"]
-    result = run_cli("train", str(scene), "-o", str(out), *common, "--progress", "none", timeout=600)
+    result = run_cli(
+        "train", str(scene), "-o", str(out), *common, "--slab-crops", "0.5", "--progress", "none", timeout=600
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     meta = read_bundle_metadata(out / "model.safetensors")
     assert meta.preprocessing.orientation == "RAS" and meta.mirror_axes == (0, 1)  # z and y; x is left-right
+    assert meta.provenance["training"]["slab_crops"] == 0.5  # the bundle says how its crops were shaped
     assert all(4 not in flip for flip in tta_flips(allowed=meta.mirror_axes))  # (B, C, Z, Y, X): x is dim 4
     segmented = tmp_path / "tta.nii.gz"
     result = run_cli("segment", str(tmp_path / "data" / "image.nrrd"), "-m", str(out / "model.safetensors"),

@@ -100,6 +100,14 @@ def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "case's (nnU-Net's 0.33; 0: uniform crops)",
     )
     parser.add_argument(
+        "--slab-crops",
+        type=_fraction,
+        default=0.3,
+        metavar="P",
+        help="share of crops cut to a thin slab head to foot, padded with air as segment pads a scan thinner "
+        "than its window (default 0.3; 0: none)",
+    )
+    parser.add_argument(
         "--batch-dice",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -195,6 +203,7 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         workers=args.workers,
         foreground_fraction=args.foreground_fraction,
         batch_dice=args.batch_dice,
+        slab_crops=args.slab_crops,
     )
 
 
@@ -258,6 +267,7 @@ def train(args: argparse.Namespace, progress: Progress, world: World) -> dict:
         "validation": val_names,
         "split": note,
         "label_warnings": table.report(),
+        "slab_crops": config.slab_crops,
     }
     if world.distributed:
         summary["world_size"] = world.size

@@ -41,6 +41,9 @@ class TrainConfig:
     # foreground voxel (nnU-Net's 0.33; 0: uniform crops), and Dice computed over the whole batch.
     foreground_fraction: float = 0.33
     batch_dice: bool = True
+    # The share of crops cut to a thin slab head to foot, as a scan thinner than the window reaches the
+    # network (training/field_of_view.py); 0: none.
+    slab_crops: float = 0.3
 
 
 @dataclass

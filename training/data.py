@@ -120,12 +120,13 @@ def augmentations(flip_axes: Sequence[int] = ALL_AXES) -> Compose:
     )
 
 
-def pad_to_patch(array: np.ndarray, patch_zyx: Sequence[int]) -> np.ndarray:
-    """A (C, Z, Y, X) array padded with zeros, centered, to at least the patch (as MONAI's SpatialPad)."""
+def pad_to_patch(array: np.ndarray, patch_zyx: Sequence[int], value: float = 0) -> np.ndarray:
+    """A (C, Z, Y, X) array padded with ``value``, centered, to at least the patch (as segment pads a scan
+    thinner than its window)."""
     missing = [max(p - s, 0) for s, p in zip(array.shape[1:], patch_zyx)]
     if not any(missing):
         return array
-    return np.pad(array, [(0, 0)] + [(m // 2, m - m // 2) for m in missing])
+    return np.pad(array, [(0, 0)] + [(m // 2, m - m // 2) for m in missing], constant_values=value)
 
 
 def split(

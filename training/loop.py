@@ -24,6 +24,7 @@ from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Plan, TrainConfig
 from .data import ALL_AXES, PreparedCase, mirror_axes
 from .distributed import World
+from .field_of_view import SlabCrops, slab_axis
 from .losses import IGNORE, make_loss
 from .stream import Batch, batch_stream, default_workers
 
@@ -283,6 +284,7 @@ class Run:
             pin_memory=self.device.type == "cuda",
             foreground_fraction=self.config.foreground_fraction,
             flip_axes=self.meta.mirror_axes if self.meta.mirror_axes is not None else ALL_AXES,
+            slabs=SlabCrops(slab_axis(self.meta.preprocessing), self.config.slab_crops),
         )
 
     def _deadline(self) -> float:

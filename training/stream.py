@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from .data import ALL_AXES, PreparedCase, augmentations, pad_to_patch
+from .field_of_view import SlabCrops
+from .losses import IGNORE
 from .sampling import class_voxels, crop_starts
 
 WORKER_SEED_STRIDE = 1_000_003  # far apart: the workers' streams never share a seed
@@ -39,28 +41,42 @@ def batches(
     seed: int,
     foreground_fraction: float = FOREGROUND_FRACTION,
     flip_axes: Sequence[int] = ALL_AXES,
+    slabs: Optional[SlabCrops] = None,
 ) -> Iterator[Batch]:
     """An endless stream of augmented crops, cycling through the cases in a seeded random order; a share
     ``foreground_fraction`` of each batch's crops is centered on foreground (training/sampling.py); mirrored
-    only along ``flip_axes``."""
+    only along ``flip_axes``; a share cut to thin slabs by ``slabs`` (training/field_of_view.py). A case
+    thinner than the patch is padded with its air (its lowest value), untaught, as segment pads it."""
+    from monai.utils import convert_to_numpy
+
     augment = augmentations(flip_axes)
     augment.set_random_state(seed=seed)
     rng = np.random.default_rng(seed)
-    padded: Dict[str, Tuple[np.ndarray, np.ndarray, Dict[int, np.ndarray]]] = {}
+    padded: Dict[str, Tuple[np.ndarray, np.ndarray, Dict[int, np.ndarray], float]] = {}
     while True:
         for index in rng.permutation(len(cases)):
             case = cases[index]
             if case.name not in padded:  # once per case: padding and where each class lies
-                label = pad_to_patch(case.label, patch_zyx)
-                padded[case.name] = (pad_to_patch(case.image, patch_zyx), label, class_voxels(label[0], classes))
-            image, label, voxels = padded[case.name]
+                air = float(case.image.min())
+                label = pad_to_patch(case.label, patch_zyx, IGNORE)
+                image = pad_to_patch(case.image, patch_zyx, air)
+                padded[case.name] = (image, label, class_voxels(label[0], classes), air)
+            image, label, voxels, air = padded[case.name]
             crops = []
             for start in crop_starts(label.shape[1:], patch_zyx, voxels, batch_size, foreground_fraction, rng):
                 box = (slice(None),) + tuple(slice(s, s + p) for s, p in zip(start, patch_zyx))
-                crops.append(augment({"image": image[box], "label": label[box]}))
+                crop = augment({"image": image[box], "label": label[box]})
+                # copies: a crop the transforms left alone may still share the case's memory
+                crop_image, crop_label = (
+                    np.array(convert_to_numpy(crop["image"])),
+                    np.array(convert_to_numpy(crop["label"])),
+                )
+                if slabs is not None:
+                    slabs(crop_image, crop_label, air, rng)
+                crops.append((crop_image, crop_label))
             yield {
-                "image": torch.stack([torch.as_tensor(np.asarray(c["image"])) for c in crops]).float(),
-                "label": torch.stack([torch.as_tensor(np.asarray(c["label"])) for c in crops]).long(),
+                "image": torch.stack([torch.as_tensor(image) for image, _ in crops]).float(),
+                "label": torch.stack([torch.as_tensor(label) for _, label in crops]).long(),
                 "annotated": annotated_classes(case, classes).repeat(len(crops), 1),
                 "case": case.name,
             }
@@ -85,9 +101,11 @@ class CropBatches(torch.utils.data.IterableDataset):
         seed: int,
         foreground_fraction: float = FOREGROUND_FRACTION,
         flip_axes: Sequence[int] = ALL_AXES,
+        slabs: Optional[SlabCrops] = None,
     ):
         super().__init__()
         self.flip_axes = tuple(flip_axes)
+        self.slabs = slabs
         self.cases, self.patch_zyx, self.classes, self.batch_size, self.seed = (
             cases,
             patch_zyx,
@@ -108,6 +126,7 @@ class CropBatches(torch.utils.data.IterableDataset):
             self.seed + WORKER_SEED_STRIDE * worker,
             self.foreground_fraction,
             self.flip_axes,
+            self.slabs,
         )
 
 
@@ -145,13 +164,14 @@ def batch_stream(
     start_method: Optional[str] = None,
     foreground_fraction: float = FOREGROUND_FRACTION,
     flip_axes: Sequence[int] = ALL_AXES,
+    slabs: Optional[SlabCrops] = None,
 ) -> Iterator[Batch]:
     """The training batches: made in ``workers`` processes, or in this one when ``workers`` is 0.
     ``start_method``: how the workers start (default: the platform's; macOS and Windows spawn them)."""
     if workers <= 0:
-        return batches(cases, patch_zyx, classes, batch_size, seed, foreground_fraction, flip_axes)
+        return batches(cases, patch_zyx, classes, batch_size, seed, foreground_fraction, flip_axes, slabs)
     loader = torch.utils.data.DataLoader(
-        CropBatches(cases, patch_zyx, classes, batch_size, seed, foreground_fraction, flip_axes),
+        CropBatches(cases, patch_zyx, classes, batch_size, seed, foreground_fraction, flip_axes, slabs),
         batch_size=None,  # each item is already a batch
         num_workers=workers,
         worker_init_fn=_worker_signals,
