@@ -349,12 +349,24 @@ def test_a_model_of_sided_structures_keeps_its_mirror_axes_for_tta(tmp_path):
     out = tmp_path / "model"
     common = ["--max-steps", "2", "--spacing", "4", "4", "4", "--patch-size", "16", "16", "16", "--filters", "4"]
     result = run_cli(
-        "train", str(scene), "-o", str(out), *common, "--slab-crops", "0.5", "--progress", "none", timeout=600
+        "train",
+        str(scene),
+        "-o",
+        str(out),
+        *common,
+        "--slab-crops",
+        "0.5",
+        "--contrast-phases",
+        "0.5",
+        "--progress",
+        "none",
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     meta = read_bundle_metadata(out / "model.safetensors")
     assert meta.preprocessing.orientation == "RAS" and meta.mirror_axes == (0, 1)  # z and y; x is left-right
-    assert meta.provenance["training"]["slab_crops"] == 0.5  # the bundle says how its crops were shaped
+    training = meta.provenance["training"]  # the bundle says how its crops were shaped
+    assert (training["slab_crops"], training["contrast_phases"]) == (0.5, 0.5)
     assert all(4 not in flip for flip in tta_flips(allowed=meta.mirror_axes))  # (B, C, Z, Y, X): x is dim 4
     segmented = tmp_path / "tta.nii.gz"
     result = run_cli("segment", str(tmp_path / "data" / "image.nrrd"), "-m", str(out / "model.safetensors"),

@@ -102,10 +102,18 @@ def add_train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     parser.add_argument(
         "--slab-crops",
         type=_fraction,
-        default=0.3,
+        default=0.0,
         metavar="P",
         help="share of crops cut to a thin slab head to foot, padded with air as segment pads a scan thinner "
-        "than its window (default 0.3; 0: none)",
+        "than its window (default 0: none)",
+    )
+    parser.add_argument(
+        "--contrast-phases",
+        type=_fraction,
+        default=0.0,
+        metavar="P",
+        help="CT: share of crops whose known enhancing structures (liver, spleen, kidneys, vessels...) are "
+        "brightened each by a random amount up to what a contrast agent adds (default 0: none)",
     )
     parser.add_argument(
         "--batch-dice",
@@ -204,6 +212,7 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         foreground_fraction=args.foreground_fraction,
         batch_dice=args.batch_dice,
         slab_crops=args.slab_crops,
+        contrast_phases=args.contrast_phases,
     )
 
 
@@ -268,6 +277,7 @@ def train(args: argparse.Namespace, progress: Progress, world: World) -> dict:
         "split": note,
         "label_warnings": table.report(),
         "slab_crops": config.slab_crops,
+        "contrast_phases": config.contrast_phases,
     }
     if world.distributed:
         summary["world_size"] = world.size

@@ -43,7 +43,10 @@ class TrainConfig:
     batch_dice: bool = True
     # The share of crops cut to a thin slab head to foot, as a scan thinner than the window reaches the
     # network (training/field_of_view.py); 0: none.
-    slab_crops: float = 0.3
+    slab_crops: float = 0.0
+    # The share of crops brightened structure by structure as in another contrast phase
+    # (training/contrast_agent.py; CT only); 0: none.
+    contrast_phases: float = 0.0
 
 
 @dataclass

@@ -22,6 +22,7 @@ from MedSegUNetLib.prediction.inference import PredictOptions, predict_labels, s
 
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Plan, TrainConfig
+from .contrast_agent import ContrastPhases, enhancement_in_network_units
 from .data import ALL_AXES, PreparedCase, mirror_axes
 from .distributed import World
 from .field_of_view import SlabCrops, slab_axis
@@ -285,7 +286,14 @@ class Run:
             foreground_fraction=self.config.foreground_fraction,
             flip_axes=self.meta.mirror_axes if self.meta.mirror_axes is not None else ALL_AXES,
             slabs=SlabCrops(slab_axis(self.meta.preprocessing), self.config.slab_crops),
+            phases=self._contrast_phases(),
         )
+
+    def _contrast_phases(self) -> Optional[ContrastPhases]:
+        largest = enhancement_in_network_units(
+            [label.name for label in self.labels], self.meta.preprocessing.normalization
+        )
+        return ContrastPhases(largest, self.config.contrast_phases) if largest and self.config.contrast_phases else None
 
     def _deadline(self) -> float:
         return time.monotonic() + self.config.max_minutes * 60 if self.config.max_minutes else float("inf")

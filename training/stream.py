@@ -15,6 +15,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict
 import numpy as np
 import torch
 
+from .contrast_agent import ContrastPhases
 from .data import ALL_AXES, PreparedCase, augmentations, pad_to_patch
 from .field_of_view import SlabCrops
 from .losses import IGNORE
@@ -42,10 +43,12 @@ def batches(
     foreground_fraction: float = FOREGROUND_FRACTION,
     flip_axes: Sequence[int] = ALL_AXES,
     slabs: Optional[SlabCrops] = None,
+    phases: Optional[ContrastPhases] = None,
 ) -> Iterator[Batch]:
     """An endless stream of augmented crops, cycling through the cases in a seeded random order; a share
     ``foreground_fraction`` of each batch's crops is centered on foreground (training/sampling.py); mirrored
-    only along ``flip_axes``; a share cut to thin slabs by ``slabs`` (training/field_of_view.py). A case
+    only along ``flip_axes``; a share brightened as in another contrast phase by ``phases``
+    (training/contrast_agent.py) and cut to thin slabs by ``slabs`` (training/field_of_view.py). A case
     thinner than the patch is padded with its air (its lowest value), untaught, as segment pads it."""
     from monai.utils import convert_to_numpy
 
@@ -65,7 +68,11 @@ def batches(
             crops = []
             for start in crop_starts(label.shape[1:], patch_zyx, voxels, batch_size, foreground_fraction, rng):
                 box = (slice(None),) + tuple(slice(s, s + p) for s, p in zip(start, patch_zyx))
-                crop = augment({"image": image[box], "label": label[box]})
+                crop_image = image[box]
+                if phases is not None:
+                    crop_image = crop_image.copy()  # the case's own array stays as it is
+                    phases(crop_image, label[box], rng)
+                crop = augment({"image": crop_image, "label": label[box]})
                 # copies: a crop the transforms left alone may still share the case's memory
                 crop_image, crop_label = (
                     np.array(convert_to_numpy(crop["image"])),
@@ -102,10 +109,11 @@ class CropBatches(torch.utils.data.IterableDataset):
         foreground_fraction: float = FOREGROUND_FRACTION,
         flip_axes: Sequence[int] = ALL_AXES,
         slabs: Optional[SlabCrops] = None,
+        phases: Optional[ContrastPhases] = None,
     ):
         super().__init__()
         self.flip_axes = tuple(flip_axes)
-        self.slabs = slabs
+        self.slabs, self.phases = slabs, phases
         self.cases, self.patch_zyx, self.classes, self.batch_size, self.seed = (
             cases,
             patch_zyx,
@@ -127,6 +135,7 @@ class CropBatches(torch.utils.data.IterableDataset):
             self.foreground_fraction,
             self.flip_axes,
             self.slabs,
+            self.phases,
         )
 
 
@@ -165,13 +174,14 @@ def batch_stream(
     foreground_fraction: float = FOREGROUND_FRACTION,
     flip_axes: Sequence[int] = ALL_AXES,
     slabs: Optional[SlabCrops] = None,
+    phases: Optional[ContrastPhases] = None,
 ) -> Iterator[Batch]:
     """The training batches: made in ``workers`` processes, or in this one when ``workers`` is 0.
     ``start_method``: how the workers start (default: the platform's; macOS and Windows spawn them)."""
     if workers <= 0:
-        return batches(cases, patch_zyx, classes, batch_size, seed, foreground_fraction, flip_axes, slabs)
+        return batches(cases, patch_zyx, classes, batch_size, seed, foreground_fraction, flip_axes, slabs, phases)
     loader = torch.utils.data.DataLoader(
-        CropBatches(cases, patch_zyx, classes, batch_size, seed, foreground_fraction, flip_axes, slabs),
+        CropBatches(cases, patch_zyx, classes, batch_size, seed, foreground_fraction, flip_axes, slabs, phases),
         batch_size=None,  # each item is already a batch
         num_workers=workers,
         worker_init_fn=_worker_signals,
