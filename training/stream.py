@@ -82,8 +82,8 @@ def batches(
                     slabs(crop_image, crop_label, air, rng)
                 crops.append((crop_image, crop_label))
             yield {
-                "image": torch.stack([torch.as_tensor(image) for image, _ in crops]).float(),
-                "label": torch.stack([torch.as_tensor(label) for _, label in crops]).long(),
+                "image": torch.stack([torch.as_tensor(pair[0]) for pair in crops]).float(),
+                "label": torch.stack([torch.as_tensor(pair[1]) for pair in crops]).long(),
                 "annotated": annotated_classes(case, classes).repeat(len(crops), 1),
                 "case": case.name,
             }
