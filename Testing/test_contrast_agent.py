@@ -67,3 +67,17 @@ def test_streamed_crops_are_brightened_and_the_case_is_not():
         contrasts.append(np.median(crop_image[crop_label == 1]) - np.median(crop_image[crop_label == 0]))
     assert np.ptp(contrasts) > 0.5  # the organ's brightness against its surroundings varies crop to crop
     assert np.array_equal(case.image, np.where(label == 1, 1.0, -1.0))  # the case itself is untouched
+
+
+def test_train_says_what_it_brightens_and_when_it_cannot(tmp_path):
+    from conftest import run_cli
+    from test_training import synthetic_scene
+
+    scene = synthetic_scene(tmp_path / "data", seed=2, names=("kidney_left", "tumour"))
+    common = ["train", str(scene), "-o", str(tmp_path / "m"), "--dry-run", "--contrast-phases", "0.5"]
+    result = run_cli(*common)
+    assert result.returncode == 0, result.stderr
+    assert "contrast phases: 50% of crops brighten kidney_left\n" in result.stdout
+    result = run_cli(*common, "--modality", "mri")
+    assert result.returncode == 0, result.stderr
+    assert "--contrast-phases: no crop is brightened" in result.stdout

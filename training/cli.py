@@ -233,6 +233,7 @@ def train(args: argparse.Namespace, progress: Progress, world: World) -> dict:
     from MedSegUNetLib.core.geometry import Grid
     from MedSegUNetLib.model.bundle import read_bundle_metadata
 
+    from . import contrast_agent
     from .config import plan
     from .data import fingerprint, load_all, prepare, split
     from .label_table import build_label_table
@@ -261,6 +262,10 @@ def train(args: argparse.Namespace, progress: Progress, world: World) -> dict:
         lines += [f"label {label.value}: {label.name}" for label in table.labels]
         lines += [f"warning: {w}" for w in table.report()] if partial else []
         lines += [f"plan: {reason}" for reason in the_plan.reasons] + [f"split: {note}"]
+        phases = contrast_agent.describe(
+            [label.name for label in table.labels], the_plan.preprocessing.normalization, config.contrast_phases
+        )
+        lines += [phases] if phases else []
         if args.dry_run:
             if world.is_main:
                 print("\n".join(lines))

@@ -67,3 +67,15 @@ class ContrastPhases:
         offsets = np.zeros(256, np.float32)  # every label value, IGNORE (255) included: not brightened
         offsets[: len(self.largest)] = rng.uniform(0.0, 1.0, len(self.largest)) * np.asarray(self.largest)
         image += offsets[label.astype(np.uint8)]
+
+
+def describe(names: Sequence[str], normalization: Normalization, share: float) -> Optional[str]:
+    """The line `train` prints of what ``--contrast-phases`` brightens (None when it is off): a share given
+    for images it cannot brighten says so rather than doing nothing in silence."""
+    if not share:
+        return None
+    largest = enhancement_in_network_units(names, normalization)
+    if largest is None:
+        return "--contrast-phases: no crop is brightened (the images are not CT in HU, or no label is known to enhance)"
+    brightened = [name for name, amount in zip(names, largest[1:]) if amount]
+    return f"contrast phases: {share:.0%} of crops brighten {', '.join(brightened)}"
