@@ -81,3 +81,13 @@ def test_train_says_what_it_brightens_and_when_it_cannot(tmp_path):
     result = run_cli(*common, "--modality", "mri")
     assert result.returncode == 0, result.stderr
     assert "--contrast-phases: no crop is brightened" in result.stdout
+
+
+@pytest.mark.parametrize("option, value", [("--contrast-phases", "1.5"), ("--slab-crops", "-0.1")])
+def test_a_share_outside_0_to_1_is_refused_before_anything_is_read(tmp_path, option, value):
+    from conftest import run_cli
+
+    result = run_cli("train", str(tmp_path / "absent.mrb"), "-o", str(tmp_path / "m"), option, value)
+    assert result.returncode == 2 and "Traceback" not in result.stderr  # argparse's usage error
+    assert f"argument {option}: must be between 0 and 1, not {float(value)}" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "m").exists()

@@ -285,7 +285,9 @@ class Run:
             pin_memory=self.device.type == "cuda",
             foreground_fraction=self.config.foreground_fraction,
             flip_axes=self.meta.mirror_axes if self.meta.mirror_axes is not None else ALL_AXES,
-            slabs=SlabCrops(slab_axis(self.meta.preprocessing), self.config.slab_crops),
+            slabs=SlabCrops(slab_axis(self.meta.preprocessing), self.config.slab_crops)
+            if self.config.slab_crops
+            else None,
             phases=self._contrast_phases(),
         )
 
