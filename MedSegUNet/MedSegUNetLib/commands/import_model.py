@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from MedSegUNetLib.core.errors import MedSegError
 
@@ -32,21 +32,44 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--checkpoint", choices=["final", "best"], default="final")
     parser.add_argument("--name", default=None, help="the model's name (default: the output file's)")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="ID=VALUE",
+        help="MONAI bundles: set a configuration entry before reading it, as MONAI's `run --ID VALUE` does "
+        "(VALUE as JSON, else text), e.g. --set displayable_configs#highres=false",
+    )
     parser.add_argument("--progress", choices=["auto", "json", "bar", "lines", "none"], default="auto")
     parser.set_defaults(handler=run_import_command)
 
 
 def run_import_command(args: argparse.Namespace, progress: Progress) -> dict:
     folds = None if args.folds in (None, "all") else [f.strip() for f in args.folds.split(",") if f.strip()]
-    output = import_model(args.source, args.output, folds, args.checkpoint, args.name, progress)
+    settings = dict(_setting(text) for text in args.settings)
+    output = import_model(args.source, args.output, folds, args.checkpoint, args.name, progress, settings)
     if args.progress != "json":  # stdout carries only JSON lines for the panel
         print(f"wrote {output}")
     return {"output": str(output)}
 
 
+def _setting(text: str) -> Tuple[str, Any]:
+    """``ID=VALUE`` as (ID, VALUE read as JSON, or as text when it is not JSON)."""
+    import json
+
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise MedSegError(f"--set {text!r} is not ID=VALUE")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
 def _wanted(checkpoint: str) -> Callable[[str], bool]:
     """Which entries of a zip are unpacked: the JSON and YAML files, the chosen nnU-Net checkpoints, a MONAI
-    bundle's models/model.pt (and model.ts, to say why it is refused) and licence files."""
+    bundle's models/*.pt (and *.ts, to say why they are refused) and licence files."""
     from MedSegUNetLib.importers.nnunet import LICENCE_NAMES
 
     def wanted(name: str) -> bool:
@@ -54,7 +77,8 @@ def _wanted(checkpoint: str) -> Callable[[str], bool]:
         return (
             base.endswith((".json", ".yaml", ".yml"))
             or base == checkpoint
-            or name.endswith(("models/model.pt", "models/model.ts", "docs/data_license.txt"))
+            or (name.rsplit("/", 2)[-2:-1] == ["models"] and base.endswith((".pt", ".ts")))
+            or name.endswith("docs/data_license.txt")
             or base.lower() in LICENCE_NAMES
         )
 
@@ -68,9 +92,10 @@ def import_model(
     checkpoint: str = "final",
     name: Optional[str] = None,
     progress: Optional[Progress] = None,
+    settings: Optional[Dict[str, Any]] = None,
 ) -> Path:
-    """Write the bundle for the nnU-Net model or MONAI bundle at ``source``; the checks that can fail run
-    before the long work."""
+    """Write the bundle for the nnU-Net model or MONAI bundle at ``source`` (``settings``: MONAI configuration
+    entries to set first); the checks that can fail run before the long work."""
     from MedSegUNetLib.core.atomic import check_writable
     from MedSegUNetLib.core.progress import Progress
     from MedSegUNetLib.importers.archive import source_folder
@@ -89,9 +114,11 @@ def import_model(
         if monai_folder is not None:
             if folds is not None:
                 raise MedSegError("--folds applies to nnU-Net models; this is a MONAI bundle", Path(source))
-            bundle = read_bundle(monai_folder)
+            bundle = read_bundle(monai_folder, settings)
             progress.update("read", 1, 1, f"MONAI bundle {monai_folder.name}")
             return _write_monai_bundle(bundle, name or output.name.split(".")[0], output, progress)
+        if settings:
+            raise MedSegError("--set applies to MONAI bundles; this is an nnU-Net model", Path(source))
         model = read_model(find_model_folder(root))
         chosen = choose_folds(model.folder, folds, checkpoint_name)
         progress.update("read", 1, 1, f"{model.folder.name}: folds {', '.join(chosen)}")
@@ -138,13 +165,14 @@ def _write_bundle(
 
 
 def _write_monai_bundle(bundle: MonaiBundle, name: str, output: Path, progress: Progress) -> Path:
-    from MedSegUNetLib.importers.monai_bundle import bundle_meta, model_weights
+    from MedSegUNetLib.importers.monai_bundle import bundle_meta, model_weights, weights_path
     from MedSegUNetLib.model.bundle import save_bundle
     from MedSegUNetLib.model.network import build_network
 
     meta, inferer = bundle_meta(bundle, name)
-    progress.update("convert", 0, 1, f"{bundle.folder / 'models' / 'model.pt'}")
-    weights = model_weights(bundle)
+    path = weights_path(bundle)
+    progress.update("convert", 0, 1, str(path))
+    weights = model_weights(bundle, path)
     try:
         network = build_network(meta.network)
     except Exception as error:  # arguments from an untrusted file: MONAI may raise anything
@@ -156,7 +184,7 @@ def _write_monai_bundle(bundle: MonaiBundle, name: str, output: Path, progress: 
         detail = " ".join(str(error).split())[:300]
         raise MedSegError(
             f"the weights do not fit the network 'network_def' describes ({detail})",
-            bundle.folder / "models" / "model.pt",
+            path,
         ) from None
     for note in bundle.notes:
         progress.note(note)

@@ -80,7 +80,9 @@ def predict_in_body(
 def _bundle_predict_options(bundle: Bundle, options: SegmentOptions) -> PredictOptions:
     """The prediction options with what the bundle fixes: window placement and blending, and for an
     imported model the mirroring axes its trainer allowed."""
-    predict = replace(options.predict, windows=bundle.meta.windows, blend=bundle.meta.blend)
+    predict = replace(
+        options.predict, windows=bundle.meta.windows, blend=bundle.meta.blend, padding=bundle.meta.padding
+    )
     if not options.overlap_given:
         predict = replace(predict, overlap=bundle.meta.run_overlap)
     if bundle.meta.mirror_axes is not None:
@@ -89,7 +91,11 @@ def _bundle_predict_options(bundle: Bundle, options: SegmentOptions) -> PredictO
 
 
 def _window(bundle: Bundle, shape_zyx: Sequence[int]) -> List[int]:
-    return fit_window(xyz_to_zyx(bundle.meta.preprocessing.patch_size), shape_zyx, bundle.meta.network.size_divisor())
+    """The bundle's patch, shrunk where the volume is thinner unless the model pads to its whole window."""
+    patch = xyz_to_zyx(bundle.meta.preprocessing.patch_size)
+    if bundle.meta.padding != "shrink":
+        return list(patch)
+    return fit_window(patch, shape_zyx, bundle.meta.network.size_divisor())
 
 
 def _body_if_it_pays(bundle: Bundle, network_input: NetworkInput, options: SegmentOptions) -> Tuple[slice, ...]:

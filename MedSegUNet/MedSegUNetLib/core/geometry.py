@@ -250,14 +250,21 @@ def ijk_array(image: sitk.Image) -> np.ndarray:
     return np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
 
 
-def resampled_grid(grid: Grid, spacing: Sequence[float]) -> Grid:
-    """The grid that covers the same physical box as ``grid`` with voxels of ``spacing``.
+def resampled_grid(grid: Grid, spacing: Sequence[float], rule: str = "box") -> Grid:
+    """The grid with voxels of ``spacing`` over the region of ``grid``.
 
-    The outer voxel corners stay where they are (the box is kept, not the first voxel centre), so
-    resampling there and back does not shift anything by half a voxel.
+    ``box``: it covers the same physical box; the outer voxel corners stay where they are (not the first
+    voxel centre), so resampling there and back does not shift anything by half a voxel, and the spacing
+    stretches a little so that a whole number of voxels fills the box (the engine's and nnU-Net's way).
+    ``centres``: MONAI's Spacing: the first voxel centre stays, the spacing is exact, and the voxels reach
+    the last centre, rounded to a whole number.
     """
     old_spacing = np.array(grid.spacing, dtype=float)
     new_spacing = np.array(spacing, dtype=float)
+    if rule == "centres":
+        reach = old_spacing * (np.array(grid.size) - 1)
+        new_size = np.maximum(np.round(reach / new_spacing + 1), 1).astype(int)
+        return Grid(_int_triple(new_size), _float_triple(new_spacing), grid.origin, grid.direction)
     extent = old_spacing * np.array(grid.size)
     new_size = np.maximum(np.round(extent / new_spacing), 1).astype(int)
     # Stretch the spacing a little so the rounded number of voxels fills the box exactly.

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Optional, Tuple
 
 from MedSegUNetLib.core.errors import MedSegError
 from MedSegUNetLib.core.labels import default_labels
+from MedSegUNetLib.importers.config_expressions import REFERENCE, NotPlainData, evaluate
 from MedSegUNetLib.importers.json_files import read_json_object
 from MedSegUNetLib.model.bundle import IMAGE_AXES, BundleMeta, Normalization, Preprocessing, default_provenance
 from MedSegUNetLib.model.network import NetworkSpec
@@ -31,17 +32,39 @@ LICENCE_FILES = ("LICENSE", "LICENCE", "LICENSE.txt", "docs/data_license.txt")
 NETWORKS = {
     **dict.fromkeys(("UNet", "monai.networks.nets.UNet", "monai.networks.nets.unet.UNet"), "UNet"),
     **dict.fromkeys(("DynUNet", "monai.networks.nets.DynUNet", "monai.networks.nets.dynunet.DynUNet"), "DynUNet"),
+    **dict.fromkeys(
+        ("SegResNet", "monai.networks.nets.SegResNet", "monai.networks.nets.segresnet.SegResNet"), "SegResNet"
+    ),
+    **dict.fromkeys(
+        ("BasicUNet", "monai.networks.nets.BasicUNet", "monai.networks.nets.basic_unet.BasicUNet"), "BasicUNet"
+    ),
 }
+# Classes whose spatial_dims defaults to 3 in MONAI (the others must say it).
+_THREE_D_BY_DEFAULT = ("SegResNet", "BasicUNet")
+# Upsampling that mixes channels into positions in (x, y, z) order: no exact form on (z, y, x) arrays.
+_AXIS_ORDERED_UPSAMPLING = {"SegResNet": "upsample_mode", "BasicUNet": "upsample"}
 # Per network class: the arguments that hold one value per network level, each per axis (reversed for (z, y, x)),
 # and those that hold one value per axis.
-_PER_LEVEL = {"UNet": ("strides",), "DynUNet": ("kernel_size", "strides", "upsample_kernel_size")}
-_PER_AXIS = {"UNet": ("kernel_size", "up_kernel_size"), "DynUNet": ()}
+_PER_LEVEL = {
+    "UNet": ("strides",),
+    "DynUNet": ("kernel_size", "strides", "upsample_kernel_size"),
+    "SegResNet": (),
+    "BasicUNet": (),
+}
+_PER_AXIS = {"UNet": ("kernel_size", "up_kernel_size"), "DynUNet": (), "SegResNet": (), "BasicUNet": ()}
 # Transforms that change nothing the engine has to reproduce (loading, channel and type bookkeeping).
 NO_OPS = ("LoadImage", "EnsureChannelFirst", "EnsureType", "ToTensor", "AddChannel", "SaveImage")
-PREPROCESSING = ("Orientation", "Spacing", "ScaleIntensityRange", "NormalizeIntensity", "CropForeground", *NO_OPS)
+PREPROCESSING = (
+    "Orientation",
+    "Spacing",
+    "ScaleIntensityRange",
+    "NormalizeIntensity",
+    "ScaleIntensity",
+    "CropForeground",
+    *NO_OPS,
+)
 POSTPROCESSING = ("Activations", "AsDiscrete", "Invertd", *NO_OPS)
-_PLAIN_REFERENCE = re.compile(r"^@([A-Za-z_][A-Za-z0-9_]*(?:(?:#|::)[A-Za-z0-9_]+)*)$")
-_NUMBER = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
+_PLAIN_REFERENCE = re.compile(rf"^{REFERENCE.pattern}$")
 _MAX_DEPTH = 20
 
 
@@ -73,11 +96,12 @@ class MonaiBundle:
     config: Dict[str, Any]
     metadata: Dict[str, Any]
     notes: List[str] = field(default_factory=list)  # what was translated approximately, said at import
+    settings: Dict[str, Any] = field(default_factory=dict)  # entries the user set, as MONAI's `run --ID VALUE`
 
     def resolve(self, value: Any, key: str, depth: int = 0, deep: bool = True) -> Any:
-        """``value`` with its plain references resolved: ``@id`` (another entry of the configuration, ``#``
-        for nested ones) and ``$`` followed by a number or a plain reference. Any other expression or macro
-        (``$...``, ``%...``) is refused: it would need Python evaluated. ``deep=False``: what is inside a list
+        """``value`` with its references resolved: ``@id`` (another entry of the configuration, ``#`` for
+        nested ones) and ``$`` expressions of plain data (:mod:`config_expressions`). Any other expression
+        or macro (``%...``) is refused: it would need Python evaluated. ``deep=False``: what is inside a list
         or mapping is left as it is."""
         if depth > _MAX_DEPTH:
             raise MedSegError(f"'{key}' has references nested too deeply", self.config_path)
@@ -87,16 +111,23 @@ class MonaiBundle:
             return [self.resolve(v, f"{key}#{i}", depth + 1) for i, v in enumerate(value)] if deep else value
         if not isinstance(value, str) or value[:1] not in ("@", "$", "%"):
             return value
-        text = value[1:].strip() if value.startswith("$") else value
-        if value.startswith("$") and _NUMBER.match(text):
-            return float(text) if any(c in text for c in ".eE") else int(text)
-        match = _PLAIN_REFERENCE.match(text)
-        if match is None:
-            raise MedSegError(
-                f"'{key}' is the expression {value!r}, which is not evaluated (only numbers and @references are read)",
-                self.config_path,
-            )
-        return self.resolve(self.entry(match.group(1), key), f"{key}->{match.group(1)}", depth + 1, deep)
+
+        def lookup(path: str) -> Any:
+            return self.resolve(self.entry(path, key), f"{key}->{path}", depth + 1, deep)
+
+        match = _PLAIN_REFERENCE.match(value)
+        if match is not None:
+            return lookup(match.group(1))
+        if value.startswith("$"):
+            try:
+                return evaluate(value[1:], lookup)
+            except NotPlainData as reason:
+                raise MedSegError(
+                    f"'{key}' is the expression {value!r}, which is not evaluated ({reason}; only plain data, "
+                    "@references, conditionals and + are read)",
+                    self.config_path,
+                ) from None
+        raise MedSegError(f"'{key}' is the macro {value!r}, which is not read (only @references)", self.config_path)
 
     def entry(self, path: str, key: str) -> Any:
         current: Any = self.config
@@ -110,6 +141,19 @@ class MonaiBundle:
                     f"'{key}' refers to '@{path}', which the configuration does not have", self.config_path
                 )
         return current
+
+    def set_entry(self, path: str, value: Any) -> None:
+        """Set an entry the configuration has (a typo names nothing and is refused), as MONAI's runner
+        overrides ``--ID VALUE``."""
+        parent_path, _, last = re.sub("::", "#", path).rpartition("#")
+        parent = self.entry(parent_path, f"--set {path}") if parent_path else self.config
+        if isinstance(parent, list) and last.isdigit() and int(last) < len(parent):
+            parent[int(last)] = value
+        elif isinstance(parent, dict) and last in parent:
+            parent[last] = value
+        else:
+            raise MedSegError(f"--set {path}: the configuration has no such entry", self.config_path)
+        self.settings[path] = value
 
 
 def _read_config(path: Path) -> Dict[str, Any]:
@@ -127,11 +171,18 @@ def _read_config(path: Path) -> Dict[str, Any]:
     return data
 
 
-def read_bundle(folder: Path) -> MonaiBundle:
+def read_bundle(folder: Path, settings: Optional[Dict[str, Any]] = None) -> MonaiBundle:
+    """The bundle in ``folder``, with ``settings`` (entry id -> value) set in its configuration and its
+    ``bundle_root`` the folder itself (as MONAI's runner sets it), so paths are read inside it."""
     config_path = next(folder / "configs" / name for name in CONFIGS if (folder / "configs" / name).is_file())
-    return MonaiBundle(
+    bundle = MonaiBundle(
         folder, config_path, _read_config(config_path), read_json_object(folder / "configs" / "metadata.json")
     )
+    if "bundle_root" in bundle.config:
+        bundle.config["bundle_root"] = "."
+    for path, value in (settings or {}).items():
+        bundle.set_entry(path, value)
+    return bundle
 
 
 def _class_name(target: Any) -> str:
@@ -149,6 +200,7 @@ _READ_ARGS = {
     "Spacing": ("pixdim", "mode"),
     "ScaleIntensityRange": ("a_min", "a_max", "b_min", "b_max", "clip"),
     "NormalizeIntensity": ("nonzero", "subtrahend", "divisor", "channel_wise"),
+    "ScaleIntensity": ("minv", "maxv", "factor", "channel_wise"),
     "Activations": ("sigmoid", "softmax", "other"),
     "AsDiscrete": ("argmax", "threshold", "to_onehot", "rounding"),
 }
@@ -194,6 +246,8 @@ class _Prep:
     orientation: str = IMAGE_AXES
     spacing: Optional[Tuple[float, float, float]] = None
     normalization: Normalization = field(default_factory=lambda: Normalization("none", None))
+    # intensity transforms with statistics over all channels at once (the engine's are per channel)
+    across_channels: List[str] = field(default_factory=list)
 
 
 def preprocessing_of(bundle: MonaiBundle) -> _Prep:
@@ -219,6 +273,10 @@ def preprocessing_of(bundle: MonaiBundle) -> _Prep:
             prep.normalization, intensity_seen = _scale_range(bundle, key, args, intensity_seen), True
         elif base == "NormalizeIntensity":
             prep.normalization, intensity_seen = _zscore(bundle, key, args, intensity_seen), True
+        elif base == "ScaleIntensity":
+            prep.normalization, intensity_seen = _then_rescale(bundle, key, args, prep.normalization), True
+        if base in ("NormalizeIntensity", "ScaleIntensity") and not args.get("channel_wise", False):
+            prep.across_channels.append(name)
         elif base == "CropForeground":
             bundle.notes.append(
                 "CropForegroundd: the engine runs its windows over the whole image, not on MONAI's foreground "
@@ -250,11 +308,27 @@ def _spacing(bundle: MonaiBundle, key: str, args: Dict[str, Any]) -> Tuple[float
     return float(pixdim[0]), float(pixdim[1]), float(pixdim[2])
 
 
+def _then_rescale(bundle: MonaiBundle, key: str, args: Dict[str, Any], before: Normalization) -> Normalization:
+    """ScaleIntensity minv..maxv: the image's minimum..maximum to that range, after whatever came before."""
+    if before.rescale_to is not None:
+        raise MedSegError(f"'{key}' is a second ScaleIntensityd; only one is supported", bundle.config_path)
+    if args.get("factor") is not None:
+        raise MedSegError(f"'{key}' ScaleIntensityd with a factor is not supported", bundle.config_path)
+    low, high = _number(args, "minv", key, bundle, 0.0), _number(args, "maxv", key, bundle, 1.0)
+    return replace(before, rescale_to=(low, high))
+
+
+def _refuse_second_intensity(bundle: MonaiBundle, key: str) -> None:
+    raise MedSegError(
+        f"'{key}' is a second intensity transform; only one (then ScaleIntensityd) is supported", bundle.config_path
+    )
+
+
 def _scale_range(bundle: MonaiBundle, key: str, args: Dict[str, Any], seen: bool) -> Normalization:
     """ScaleIntensityRange a_min..a_max -> b_min..b_max, as the engine's ``ct`` normalization: clip, then
     (x - mean) / std with mean = a_min - b_min * std and std = (a_max - a_min) / (b_max - b_min)."""
     if seen:
-        raise MedSegError(f"'{key}' is a second intensity transform; only one is supported", bundle.config_path)
+        _refuse_second_intensity(bundle, key)
     a_min, a_max = _number(args, "a_min", key, bundle), _number(args, "a_max", key, bundle)
     b_min, b_max = _number(args, "b_min", key, bundle), _number(args, "b_max", key, bundle)
     if a_max <= a_min or b_max <= b_min:
@@ -267,7 +341,7 @@ def _scale_range(bundle: MonaiBundle, key: str, args: Dict[str, Any], seen: bool
 
 def _zscore(bundle: MonaiBundle, key: str, args: Dict[str, Any], seen: bool) -> Normalization:
     if seen:
-        raise MedSegError(f"'{key}' is a second intensity transform; only one is supported", bundle.config_path)
+        _refuse_second_intensity(bundle, key)
     if args.get("subtrahend") is not None or args.get("divisor") is not None:
         raise MedSegError(
             f"'{key}' NormalizeIntensityd with a fixed subtrahend/divisor is not supported", bundle.config_path
@@ -281,16 +355,24 @@ class Inferer:
     overlap: float
     blend: str
     sw_batch_size: int
+    padding: str  # BundleMeta.padding: how a volume thinner than the window is padded
+
+
+# The SlidingWindowInferer arguments read (the others, e.g. its device, stay unread and unevaluated).
+_INFERER_ARGS = ("roi_size", "overlap", "mode", "sigma_scale", "sw_batch_size", "padding_mode", "cval")
+# MONAI's padding modes the engine pads with, as BundleMeta.padding names them.
+_PADDINGS = {"constant": "zero", "replicate": "replicate"}
 
 
 def inferer_of(bundle: MonaiBundle) -> Inferer:
-    """The SlidingWindowInferer's window (MONAI's (x, y, z) array order), overlap and blending."""
+    """The SlidingWindowInferer's window (MONAI's (x, y, z) array order), overlap, blending and padding."""
     if "inferer" not in bundle.config:
         raise MedSegError("has no 'inferer'", bundle.config_path)
-    inferer = bundle.resolve(bundle.config["inferer"], "inferer")
+    inferer = bundle.resolve(bundle.config["inferer"], "inferer", deep=False)
     name = _class_name(inferer.get("_target_") if isinstance(inferer, dict) else inferer)
     if name != "SlidingWindowInferer" or not isinstance(inferer, dict):
         raise MedSegError(f"the inferer '{name}' is not supported (only SlidingWindowInferer)", bundle.config_path)
+    inferer = {k: bundle.resolve(v, f"inferer#{k}") for k, v in inferer.items() if k in _INFERER_ARGS}
     roi = inferer.get("roi_size")
     roi = [roi] * 3 if isinstance(roi, int) else roi
     if not isinstance(roi, list) or len(roi) != 3 or not all(isinstance(r, int) and r > 0 for r in roi):
@@ -300,9 +382,16 @@ def inferer_of(bundle: MonaiBundle) -> Inferer:
         raise MedSegError(f"'inferer' mode '{blend}' is not supported (constant, gaussian)", bundle.config_path)
     if blend == "gaussian" and float(inferer.get("sigma_scale", 0.125)) != 0.125:
         raise MedSegError("'inferer' sigma_scale other than 0.125 is not supported", bundle.config_path)
+    padding = str(inferer.get("padding_mode", "constant"))
+    if padding not in _PADDINGS or _number(inferer, "cval", "inferer", bundle, 0.0) != 0.0:
+        raise MedSegError(
+            f"'inferer' padding_mode '{padding}' (cval {inferer.get('cval', 0.0)}) is not supported "
+            "(constant with cval 0, replicate)",
+            bundle.config_path,
+        )
     overlap = _number(inferer, "overlap", "inferer", bundle, 0.25)  # MONAI's default
-    batch = int(inferer.get("sw_batch_size", 1))
-    return Inferer((int(roi[0]), int(roi[1]), int(roi[2])), overlap, blend, batch)
+    batch = int(_number(inferer, "sw_batch_size", "inferer", bundle, 1))
+    return Inferer((int(roi[0]), int(roi[1]), int(roi[2])), overlap, blend, batch, _PADDINGS[padding])
 
 
 def restore_of(bundle: MonaiBundle) -> str:
@@ -360,13 +449,21 @@ def network_spec(bundle: MonaiBundle) -> NetworkSpec:
     target = str(definition["_target_"])
     if target not in NETWORKS:
         raise MedSegError(
-            f"'network_def' _target_ '{target}' is not a supported network (supported: UNet, DynUNet)",
+            f"'network_def' _target_ '{target}' is not a supported network "
+            f"(supported: {', '.join(sorted(set(NETWORKS.values())))})",
             bundle.config_path,
         )
     cls = NETWORKS[target]
     args = {k: v for k, v in definition.items() if not k.startswith("_")}
-    if args.get("spatial_dims", args.get("dimensions")) != 3:
+    if args.get("spatial_dims", args.get("dimensions", 3 if cls in _THREE_D_BY_DEFAULT else None)) != 3:
         raise MedSegError("'network_def' is not a 3D network (spatial_dims 3)", bundle.config_path)
+    upsampling = _AXIS_ORDERED_UPSAMPLING.get(cls)
+    if upsampling and str(args.get(upsampling, "")).lower() == "pixelshuffle":
+        raise MedSegError(
+            f"'network_def' {cls} with {upsampling} 'pixelshuffle' is not supported (its channels are ordered by "
+            "MONAI's axes)",
+            bundle.config_path,
+        )
     for key in _PER_LEVEL[cls]:
         if isinstance(args.get(key), list):
             args[key] = [v[::-1] if isinstance(v, list) else v for v in args[key]]
@@ -394,6 +491,12 @@ def bundle_meta(bundle: MonaiBundle, name: str) -> Tuple[BundleMeta, Inferer]:
     network = network_spec(bundle)
     labels = labels_of(bundle, network.out_channels)
     prep, inferer, restore = preprocessing_of(bundle), inferer_of(bundle), restore_of(bundle)
+    if network.in_channels > 1 and prep.across_channels:
+        raise MedSegError(
+            f"{', '.join(prep.across_channels)} computes its statistics over all {network.in_channels} channels at "
+            "once (channel_wise false); only per-channel intensities are supported",
+            bundle.config_path,
+        )
     pairs = ("LR", "AP", "IS")
     if prep.orientation != IMAGE_AXES and sorted(p for c in prep.orientation for p in pairs if c in p) != sorted(pairs):
         raise MedSegError(f"Orientationd axcodes '{prep.orientation}' is not an orientation", bundle.config_path)
@@ -401,8 +504,13 @@ def bundle_meta(bundle: MonaiBundle, name: str) -> Tuple[BundleMeta, Inferer]:
         "format": "monai-bundle",
         "bundle": str(bundle.metadata.get("name") or bundle.folder.name),
         "version": str(bundle.metadata.get("version", "?")),
+        **(
+            {"settings": ", ".join(f"{k}={json.dumps(v)}" for k, v in bundle.settings.items())}
+            if bundle.settings
+            else {}
+        ),
         "inferer": f"roi {'x'.join(map(str, inferer.roi_size))}, overlap {inferer.overlap:g}, {inferer.blend}, "
-        f"sw_batch_size {inferer.sw_batch_size}",
+        f"sw_batch_size {inferer.sw_batch_size}, padding {inferer.padding}",
     }
     licence = licence_text(bundle)
     if licence:
@@ -412,11 +520,18 @@ def bundle_meta(bundle: MonaiBundle, name: str) -> Tuple[BundleMeta, Inferer]:
         network=network,
         labels=default_labels(labels),
         channels=channels_of(bundle, network.in_channels),
-        preprocessing=Preprocessing(prep.spacing, inferer.roi_size, prep.orientation, prep.normalization),
+        preprocessing=Preprocessing(
+            prep.spacing,
+            inferer.roi_size,
+            prep.orientation,
+            prep.normalization,
+            grid="centres",  # MONAI's Spacing
+        ),
         provenance=default_provenance(source=source),
         name=name,
         restore=restore,
         blend=inferer.blend,
+        padding=inferer.padding,
         body_crop=False,
         overlap=inferer.overlap,
     )
@@ -427,22 +542,53 @@ def bundle_meta(bundle: MonaiBundle, name: str) -> Tuple[BundleMeta, Inferer]:
     return meta, inferer
 
 
-def model_weights(bundle: MonaiBundle) -> Dict[str, Any]:
-    """``models/model.pt`` read without unpickling code: a state dict, or one under ``model``/``state_dict``.
-    Conv kernels are transposed to (z, y, x): their last three axes reversed."""
+def weights_path(bundle: MonaiBundle) -> Path:
+    """The weights MONAI's CheckpointLoader reads (its ``load_path``, with ``bundle_root`` the bundle's
+    folder), else ``models/model.pt``; always a file inside the bundle."""
+    load_path = _checkpoint_load_path(bundle)
+    if load_path is None:
+        return bundle.folder / "models" / "model.pt"
+    relative = PurePosixPath(load_path)
+    inside = bundle.folder.resolve()
+    path = (bundle.folder / relative).resolve()
+    if relative.is_absolute() or (path != inside and inside not in path.parents):
+        raise MedSegError(f"CheckpointLoader load_path '{load_path}' is outside the bundle", bundle.config_path)
+    return bundle.folder / relative
+
+
+def _checkpoint_load_path(bundle: MonaiBundle) -> Optional[str]:
+    """The ``load_path`` of the configuration's first CheckpointLoader (a top-level entry or one of a list's,
+    as the Model Zoo's ``checkpointloader`` and ``handlers`` are), relative to the bundle; None when none."""
+    for key, value in bundle.config.items():
+        for index, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, dict) and _class_name(item.get("_target_")) == "CheckpointLoader":
+                where = f"{key}#{index}" if isinstance(value, list) else key
+                try:
+                    path = bundle.resolve(item.get("load_path"), f"{where}#load_path")
+                except MedSegError as error:
+                    bundle.notes.append(f"{error.message}: models/model.pt is read instead")
+                    return None
+                if not isinstance(path, str):
+                    raise MedSegError(f"'{where}#load_path' is not a path", bundle.config_path)
+                return path
+    return None
+
+
+def model_weights(bundle: MonaiBundle, path: Path) -> Dict[str, Any]:
+    """The weights at ``path`` (:func:`weights_path`) read without unpickling code: a state dict, or one under
+    ``model``/``state_dict``. Conv kernels are transposed to (z, y, x): their last three axes reversed."""
     import torch
 
     from MedSegUNetLib.importers.checkpoint import read_checkpoint
 
-    path = bundle.folder / "models" / "model.pt"
+    if path.suffix == ".ts" or (not path.is_file() and path.with_suffix(".ts").is_file()):
+        raise MedSegError(
+            f"holds only a TorchScript model ({path.with_suffix('.ts').name}), which is code and is not imported; "
+            "a state dict (.pt) is needed",
+            bundle.folder,
+        )
     if not path.is_file():
-        if (bundle.folder / "models" / "model.ts").is_file():
-            raise MedSegError(
-                "holds only a TorchScript model (models/model.ts), which is code and is not imported; "
-                "a models/model.pt state dict is needed",
-                bundle.folder,
-            )
-        raise MedSegError("has no models/model.pt", bundle.folder)
+        raise MedSegError(f"has no {path.relative_to(bundle.folder).as_posix()}", bundle.folder)
     loaded = read_checkpoint(path)
     for key in ("model", "state_dict", "network"):
         if isinstance(loaded.get(key), dict):

@@ -297,6 +297,7 @@ def bundle_meta(
         windows="nnunet",
         body_crop=False,
         restore="scores",
+        padding="zero",  # nnU-Net's predictor pads a thin image to its whole patch with 0 (normalized units)
     )
     try:
         meta.validate()

@@ -28,7 +28,7 @@ from MedSegUNetLib.core.labels import Label
 from MedSegUNetLib.model.network import NetworkSpec, TorchModule
 
 FORMAT = "medsegunet-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: padding, rescale_to and the grid rule, which version 1 readers would ignore
 METADATA_KEY = "medsegunet"
 BUNDLE_SUFFIX = ".safetensors"
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -40,6 +40,10 @@ _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float
 NORMALIZATIONS = ("ct", "zscore", "none", "rescale")
 # BundleMeta.blend: the weights of overlapping windows (MONAI's importance-map modes)
 BLENDS = ("gaussian", "constant")
+# BundleMeta.padding: along an axis thinner than the window, shrink the window or pad to it (with 0, or the edge)
+PADDINGS = ("shrink", "zero", "replicate")
+# Preprocessing.grid: how the network grid lies over the image (core.geometry.resampled_grid's rules)
+GRID_RULES = ("box", "centres")
 # Preprocessing.orientation for a model that keeps each image's own axes (nnU-Net), permuted by ``transpose``
 IMAGE_AXES = "image"
 # The sliding-window overlap of a bundle that names none of its own
@@ -53,7 +57,8 @@ class Normalization:
     ``ct``: clip to ``clip`` (HU), then subtract ``mean`` and divide by ``std`` when given (nnU-Net's
     CT scheme), else scale the clip window to 0..1. ``zscore``: per image mean and std (MRI), over
     the non-zero voxels when ``nonzero``. ``none`` and ``rescale`` (the image's minimum..maximum to 0..1)
-    are nnU-Net's NoNormalization and RescaleTo01Normalization, for imported models.
+    are nnU-Net's NoNormalization and RescaleTo01Normalization, for imported models. ``rescale_to``: then
+    the image's minimum..maximum to this range (MONAI's ScaleIntensity after another intensity transform).
     """
 
     kind: str = "ct"
@@ -61,6 +66,7 @@ class Normalization:
     mean: Optional[float] = None
     std: Optional[float] = None
     nonzero: bool = False
+    rescale_to: Optional[Tuple[float, float]] = None
 
     def __post_init__(self) -> None:
         if self.kind not in NORMALIZATIONS:
@@ -71,6 +77,8 @@ class Normalization:
             raise ValueError("normalization std must be positive")
         if self.clip is not None:
             self.clip = (float(self.clip[0]), float(self.clip[1]))
+        if self.rescale_to is not None:
+            self.rescale_to = (float(self.rescale_to[0]), float(self.rescale_to[1]))
 
 
 @dataclass
@@ -85,11 +93,17 @@ class Preprocessing:
     orientation: str = "RAS"
     normalization: Normalization = field(default_factory=Normalization)
     transpose: Tuple[int, int, int] = (0, 1, 2)
+    # How the network grid lies over the image: one of GRID_RULES ("centres": MONAI's Spacing)
+    grid: str = "box"
 
     def to_dict(self) -> dict:
         data = asdict(self)
         if self.orientation != IMAGE_AXES:
             del data["transpose"]  # bundles that reorient are written as before
+        if self.grid == "box":
+            del data["grid"]  # and so are bundles on the box grid (version 1 readers)
+        if self.normalization.rescale_to is None:
+            del data["normalization"]["rescale_to"]  # and so are those that do not rescale (version 1 readers)
         return data
 
     @classmethod
@@ -107,7 +121,10 @@ class Preprocessing:
         i, j, k = (int(a) for a in data.get("transpose", (0, 1, 2)))
         if sorted((i, j, k)) != [0, 1, 2]:
             raise ValueError(f"bad transpose {data.get('transpose')}")
-        return cls(spacing, patch, orientation, Normalization(**data.get("normalization", {})), (i, j, k))
+        grid = str(data.get("grid", "box"))
+        if grid not in GRID_RULES:
+            raise ValueError(f"bad grid rule '{grid}' (known: {', '.join(GRID_RULES)})")
+        return cls(spacing, patch, orientation, Normalization(**data.get("normalization", {})), (i, j, k), grid)
 
 
 def _is_orientation_code(code: str) -> bool:
@@ -140,6 +157,9 @@ class BundleMeta:
     body_crop: bool = True
     # The sliding-window overlap the model's own tool runs it with; segment uses it unless --overlap is given
     overlap: Optional[float] = None
+    # Along an axis thinner than the window: "shrink" the window to the volume (the engine's own models);
+    # or keep the window and pad with "zero" (nnU-Net's predictor, MONAI's constant) or "replicate" the edge
+    padding: str = "shrink"
 
     @property
     def run_overlap(self) -> float:
@@ -171,15 +191,23 @@ class BundleMeta:
             raise ValueError(f"unknown window placement '{self.windows}' (known: monai, nnunet)")
         if self.blend not in BLENDS:
             raise ValueError(f"unknown window blending '{self.blend}' (known: {', '.join(BLENDS)})")
+        if self.padding not in PADDINGS:
+            raise ValueError(f"unknown padding '{self.padding}' (known: {', '.join(PADDINGS)})")
         if self.overlap is not None and not 0.0 <= self.overlap <= 0.95:
             raise ValueError(f"the overlap must be between 0 and 0.95, not {self.overlap}")
         if self.mirror_axes is not None and not set(self.mirror_axes) <= {0, 1, 2}:
             raise ValueError(f"mirror axes must be among 0, 1, 2, not {list(self.mirror_axes)}")
 
+    def _format_version(self) -> int:
+        """The oldest format that holds everything this bundle uses (older readers can still read the rest)."""
+        prep = self.preprocessing
+        uses_two = self.padding != "shrink" or prep.normalization.rescale_to is not None or prep.grid != "box"
+        return 2 if uses_two else 1
+
     def to_json(self) -> str:
         data = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": self._format_version(),
             "name": self.name,
             "network": self.network.to_dict(),
             "labels": [asdict(label) for label in self.labels],
@@ -199,6 +227,8 @@ class BundleMeta:
             data["body_crop"] = False
         if self.overlap is not None:
             data["overlap"] = self.overlap
+        if self.padding != "shrink":
+            data["padding"] = self.padding
         return json.dumps(data)
 
     @classmethod
@@ -224,6 +254,7 @@ class BundleMeta:
             blend=str(data.get("blend", "gaussian")),
             body_crop=data.get("body_crop", True) is not False,
             overlap=None if data.get("overlap") is None else float(data["overlap"]),
+            padding=str(data.get("padding", "shrink")),
         )
         meta.validate()
         return meta
@@ -419,10 +450,13 @@ def create_bundle(
 def describe(meta: BundleMeta) -> str:
     """A few human lines: the labels, spacing, channels and provenance (for `medsegunet info` and the panel)."""
     prep = meta.preprocessing
+    normalization = prep.normalization.kind
+    if prep.normalization.rescale_to is not None:
+        normalization += " then to {:g}..{:g}".format(*prep.normalization.rescale_to)
     lines = [
         f"{meta.name}: {meta.network.cls}, {len(meta.labels)} labels, channels {', '.join(meta.channels)}",
         f"spacing {'x'.join(f'{s:g}' for s in prep.target_spacing)} mm, patch {'x'.join(map(str, prep.patch_size))}, "
-        f"orientation {prep.orientation}, normalization {prep.normalization.kind}",
+        f"orientation {prep.orientation}, normalization {normalization}",
         "labels: " + ", ".join(f"{label.value} {label.name}" for label in meta.labels),
     ]
     created = meta.provenance.get("created")

@@ -2,8 +2,9 @@
 
 Training builds its networks here too, so a bundle written by training always loads for inference.
 Only the classes in :data:`NETWORK_CLASSES` can be built: a bundle names a class, it never carries code.
-MONAI's DynUNet and UNet are the engine's own; nnU-Net's PlainConvUNet and ResidualEncoderUNet (from the
-nnU-Net team's dynamic-network-architectures) run imported nnU-Net models, their layer types named from
+MONAI's DynUNet and UNet are the engine's own, and with SegResNet and BasicUNet run imported MONAI bundles;
+nnU-Net's PlainConvUNet and ResidualEncoderUNet (from the nnU-Net team's dynamic-network-architectures) run
+imported nnU-Net models, their layer types named from
 :data:`NNUNET_LAYERS`. A spec with ``members`` > 1 is that many copies whose logits are averaged (folds).
 """
 
@@ -48,6 +49,10 @@ class NetworkSpec:
 
     def size_divisor(self) -> List[int]:
         """Per array axis (z, y, x): the patch size must be a multiple of this."""
+        if self.cls == "SegResNet":  # halves every axis between its levels
+            return [2 ** max(len(self.args.get("blocks_down", (1, 2, 2, 4))) - 1, 0)] * 3
+        if self.cls == "BasicUNet":  # four fixed 2x poolings
+            return [16, 16, 16]
         strides = self.args.get("strides", [])
         divisor = [1, 1, 1]
         for stride in strides:
@@ -57,9 +62,9 @@ class NetworkSpec:
 
 
 def _network_classes() -> dict:
-    from monai.networks.nets import DynUNet, UNet
+    from monai.networks.nets import BasicUNet, DynUNet, SegResNet, UNet
 
-    return {"DynUNet": DynUNet, "UNet": UNet}
+    return {"DynUNet": DynUNet, "UNet": UNet, "SegResNet": SegResNet, "BasicUNet": BasicUNet}
 
 
 def _nnunet_classes() -> dict:
@@ -69,7 +74,7 @@ def _nnunet_classes() -> dict:
 
 
 NNUNET_CLASSES = ("PlainConvUNet", "ResidualEncoderUNet")
-NETWORK_CLASSES = ("DynUNet", "UNet", *NNUNET_CLASSES)
+NETWORK_CLASSES = ("DynUNet", "UNet", "SegResNet", "BasicUNet", *NNUNET_CLASSES)
 # The layer types an nnU-Net network's arguments may name (nnU-Net's plans spell them as import paths).
 NNUNET_LAYERS = {
     "conv_op": ("Conv3d",),
@@ -110,12 +115,30 @@ def _as_monai_args(args: Dict[str, Any]) -> Dict[str, Any]:
 # Bounds for arguments read from untrusted bundles: a forged "filters: [10**9]" must not allocate terabytes.
 _MAX_WIDTH = 4096
 _MAX_LEVELS = 10
+_MAX_BLOCKS = 64
+
+
+def _widths(spec: NetworkSpec) -> List[Any]:
+    """The channel widths of the network's levels, as its arguments give them."""
+    if spec.cls == "SegResNet":
+        levels, first = len(spec.args.get("blocks_down", (1, 2, 2, 4))), spec.args.get("init_filters", 8)
+        return [first * 2**level if isinstance(first, int) else first for level in range(min(levels, _MAX_LEVELS + 1))]
+    return list(
+        spec.args.get("filters")
+        or spec.args.get("channels")
+        or spec.args.get("features_per_stage")
+        or spec.args.get("features")
+        or []
+    )
 
 
 def check_spec_bounds(spec: NetworkSpec) -> None:
-    widths = list(spec.args.get("filters") or spec.args.get("channels") or spec.args.get("features_per_stage") or [])
+    widths = _widths(spec)
     if len(widths) > _MAX_LEVELS or len(spec.args.get("strides") or []) > _MAX_LEVELS:
         raise ValueError(f"the network has more than {_MAX_LEVELS} levels")
+    blocks = [*spec.args.get("blocks_down", ()), *spec.args.get("blocks_up", ())]
+    if not all(isinstance(count, int) and 0 <= count <= _MAX_BLOCKS for count in blocks):
+        raise ValueError(f"blocks per level must be whole numbers in 0..{_MAX_BLOCKS}, not {blocks}")
     channels = [spec.args.get(key, 1) for key in ("in_channels", "out_channels", "input_channels", "num_classes")]
     for value in widths + channels:
         if not isinstance(value, int) or not 1 <= value <= _MAX_WIDTH:

@@ -34,6 +34,7 @@ class PredictOptions:
     mirror_axes: Optional[Tuple[int, ...]] = None  # (z, y, x) axes TTA may flip (the bundle's); None: all
     windows: str = "monai"  # where the windows go: stitching.PLACEMENTS (the bundle's)
     blend: str = "gaussian"  # how overlapping windows are weighted: "gaussian" or "constant" (the bundle's)
+    padding: str = "shrink"  # what pads a volume thinner than the window: BundleMeta.padding (the bundle's)
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -238,9 +239,10 @@ def _sliding_window(
             options.overlap,
             batch_size,
             device,
-            float(array.min()),
+            0.0 if options.padding == "zero" else float(array.min()),  # the shrunk window's fill: air on a CT
             options.windows,
             options.blend,
+            "replicate" if options.padding == "replicate" else "constant",
         )
         if mean_scores:
             weights = summed_weights(array.shape[1:], patch_size_zyx, options.overlap, options.windows, options.blend)

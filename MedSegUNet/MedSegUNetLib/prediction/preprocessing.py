@@ -51,7 +51,7 @@ def network_grid(input_grid: Grid, preprocessing: Preprocessing) -> Grid:
         oriented = permuted_grid(input_grid, preprocessing.transpose)
     else:
         oriented = reoriented_grid(input_grid, preprocessing.orientation)
-    return resampled_grid(oriented, preprocessing.target_spacing)
+    return resampled_grid(oriented, preprocessing.target_spacing, preprocessing.grid)
 
 
 def network_resampler(input_grid: Grid, preprocessing: Preprocessing) -> Tuple[SliceResampler, Grid]:
@@ -92,6 +92,13 @@ def _minimum(image: sitk.Image) -> float:
 
 def normalize(array: np.ndarray, normalization: Normalization) -> np.ndarray:
     """Normalize intensities in place (float32) and return the array."""
+    _normalize_kind(array, normalization)
+    if normalization.rescale_to is not None:
+        _rescale(array, *normalization.rescale_to)
+    return array
+
+
+def _normalize_kind(array: np.ndarray, normalization: Normalization) -> None:
     if normalization.kind == "ct":
         assert normalization.clip is not None  # Normalization refuses a ct kind without a clip window
         low, high = normalization.clip
@@ -102,18 +109,18 @@ def normalize(array: np.ndarray, normalization: Normalization) -> np.ndarray:
         else:
             array -= low
             array /= high - low
-        return array
+        return
     if normalization.kind == "none":
-        return array
+        return
     if normalization.kind == "rescale":  # nnU-Net's RescaleTo01Normalization
         if array.size:
             array -= array.min()
             array /= max(float(array.max()), 1e-8)
-        return array
+        return
     # z-score, as nnU-Net does for MRI: statistics of this image (of its non-zero voxels if asked)
     values = array[array != 0] if normalization.nonzero else array
     if values.size == 0:
-        return array
+        return
     mean, std = float(values.mean()), float(values.std())
     if normalization.nonzero:
         mask = array != 0
@@ -121,7 +128,20 @@ def normalize(array: np.ndarray, normalization: Normalization) -> np.ndarray:
     else:
         array -= mean
         array /= max(std, 1e-8)
-    return array
+
+
+def _rescale(array: np.ndarray, low: float, high: float) -> None:
+    """The array's minimum..maximum to ``low``..``high``, as MONAI's ScaleIntensity (a constant image: times
+    ``low``, as MONAI's ``rescale_array`` does)."""
+    if not array.size:
+        return
+    smallest, largest = float(array.min()), float(array.max())
+    if smallest == largest:
+        array *= low
+        return
+    array -= smallest
+    array *= (high - low) / (largest - smallest)
+    array += low
 
 
 def body_box(

@@ -122,18 +122,21 @@ def blended_scores(
     fill_value: float,
     placement: str = "monai",
     blend: str = "gaussian",
+    padding_mode: str = "constant",
 ) -> torch.Tensor:
     """The Gaussian-weighted sums of ``predict``'s (B, classes, *window) scores over the windows of
     ``volume`` (C, Z, Y, X), as a (classes, Z, Y, X) float32 tensor on ``volume``'s device. Windows go to
     ``predict`` on ``window_device``, ``batch_size`` at a time; where the volume is thinner than the window
-    it is padded with ``fill_value``. Not normalized: divide by :func:`summed_weights` for MONAI's average.
+    it is padded with ``fill_value`` (``padding_mode`` "constant") or its edge ("replicate"). Not normalized:
+    divide by :func:`summed_weights` for MONAI's average.
     ``classes``: what the network declares (its ``out_channels``); None sizes the buffer from the first
     window's scores instead (a network that does not say), made after that window's call then.
     ``blend``: MONAI's importance-map mode, "gaussian" or "constant" (every voxel of a window weighs 1)."""
     padding = _padding(volume.shape[1:], window_zyx)
     if any(before or after for before, after in padding):
         flat = [amount for pair in reversed(padding) for amount in pair]  # F.pad wants the last axis first
-        volume = F.pad(volume[None], flat, mode="constant", value=fill_value)[0]
+        fill = fill_value if padding_mode == "constant" else None
+        volume = F.pad(volume[None], flat, mode=padding_mode, value=fill)[0]
     weight = window_weights(window_zyx, blend, placement, volume.device)
     scores = (
         None
