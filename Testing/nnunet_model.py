@@ -11,8 +11,9 @@ in its own process: nnU-Net reads its folders from the environment when it is im
    few seeded Adam steps on nnU-Net's preprocessed case (smooth, non-trivial output), fold 1 those weights
    perturbed; the logger gets float64 entries as training leaves them, and the trainer's own
    save_checkpoint writes checkpoint_final.pth.
-4. nnUNetPredictor (step 0.5, Gaussian, CPU) on the CT and on a flipped copy: folds 0+1 without and with
-   mirroring, fold 0 alone; segmentations written by nnU-Net's SimpleITK writer.
+4. nnUNetPredictor (step 0.5, Gaussian, CPU) on the CT: folds 0+1 without and with mirroring, fold 0 alone;
+   and folds 0+1 on a flipped copy and on a part thinner than the patch (which nnU-Net pads); segmentations
+   written by nnU-Net's SimpleITK writer.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def write_raw_dataset(work: Path, ct: Path) -> Path:
     sitk.WriteImage(label_image, str(raw / "labelsTr" / "chest.nii.gz"))
     sitk.WriteImage(image, str(work / "ct.nii.gz"))
     sitk.WriteImage(flipped_copy(image), str(work / "ct-flipped.nii.gz"))
+    # thinner than the patch on every axis of the network grid (24x24x10 voxels against 48x48x16)
+    sitk.WriteImage(image[32:72, 48:88, 12:22], str(work / "ct-thin.nii.gz"))  # half lung, half soft tissue
     dataset = {
         "channel_names": {"0": "CT"},
         "labels": LABELS,
@@ -186,10 +189,10 @@ def predict(work: Path, network, parameters: list, plans: dict, dataset: dict) -
     network.decoder.deep_supervision = False
     runs = {"folds01": (parameters, False), "folds01-mirror": (parameters, True), "fold0": (parameters[:1], False)}
     io = SimpleITKIO()
-    for case in ("ct", "ct-flipped"):
+    for case in ("ct", "ct-flipped", "ct-thin"):
         data, properties = io.read_images([str(work / f"{case}.nii.gz")])
         for run, (params, mirroring) in runs.items():
-            if case == "ct-flipped" and run != "folds01":
+            if case != "ct" and run != "folds01":
                 continue
             predictor = nnUNetPredictor(
                 tile_step_size=0.5,

@@ -75,6 +75,29 @@ def test_unet_bundles_load_too(tmp_path):
     assert load_bundle(path).meta.channels == ["T1", "T2"]
 
 
+def test_segresnet_with_monais_grid_padding_and_rescale_round_trips_as_format_2(tmp_path):
+    """What an imported MONAI bundle may need (MONAI's Spacing grid, replicate padding, a rescale after the
+    z-score) is kept, and marks the bundle format 2; a bundle without them stays format 1 with none of the
+    keys a version 1 reader would not know."""
+    spec = NetworkSpec("SegResNet", {"in_channels": 1, "out_channels": 3, "init_filters": 8})
+    normalization = Normalization("zscore", None, nonzero=True, rescale_to=(-1, 1))
+    preprocessing = Preprocessing((1.5, 1.5, 1.5), (32, 32, 32), "RAS", normalization, grid="centres")
+    bundle = create_bundle([Label(1, "a", (1, 0, 0)), Label(2, "b", (0, 1, 0))], preprocessing, ["CT"], network=spec)
+    bundle.meta.padding = "replicate"
+    path = save_bundle(tmp_path / "segresnet.safetensors", bundle.meta, bundle.network)
+    loaded = read_bundle_metadata(path)
+    assert loaded == bundle.meta and json.loads(loaded.to_json())["format_version"] == 2
+    assert (loaded.padding, loaded.preprocessing.grid, loaded.preprocessing.normalization.rescale_to) == (
+        "replicate",
+        "centres",
+        (-1.0, 1.0),
+    )
+    plain = json.loads(full_meta_bundle().meta.to_json())
+    assert plain["format_version"] == 1
+    assert "padding" not in plain and "grid" not in plain["preprocessing"]
+    assert "rescale_to" not in plain["preprocessing"]["normalization"]
+
+
 def test_metadata_is_read_without_torch(tmp_path):
     """The Slicer panel reads labels and provenance at start-up, where torch must not be imported."""
     path = make_small_bundle(tmp_path / "m.safetensors", names=("liver", "spleen"))
@@ -220,6 +243,8 @@ def rewrite_metadata(source, target, change) -> None:
         (lambda d: d["preprocessing"].update(orientation="RRS"), "orientation"),
         (lambda d: d["preprocessing"]["normalization"].update(kind="magic"), "normalization"),
         (lambda d: d["preprocessing"].update(patch_size=[33, 32, 16]), "multiple"),
+        (lambda d: d["preprocessing"].update(grid="corners"), "grid rule"),
+        (lambda d: d.update(padding="reflect"), "unknown padding"),
     ],
 )
 def test_declared_network_and_metadata_are_validated(tmp_path, small_bundle, change, message):

@@ -91,10 +91,13 @@ def read_segmentation(path: Path) -> tuple:
         ("ct", "folds01-mirror", "folds01", ("--tta",)),
         ("ct", "fold0", "fold0", ()),
         ("ct-flipped", "folds01", "folds01", ()),
+        ("ct-thin", "folds01", "folds01", ()),  # padded to the whole patch with 0, as nnU-Net pads it
     ],
 )
 def test_segment_agrees_with_nnunet_predictor(nnunet_work, bundles, case, run, bundle, options):
-    """Dice >= 0.98 per label against nnUNetPredictor (step 0.5, Gaussian), same label values and names."""
+    """Dice >= 0.98 per label against nnUNetPredictor (step 0.5, Gaussian), same label values and names; on the
+    thin part, where nnU-Net labels only about 100 voxels air (a voxel there moves Dice by 1%), for the labels
+    of 1000 voxels or more, and 99% of all voxels the same."""
     ours_path = segment(nnunet_work, case, bundles[bundle], run, *options)
     ours = labels_of(ours_path)
     theirs = labels_of(nnunet_work / f"nnunet-{case}-{run}.nii.gz")
@@ -103,7 +106,10 @@ def test_segment_agrees_with_nnunet_predictor(nnunet_work, bundles, case, run, b
     assert set(np.unique(ours)) <= {0, 1, 2}  # the label values of dataset.json (the brief model leaves
     # hardly any background: nnU-Net's output here has a handful of background voxels, ours may have none)
     scores = dice_per_label(ours, theirs)
-    assert min(scores.values()) >= 0.98, scores
+    large = [value for value in scores if (theirs == value).sum() >= 1000]
+    assert large == sorted(scores) or case == "ct-thin", scores
+    assert min(scores[value] for value in large) >= 0.98, scores
+    assert float((ours == theirs).mean()) >= 0.99
 
 
 def test_segments_are_named_as_in_dataset_json(nnunet_work, bundles):
@@ -123,7 +129,7 @@ def test_bundle_carries_what_nnunet_predicts_with(bundles, model_folder):
     assert meta.preprocessing.orientation == "image" and meta.preprocessing.transpose == (0, 1, 2)
     assert list(meta.preprocessing.target_spacing) == configuration["spacing"][::-1]
     assert list(meta.preprocessing.patch_size) == configuration["patch_size"][::-1]
-    assert meta.mirror_axes == (1, 2) and meta.windows == "nnunet"
+    assert meta.mirror_axes == (1, 2) and meta.windows == "nnunet" and meta.padding == "zero"
     properties = plans["foreground_intensity_properties_per_channel"]["0"]
     normalization = meta.preprocessing.normalization
     assert normalization.kind == "ct"

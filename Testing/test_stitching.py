@@ -148,3 +148,24 @@ def test_imported_nnunet_models_blend_with_nnunets_own_gaussian(window):
     assert ours.dtype == torch.float32 and ours.shape == window
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-3, atol=0)
     assert float(ours.min()) > 0  # a voxel of weight 0 in every window would divide by zero in nnU-Net
+
+
+@pytest.mark.parametrize("shape,window,overlap,batch", [CASES[1], CASES[3]])  # the thin ones
+def test_replicate_padding_is_monais(shape, window, overlap, batch):
+    """A volume thinner than the window, padded by repeating its edge (a MONAI bundle's padding_mode
+    replicate): MONAI's scores, up to the weight sum."""
+    network = _network(seed=1)
+    volume = torch.from_numpy(np.random.default_rng(7).normal(size=(1, *shape)).astype(np.float32))
+    with torch.inference_mode():
+        theirs = sliding_window_inference(
+            volume[None], list(window), batch, network, overlap=overlap, mode="gaussian", padding_mode="replicate"
+        )[0]
+        ours = blended_scores(
+            network, volume, window, 3, overlap, batch, torch.device("cpu"), 0.0, "monai", "gaussian", "replicate"
+        )
+        constant = blended_scores(network, volume, window, 3, overlap, batch, torch.device("cpu"), 0.0)
+    padded = [max(n, w) for n, w in zip(shape, window)]
+    crop = tuple(slice((p - n) // 2, (p - n) // 2 + n) for n, p in zip(shape, padded))
+    weights = summed_weights(padded, window, overlap)[crop]
+    torch.testing.assert_close(ours / weights, theirs, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(constant / weights, theirs, atol=1e-3)  # the padding reaches the scores

@@ -146,13 +146,17 @@ class MonaiBundle:
         """Set an entry the configuration has (a typo names nothing and is refused), as MONAI's runner
         overrides ``--ID VALUE``."""
         parent_path, _, last = re.sub("::", "#", path).rpartition("#")
-        parent = self.entry(parent_path, f"--set {path}") if parent_path else self.config
+        missing = MedSegError(f"--set {path}: the configuration has no such entry", self.config_path)
+        try:
+            parent = self.entry(parent_path, path) if parent_path else self.config
+        except MedSegError:
+            raise missing from None
         if isinstance(parent, list) and last.isdigit() and int(last) < len(parent):
             parent[int(last)] = value
         elif isinstance(parent, dict) and last in parent:
             parent[last] = value
         else:
-            raise MedSegError(f"--set {path}: the configuration has no such entry", self.config_path)
+            raise missing
         self.settings[path] = value
 
 

@@ -1,0 +1,182 @@
+"""import-model on a MONAI bundle in the Model Zoo's wholeBody_ct_segmentation layout (SegResNet,
+Testing/monai_wholebody_model.py, once per session), and our segment against MONAI's own bundle inference on
+the same CT at both of the bundle's resolutions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import REPO, assert_clean_failure, run_cli
+
+pytestmark = pytest.mark.slow
+
+LABELS = {1: "dense", 2: "low density"}
+LOWRES = "displayable_configs#highres=false"
+
+
+@pytest.fixture(scope="session")
+def wholebody_work(tmp_path_factory, ct_chest) -> Path:
+    """WORK with the bundle (wholebody_like/), the CT (ct.nii.gz) and MONAI's labels at 1.5 mm
+    (monai-highres/ct/) and at 3 mm (monai-lowres/ct/)."""
+    work = tmp_path_factory.mktemp("monai-wholebody")
+    script = REPO / "Testing" / "monai_wholebody_model.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(work), str(ct_chest)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=600,
+        cwd=REPO / "Testing",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work
+
+
+def import_bundle(work: Path, name: str, *settings: str) -> Path:
+    output = work / f"{name}.safetensors"
+    extra = [arg for setting in settings for arg in ("--set", setting)]
+    result = run_cli("import-model", str(work / "wholebody_like"), "-o", str(output), "--progress", "none", *extra)
+    assert result.returncode == 0, result.stderr
+    return output
+
+
+@pytest.fixture(scope="session")
+def highres(wholebody_work) -> Path:
+    return import_bundle(wholebody_work, "highres")
+
+
+@pytest.fixture(scope="session")
+def lowres(wholebody_work) -> Path:
+    return import_bundle(wholebody_work, "lowres", LOWRES)
+
+
+def agreement(work: Path, bundle: Path, monai_folder: str) -> dict:
+    """Dice per label between our segment on the bundle and MONAI's labels; the names checked."""
+    import slicerio
+
+    output = work / f"{bundle.stem}.seg.nrrd"
+    result = run_cli("segment", str(work / "ct.nii.gz"), "-m", str(bundle), "-o", str(output), "--progress", "none")
+    assert result.returncode == 0, result.stderr
+    segmentation = slicerio.read_segmentation(str(output))
+    ours = np.transpose(segmentation["voxels"])  # slicerio's (i, j, k) as SimpleITK's (k, j, i)
+    assert {segment["labelValue"]: segment["name"] for segment in segmentation["segments"]} == LABELS
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(work / monai_folder / "ct" / "ct_trans.nii.gz")))
+    theirs = np.squeeze(theirs).astype(np.uint8)
+    assert ours.shape == theirs.shape
+    dice = {}
+    for value in LABELS:
+        a, b = ours == value, theirs == value
+        assert b.sum() > 1000, f"label {value} covers too little to test anything"
+        dice[value] = 2 * float((a & b).sum()) / float(a.sum() + b.sum())
+    return dice
+
+
+def test_segment_agrees_with_monai_bundle_inference(wholebody_work, highres):
+    dice = agreement(wholebody_work, highres, "monai-highres")
+    assert min(dice.values()) >= 0.98, dice
+
+
+def test_a_setting_picks_the_resolution_and_weights_and_a_thin_scan_is_padded_as_monai_pads_it(wholebody_work, lowres):
+    """At 3 mm the CT is thinner than the 96-voxel window on every axis: MONAI pads it by repeating its edge.
+    The low-resolution weights swap the two labels' channels, so reading model.pt instead fails here."""
+    from MedSegUNetLib.model.bundle import read_bundle_metadata
+
+    meta = read_bundle_metadata(lowres)
+    assert meta.preprocessing.target_spacing == (3.0, 3.0, 3.0) and meta.padding == "replicate"
+    assert "displayable_configs#highres=false" in meta.provenance["source"]["settings"]
+    dice = agreement(wholebody_work, lowres, "monai-lowres")
+    assert min(dice.values()) >= 0.98, dice
+
+
+def test_bundle_carries_what_monai_infers_with(highres):
+    from MedSegUNetLib.model.bundle import read_bundle_metadata
+
+    meta = read_bundle_metadata(highres)
+    prep = meta.preprocessing
+    assert (meta.network.cls, meta.network.args["init_filters"], meta.network.args["blocks_down"]) == (
+        "SegResNet",
+        8,
+        [1, 2, 2, 4],
+    )
+    assert prep.target_spacing == (1.5, 1.5, 1.5) and prep.patch_size == (96, 96, 96) and prep.grid == "centres"
+    normalization = prep.normalization
+    assert (normalization.kind, normalization.nonzero, normalization.rescale_to) == ("zscore", True, (-1.0, 1.0))
+    assert (meta.blend, meta.overlap, meta.restore, meta.padding) == ("gaussian", 0.25, "labels", "replicate")
+
+
+def test_info_names_the_rescaling_and_the_settings(lowres):
+    result = run_cli("info", str(lowres))
+    assert result.returncode == 0, result.stderr
+    assert "SegResNet" in result.stdout and "zscore then to -1..1" in result.stdout
+    assert "settings displayable_configs#highres=false" in result.stdout and "padding replicate" in result.stdout
+
+
+def copy_bundle(work: Path, target: Path) -> Path:
+    copy = target / "bundle"
+    shutil.copytree(work / "wholebody_like", copy)
+    return copy
+
+
+def edit_config(folder: Path, edit) -> None:
+    path = folder / "configs" / "inference.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(pixdim="$[1.5] * 3"), "a BinOp"),
+        (lambda c: c.update(pixdim="$numpy.ones(3).tolist()"), "a call"),
+        (lambda c: c.update(pixdim="$__import__('os').system('true')"), "a call"),
+        (lambda c: c["network_def"].update(upsample_mode="pixelshuffle"), "pixelshuffle"),
+        (lambda c: c["inferer"].update(padding_mode="reflect"), "padding_mode 'reflect'"),
+        (lambda c: c["inferer"].update(cval=-1.0), "cval -1.0"),
+        (lambda c: c["preprocessing"]["transforms"][6].update(factor=0.5), "factor"),
+        (lambda c: c["preprocessing"]["transforms"].append(dict(c["preprocessing"]["transforms"][6])), "second"),
+        (lambda c: c["checkpointloader"].update(load_path="$@bundle_root + '/../../escaped.pt'"), "outside"),
+        (lambda c: c["checkpointloader"].update(load_path="/etc/passwd"), "outside"),
+    ],
+)
+def test_what_cannot_be_imported_faithfully_or_safely_is_refused(wholebody_work, tmp_path, edit, message):
+    copy = copy_bundle(wholebody_work, tmp_path)
+    edit_config(copy, edit)
+    output = tmp_path / "out.safetensors"
+    line = assert_clean_failure(run_cli("import-model", str(copy), "-o", str(output)), message)
+    assert "inference.json" in line
+    assert not output.exists()
+
+
+def test_a_setting_the_configuration_lacks_is_refused(wholebody_work, tmp_path):
+    output = tmp_path / "out.safetensors"
+    result = run_cli(
+        "import-model", str(wholebody_work / "wholebody_like"), "-o", str(output), "--set", "displayable#highres=0"
+    )
+    assert_clean_failure(result, "--set displayable#highres", "no such entry")
+    assert_clean_failure(
+        run_cli("import-model", str(wholebody_work / "wholebody_like"), "-o", str(output), "--set", "highres"),
+        "not ID=VALUE",
+    )
+    assert not output.exists()
+
+
+def test_a_load_path_that_is_code_falls_back_to_models_model_pt_and_says_so(wholebody_work, highres, tmp_path):
+    from safetensors.numpy import load_file
+
+    copy = copy_bundle(wholebody_work, tmp_path)
+    edit_config(copy, lambda c: c["checkpointloader"].update(load_path="$os.path.join(@bundle_root, 'x.pt')"))
+    output = tmp_path / "out.safetensors"
+    result = run_cli("import-model", str(copy), "-o", str(output), "--progress", "lines")
+    assert result.returncode == 0, result.stderr
+    assert "models/model.pt is read instead" in result.stdout + result.stderr
+    ours, reference = load_file(str(output)), load_file(str(highres))
+    assert all(np.array_equal(ours[k], reference[k]) for k in reference)
