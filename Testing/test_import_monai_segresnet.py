@@ -180,3 +180,37 @@ def test_a_load_path_that_is_code_falls_back_to_models_model_pt_and_says_so(whol
     assert "models/model.pt is read instead" in result.stdout + result.stderr
     ours, reference = load_file(str(output)), load_file(str(highres))
     assert all(np.array_equal(ours[k], reference[k]) for k in reference)
+
+
+def test_well_known_structure_names_get_slicers_terminology_and_colors(wholebody_work, tmp_path):
+    """wholeBody_ct_segmentation names its channels as TotalSegmentator does (spleen, kidney_right, ...)."""
+    from MedSegUNetLib.core.anatomy import known_label
+    from MedSegUNetLib.model.bundle import read_bundle_metadata
+
+    copy = copy_bundle(wholebody_work, tmp_path)
+    metadata_path = copy / "configs" / "metadata.json"
+    metadata = json.loads(metadata_path.read_text())
+    metadata["network_data_format"]["outputs"]["pred"]["channel_def"] = {"0": "background", "1": "spleen", "2": "x"}
+    metadata_path.write_text(json.dumps(metadata))
+    output = tmp_path / "named.safetensors"
+    assert run_cli("import-model", str(copy), "-o", str(output), "--progress", "none").returncode == 0
+    spleen, other = read_bundle_metadata(output).labels
+    assert spleen == known_label(1, "spleen") and "Spleen" in spleen.terminology
+    assert other.name == "x" and not other.terminology
+
+
+def test_a_zip_carries_the_weights_its_settings_choose(wholebody_work, lowres, tmp_path):
+    import zipfile
+
+    from safetensors.numpy import load_file
+
+    archive = tmp_path / "wholebody.zip"
+    with zipfile.ZipFile(archive, "w") as writing:
+        for path in sorted((wholebody_work / "wholebody_like").rglob("*")):
+            if path.is_file():
+                writing.write(path, Path("wholebody_like") / path.relative_to(wholebody_work / "wholebody_like"))
+    output = tmp_path / "from-zip.safetensors"
+    result = run_cli("import-model", str(archive), "-o", str(output), "--set", LOWRES, "--progress", "none")
+    assert result.returncode == 0, result.stderr
+    ours, reference = load_file(str(output)), load_file(str(lowres))
+    assert ours.keys() == reference.keys() and all(np.array_equal(ours[k], reference[k]) for k in ours)

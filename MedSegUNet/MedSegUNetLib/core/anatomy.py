@@ -1,7 +1,7 @@
 """Well-known structures by the names TotalSegmentator's classes use (``liver``, ``kidney_left``,
 ``lung_upper_lobe_right``): Slicer terminology (SNOMED CT codes) and GenericAnatomyColors-like colors, so
 that Slicer shows a segment named so as it shows its own anatomy. The one table of the project: the sample
-data (training) and the nnU-Net importer both label through :func:`known_labels`.
+data (training) and the nnU-Net and MONAI importers label through :func:`known_labels`.
 
 A name is looked up as given (lower case); failing that, a ``_left``/``_right`` suffix becomes the
 terminology's side modifier (``kidney_left``: Kidney, Left). Names not in the table keep the palette.

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Optional, Tuple
 
+from MedSegUNetLib.core.anatomy import known_labels
 from MedSegUNetLib.core.errors import MedSegError
-from MedSegUNetLib.core.labels import default_labels
 from MedSegUNetLib.importers.config_expressions import REFERENCE, NotPlainData, evaluate
 from MedSegUNetLib.importers.json_files import read_json_object
 from MedSegUNetLib.model.bundle import IMAGE_AXES, BundleMeta, Normalization, Preprocessing, default_provenance
@@ -522,7 +522,7 @@ def bundle_meta(bundle: MonaiBundle, name: str) -> Tuple[BundleMeta, Inferer]:
     assert prep.spacing is not None  # preprocessing_of refuses a bundle without Spacingd
     meta = BundleMeta(
         network=network,
-        labels=default_labels(labels),
+        labels=known_labels(labels),  # well-known structure names get Slicer's terminology and colors
         channels=channels_of(bundle, network.in_channels),
         preprocessing=Preprocessing(
             prep.spacing,
