@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any, Dict, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -173,7 +174,9 @@ def write_bundle(work: Path) -> Path:
     return folder
 
 
-def parser_for(folder: Path, output_dir: Path):
+def parser_for(folder: Path, output_dir: Path, settings: Optional[Dict[str, Any]] = None):
+    """MONAI's ConfigParser on the bundle, run on the CPU, with ``settings`` (id -> value) set as MONAI's
+    ``run --ID VALUE`` sets them."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -182,7 +185,17 @@ def parser_for(folder: Path, output_dir: Path):
     parser["bundle_root"] = str(folder)
     parser["output_dir"] = str(output_dir)
     parser["device"] = "$torch.device('cpu')"
+    if "device" in parser["inferer"]:
+        parser["inferer"]["device"] = "$torch.device('cpu')"
+    for key, value in (settings or {}).items():
+        parser[key] = value
     return parser
+
+
+def weights_file(parser) -> str:
+    """The file the bundle's CheckpointLoader reads (a top-level ``checkpointloader`` or the first handler)."""
+    key = "checkpointloader" if "checkpointloader" in parser.config else "handlers#0"
+    return parser.get_parsed_content(f"{key}#load_path")
 
 
 def train_briefly(folder: Path, ct: Path) -> None:
@@ -212,15 +225,16 @@ def train_briefly(folder: Path, ct: Path) -> None:
     torch.save(network.state_dict(), folder / "models" / "model.pt")
 
 
-def monai_inference(folder: Path, ct: Path, output_dir: Path) -> None:
+def monai_inference(folder: Path, ct: Path, output_dir: Path, settings: Optional[Dict[str, Any]] = None) -> None:
     """MONAI's components of the bundle, parsed from its inference.json, run on the CT as its evaluator
-    runs them: preprocessing, the network under the inferer, postprocessing (which writes the labels)."""
+    runs them: the weights its CheckpointLoader names, preprocessing, the network under the inferer,
+    postprocessing (which writes the labels)."""
     import torch
     from monai.data import decollate_batch, list_data_collate
 
-    parser = parser_for(folder, output_dir)
+    parser = parser_for(folder, output_dir, settings)
     network = parser.get_parsed_content("network")
-    network.load_state_dict(torch.load(folder / "models" / "model.pt", weights_only=True))
+    network.load_state_dict(torch.load(weights_file(parser), weights_only=True))
     network.eval()
     batch = list_data_collate([parser.get_parsed_content("preprocessing")({"image": str(ct)})])
     with torch.no_grad():

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from monai_bundle_model import write_ct
+from monai_bundle_model import monai_inference, parser_for, write_ct
 
 LABELS = {"0": "background", "1": "dense", "2": "low density"}
 ROI = [96, 96, 96]
@@ -136,27 +136,13 @@ def write_bundle(work: Path) -> Path:
     return folder
 
 
-def parser_for(folder: Path, output_dir: Path, highres: bool):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(folder / "configs" / "inference.json"))
-    parser.read_meta(str(folder / "configs" / "metadata.json"))
-    parser["bundle_root"] = str(folder)
-    parser["output_dir"] = str(output_dir)
-    parser["device"] = "$torch.device('cpu')"
-    parser["inferer"]["device"] = "$torch.device('cpu')"
-    parser["displayable_configs"]["highres"] = highres
-    return parser
-
-
 def train_briefly(folder: Path, ct: Path) -> None:
     """A few Adam steps of cross-entropy on random crops of the preprocessed CT (1.5 mm), the labels bands of
     the network's own input: its brightest 30% (soft tissue, bone) and its darkest 25% (lung, air); without
     dropout, which only slows these few steps (the weights are the same)."""
     import torch
 
-    parser = parser_for(folder, folder / "eval", highres=True)
+    parser = parser_for(folder, folder / "eval")
     image = parser.get_parsed_content("preprocessing")({"image": str(ct)})["image"]
     array = torch.as_tensor(np.asarray(image), dtype=torch.float32)[None]  # (1, 1, X, Y, Z)
     low, high = np.quantile(array.numpy(), [0.25, 0.7])
@@ -183,31 +169,13 @@ def train_briefly(folder: Path, ct: Path) -> None:
     torch.save(swapped, folder / "models" / "model_lowres.pt")
 
 
-def monai_inference(folder: Path, ct: Path, output_dir: Path, highres: bool) -> None:
-    """MONAI's components of the bundle, parsed from its inference.json, run on the CT as its evaluator runs
-    them: the weights its checkpointloader names, preprocessing, the network under the inferer, postprocessing."""
-    import torch
-    from monai.data import decollate_batch, list_data_collate
-
-    parser = parser_for(folder, output_dir, highres)
-    network = parser.get_parsed_content("network")
-    network.load_state_dict(torch.load(parser.get_parsed_content("checkpointloader#load_path"), weights_only=True))
-    network.eval()
-    batch = list_data_collate([parser.get_parsed_content("preprocessing")({"image": str(ct)})])
-    with torch.no_grad():
-        batch["pred"] = parser.get_parsed_content("inferer")(batch["image"], network)
-    postprocessing = parser.get_parsed_content("postprocessing")
-    for item in decollate_batch(batch):
-        postprocessing(item)
-
-
 def main(work: Path, ct_source: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     ct = write_ct(work, ct_source)
     folder = write_bundle(work)
     train_briefly(folder, ct)
-    monai_inference(folder, ct, work / "monai-highres", highres=True)
-    monai_inference(folder, ct, work / "monai-lowres", highres=False)
+    monai_inference(folder, ct, work / "monai-highres")
+    monai_inference(folder, ct, work / "monai-lowres", {"displayable_configs#highres": False})
 
 
 if __name__ == "__main__":

@@ -92,6 +92,29 @@ def test_batch_benchmark_reports(tmp_path):
     assert "nnunetv2" in str(report["nnunet"])
 
 
+def test_monai_bundle_baseline_quick_form_compares_monais_inference_with_ours(tmp_path):
+    """The tiny form: a wholeBody_ct_segmentation-layout bundle (SegResNet, 105 channels), imported with
+    --set as a user picks its low resolution, run by MONAI's own components and by segment, each a whole
+    process; the outputs must agree (there are no tied nearest-neighbour voxels at its 5 mm)."""
+    report_path = tmp_path / "monai.json"
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "monai_bundle_baseline.py"),
+        "--quick",
+        "--json",
+        str(report_path),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = json.loads(report_path.read_text(encoding="utf-8"))["runs"]
+    assert run["spacing_mm"] == 5.0 and "SegResNet" in run["network"] and "105 classes" in run["network"]
+    for side in ("monai", "ours"):
+        assert run[side]["wall_s"] > 0 and run[side]["peak_rss_mb"] > 0 and run[side]["runs"]["wall_s"]
+    assert run["ours"]["speedup_vs_monai"] > 0 and run["ours"]["peak_rss_ratio_vs_monai"] > 0
+    assert run["ours"]["dice_vs_monai"] >= 0.98, run["ours"]["dice_vs_monai"]
+    assert "ours_bf16" not in run  # only with --bf16
+
+
 def test_nnunet_baseline_quick_form_compares_the_two_predictors(tmp_path):
     """The tiny form: nnU-Net's planner and trainer make a model, import-model brings it in, and
     nnUNetPredictor and segment run it on the same volume, each a whole process; the outputs must agree."""

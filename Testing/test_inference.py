@@ -322,6 +322,31 @@ def test_pointwise_head_is_the_convolution_in_the_standard_layout(bias, batch):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"cls": "SegResNet", "args": {"in_channels": 1, "out_channels": 5, "init_filters": 8}},
+        {"cls": "BasicUNet", "args": {"in_channels": 1, "out_channels": 5, "features": [4, 4, 8, 8, 16, 4]}},
+    ],
+)
+def test_segresnet_and_basicunet_copies_write_their_scores_through_a_pointwise_head(spec):
+    """Their last 1x1x1 convolution writes the standard layout directly: no copy of the scores after it."""
+    from MedSegUNetLib.model.cpu_network import PointwiseHead
+    from MedSegUNetLib.model.network import NetworkSpec, build_network
+    from MedSegUNetLib.prediction.inference import prepare_network
+
+    torch.manual_seed(0)
+    network = build_network(NetworkSpec(spec["cls"], spec["args"])).eval()
+    windows = torch.randn(2, 1, 32, 32, 16)
+    with torch.inference_mode():
+        expected = network(windows)
+        fast = prepare_network(network, torch.device("cpu"))
+        got = fast(windows)
+    assert sum(isinstance(m, PointwiseHead) for m in fast.modules()) == 1
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_a_unet_copy_scores_in_the_standard_layout_too():
     """A network without DynUNet's 1x1x1 output block keeps its last layer: ChannelsLast copies its scores."""
     from monai.networks.nets import UNet

@@ -13,14 +13,14 @@ returns the standard layout and costs a copy at the next convolution. Called dir
 window faster than PyTorch runs a batch of two, in half the activation memory; the CPU therefore predicts
 one window at a time (``inference.windows_per_batch``).
 
-The scores leave the copy in the standard layout that MONAI blends into (DynUNet's last 1x1x1
-convolution writes it directly: :class:`PointwiseHead`).
+The scores leave the copy in the standard layout that MONAI blends into (a last 1x1x1 convolution, as
+DynUNet's, SegResNet's and BasicUNet's, writes it directly: :class:`PointwiseHead`).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -145,13 +145,28 @@ def _is_pointwise(module: Optional[torch.nn.Module]) -> bool:
     )
 
 
+def _output_layer(network: torch.nn.Module) -> Tuple[Optional[torch.nn.Module], str]:
+    """The module that holds the network's last layer, and its name there: DynUNet's output block (a
+    Convolution whose ``conv`` is the Conv3d), SegResNet's ``conv_final`` (norm, activation, Convolution),
+    BasicUNet's ``final_conv``; (None, "") for any other network."""
+    block = getattr(getattr(network, "output_block", None), "conv", None)
+    if block is not None:
+        return block, "conv"
+    final = getattr(network, "conv_final", None)
+    if isinstance(final, torch.nn.Sequential) and len(final):
+        return final[-1], "conv"
+    if isinstance(getattr(network, "final_conv", None), torch.nn.Conv3d):
+        return network, "final_conv"
+    return None, ""
+
+
 def _with_pointwise_head(network: torch.nn.Module) -> None:
-    """DynUNet's output block (a 1x1x1 convolution) as a :class:`PointwiseHead`; other networks keep
-    their last layer (ChannelsLast then copies their scores to the standard layout)."""
-    block = getattr(network, "output_block", None)
-    holder = getattr(block, "conv", None)  # UnetOutBlock.conv is a Convolution whose ``conv`` is the Conv3d
-    if holder is not None and _is_pointwise(getattr(holder, "conv", None)):
-        holder.conv = PointwiseHead(holder.conv)
+    """The last layer, when it is a 1x1x1 convolution (DynUNet's, SegResNet's, BasicUNet's), as a
+    :class:`PointwiseHead`; other networks keep theirs (ChannelsLast then copies their scores to the
+    standard layout)."""
+    holder, name = _output_layer(network)
+    if holder is not None and _is_pointwise(getattr(holder, name, None)):
+        setattr(holder, name, PointwiseHead(getattr(holder, name)))
 
 
 def _swap_modules(module: torch.nn.Module, direct_convolutions: bool) -> None:
