@@ -249,7 +249,7 @@ def compare(work: Path, ct: Path, spacing: float, steps: int, args: argparse.Nam
     }
     for side, values in runs.items():
         medians = {key: statistics.median(series) for key, series in values.items()}
-        report[side] = {**medians, "runs": values, "output": str(outputs[side])}
+        report[side] = {**medians, "runs": values, "output": outputs[side].name}  # in the work folder
         if side != "monai":
             report[side]["speedup_vs_monai"] = report["monai"]["wall_s"] / medians["wall_s"]
             report[side]["peak_rss_ratio_vs_monai"] = medians["peak_rss_mb"] / report["monai"]["peak_rss_mb"]
@@ -281,8 +281,8 @@ def harness(args: argparse.Namespace, log=print) -> dict:
         for run in report["runs"]:  # read only now: the harness must stay small while children are measured
             for side in ("ours", "ours_bf16"):
                 if side in run:
-                    theirs = Path(run["monai"]["output"])
-                    run[side]["dice_vs_monai"] = volumes.dice_between(Path(run[side]["output"]), theirs)
+                    theirs = work / run["monai"]["output"]
+                    run[side]["dice_vs_monai"] = volumes.dice_between(work / run[side]["output"], theirs)
         report["machine_after"] = machine()
     return report
 
