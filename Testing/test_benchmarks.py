@@ -151,7 +151,7 @@ def test_gpu_check_script_parses_and_its_python_parts_answer_help():
     refused = subprocess.run(["bash", str(script), "--device", "tpu"], capture_output=True, text=True)
     assert refused.returncode == 2 and "cuda or cpu" in refused.stderr
     text = script.read_text(encoding="utf-8")
-    for part in ("inference.py", "nnunet_baseline.py", "training.py", "tta.py"):
+    for part in ("inference.py", "nnunet_baseline.py", "training.py", "tta.py", "monai_bundle_baseline.py"):
         assert part in text
         helped = subprocess.run(
             [sys.executable, str(REPO / "benchmarks" / part), "--help"],

@@ -6,6 +6,7 @@
 #   3. training throughput against MONAI's loop  (benchmarks/training.py)
 #   4. TTA: segment with and without --tta on the same volume (benchmarks/tta.py)
 #   5. the out-of-memory fallback (Testing/test_inference.py: smaller batches, then the CPU, then a clear error)
+#   6. inference against MONAI's bundle inference (benchmarks/monai_bundle_baseline.py, wholeBody's SegResNet, 3 mm)
 #
 #   benchmarks/gpu-check.sh [--device cuda|cpu] [--quick] [--out DIR]
 #
@@ -23,14 +24,15 @@ while [ $# -gt 0 ]; do
     --device) device="${2:?--device needs cuda or cpu}"; shift 2 ;;
     --quick) quick=1; shift ;;
     --out) out="${2:?--out needs a folder}"; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
 case "$device" in cuda|cpu) ;; *) echo "gpu-check.sh: --device must be cuda or cpu, not $device" >&2; exit 2 ;; esac
 out="${out:-$root/benchmarks/results/gpu-check-$(date +%Y%m%d-%H%M)}"
 mkdir -p "$out"
-if [ "$quick" = 1 ]; then size=tiny; repeats=1; nnunet=(--quick); else size=full; repeats=2; nnunet=(--spacing 3); fi
+if [ "$quick" = 1 ]; then size=tiny; repeats=1; nnunet=(--quick); monai=(--quick)
+else size=full; repeats=2; nnunet=(--spacing 3); monai=(--spacing 3); fi
 export PYTHONPATH="$root/MedSegUNet:$root${PYTHONPATH:+:$PYTHONPATH}"
 failed=0
 
@@ -55,6 +57,8 @@ step training "$python" "$root/benchmarks/training.py" --size "$size" --repeats 
   --json "$out/training.json"
 
 step tta "$python" "$root/benchmarks/tta.py" --size "$size" --device "$device" --json "$out/tta.json"
+step monai-bundle "$python" "$root/benchmarks/monai_bundle_baseline.py" "${monai[@]}" --device "$device" \
+  --json "$out/monai-bundle.json"
 step oom-fallback "$python" -m pytest -q -p no:cacheprovider "$root/Testing/test_inference.py" -k "out_of_memory"
 
 echo "reports in $out" >&2

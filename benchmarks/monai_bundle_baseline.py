@@ -4,17 +4,19 @@ padding, z-score then -1..1), run by MONAI's components parsed from its ``infere
 ``segment`` on the bundle ``import-model`` writes from it.
 
     python benchmarks/monai_bundle_baseline.py [--size full|quick|tiny] [--spacing 3 [1.5]] [--steps N]
-        [--repeats N] [--bf16] [--json FILE]
+        [--repeats N] [--bf16] [--device cpu|cuda] [--json FILE]
     python benchmarks/monai_bundle_baseline.py --quick    # the smoke check: tiny volume, small network, 5 mm
 
 The benchmark volume (volumes.py; 512x512x300 at 0.8x0.8x1.5 mm in full) is segmented at each spacing: 3 mm
 is the bundle's ``highres`` false (``model_lowres.pt``, imported with ``--set displayable_configs#highres=false``
-as a user picks it), 1.5 mm its default. The weights: a few seeded Adam steps on three intensity bands of the
+as a user picks it), 1.5 mm its default. The weights: a few seeded Adam steps on four intensity bands of the
 volume (smooth, confident labels: an untrained network's argmax is noise that any rounding reshuffles); the
-other 102 channels are never the answer but cost what they cost. Each run is a whole process: MONAI's side
-loads the weights its ``checkpointloader`` names, then preprocessing, the network under the inferer and the
-postprocessing (Activationsd, AsDiscreted, Invertd, SaveImaged) as its SupervisedEvaluator runs them, on the
-CPU with PyTorch's default threads; ours is ``medsegunet segment`` with the engine's malloc settings. Runs
+other 101 channels are never the answer but cost what they cost.
+
+Each run is a whole process. MONAI's side loads the weights its ``checkpointloader`` names, then runs the
+preprocessing, the network under the inferer and the postprocessing (Activationsd, AsDiscreted, Invertd,
+SaveImaged) as its SupervisedEvaluator runs them (on a GPU in fp16 autocast, as its ``amp: true`` asks),
+with PyTorch's default threads. Ours is ``medsegunet segment`` with the engine's malloc settings. Runs
 alternate MONAI / ours. Reported: medians of wall time and peak resident memory, their ratios, and the mean
 Dice between the two outputs. ``--bf16``: ours once more per repeat with ``--precision bf16`` (CPUs with
 AVX512-BF16 or AMX).
@@ -129,7 +131,7 @@ def metadata() -> dict:
     }
 
 
-def parser_for(folder: Path, output_dir: Path, highres: bool):
+def parser_for(folder: Path, output_dir: Path, highres: bool, device: str = "cpu"):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -137,7 +139,7 @@ def parser_for(folder: Path, output_dir: Path, highres: bool):
     parser.read_meta(str(folder / "configs" / "metadata.json"))
     parser["bundle_root"] = str(folder)
     parser["output_dir"] = str(output_dir)
-    parser["device"] = "$torch.device('cpu')"
+    parser["device"] = parser["inferer"]["device"] = f"$torch.device('{device}')"
     parser["displayable_configs"]["highres"] = highres
     return parser
 
@@ -180,18 +182,19 @@ def make_bundle(folder: Path, image: Path, spacing: float, steps: int, quick: bo
     torch.save(network.state_dict(), folder / "models" / parser.get_parsed_content("modelname"))
 
 
-def predict_with_monai(folder: Path, image: Path, output: Path, highres: bool) -> None:
-    """(A child) the bundle's components as its evaluator runs them, on the CPU; the labels at ``output``."""
+def predict_with_monai(folder: Path, image: Path, output: Path, highres: bool, device: str = "cpu") -> None:
+    """(A child) the bundle's components as its evaluator runs them on ``device``; the labels at ``output``."""
     import torch
     from monai.data import decollate_batch, list_data_collate
 
-    parser = parser_for(folder, output.parent, highres)
+    parser = parser_for(folder, output.parent, highres, device)
     network = parser.get_parsed_content("network")
-    network.load_state_dict(torch.load(parser.get_parsed_content("checkpointloader#load_path"), weights_only=True))
+    load_path = parser.get_parsed_content("checkpointloader#load_path")
+    network.load_state_dict(torch.load(load_path, map_location=device, weights_only=True))
     network.eval()
     batch = list_data_collate([parser.get_parsed_content("preprocessing")({"image": str(image)})])
-    with torch.no_grad():
-        batch["pred"] = parser.get_parsed_content("inferer")(batch["image"], network)
+    with torch.no_grad(), torch.autocast("cuda", enabled=device == "cuda"):
+        batch["pred"] = parser.get_parsed_content("inferer")(batch["image"].to(device), network)
     postprocessing = parser.get_parsed_content("postprocessing")
     for item in decollate_batch(batch):
         postprocessing(item)
@@ -205,7 +208,7 @@ def worker(args: argparse.Namespace) -> None:
     elif args.worker == "bundle":
         make_bundle(Path(args.bundle), Path(args.image), args.spacing[0], args.steps, args.quick)
     else:
-        predict_with_monai(Path(args.bundle), Path(args.image), Path(args.output), args.spacing[0] == 1.5)
+        predict_with_monai(Path(args.bundle), Path(args.image), Path(args.output), args.spacing[0] == 1.5, args.device)
 
 
 # --- the harness ---------------------------------------------------------------------------------
@@ -228,14 +231,18 @@ def compare(work: Path, ct: Path, spacing: float, steps: int, args: argparse.Nam
     settings = [] if spacing == 1.5 else ["--set", "displayable_configs#highres=false"]
     quiet_run(engine("import-model", str(folder), "-o", str(imported), "--progress", "none", *settings))
     outputs = {side: work / f"{side}-{spacing:g}.nii.gz" for side in ("monai", "ours", "ours_bf16")}
+
+    def segment(side: str, *options: str) -> List[str]:
+        return engine("segment", str(ct), "-m", str(imported), "-o", str(outputs[side]), "--device", args.device,
+                      "--progress", "none", *options)  # fmt: skip
+
     commands = {
-        "monai": child("--worker", "monai", "--bundle", str(folder), "--image", str(ct),
+        "monai": child("--worker", "monai", "--bundle", str(folder), "--image", str(ct), "--device", args.device,
                        "--output", str(outputs["monai"]), "--spacing", str(spacing), *flags),
-        "ours": engine("segment", str(ct), "-m", str(imported), "-o", str(outputs["ours"]), "--progress", "none"),
+        "ours": segment("ours"),
     }  # fmt: skip
     if args.bf16:
-        commands["ours_bf16"] = [*engine("segment", str(ct), "-m", str(imported), "-o", str(outputs["ours_bf16"])),
-                                 "--progress", "none", "--precision", "bf16"]  # fmt: skip
+        commands["ours_bf16"] = segment("ours_bf16", "--precision", "bf16")
     runs: Dict[str, Dict[str, List[float]]] = {side: {"wall_s": [], "peak_rss_mb": []} for side in commands}
     for repeat in range(args.repeats):
         for side, command in commands.items():
@@ -312,6 +319,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument(
         "--bf16", action="store_true", help="ours once more with --precision bf16 (CPUs with AVX512-BF16 or AMX)"
     )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both predict (cpu)")
     parser.add_argument("--work", help="keep the bundles and outputs in this folder")
     parser.add_argument("--json", help="write the report as JSON here")
     parser.add_argument("--worker", choices=["volume", "bundle", "monai"], help=argparse.SUPPRESS)
