@@ -1381,6 +1381,93 @@ class MedSegUNetTest(ScriptedLoadableModuleTest):
         self.assertEqual((kind, state), ("segment", SUCCEEDED), f"{message}\n{logic.logText()}")
         self.assertEqual(logic.segmentNames(logic.resultNode), ["organ"])
 
+    def test_add_model_imports_a_monai_segresnet_bundle(self):
+        self.delayDisplay("Add model: a MONAI bundle (SegResNet, wholeBody_ct_segmentation's layout)")
+        from MedSegUNetLib.core.anatomy import known_label
+        from MedSegUNetLib.model.bundle import read_bundle_metadata
+
+        logic = self.newLogic()
+        kind, state, message = logic.importAndWait(self.smallMonaiBundle())
+        self.assertEqual((kind, state), ("import", SUCCEEDED), f"{message}\n{logic.logText()}")
+        meta = read_bundle_metadata(Path(message))
+        self.assertEqual(meta.labels, [known_label(1, "liver"), known_label(2, "spleen")])  # Slicer's terminology
+        self.assertEqual((meta.network.cls, meta.padding), ("SegResNet", "replicate"))
+        self.assertEqual(meta.preprocessing.target_spacing, (3.0, 3.0, 3.0))  # the $ expression, highres false
+        self.assertEqual(meta.provenance["source"]["format"], "monai-bundle")
+        volume, array = self.syntheticVolume()  # thinner than the 64-voxel window on every axis at 3 mm
+        kind, state, message = logic.segmentAndWait(volume, Path(message))
+        self.assertEqual((kind, state), ("segment", SUCCEEDED), f"{message}\n{logic.logText()}")
+        node = logic.resultNode
+        self.assertEqual(logic.segmentNames(node), ["liver", "spleen"])
+        for index in range(2):
+            segmentId = node.GetSegmentation().GetNthSegmentID(index)
+            self.assertOnVolumeGrid(node, segmentId, volume)
+
+    def smallMonaiBundle(self) -> Path:
+        """A bundle folder laid out as the Model Zoo's wholeBody_ct_segmentation (configs with $ expressions
+        the importer computes or leaves unread, a CheckpointLoader naming the weights file), a small SegResNet
+        with seeded weights."""
+        import json
+        import shutil
+
+        import torch
+        from monai.networks.nets import SegResNet
+
+        folder = Path(slicer.app.temporaryPath) / "MedSegUNetTest" / "wholeBody_like"
+        shutil.rmtree(folder, ignore_errors=True)
+        (folder / "configs").mkdir(parents=True)
+        (folder / "models").mkdir()
+        network = {"_target_": "SegResNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 3, "init_filters": 8}
+        config = {
+            "displayable_configs": {"highres": False},
+            "bundle_root": ".",
+            "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+            "pixdim": "$[1.5, 1.5, 1.5] if @displayable_configs#highres else [3.0, 3.0, 3.0]",
+            "modelname": "$'model.pt' if @displayable_configs#highres else 'model_lowres.pt'",
+            "network_def": network,
+            "preprocessing": {
+                "_target_": "Compose",
+                "transforms": [
+                    {"_target_": "LoadImaged", "keys": "image"},
+                    {"_target_": "EnsureChannelFirstd", "keys": "image"},
+                    {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+                    {"_target_": "Spacingd", "keys": "image", "pixdim": "@pixdim", "mode": "bilinear"},
+                    {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True},
+                    {"_target_": "ScaleIntensityd", "keys": "image", "minv": -1.0, "maxv": 1.0},
+                ],
+            },
+            "inferer": {
+                "_target_": "SlidingWindowInferer",
+                "roi_size": [64, 64, 64],
+                "overlap": 0.25,
+                "mode": "gaussian",
+                "padding_mode": "replicate",
+                "device": "@device",
+            },
+            "postprocessing": {
+                "_target_": "Compose",
+                "transforms": [
+                    {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+                    {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+                    {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image"},
+                ],
+            },
+            "checkpointloader": {
+                "_target_": "CheckpointLoader",
+                "load_path": "$@bundle_root + '/models/' + @modelname",
+                "load_dict": {"model": "@network_def"},
+            },
+        }
+        channels = {"0": "background", "1": "liver", "2": "spleen"}
+        metadata = {"name": "wholeBody-like (self-test)", "version": "0.0.1"}
+        metadata["network_data_format"] = {"outputs": {"pred": {"channel_def": channels}}}
+        (folder / "configs" / "inference.json").write_text(json.dumps(config))
+        (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
+        torch.manual_seed(0)
+        arguments = {k: v for k, v in network.items() if k != "_target_"}
+        torch.save(SegResNet(**arguments).state_dict(), folder / "models" / "model_lowres.pt")
+        return folder
+
     def test_a_model_set_segments_with_each_of_its_models(self):
         self.delayDisplay("Add model: a model set")
         from MedSegUNetLib.core.errors import MedSegError
