@@ -154,11 +154,16 @@ def _transform(config: dict, index: int, value: dict) -> None:
     ],
 )
 def test_what_cannot_be_imported_faithfully_is_refused(monai_work, tmp_path, edit, message):
+    """In process; the command line's one-line form of an import error is tested with the TorchScript case."""
+    from MedSegUNetLib.commands.import_model import import_model
+    from MedSegUNetLib.core.errors import MedSegError
+
     copy = copy_bundle(monai_work, tmp_path)
     edit_config(copy, edit)
     output = tmp_path / "out.safetensors"
-    line = assert_clean_failure(run_cli("import-model", str(copy), "-o", str(output)), message)
-    assert "inference.json" in line
+    with pytest.raises(MedSegError) as refused:
+        import_model(copy, output)
+    assert message in str(refused.value) and "inference.json" in str(refused.value)
     assert not output.exists()
 
 

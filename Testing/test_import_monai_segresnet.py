@@ -94,6 +94,10 @@ def test_a_setting_picks_the_resolution_and_weights_and_a_thin_scan_is_padded_as
     assert "displayable_configs#highres=false" in meta.provenance["source"]["settings"]
     dice = agreement(wholebody_work, lowres, "monai-lowres")
     assert min(dice.values()) >= 0.98, dice
+    shown = run_cli("info", str(lowres))
+    assert shown.returncode == 0, shown.stderr
+    assert "SegResNet" in shown.stdout and "zscore then to -1..1" in shown.stdout
+    assert "settings displayable_configs#highres=false" in shown.stdout and "padding replicate" in shown.stdout
 
 
 def test_bundle_carries_what_monai_infers_with(highres):
@@ -110,13 +114,6 @@ def test_bundle_carries_what_monai_infers_with(highres):
     normalization = prep.normalization
     assert (normalization.kind, normalization.nonzero, normalization.rescale_to) == ("zscore", True, (-1.0, 1.0))
     assert (meta.blend, meta.overlap, meta.restore, meta.padding) == ("gaussian", 0.25, "labels", "replicate")
-
-
-def test_info_names_the_rescaling_and_the_settings(lowres):
-    result = run_cli("info", str(lowres))
-    assert result.returncode == 0, result.stderr
-    assert "SegResNet" in result.stdout and "zscore then to -1..1" in result.stdout
-    assert "settings displayable_configs#highres=false" in result.stdout and "padding replicate" in result.stdout
 
 
 def copy_bundle(work: Path, target: Path) -> Path:
@@ -162,27 +159,43 @@ def test_what_cannot_be_imported_faithfully_or_safely_is_refused(wholebody_work,
 
 
 def test_a_setting_the_configuration_lacks_is_refused(wholebody_work, tmp_path):
+    from MedSegUNetLib.commands.import_model import _setting
+    from MedSegUNetLib.core.errors import MedSegError
+
     output = tmp_path / "out.safetensors"
     result = run_cli(
         "import-model", str(wholebody_work / "wholebody_like"), "-o", str(output), "--set", "displayable#highres=0"
     )
     assert_clean_failure(result, "--set displayable#highres", "no such entry")
-    assert_clean_failure(
-        run_cli("import-model", str(wholebody_work / "wholebody_like"), "-o", str(output), "--set", "highres"),
-        "not ID=VALUE",
-    )
     assert not output.exists()
+    with pytest.raises(MedSegError, match="not ID=VALUE"):
+        _setting("highres")
+    assert _setting("a#b=[1.5, 2]") == ("a#b", [1.5, 2]) and _setting("a=text") == ("a", "text")
+
+
+class Notes:
+    """A progress that keeps the notes an import says."""
+
+    def __init__(self):
+        self.notes = []
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
 
 
 def test_a_load_path_that_is_code_falls_back_to_models_model_pt_and_says_so(wholebody_work, highres, tmp_path):
     from safetensors.numpy import load_file
 
+    from MedSegUNetLib.commands.import_model import import_model
+
     copy = copy_bundle(wholebody_work, tmp_path)
     edit_config(copy, lambda c: c["checkpointloader"].update(load_path="$os.path.join(@bundle_root, 'x.pt')"))
-    output = tmp_path / "out.safetensors"
-    result = run_cli("import-model", str(copy), "-o", str(output), "--progress", "lines")
-    assert result.returncode == 0, result.stderr
-    assert "models/model.pt is read instead" in result.stdout + result.stderr
+    output, progress = tmp_path / "out.safetensors", Notes()
+    import_model(copy, output, progress=progress)
+    assert any("models/model.pt is read instead" in note for note in progress.notes), progress.notes
     ours, reference = load_file(str(output)), load_file(str(highres))
     assert all(np.array_equal(ours[k], reference[k]) for k in reference)
 
@@ -197,8 +210,9 @@ def test_well_known_structure_names_get_slicers_terminology_and_colors(wholebody
     metadata = json.loads(metadata_path.read_text())
     metadata["network_data_format"]["outputs"]["pred"]["channel_def"] = {"0": "background", "1": "spleen", "2": "x"}
     metadata_path.write_text(json.dumps(metadata))
-    output = tmp_path / "named.safetensors"
-    assert run_cli("import-model", str(copy), "-o", str(output), "--progress", "none").returncode == 0
+    from MedSegUNetLib.commands.import_model import import_model
+
+    output = import_model(copy, tmp_path / "named.safetensors")
     spleen, other = read_bundle_metadata(output).labels
     assert spleen == known_label(1, "spleen") and "Spleen" in spleen.terminology
     assert other.name == "x" and not other.terminology
@@ -214,8 +228,8 @@ def test_a_zip_carries_the_weights_its_settings_choose(wholebody_work, lowres, t
         for path in sorted((wholebody_work / "wholebody_like").rglob("*")):
             if path.is_file():
                 writing.write(path, Path("wholebody_like") / path.relative_to(wholebody_work / "wholebody_like"))
-    output = tmp_path / "from-zip.safetensors"
-    result = run_cli("import-model", str(archive), "-o", str(output), "--set", LOWRES, "--progress", "none")
-    assert result.returncode == 0, result.stderr
+    from MedSegUNetLib.commands.import_model import import_model
+
+    output = import_model(archive, tmp_path / "from-zip.safetensors", settings={"displayable_configs#highres": False})
     ours, reference = load_file(str(output)), load_file(str(lowres))
     assert ours.keys() == reference.keys() and all(np.array_equal(ours[k], reference[k]) for k in ours)

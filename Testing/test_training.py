@@ -247,8 +247,11 @@ def test_killed_training_resumes_and_finishes(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     lines = records(result.stdout)
     assert any(r.get("note") and f"resumed at step {seen_steps[-1]}" in r["message"] for r in lines), seed
-    assert [r["done"] for r in lines if r["stage"] == "train"][0] == seen_steps[-1] + 1
-    assert [r["done"] for r in lines if r["stage"] == "train"][-1] == 40
+    trained = [r["done"] for r in lines if r["stage"] == "train"]
+    if seen_steps[-1] < 40:  # killed before its last step: the resumed run takes the steps left
+        assert trained[0] == seen_steps[-1] + 1 and trained[-1] == 40, (trained, seed)
+    else:  # killed after the last step's checkpoint, while writing the bundle: nothing is left to train
+        assert all(step == 40 for step in trained), (trained, seed)
     assert not list(out.glob(".*medseg-tmp-*")), "temporaries of the killed runs were removed"
     assert load_bundle(out / "model.safetensors").meta.provenance["training"]["steps"] in range(5, 41)
 
