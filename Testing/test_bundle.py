@@ -98,6 +98,23 @@ def test_segresnet_with_monais_grid_padding_and_rescale_round_trips_as_format_2(
     assert "rescale_to" not in plain["preprocessing"]["normalization"]
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"init_filters": 10**6}, "outside 1..4096"),
+        ({"init_filters": 1024, "blocks_down": [1, 1, 1, 1]}, "outside 1..4096"),  # 1024 doubled three times
+        ({"blocks_down": [1, 10**6]}, "blocks per level"),
+        ({"blocks_down": 3}, "blocks per level"),
+        ({"blocks_down": list(range(1, 13))}, "more than 10 levels"),
+    ],
+)
+def test_segresnet_arguments_from_a_file_are_bounded_before_anything_is_built(args, message):
+    from MedSegUNetLib.model.network import build_network
+
+    with pytest.raises(ValueError, match=message):
+        build_network(NetworkSpec("SegResNet", {"in_channels": 1, "out_channels": 2, **args}))
+
+
 def test_metadata_is_read_without_torch(tmp_path):
     """The Slicer panel reads labels and provenance at start-up, where torch must not be imported."""
     path = make_small_bundle(tmp_path / "m.safetensors", names=("liver", "spleen"))

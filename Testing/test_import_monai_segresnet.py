@@ -233,3 +233,14 @@ def test_a_zip_carries_the_weights_its_settings_choose(wholebody_work, lowres, t
     output = import_model(archive, tmp_path / "from-zip.safetensors", settings={"displayable_configs#highres": False})
     ours, reference = load_file(str(output)), load_file(str(lowres))
     assert ours.keys() == reference.keys() and all(np.array_equal(ours[k], reference[k]) for k in ours)
+
+
+def test_the_weights_file_a_setting_names_must_be_there(wholebody_work, tmp_path):
+    from MedSegUNetLib.commands.import_model import import_model
+    from MedSegUNetLib.core.errors import MedSegError
+
+    copy = copy_bundle(wholebody_work, tmp_path)
+    (copy / "models" / "model_lowres.pt").unlink()
+    with pytest.raises(MedSegError, match="has no models/model_lowres.pt"):
+        import_model(copy, tmp_path / "out.safetensors", settings={"displayable_configs#highres": False})
+    assert not (tmp_path / "out.safetensors").exists()

@@ -279,13 +279,13 @@ def preprocessing_of(bundle: MonaiBundle) -> _Prep:
             prep.normalization, intensity_seen = _zscore(bundle, key, args, intensity_seen), True
         elif base == "ScaleIntensity":
             prep.normalization, intensity_seen = _then_rescale(bundle, key, args, prep.normalization), True
-        if base in ("NormalizeIntensity", "ScaleIntensity") and not args.get("channel_wise", False):
-            prep.across_channels.append(name)
         elif base == "CropForeground":
             bundle.notes.append(
                 "CropForegroundd: the engine runs its windows over the whole image, not on MONAI's foreground "
                 "crop; window positions and so a few boundary voxels may differ"
             )
+        if base in ("NormalizeIntensity", "ScaleIntensity") and not args.get("channel_wise", False):
+            prep.across_channels.append(name)
     if prep.spacing is None:
         raise MedSegError(
             "the preprocessing has no Spacingd (the network would run at each image's own voxel size); not supported",

@@ -120,9 +120,10 @@ _MAX_BLOCKS = 64
 
 def _widths(spec: NetworkSpec) -> List[Any]:
     """The channel widths of the network's levels, as its arguments give them."""
-    if spec.cls == "SegResNet":
-        levels, first = len(spec.args.get("blocks_down", (1, 2, 2, 4))), spec.args.get("init_filters", 8)
-        return [first * 2**level if isinstance(first, int) else first for level in range(min(levels, _MAX_LEVELS + 1))]
+    if spec.cls == "SegResNet":  # init_filters, doubled at each level
+        first, levels = spec.args.get("init_filters", 8), spec.args.get("blocks_down", (1, 2, 2, 4))
+        count = min(len(levels), _MAX_LEVELS + 1) if isinstance(levels, (list, tuple)) else 1
+        return [first * 2**level for level in range(count)] if isinstance(first, int) else [first]
     return list(
         spec.args.get("filters")
         or spec.args.get("channels")
@@ -136,9 +137,14 @@ def check_spec_bounds(spec: NetworkSpec) -> None:
     widths = _widths(spec)
     if len(widths) > _MAX_LEVELS or len(spec.args.get("strides") or []) > _MAX_LEVELS:
         raise ValueError(f"the network has more than {_MAX_LEVELS} levels")
-    blocks = [*spec.args.get("blocks_down", ()), *spec.args.get("blocks_up", ())]
-    if not all(isinstance(count, int) and 0 <= count <= _MAX_BLOCKS for count in blocks):
-        raise ValueError(f"blocks per level must be whole numbers in 0..{_MAX_BLOCKS}, not {blocks}")
+    for key in ("blocks_down", "blocks_up"):
+        blocks = spec.args.get(key, ())
+        if not isinstance(blocks, (list, tuple)) or not all(
+            isinstance(n, int) and 0 <= n <= _MAX_BLOCKS for n in blocks
+        ):
+            raise ValueError(
+                f"{key}: blocks per level must be a list of whole numbers in 0..{_MAX_BLOCKS}, not {blocks}"
+            )
     channels = [spec.args.get(key, 1) for key in ("in_channels", "out_channels", "input_channels", "num_classes")]
     for value in widths + channels:
         if not isinstance(value, int) or not 1 <= value <= _MAX_WIDTH:
