@@ -163,6 +163,9 @@ def test_too_large_volume_is_refused_up_front_with_the_estimate():
         MedSegError, match=r"needs about 5\.7 GiB .*512x512x800 voxels, 5 classes.*2\.0 GiB are available"
     ):
         check_memory(shape, 5, available=2 * 2**30)
+    # labels decided row by row hold the sums for one window's depth (96 of 800 slices)
+    assert prediction_memory_bytes(shape, 5, scores_depth=96) == 800 * 512 * 512 * 5 + 96 * 512 * 512 * 24
+    check_memory(shape, 105, available=16 * 2**30, scores_depth=96)  # 105 classes: 10.9 GiB (whole grid: 84 GiB)
 
 
 def test_window_shrinks_only_where_the_volume_is_thinner_than_the_patch():

@@ -169,3 +169,30 @@ def test_replicate_padding_is_monais(shape, window, overlap, batch):
     weights = summed_weights(padded, window, overlap)[crop]
     torch.testing.assert_close(ours / weights, theirs, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(constant / weights, theirs, atol=1e-3)  # the padding reaches the scores
+
+
+@pytest.mark.parametrize("placement", ["monai", "nnunet"])
+@pytest.mark.parametrize("shape,window,overlap,batch", [*CASES, ((70, 20, 24), (16, 16, 16), 0.25, 2)])
+def test_labels_decided_row_by_row_are_the_argmax_of_the_whole_blend(shape, window, overlap, batch, placement):
+    """blended_labels holds one window's depth of scores and decides each z slice once no later window
+    reaches it: the labels are those of the whole grid's blended scores, voxel for voxel, padding included."""
+    from MedSegUNetLib.prediction.stitching import blended_labels
+
+    network = _network(classes=5, seed=2)
+    volume = torch.from_numpy(np.random.default_rng(11).normal(size=(1, *shape)).astype(np.float32))
+    arguments = (volume, window, 5, overlap, batch, torch.device("cpu"), -1.0, placement, "gaussian")
+    with torch.inference_mode():
+        whole = class_indices(blended_scores(network, *arguments))
+        calls = []
+
+        def predict(windows):
+            calls.append(windows.shape[0])
+            return network(windows)
+
+        rows = blended_labels(predict, *arguments)
+    assert rows.shape == tuple(shape) and rows.dtype == torch.uint8
+    assert torch.equal(rows, whole)
+    assert len(set(whole.unique().tolist())) > 1  # the network tells voxels apart: the comparison means something
+    assert max(calls) <= batch and sum(calls) == len(
+        window_slices([max(n, w) for n, w in zip(shape, window)], window, overlap, placement)
+    )

@@ -158,7 +158,8 @@ def preprocess(
 def _check_network_memory(input_grid: Grid, meta: BundleMeta, channels: int = 1) -> None:
     """Refused here, with the estimate, rather than after resampling to a fine spacing has filled the memory."""
     network_size = network_grid(input_grid, meta.preprocessing).size
-    check_memory((channels, *xyz_to_zyx(network_size)), len(meta.labels) + 1)
+    depth = meta.preprocessing.patch_size[2] if meta.restore == "labels" else None  # labels decided row by row
+    check_memory((channels, *xyz_to_zyx(network_size)), len(meta.labels) + 1, scores_depth=depth)
 
 
 def prepare_bundle(bundle: Bundle, predict: PredictOptions) -> None:

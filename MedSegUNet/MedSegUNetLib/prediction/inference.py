@@ -19,7 +19,13 @@ from MedSegUNetLib.core.errors import MedSegError
 from MedSegUNetLib.core.memory import available_memory_bytes
 from MedSegUNetLib.core.progress import Progress
 from MedSegUNetLib.model.bundle import DEFAULT_OVERLAP
-from MedSegUNetLib.prediction.stitching import blended_scores, count_windows, summed_weights
+from MedSegUNetLib.prediction.stitching import (
+    blended_labels,
+    blended_scores,
+    class_indices,
+    count_windows,
+    summed_weights,
+)
 
 T = TypeVar("T")
 
@@ -87,17 +93,22 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prediction_memory_bytes(shape_czyx: Sequence[int], classes: int) -> int:
+def prediction_memory_bytes(shape_czyx: Sequence[int], classes: int, scores_depth: Optional[int] = None) -> int:
     """What the stitched prediction holds at once: the input, the per-class score sums (stitching.py) and
-    the argmax's running maximum and indices."""
+    the argmax's running maximum and indices. ``scores_depth``: the sums are held for that many z slices
+    only (labels decided row by row: ``blended_labels``), else for the whole grid."""
     voxels = int(np.prod(shape_czyx[1:], dtype=np.int64))
-    return voxels * (4 * shape_czyx[0] + 4 * classes + 4 + 1)
+    depth = shape_czyx[1] if scores_depth is None else min(scores_depth, shape_czyx[1])
+    held = voxels // max(shape_czyx[1], 1) * depth
+    return voxels * (4 * shape_czyx[0] + 1) + held * (4 * classes + 4)
 
 
-def check_memory(shape_czyx: Sequence[int], classes: int, available: Optional[int] = None) -> None:
+def check_memory(
+    shape_czyx: Sequence[int], classes: int, available: Optional[int] = None, scores_depth: Optional[int] = None
+) -> None:
     """Refuse up front, with the estimate, a volume that would not fit (instead of swapping for an hour)."""
     available = available_memory_bytes() if available is None else available
-    needed = prediction_memory_bytes(shape_czyx, classes)
+    needed = prediction_memory_bytes(shape_czyx, classes, scores_depth)
     if available is not None and needed > 0.9 * available:
         raise MedSegError(
             f"the volume needs about {needed / 2**30:.1f} GiB of memory at the model's spacing "
@@ -154,21 +165,6 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextMana
     if dtype is None or device.type == "cpu":  # the CPU copy is itself in dtype
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def class_indices(scores: torch.Tensor) -> torch.Tensor:
-    """Argmax over dim 0 of (C, Z, Y, X) scores, as uint8 (int32 beyond 255 classes); ties go to the lower class.
-
-    A running maximum: ``torch.argmax`` over the outer dim is several times slower on the CPU."""
-    best = scores[0].clone()
-    indices = torch.zeros(
-        scores.shape[1:], dtype=torch.uint8 if scores.shape[0] <= 256 else torch.int32, device=scores.device
-    )
-    for index in range(1, scores.shape[0]):
-        higher = scores[index] > best
-        indices.masked_fill_(higher, index)
-        torch.maximum(best, scores[index], out=best)
-    return indices
 
 
 class WindowPredictor:
@@ -231,21 +227,17 @@ def _sliding_window(
     with torch.inference_mode(), _autocast(device, dtype):
         volume = torch.from_numpy(array).to(stitch_on)
         declared = getattr(network, "out_channels", None)  # None: sized from the first window's scores
-        scores = blended_scores(
-            predictor,
-            volume,
-            patch_size_zyx,
-            declared,
-            options.overlap,
-            batch_size,
-            device,
-            0.0 if options.padding == "zero" else float(array.min()),  # the shrunk window's fill: air on a CT
-            options.windows,
-            options.blend,
-            "replicate" if options.padding == "replicate" else "constant",
-        )
+        fill = 0.0 if options.padding == "zero" else float(array.min())  # the shrunk window's fill: air on a CT
+        mode = "replicate" if options.padding == "replicate" else "constant"
+        overlap = options.overlap
+        if not mean_scores and declared is not None:
+            labels = blended_labels(predictor, volume, patch_size_zyx, declared, overlap, batch_size, device, fill,
+                                    options.windows, options.blend, mode)  # fmt: skip
+            return labels.cpu().numpy()
+        scores = blended_scores(predictor, volume, patch_size_zyx, declared, overlap, batch_size, device, fill,
+                                options.windows, options.blend, mode)  # fmt: skip
         if mean_scores:
-            weights = summed_weights(array.shape[1:], patch_size_zyx, options.overlap, options.windows, options.blend)
+            weights = summed_weights(array.shape[1:], patch_size_zyx, overlap, options.windows, options.blend)
             scores = scores.cpu()
             scores /= weights  # in place: no second scores-sized array
             return scores.numpy()
@@ -313,7 +305,7 @@ def _predict(
     mean_scores: bool,
 ) -> np.ndarray:
     device = select_device(options.device)
-    check_memory(array.shape, output_classes(network))
+    check_memory(array.shape, output_classes(network), scores_depth=None if mean_scores else patch_size_zyx[0])
     network.eval()
 
     def run(run_device: torch.device, batch: int) -> np.ndarray:

@@ -132,11 +132,7 @@ def blended_scores(
     ``classes``: what the network declares (its ``out_channels``); None sizes the buffer from the first
     window's scores instead (a network that does not say), made after that window's call then.
     ``blend``: MONAI's importance-map mode, "gaussian" or "constant" (every voxel of a window weighs 1)."""
-    padding = _padding(volume.shape[1:], window_zyx)
-    if any(before or after for before, after in padding):
-        flat = [amount for pair in reversed(padding) for amount in pair]  # F.pad wants the last axis first
-        fill = fill_value if padding_mode == "constant" else None
-        volume = F.pad(volume[None], flat, mode=padding_mode, value=fill)[0]
+    volume, padding = _padded(volume, window_zyx, fill_value, padding_mode)
     weight = window_weights(window_zyx, blend, placement, volume.device)
     scores = (
         None
@@ -146,23 +142,126 @@ def blended_scores(
     slices = window_slices(volume.shape[1:], window_zyx, overlap, placement)
     for start in range(0, len(slices), batch_size):
         batch = slices[start : start + batch_size]
-        windows = torch.stack([volume[_all_channels(where)] for where in batch]).to(window_device)
-        output = predict(windows)
-        del windows
+        output = _window_scores(predict, volume, batch, window_zyx, window_device)
         if scores is None:
             scores = torch.zeros((output.shape[1], *volume.shape[1:]), dtype=torch.float32, device=volume.device)
-        if tuple(output.shape) != (len(batch), scores.shape[0], *window_zyx):
-            raise ValueError(
-                f"the network gave scores of shape {tuple(output.shape)} for {len(batch)} window(s) of "
-                f"{list(window_zyx)}, {scores.shape[0]} classes"
-            )
-        output = output.to(scores.device)
-        for index, where in enumerate(batch):
-            scores[_all_channels(where)].addcmul_(output[index], weight)
+        _add_windows(scores, output, batch, weight, 0)
         del output  # before the next window's call: it finds the memory this one freed
     assert scores is not None  # made before the first window or from its scores; there is always a window
-    crop = tuple(slice(before, size - after) for (before, after), size in zip(padding, volume.shape[1:]))
-    return scores[_all_channels(crop)]
+    return scores[_all_channels(_unpadded(padding, volume.shape[1:]))]
+
+
+def blended_labels(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    volume: torch.Tensor,
+    window_zyx: Sequence[int],
+    classes: int,
+    overlap: float,
+    batch_size: int,
+    window_device: torch.device,
+    fill_value: float,
+    placement: str = "monai",
+    blend: str = "gaussian",
+    padding_mode: str = "constant",
+) -> torch.Tensor:
+    """The class of each voxel of ``volume`` (C, Z, Y, X), the argmax of :func:`blended_scores` (the same
+    sums in the same order, so the same labels), with the scores held for one window's depth only: the
+    windows go row by row along z, and the voxels before a row's first slice, which no later window
+    reaches, are decided and their scores dropped. With many classes the whole grid's scores would be
+    the largest thing a run holds (105 classes on a 273x273x300 grid: 9.4 GB; here 3 GB)."""
+    volume, padding = _padded(volume, window_zyx, fill_value, padding_mode)
+    weight = window_weights(window_zyx, blend, placement, volume.device)
+    depth, shape = window_zyx[0], volume.shape[1:]
+    band = torch.zeros((classes, depth, *shape[1:]), dtype=torch.float32, device=volume.device)
+    labels = torch.zeros(shape, dtype=torch.uint8 if classes <= 256 else torch.int32, device=volume.device)
+    slices = window_slices(shape, window_zyx, overlap, placement)
+    base = 0  # the z of the band's first slice
+    for z, windows in itertools.groupby(slices, key=lambda where: where[0].start):
+        _move_band(band, labels, base, z)
+        base = z
+        row = list(windows)
+        for start in range(0, len(row), batch_size):
+            batch = row[start : start + batch_size]
+            output = _window_scores(predict, volume, batch, window_zyx, window_device)
+            _add_windows(band, output, batch, weight, base)
+            del output
+    labels[base : base + depth] = class_indices(band[:, : shape[0] - base])
+    return labels[_unpadded(padding, shape)]
+
+
+def _move_band(band: torch.Tensor, labels: torch.Tensor, base: int, z: int) -> None:
+    """Decide the band's slices before ``z`` into ``labels`` and move the rest to the band's start."""
+    if z == base:
+        return
+    if z < base or z - base > band.shape[1]:
+        raise AssertionError(f"windows out of z order: a row at {z} after one at {base}")
+    labels[base:z] = class_indices(band[:, : z - base])
+    kept = band.shape[1] - (z - base)
+    for scores in band:  # one class at a time: a copy of a class's band, not of all of them
+        scores[:kept] = scores[z - base :].clone()
+        scores[kept:] = 0
+
+
+def class_indices(scores: torch.Tensor) -> torch.Tensor:
+    """Argmax over dim 0 of (C, Z, Y, X) scores, as uint8 (int32 beyond 255 classes); ties go to the lower class.
+
+    A running maximum: ``torch.argmax`` over the outer dim is several times slower on the CPU."""
+    best = scores[0].clone()
+    indices = torch.zeros(
+        scores.shape[1:], dtype=torch.uint8 if scores.shape[0] <= 256 else torch.int32, device=scores.device
+    )
+    for index in range(1, scores.shape[0]):
+        higher = scores[index] > best
+        indices.masked_fill_(higher, index)
+        torch.maximum(best, scores[index], out=best)
+    return indices
+
+
+def _padded(
+    volume: torch.Tensor, window_zyx: Sequence[int], fill_value: float, padding_mode: str
+) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+    """The volume padded to the window where thinner (with ``fill_value`` or its edge), and the padding."""
+    padding = _padding(volume.shape[1:], window_zyx)
+    if any(before or after for before, after in padding):
+        flat = [amount for pair in reversed(padding) for amount in pair]  # F.pad wants the last axis first
+        fill = fill_value if padding_mode == "constant" else None
+        volume = F.pad(volume[None], flat, mode=padding_mode, value=fill)[0]
+    return volume, padding
+
+
+def _unpadded(padding: List[Tuple[int, int]], shape_zyx: Sequence[int]) -> Tuple[slice, ...]:
+    return tuple(slice(before, size - after) for (before, after), size in zip(padding, shape_zyx))
+
+
+def _window_scores(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    volume: torch.Tensor,
+    batch: Sequence[Tuple[slice, ...]],
+    window_zyx: Sequence[int],
+    window_device: torch.device,
+) -> torch.Tensor:
+    """``predict``'s scores for the windows ``batch`` of ``volume``, checked, on the volume's device."""
+    windows = torch.stack([volume[_all_channels(where)] for where in batch]).to(window_device)
+    output = predict(windows)
+    del windows
+    if tuple(output.shape[2:]) != tuple(window_zyx) or output.shape[0] != len(batch):
+        raise ValueError(
+            f"the network gave scores of shape {tuple(output.shape)} for {len(batch)} window(s) of {list(window_zyx)}"
+        )
+    return output.to(volume.device)
+
+
+def _add_windows(
+    scores: torch.Tensor, output: torch.Tensor, batch: Sequence[Tuple[slice, ...]], weight: torch.Tensor, z0: int
+) -> None:
+    """Add each window's weighted scores into ``scores``, whose first z slice is the volume's ``z0``."""
+    if output.shape[1] != scores.shape[0]:
+        raise ValueError(
+            f"the network gave scores of shape {tuple(output.shape)} for {len(batch)} window(s), "
+            f"{scores.shape[0]} classes declared"
+        )
+    for index, (z, y, x) in enumerate(batch):
+        scores[:, z.start - z0 : z.stop - z0, y, x].addcmul_(output[index], weight)
 
 
 def summed_weights(
