@@ -1,5 +1,6 @@
 """Sliding windows over a volume (where they go, how many, how large), and their scores blended with
-MONAI's Gaussian weights into one buffer.
+MONAI's Gaussian weights into one buffer: the whole grid's (:func:`blended_scores`), or one window's depth
+when only the argmax is wanted (:func:`blended_labels`, which decides the labels row by row).
 
 The windows are MONAI's (``dense_patch_slices`` at the scan interval of ``sliding_window_inference``,
 the volume padded to the window where thinner, as MONAI pads it) and so are the weights
