@@ -95,6 +95,7 @@ def test_networks_run_on_transposed_arrays_with_transposed_kernels(spec, divisor
     ours = build_network(spec).eval()
     ours.load_state_dict({k: v.permute(0, 1, 4, 3, 2) if v.dim() == 5 else v for k, v in theirs.state_dict().items()})
     assert spec.size_divisor() == [divisor] * 3  # the patch sizes the network accepts
+    assert ours.out_channels == spec.out_channels  # what the prediction sizes its buffers and memory check by
     x = torch.randn(1, spec.in_channels, 2 * divisor, 3 * divisor, 4 * divisor)  # (x, y, z)
     with torch.no_grad():
         expected = theirs(x)

@@ -166,7 +166,9 @@ def build_network(spec: NetworkSpec) -> TorchModule:
     if spec.cls == "DynUNet":
         # Inference wants one output tensor; training asks for deep supervision itself.
         args["deep_supervision"] = False
-    return _network_classes()[spec.cls](**args)
+    network = _network_classes()[spec.cls](**args)
+    network.out_channels = spec.out_channels  # read by the prediction (SegResNet and BasicUNet do not keep it)
+    return network
 
 
 def _build_nnunet(spec: NetworkSpec) -> TorchModule:
