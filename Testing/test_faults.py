@@ -77,9 +77,12 @@ def test_concurrent_runs_into_one_folder_do_not_corrupt_each_other(tmp_path, ct_
 
 
 def test_volume_too_large_for_the_memory_is_refused_up_front_with_the_estimate(tmp_path, ct_chest, engine_baseline):
-    """At a 0.3 mm model spacing CTChest4 becomes 1300x1300x1133 voxels (~37 GiB to predict). Under an
-    address-space limit 3 GiB above what the engine's imports take, the engine must refuse before
-    resampling, not after filling the memory, and count the limit as what is available."""
+    """At a 0.3 mm model spacing CTChest4 becomes 1300x1300x1133 voxels (~9 GiB to predict: the input and
+    the labels, with the scores of one 16-slice window's depth). Under an address-space limit 3 GiB above
+    what the engine's imports take, the engine must refuse before resampling, not after filling the memory,
+    and count the limit as what is available."""
+    from MedSegUNetLib.prediction.inference import prediction_memory_bytes
+
     fine = make_small_bundle(tmp_path / "fine.safetensors", spacing=(0.3, 0.3, 0.3))
     output = tmp_path / "out.seg.nrrd"
     process = engine(
@@ -97,7 +100,9 @@ def test_volume_too_large_for_the_memory_is_refused_up_front_with_the_estimate(t
     )
     stdout, stderr = process.communicate(timeout=300)
     line = assert_clean_failure(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
-    assert "the volume needs about 37.4 GiB of memory at the model's spacing (1300x1300x1133 voxels, 3 classes)" in line
+    needed = prediction_memory_bytes((1, 1133, 1300, 1300), 3, scores_depth=16) / 2**30
+    assert 9 < needed < 10  # the whole grid's scores would be 37 GiB
+    assert f"needs about {needed:.1f} GiB of memory at the model's spacing (1300x1300x1133 voxels, 3 classes)" in line
     assert float(line.split(", ")[-1].split(" GiB are available")[0]) < 3.5, line  # the address-space limit counts
     stages = [json.loads(text)["stage"] for text in stdout.splitlines()]
     assert "preprocess" not in stages and stages[-1] == "error", "refused before resampling"
