@@ -28,7 +28,7 @@ from monai_bundle_model import monai_inference, parser_for, write_ct
 
 LABELS = {"0": "background", "1": "dense", "2": "low density"}
 ROI = [96, 96, 96]
-STEPS = 30
+STEPS = 12
 CROP = [48, 48, 48]
 FINAL_LAYER = "conv_final.2.conv"  # SegResNet's last 1x1x1 convolution: one output channel per class
 
@@ -151,7 +151,7 @@ def train_briefly(folder: Path, ct: Path) -> None:
     generator = np.random.default_rng(0)
     parser["network_def"]["dropout_prob"] = None
     network = parser.get_parsed_content("network_def").train()
-    optimizer = torch.optim.Adam(network.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-2)
     for _ in range(STEPS):
         start = [int(generator.integers(0, max(s - r, 0) + 1)) for s, r in zip(array.shape[2:], CROP)]
         box = tuple(slice(a, a + r) for a, r in zip(start, CROP))
