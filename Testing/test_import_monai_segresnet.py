@@ -40,22 +40,22 @@ def wholebody_work(tmp_path_factory, ct_chest) -> Path:
     return work
 
 
-def import_bundle(work: Path, name: str, *settings: str) -> Path:
-    output = work / f"{name}.safetensors"
-    extra = [arg for setting in settings for arg in ("--set", setting)]
-    result = run_cli("import-model", str(work / "wholebody_like"), "-o", str(output), "--progress", "none", *extra)
-    assert result.returncode == 0, result.stderr
-    return output
-
-
 @pytest.fixture(scope="session")
 def highres(wholebody_work) -> Path:
-    return import_bundle(wholebody_work, "highres")
+    """Imported in process (the command line's import is run by the spleen-layout tests and by --set below)."""
+    from MedSegUNetLib.commands.import_model import import_model
+
+    return import_model(wholebody_work / "wholebody_like", wholebody_work / "highres.safetensors")
 
 
 @pytest.fixture(scope="session")
 def lowres(wholebody_work) -> Path:
-    return import_bundle(wholebody_work, "lowres", LOWRES)
+    output = wholebody_work / "lowres.safetensors"
+    result = run_cli(
+        "import-model", str(wholebody_work / "wholebody_like"), "-o", str(output), "--progress", "none", "--set", LOWRES
+    )
+    assert result.returncode == 0, result.stderr
+    return output
 
 
 def agreement(work: Path, bundle: Path, monai_folder: str) -> dict:
