@@ -212,17 +212,24 @@ def train_briefly(folder: Path, ct: Path) -> None:
     torch.manual_seed(0)
     generator = np.random.default_rng(0)
     network = parser.get_parsed_content("network_def").train()
-    optimizer = torch.optim.Adam(network.parameters(), lr=1e-2)
-    for _ in range(STEPS):
-        start = [int(generator.integers(0, max(s - r, 0) + 1)) for s, r in zip(array.shape[2:], CROP)]
-        box = tuple(slice(a, a + r) for a, r in zip(start, CROP))
+    fit_on_crops(network, array, target, STEPS, CROP, generator, learning_rate=1e-2)
+    torch.save(network.state_dict(), folder / "models" / "model.pt")
+
+
+def fit_on_crops(network, array, target, steps: int, crop, generator, learning_rate: float) -> None:
+    """``steps`` Adam steps of cross-entropy, each on a random ``crop`` of the (1, 1, X, Y, Z) ``array``."""
+    import torch
+
+    optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
+    for _ in range(steps):
+        start = [int(generator.integers(0, max(s - r, 0) + 1)) for s, r in zip(array.shape[2:], crop)]
+        box = tuple(slice(a, a + r) for a, r in zip(start, crop))
         loss = torch.nn.functional.cross_entropy(
             network(array[(slice(None), slice(None), *box)]), target[(slice(None), *box)]
         )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    torch.save(network.state_dict(), folder / "models" / "model.pt")
 
 
 def monai_inference(folder: Path, ct: Path, output_dir: Path, settings: Optional[Dict[str, Any]] = None) -> None:

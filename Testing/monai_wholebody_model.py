@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from monai_bundle_model import monai_inference, parser_for, write_ct
+from monai_bundle_model import fit_on_crops, monai_inference, parser_for, write_ct
 
 LABELS = {"0": "background", "1": "dense", "2": "low density"}
 ROI = [96, 96, 96]
@@ -151,16 +151,7 @@ def train_briefly(folder: Path, ct: Path) -> None:
     generator = np.random.default_rng(0)
     parser["network_def"]["dropout_prob"] = None
     network = parser.get_parsed_content("network_def").train()
-    optimizer = torch.optim.Adam(network.parameters(), lr=1e-2)
-    for _ in range(STEPS):
-        start = [int(generator.integers(0, max(s - r, 0) + 1)) for s, r in zip(array.shape[2:], CROP)]
-        box = tuple(slice(a, a + r) for a, r in zip(start, CROP))
-        loss = torch.nn.functional.cross_entropy(
-            network(array[(slice(None), slice(None), *box)]), target[(slice(None), *box)]
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    fit_on_crops(network, array, target, STEPS, CROP, generator, learning_rate=1e-2)
     weights = network.state_dict()
     torch.save(weights, folder / "models" / "model.pt")
     swapped = {k: v.clone() for k, v in weights.items()}
